@@ -1,0 +1,260 @@
+"""Settings: one immutable object, built once from the TOML file, then the environment.
+
+Every table of the file maps onto a frozen dataclass below; the loader checks
+names and types against the dataclass fields, so a typo or a wrong type stops
+start-up with one line naming the key (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_BOT_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ANY_BOT = "*"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for one line: ``<key>: <what is wrong>``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 64 * 1024
+    max_message_chars: int = 8000
+    max_history_items: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = ""
+    bot_slug: str = "default"
+    connect_timeout_s: float = 5.0
+    first_byte_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
+    total_timeout_s: float = 600.0
+    max_connections: int = 2000
+    max_event_bytes: int = 1 << 20
+    max_json_bytes: int = 4 << 20
+    # Only from the environment (CHATIQ_API_KEY): never in a file, never printed.
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSettings:
+    max_streams: int = 1000
+    max_queue: int = 1000
+    queue_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    level: str = "info"
+    format: str = "auto"  # "json", "console", or "auto" (console on a terminal)
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    key_sha256: str
+    bots: tuple[str, ...]
+
+    def may_use(self, bot: str) -> bool:
+        return ANY_BOT in self.bots or bot in self.bots
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    logging: LoggingSettings = LoggingSettings()
+    tenants: tuple[Tenant, ...] = ()
+
+
+_FILE_ONLY_TABLES: dict[str, type] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "admission": AdmissionSettings,
+    "logging": LoggingSettings,
+}
+_ENV_ONLY = {"upstream.api_key": "set CHATIQ_API_KEY in the environment instead"}
+
+
+def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path``, apply the environment, validate; raise ``ConfigError``."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return settings_from_mapping(raw, os.environ if environ is None else environ)
+
+
+def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - {"tenants"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key")
+    tables = {name: _build(cls, raw.get(name, {}), name) for name, cls in _FILE_ONLY_TABLES.items()}
+    tenants = _tenants(raw.get("tenants", []))
+    settings = Settings(tenants=tenants, **tables)
+    settings = _apply_environment(settings, environ)
+    _validate(settings)
+    return settings
+
+
+def _apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    upstream: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    if "CHATIQ_API_URL" in environ:
+        upstream["url"] = environ["CHATIQ_API_URL"]
+    if environ.get("CHATIQ_API_KEY"):
+        upstream["api_key"] = environ["CHATIQ_API_KEY"]
+    if "CHATIQ_BOT_SLUG" in environ:
+        upstream["bot_slug"] = environ["CHATIQ_BOT_SLUG"]
+    if "GATEWAY_HOST" in environ:
+        server["host"] = environ["GATEWAY_HOST"]
+    if "GATEWAY_PORT" in environ:
+        try:
+            server["port"] = int(environ["GATEWAY_PORT"])
+        except ValueError:
+            raise ConfigError("GATEWAY_PORT: not a whole number") from None
+    return dataclasses.replace(
+        settings,
+        upstream=dataclasses.replace(settings.upstream, **upstream),
+        server=dataclasses.replace(settings.server, **server),
+    )
+
+
+def _build(cls: type, table: object, path: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{path}.{key}"
+        if where in _ENV_ONLY:
+            raise ConfigError(f"{where}: not allowed in the file; {_ENV_ONLY[where]}")
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key")
+        values[key] = _coerce(hints[key], value, where)
+    try:
+        return cls(**values)
+    except TypeError:
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in values
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        raise ConfigError(f"{path}.{missing[0]}: missing") from None
+
+
+def _coerce(hint: Any, value: object, where: str) -> Any:
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value  # type: ignore[arg-type]
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value  # type: ignore[arg-type]
+    elif isinstance(hint, types.UnionType):
+        return _coerce(str, value, where)  # str | None: only str can come from TOML
+    else:  # pragma: no cover - a field type the loader does not know
+        raise ConfigError(f"{where}: unsupported type {hint!r}")
+    if not ok:
+        raise ConfigError(f"{where}: must be {_describe(hint)}, not {type(value).__name__}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[hint]
+
+
+def _tenants(raw: object) -> tuple[Tenant, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("tenants: must be an array of tables ([[tenants]])")
+    tenants = tuple(_build(Tenant, t, f"tenants[{i}]") for i, t in enumerate(raw))
+    seen_names: set[str] = set()
+    seen_hashes: set[str] = set()
+    for i, t in enumerate(tenants):
+        where = f"tenants[{i}]"
+        if not t.name or t.name in seen_names:
+            raise ConfigError(f"{where}.name: empty or used twice")
+        if not _SHA256_HEX.match(t.key_sha256):
+            raise ConfigError(
+                f"{where}.key_sha256: must be 64 lowercase hex digits "
+                "(the SHA-256 of the key, never the key itself)"
+            )
+        if t.key_sha256 in seen_hashes:
+            raise ConfigError(f"{where}.key_sha256: the same key is given to two tenants")
+        if not t.bots:
+            raise ConfigError(f'{where}.bots: must list at least one bot (or "*")')
+        for bot in t.bots:
+            if bot != ANY_BOT and not _BOT_SLUG.match(bot):
+                raise ConfigError(f"{where}.bots: {bot!r} is not a valid bot slug")
+        seen_names.add(t.name)
+        seen_hashes.add(t.key_sha256)
+    return tenants
+
+
+def _validate(s: Settings) -> None:
+    url = urlsplit(s.upstream.url)
+    if not s.upstream.url:
+        raise ConfigError("upstream.url: missing (set it in the file or CHATIQ_API_URL)")
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"upstream.url: must be an http(s) URL, not {s.upstream.url!r}")
+    if not _BOT_SLUG.match(s.upstream.bot_slug):
+        raise ConfigError("upstream.bot_slug: not a valid bot slug")
+    if not 0 <= s.server.port <= 65535:
+        raise ConfigError("server.port: must be between 0 and 65535")
+    positive = {
+        "server.max_body_bytes": s.server.max_body_bytes,
+        "server.max_message_chars": s.server.max_message_chars,
+        "upstream.connect_timeout_s": s.upstream.connect_timeout_s,
+        "upstream.first_byte_timeout_s": s.upstream.first_byte_timeout_s,
+        "upstream.idle_timeout_s": s.upstream.idle_timeout_s,
+        "upstream.total_timeout_s": s.upstream.total_timeout_s,
+        "upstream.max_connections": s.upstream.max_connections,
+        "upstream.max_event_bytes": s.upstream.max_event_bytes,
+        "upstream.max_json_bytes": s.upstream.max_json_bytes,
+        "admission.max_streams": s.admission.max_streams,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    not_negative = {
+        "server.max_history_items": s.server.max_history_items,
+        "admission.max_queue": s.admission.max_queue,
+        "admission.queue_timeout_s": s.admission.queue_timeout_s,
+    }
+    for key, value in not_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative")
+    if s.logging.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("logging.level: must be debug, info, warning or error")
+    if s.logging.format not in ("json", "console", "auto"):
+        raise ConfigError("logging.format: must be json, console or auto")

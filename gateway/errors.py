@@ -1,0 +1,163 @@
+"""Every failure the gateway reports, as one typed tree.
+
+Each error knows its HTTP status and its ChatIQ error code, so one middleware
+renders any of them before a stream starts, and the relay turns the same error
+into a ChatIQ-style error event after it started. Upstream failures also carry
+the ``kind`` label of ``upstream_errors_total``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+class GatewayError(Exception):
+    status = 500
+    code = "INTERNAL_ERROR"
+    # The ``reason`` label of ``rejected_total`` when this error turns a request away.
+    reject_reason: str | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def body_json(self) -> str:
+        return json.dumps(self.body(), ensure_ascii=False)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    code = "INVALID_REQUEST"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "UNAUTHORIZED"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "FORBIDDEN"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "NOT_FOUND"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "METHOD_NOT_ALLOWED"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    code = "RATE_LIMIT"
+
+
+class Overloaded(GatewayError):
+    status = 503
+    code = "OVERLOADED"
+
+
+class QueueFull(Overloaded):
+    reject_reason = "overload"
+
+
+class QueueTimeout(Overloaded):
+    reject_reason = "queue_timeout"
+
+
+# --- upstream failures -----------------------------------------------------
+
+
+class UpstreamError(GatewayError):
+    """The upstream failed; ``kind`` labels ``upstream_errors_total`` (None: not counted)."""
+
+    status = 502
+    code = "UPSTREAM_ERROR"
+    kind: str | None = "protocol"
+
+
+class UpstreamConnectError(UpstreamError):
+    kind = "connect"
+
+
+class UpstreamProtocolError(UpstreamError):
+    kind = "protocol"
+
+
+class UpstreamClosed(UpstreamError):
+    """The upstream closed the stream before ``[DONE]``."""
+
+    kind = "protocol"
+
+
+class UpstreamHTTPError(UpstreamError):
+    """The upstream answered with an error status (not 400 or 429)."""
+
+    def __init__(self, upstream_status: int, *, retry_after: float | None = None) -> None:
+        super().__init__(
+            f"the chat service answered HTTP {upstream_status}", retry_after=retry_after
+        )
+        self.upstream_status = upstream_status
+        self.kind = "http_5xx" if upstream_status >= 500 else None
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    code = "RATE_LIMIT"
+    kind = "http_429"
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request itself (HTTP 400): the client's to fix."""
+
+    status = 400
+    code = "INVALID_REQUEST"
+    kind: str | None = None
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "UPSTREAM_TIMEOUT"
+    kind: str | None = None
+
+
+class ConnectTimeout(UpstreamTimeout):
+    kind = "connect"
+
+
+class FirstByteTimeout(UpstreamTimeout):
+    kind = "first_byte_timeout"
+
+
+class IdleTimeout(UpstreamTimeout):
+    kind = "idle_timeout"
+
+
+class TotalTimeout(UpstreamTimeout):
+    """The stream ran past the configured total duration (a gateway policy)."""
+
+    kind = None

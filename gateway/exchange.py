@@ -1,0 +1,143 @@
+"""One request's record, and the middleware that opens it, renders its errors,
+and closes it with its metrics and its one log line."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, UpstreamError
+from .logs import Logger
+from .metrics import Metrics
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CHAT_ROUTE = "/api/chatbot"
+NO_TENANT = "-"
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    route: str
+    started: float
+    tenant: str = NO_TENANT
+    bot: str | None = None
+    status: int = 0
+    streamed: bool = False
+    ttft: float | None = None
+    events: int = 0
+    bytes_out: int = 0
+    outcome: str = "ok"
+    error: GatewayError | None = field(default=None, repr=False)
+
+
+EXCHANGE = "chatiq_gateway.exchange"  # the key of the Exchange in each request
+
+
+def exchange_of(request: web.Request) -> Exchange:
+    ex: Exchange = request[EXCHANGE]
+    return ex
+
+
+def error_response(err: GatewayError) -> web.Response:
+    return web.Response(
+        status=err.status,
+        text=err.body_json(),
+        content_type="application/json",
+        headers=err.headers,
+    )
+
+
+def _from_http_exception(e: web.HTTPException) -> GatewayError:
+    if e.status == 404:
+        return NotFound("no such route")
+    if e.status == 405:
+        return MethodNotAllowed(f"method {e.reason!r} not allowed on this route")
+    if e.status == 413:
+        return PayloadTooLarge("the body is too large")
+    err = GatewayError(e.reason or "error")
+    err.status = e.status
+    err.code = re.sub(r"\W+", "_", (e.reason or "ERROR").upper())
+    return err
+
+
+def make_middleware(metrics: Metrics, log: Logger) -> Middleware:
+    @web.middleware
+    async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        incoming = request.headers.get("X-Request-Id", "")
+        resource = request.match_info.route.resource
+        ex = Exchange(
+            request_id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
+            route=resource.canonical if resource is not None else "unmatched",
+            started=loop.time(),
+        )
+        request[EXCHANGE] = ex
+        try:
+            response = await handler(request)
+        except GatewayError as e:
+            ex.error = e
+            response = error_response(e)
+        except web.HTTPException as e:
+            ex.error = _from_http_exception(e)
+            response = error_response(ex.error)
+        except asyncio.CancelledError:
+            ex.outcome = "client_disconnect"
+            ex.status = ex.status or 499  # nginx's "client closed request"
+            _finish(ex, loop.time(), metrics, log)
+            raise
+        except Exception as e:
+            log.error("unhandled_error", request_id=ex.request_id, error=type(e).__name__)
+            ex.error = GatewayError("internal error")
+            response = error_response(ex.error)
+        ex.status = response.status
+        _finish(ex, loop.time(), metrics, log)
+        return response
+
+    return exchange_middleware
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every answer names its request id."""
+    ex = request.get(EXCHANGE)
+    if ex is not None:
+        response.headers["X-Request-Id"] = ex.request_id
+
+
+def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger) -> None:
+    metrics.requests.labels(ex.route, ex.tenant, str(ex.status)).inc()
+    err = ex.error
+    if err is not None:
+        if ex.outcome == "ok":
+            ex.outcome = err.code.lower()
+        if err.reject_reason is not None:
+            metrics.rejected.labels(err.reject_reason).inc()
+        if isinstance(err, UpstreamError) and err.kind is not None:
+            metrics.upstream_errors.labels(err.kind).inc()
+    if ex.outcome == "client_disconnect":
+        metrics.client_disconnects.labels(ex.tenant).inc()
+    duration = now - ex.started
+    if ex.streamed:
+        metrics.stream_duration.labels(ex.tenant).observe(duration)
+        metrics.stream_events.labels(ex.tenant).inc(ex.events)
+    if ex.route != CHAT_ROUTE:
+        log.debug("request", request_id=ex.request_id, route=ex.route, status=ex.status)
+        return
+    log.info(
+        "request",
+        request_id=ex.request_id,
+        route=ex.route,
+        tenant=ex.tenant,
+        bot=ex.bot,
+        status=ex.status,
+        outcome=ex.outcome,
+        ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 1),
+        events=ex.events,
+        bytes=ex.bytes_out,
+        duration_ms=round(duration * 1000, 1),
+    )

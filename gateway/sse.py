@@ -1,0 +1,161 @@
+"""The project's one incremental Server-Sent Events parser.
+
+Bytes go in, whole events come out. Each event keeps the exact bytes it was
+made of (``raw``), so a relay can forward the upstream's bytes untouched while
+knowing where every event ends. The concatenation of every event's ``raw``
+(plus whatever is still buffered) is exactly the input.
+
+Follows the WHATWG event-stream rules: lines end in ``\\n``, ``\\r\\n`` or
+``\\r``; lines starting with ``:`` are comments; ``data`` lines accumulate,
+joined by ``\\n``; a blank line ends an event. A block without a ``data`` field
+(a comment, a keep-alive, a stray blank line) is still returned, with
+``data=None``, so that no byte is ever dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_EVENT_BYTES = 1 << 20
+DONE_DATA = "[DONE]"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class SSEProtocolError(Exception):
+    """The stream cannot be parsed safely (for example an oversized event)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    raw: bytes
+    data: str | None = None
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+
+    @property
+    def is_done(self) -> bool:
+        return self.data == DONE_DATA
+
+
+def format_event(data: str) -> bytes:
+    """Frame ``data`` as one event; embedded newlines become several data lines."""
+    lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
+
+
+class SSEParser:
+    """Incremental parser: ``feed()`` chunks cut anywhere, ``close()`` at the end."""
+
+    __slots__ = (
+        "_buf",
+        "_data",
+        "_event",
+        "_id",
+        "_max",
+        "_retry",
+        "_scan",
+        "_skip_lf",
+    )
+
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._buf = bytearray()  # bytes of the event being read
+        self._scan = 0  # where the next unread line starts in _buf
+        self._skip_lf = False  # the last line ended in \r: a \n next belongs to it
+        self._max = max_event_bytes
+        self._reset_fields()
+
+    def _reset_fields(self) -> None:
+        self._data: list[str] | None = None
+        self._event: str | None = None
+        self._id: str | None = None
+        self._retry: int | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet belong to a complete event."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        buf = self._buf
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                # The tail of a \r\n whose \r ended the previous read: it
+                # belongs to the line already handled, so skip it in scanning.
+                buf += b"\n"
+                self._scan += 1
+                chunk = chunk[1:]
+        buf += chunk
+        events: list[Event] = []
+        start = 0  # first byte of the event being read
+        pos = self._scan
+        end = len(buf)
+        while pos < end:
+            lf = buf.find(b"\n", pos)
+            cr = buf.find(b"\r", pos, lf if lf >= 0 else end)
+            if cr >= 0:
+                line_end = cr
+                if cr + 1 < end:
+                    next_pos = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
+                else:
+                    next_pos = cr + 1
+                    self._skip_lf = True
+            elif lf >= 0:
+                line_end = lf
+                next_pos = lf + 1
+            else:
+                break
+            if line_end == pos:
+                events.append(self._dispatch(bytes(buf[start:next_pos])))
+                start = next_pos
+            else:
+                self._field(buf[pos:line_end])
+            pos = next_pos
+        if start:
+            del buf[:start]
+        self._scan = pos - start
+        if len(buf) > self._max:
+            raise SSEProtocolError(f"event larger than {self._max} bytes without an end")
+        return events
+
+    def close(self) -> Event | None:
+        """End of stream: return trailing bytes that never formed a whole event.
+
+        Per the spec such an incomplete event is not dispatched; the caller
+        decides what a stream cut mid-event means. The returned block has
+        ``data=None`` and carries the leftover bytes.
+        """
+        if not self._buf:
+            return None
+        leftover = Event(raw=bytes(self._buf))
+        self._buf.clear()
+        self._scan = 0
+        self._reset_fields()
+        return leftover
+
+    def _field(self, line: bytearray) -> None:
+        if line[:1] == b":":
+            return
+        colon = line.find(b":")
+        if colon < 0:
+            name, value = bytes(line), b""
+        else:
+            name = bytes(line[:colon])
+            value = bytes(line[colon + 1 : colon + 2].lstrip(b" ") + line[colon + 2 :])
+        if name == b"data":
+            if self._data is None:
+                self._data = []
+            self._data.append(value.decode("utf-8", "replace"))
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id" and b"\0" not in value:
+            self._id = value.decode("utf-8", "replace")
+        elif name == b"retry" and value.isdigit():
+            self._retry = int(value)
+
+    def _dispatch(self, raw: bytes) -> Event:
+        data = None if self._data is None else "\n".join(self._data)
+        event = Event(raw=raw, data=data, event=self._event, id=self._id, retry=self._retry)
+        self._reset_fields()
+        return event
