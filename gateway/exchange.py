@@ -36,12 +36,11 @@ class Exchange:
     error: GatewayError | None = field(default=None, repr=False)
 
 
-EXCHANGE = "chatiq_gateway.exchange"  # the key of the Exchange in each request
+EXCHANGE = web.RequestKey("exchange", Exchange)
 
 
 def exchange_of(request: web.Request) -> Exchange:
-    ex: Exchange = request[EXCHANGE]
-    return ex
+    return request[EXCHANGE]
 
 
 def error_response(err: GatewayError) -> web.Response:
@@ -88,7 +87,7 @@ def make_middleware(metrics: Metrics, log: Logger) -> Middleware:
             response = error_response(ex.error)
         except asyncio.CancelledError:
             ex.outcome = "client_disconnect"
-            ex.status = ex.status or 499  # nginx's "client closed request"
+            ex.status = 200 if ex.streamed else 499  # nginx's "client closed request"
             _finish(ex, loop.time(), metrics, log)
             raise
         except Exception as e:

@@ -78,16 +78,20 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[Event]:
         buf = self._buf
+        events: list[Event] = []
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk[:1] == b"\n":
-                # The tail of a \r\n whose \r ended the previous read: it
-                # belongs to the line already handled, so skip it in scanning.
-                buf += b"\n"
-                self._scan += 1
+                # The \n of a \r\n cut between two reads. Inside an event it
+                # joins that event's bytes; after a finished event it goes out
+                # at once as a block of its own (an SSE reader ignores it).
+                if buf:
+                    buf += b"\n"
+                    self._scan += 1
+                else:
+                    events.append(Event(raw=b"\n"))
                 chunk = chunk[1:]
         buf += chunk
-        events: list[Event] = []
         start = 0  # first byte of the event being read
         pos = self._scan
         end = len(buf)

@@ -20,6 +20,7 @@ import struct
 import uuid
 import zlib
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ class EmulatorSettings:
 class Transcript:
     """One request as the emulator saw it, and the bytes it wrote back."""
 
-    headers: dict[str, str]
+    headers: Mapping[str, str]
     body: dict[str, Any]
     sent: bytearray
 
@@ -81,8 +82,12 @@ def create_emulator_app(settings: EmulatorSettings | None = None) -> web.Applica
     app[CONVERSATIONS] = OrderedDict()
     app[TRANSCRIPTS] = OrderedDict()
     app.router.add_post("/api/chat", chat)
-    app.router.add_get("/healthz", lambda _: web.json_response({"status": "ok"}))
+    app.router.add_get("/healthz", healthz)
     return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
 
 
 def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
@@ -139,7 +144,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if not isinstance(bot, str) or not bot:
         return _error(400, "INVALID_REQUEST", "bot_slug is required")
 
-    transcript = Transcript(dict(request.headers), body, bytearray())
+    transcript = Transcript(request.headers.copy(), body, bytearray())
     if settings.record:
         transcripts = request.app[TRANSCRIPTS]
         transcripts[request.headers.get("X-Request-Id", uuid.uuid4().hex)] = transcript
@@ -214,6 +219,24 @@ async def _stream(
             head = head[piece:]
             await asyncio.sleep(0)
 
+    try:
+        await _play(settings, bot, tokens, conversation_id, send, flush, lambda: _abort(request))
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the caller hung up: nothing left to do
+    return response
+
+
+async def _play(
+    settings: EmulatorSettings,
+    bot: str,
+    tokens: list[str],
+    conversation_id: str,
+    send: Callable[[bytes], Awaitable[None]],
+    flush: Callable[[], Awaitable[None]],
+    abort: Callable[[], None],
+) -> None:
+    """The events of one streamed reply, paced, with the bot's fault if it has one."""
     gap = 1 / settings.tokens_per_s if settings.tokens_per_s > 0 else 0.0
     await asyncio.sleep(settings.ttft_s)
     for i, token in enumerate(tokens):
@@ -223,8 +246,8 @@ async def _stream(
                 await asyncio.sleep(settings.stall_s)
             elif bot == "fault-drop-mid":
                 await flush()
-                _abort(request)
-                return response
+                abort()
+                return
             elif bot == "fault-error-mid":
                 await send(
                     _event({"error": {"code": "RATE_LIMIT", "message": "quota hit mid-stream"}})
@@ -248,8 +271,6 @@ async def _stream(
         await send(_event({"conversationId": conversation_id}))
         await send(DONE)
     await flush()
-    await response.write_eof()
-    return response
 
 
 def main(argv: list[str] | None = None) -> int:
