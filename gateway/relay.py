@@ -18,6 +18,7 @@ from aiohttp import web
 from .config import UpstreamSettings
 from .errors import (
     FirstByteTimeout,
+    GatewayError,
     IdleTimeout,
     TotalTimeout,
     UpstreamClosed,
@@ -64,6 +65,8 @@ class Relay:
         self._deadline = deadline
         self._parser = SSEParser(settings.max_event_bytes)
         self._loop = asyncio.get_running_loop()
+        # A failure found while parsing, raised once the events before it are out.
+        self._failure: UpstreamError | None = None
 
     async def run(self, first_byte_by: float) -> web.StreamResponse:
         try:
@@ -86,6 +89,9 @@ class Relay:
             await self._end_with_error(response, e)
         except ConnectionError:
             self._ex.outcome = "client_disconnect"
+        except Exception as e:  # a bug: the stream still ends as the contract says
+            self._ex.error = GatewayError(f"internal error ({type(e).__name__})")
+            await self._end_with_error(response, self._ex.error)
         return response
 
     async def _read_events(self, deadline: float, *, first: bool = False) -> list[Event]:
@@ -110,7 +116,10 @@ class Relay:
             try:
                 events = self._parser.feed(chunk)
             except SSEProtocolError as e:
-                raise UpstreamProtocolError(f"the chat service sent an {e}") from None
+                failure = UpstreamProtocolError(f"the chat service sent an {e}")
+                if not e.events:
+                    raise failure from None
+                self._failure, events = failure, e.events
             if events:
                 return events
 
@@ -141,11 +150,12 @@ class Relay:
         if content and ex.ttft is None:
             ex.ttft = self._loop.time() - ex.started
             self._metrics.time_to_first_token.labels(ex.tenant).observe(ex.ttft)
+        failure = failure or self._failure
         if failure is not None:
             raise failure
         return done
 
-    async def _end_with_error(self, response: web.StreamResponse, err: UpstreamError) -> None:
+    async def _end_with_error(self, response: web.StreamResponse, err: GatewayError) -> None:
         ending = format_event(err.body_json()) + DONE_EVENT
         try:
             await response.write(ending)

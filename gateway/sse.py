@@ -22,7 +22,15 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class SSEProtocolError(Exception):
-    """The stream cannot be parsed safely (for example an oversized event)."""
+    """The stream cannot be parsed safely (an oversized event).
+
+    ``events`` holds the whole events that came before the problem, so that a
+    relay can still deliver them, in order, before it gives up.
+    """
+
+    def __init__(self, message: str, events: list[Event]) -> None:
+        super().__init__(message)
+        self.events = events
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +119,8 @@ class SSEParser:
             else:
                 break
             if line_end == pos:
+                if next_pos - start > self._max:
+                    self._too_big(events)
                 events.append(self._dispatch(bytes(buf[start:next_pos])))
                 start = next_pos
             else:
@@ -120,8 +130,12 @@ class SSEParser:
             del buf[:start]
         self._scan = pos - start
         if len(buf) > self._max:
-            raise SSEProtocolError(f"event larger than {self._max} bytes without an end")
+            self._too_big(events)
         return events
+
+    def _too_big(self, events: list[Event]) -> None:
+        # The stream is abandoned after this: the parser is not fed again.
+        raise SSEProtocolError(f"event larger than {self._max} bytes", events)
 
     def close(self) -> Event | None:
         """End of stream: return trailing bytes that never formed a whole event.

@@ -90,19 +90,23 @@ async def read_stream(response: aiohttp.ClientResponse) -> tuple[bytes, list[str
     return body, events
 
 
-def gateway_settings(upstream_url: str, **upstream: Any) -> Settings:
+def gateway_settings(
+    upstream_url: str, admission: AdmissionSettings | None = None, **upstream: Any
+) -> Settings:
+    """Test settings: short timeouts, a ChatIQ key, the test tenants."""
+    upstream = {
+        "api_key": CHATIQ_KEY,
+        "bot_slug": "demo",
+        "connect_timeout_s": 2.0,
+        "first_byte_timeout_s": 1.0,
+        "idle_timeout_s": 0.5,
+        "total_timeout_s": 30.0,
+        **upstream,
+    }
     return Settings(
-        upstream=UpstreamSettings(
-            url=upstream_url,
-            api_key=CHATIQ_KEY,
-            bot_slug="demo",
-            connect_timeout_s=2.0,
-            first_byte_timeout_s=1.0,
-            idle_timeout_s=0.5,
-            total_timeout_s=30.0,
-            **upstream,
-        ),
-        admission=AdmissionSettings(max_streams=500, max_queue=500, queue_timeout_s=5.0),
+        upstream=UpstreamSettings(url=upstream_url, **upstream),
+        admission=admission
+        or AdmissionSettings(max_streams=500, max_queue=500, queue_timeout_s=5.0),
         logging=LoggingSettings(level="debug", format="json"),
         tenants=TENANTS,
     )
@@ -120,12 +124,15 @@ async def make_stack(
     async def start(
         emulator: EmulatorSettings | None = None,
         settings: Settings | None = None,
+        admission: AdmissionSettings | None = None,
         **upstream: Any,
     ) -> Stack:
         emulator_settings = emulator or EmulatorSettings(ttft_s=0, tokens_per_s=0)
         emulator_settings = replace(emulator_settings, record=True, api_key=CHATIQ_KEY)
         emu = await aiohttp_server(create_emulator_app(emulator_settings))
-        gw_settings = settings or gateway_settings(str(emu.make_url("/api/chat")), **upstream)
+        gw_settings = settings or gateway_settings(
+            str(emu.make_url("/api/chat")), admission, **upstream
+        )
         logs = io.StringIO()
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))
         # Test servers cancel a handler when its client disconnects, as run_app does here.

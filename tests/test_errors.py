@@ -1,0 +1,191 @@
+"""Every row of the contract's error table, with the ChatIQ error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.config import AdmissionSettings
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import ACME_KEY, LIMITED_KEY, Stack, StackFactory, gateway_settings
+
+SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=5, reply_tokens=20)  # a stream of ~4 s
+
+
+async def expect_error(response: aiohttp.ClientResponse, status: int, code: str) -> dict[str, Any]:
+    async with response:
+        assert response.status == status, await response.text()
+        assert response.content_type == "application/json"
+        assert response.headers["X-Request-Id"]
+        body = await response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b'["a list"]', "JSON object"),
+        (b"{}", "'message' is required"),
+        (b'{"message": ""}', "must not be empty"),
+        (b'{"message": "   "}', "must not be empty"),
+        (b'{"message": 42}', "'message' must be a string"),
+        (b'{"message": "hi", "stream": "yes"}', "'stream'"),
+        (b'{"message": "hi", "conversation_id": 7}', "'conversation_id'"),
+        (b'{"message": "hi", "history": "no"}', "'history'"),
+        (b'{"message": "hi", "history": [1, 2]}', "'history'"),
+        (b'{"message": "hi", "private_mode": 1}', "'private_mode'"),
+        (b'{"message": "hi", "bot": "../etc"}', "'bot'"),
+        (b'{"message": "hi", "bot_slug": "x"}', "unknown field 'bot_slug'"),
+        (b'{"message": "hi", "history": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested"),
+    ],
+)
+async def test_400_for_a_bad_body(stack: Stack, payload: bytes, why: str) -> None:
+    r = await stack.session.post(
+        stack.url,
+        data=payload,
+        headers={"Authorization": f"Bearer {ACME_KEY}", "Content-Type": "application/json"},
+    )
+    body = await expect_error(r, 400, "INVALID_REQUEST")
+    assert why in body["error"]["message"]
+
+
+async def test_400_for_a_message_that_is_too_long(stack: Stack) -> None:
+    limit = stack.settings.server.max_message_chars
+    await expect_error(await stack.chat({"message": "x" * (limit + 1)}), 400, "INVALID_REQUEST")
+
+
+async def test_400_for_too_much_history(stack: Stack) -> None:
+    items = [{"role": "user", "content": "x"}] * (stack.settings.server.max_history_items + 1)
+    await expect_error(
+        await stack.chat({"message": "hi", "history": items}), 400, "INVALID_REQUEST"
+    )
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-key", "Basic abc", "Bearer ", "demo-key"]
+)
+async def test_401_without_a_known_key(stack: Stack, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    await expect_error(await stack.chat(key=None, headers=headers), 401, "UNAUTHORIZED")
+
+
+async def test_401_comes_before_anything_about_the_body(stack: Stack) -> None:
+    r = await stack.session.post(stack.url, data=b"junk", headers={"Content-Type": "text/plain"})
+    await expect_error(r, 401, "UNAUTHORIZED")
+
+
+async def test_403_for_a_bot_the_tenant_may_not_use(stack: Stack) -> None:
+    await expect_error(
+        await stack.chat({"message": "hi", "bot": "rich"}, key=LIMITED_KEY), 403, "FORBIDDEN"
+    )
+    async with await stack.chat({"message": "hi", "bot": "demo"}, key=LIMITED_KEY) as r:
+        assert r.status == 200
+
+
+async def test_413_for_a_body_over_the_limit(stack: Stack) -> None:
+    big = {"message": "x" * (stack.settings.server.max_body_bytes + 10)}
+    await expect_error(await stack.chat(big), 413, "PAYLOAD_TOO_LARGE")
+
+
+async def test_413_for_a_chunked_body_over_the_limit(stack: Stack) -> None:
+    async def chunks() -> Any:
+        yield b'{"message": "'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"}'
+
+    r = await stack.session.post(
+        stack.url,
+        data=chunks(),
+        headers={"Authorization": f"Bearer {ACME_KEY}", "Content-Type": "application/json"},
+    )
+    await expect_error(r, 413, "PAYLOAD_TOO_LARGE")
+
+
+async def test_415_for_a_body_that_is_not_json(stack: Stack) -> None:
+    r = await stack.session.post(
+        stack.url,
+        data=b'{"message": "hi"}',
+        headers={"Authorization": f"Bearer {ACME_KEY}", "Content-Type": "text/plain"},
+    )
+    await expect_error(r, 415, "UNSUPPORTED_MEDIA_TYPE")
+
+
+async def test_429_when_the_upstream_rate_limits_keeps_its_retry_after(stack: Stack) -> None:
+    r = await stack.chat({"message": "hi", "bot": "fault-429"})
+    await expect_error(r, 429, "RATE_LIMIT")
+    assert r.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("bot", ["fault-500", "fault-503", "fault-reset"])
+async def test_502_when_the_upstream_fails_before_the_stream(stack: Stack, bot: str) -> None:
+    await expect_error(await stack.chat({"message": "hi", "bot": bot}), 502, "UPSTREAM_ERROR")
+
+
+async def test_502_when_the_upstream_refuses_connections(make_stack: StackFactory) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    stack = await make_stack(settings=gateway_settings(f"http://127.0.0.1:{closed_port}/api/chat"))
+    await expect_error(await stack.chat(), 502, "UPSTREAM_ERROR")
+    assert await stack.metric("chatiq_gateway_upstream_errors_total", kind="connect") == 1
+
+
+async def test_503_at_once_when_the_queue_is_full(make_stack: StackFactory) -> None:
+    stack = await make_stack(
+        SLOW, admission=AdmissionSettings(max_streams=1, max_queue=0, queue_timeout_s=5)
+    )
+    async with await stack.chat() as busy:
+        assert busy.status == 200
+        await busy.content.readline()
+        r = await stack.chat()
+        await expect_error(r, 503, "OVERLOADED")
+        assert r.headers["Retry-After"] == "1"
+    assert await stack.metric("chatiq_gateway_rejected_total", reason="overload") == 1
+
+
+async def test_503_after_waiting_too_long_in_the_queue(make_stack: StackFactory) -> None:
+    stack = await make_stack(
+        SLOW, admission=AdmissionSettings(max_streams=1, max_queue=5, queue_timeout_s=0.2)
+    )
+    async with await stack.chat() as busy:
+        await busy.content.readline()
+        await expect_error(await stack.chat(), 503, "OVERLOADED")
+    assert await stack.metric("chatiq_gateway_rejected_total", reason="queue_timeout") == 1
+    assert await stack.metric("chatiq_gateway_queue_depth") == 0
+
+
+async def test_a_queued_request_gets_the_freed_slot(make_stack: StackFactory) -> None:
+    stack = await make_stack(
+        admission=AdmissionSettings(max_streams=1, max_queue=50, queue_timeout_s=10)
+    )
+
+    async def one() -> int:
+        async with await stack.chat() as r:
+            await r.read()
+            return r.status
+
+    assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
+
+
+async def test_504_when_the_upstream_sends_nothing_in_time(make_stack: StackFactory) -> None:
+    stack = await make_stack(first_byte_timeout_s=0.3)
+    await expect_error(
+        await stack.chat({"message": "hi", "bot": "fault-stall-first"}), 504, "UPSTREAM_TIMEOUT"
+    )
+    kind = "first_byte_timeout"
+    assert await stack.metric("chatiq_gateway_upstream_errors_total", kind=kind) == 1
+
+
+async def test_unknown_routes_and_methods_answer_in_the_same_error_shape(stack: Stack) -> None:
+    await expect_error(await stack.session.get(stack.gateway.make_url("/nope")), 404, "NOT_FOUND")
+    await expect_error(await stack.session.get(stack.url), 405, "METHOD_NOT_ALLOWED")

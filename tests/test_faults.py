@@ -1,0 +1,141 @@
+"""Every emulator fault, through the gateway, ends as the contract says.
+
+Before the stream: an HTTP error (see test_errors). After it started: the
+events so far, unchanged, then one ChatIQ-style error event and ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from gateway import relay as relay_module
+from loadtest.emulator import CHUNKS_BEFORE_FAULT, EmulatorSettings
+from tests.conftest import Stack, StackFactory, read_stream
+
+
+def error_code(event: str) -> str:
+    code: str = json.loads(event)["error"]["code"]
+    return code
+
+
+async def stream_of(stack: Stack, bot: str) -> tuple[bytes, list[str]]:
+    async with await stack.chat({"message": "hi", "bot": bot}) as r:
+        assert r.status == 200
+        return await read_stream(r)
+
+
+async def test_stall_mid_stream_ends_with_a_timeout_event(stack: Stack) -> None:
+    _, events = await stream_of(stack, "fault-stall-mid")
+    assert len(events) == CHUNKS_BEFORE_FAULT + 2
+    assert all("choices" in e for e in events[:CHUNKS_BEFORE_FAULT])
+    assert error_code(events[-2]) == "UPSTREAM_TIMEOUT"
+    assert events[-1] == "[DONE]"
+    assert await stack.metric("chatiq_gateway_upstream_errors_total", kind="idle_timeout") == 1
+
+
+async def test_a_connection_dropped_mid_stream_ends_with_an_error_event(stack: Stack) -> None:
+    _, events = await stream_of(stack, "fault-drop-mid")
+    assert len(events) == CHUNKS_BEFORE_FAULT + 2
+    assert error_code(events[-2]) == "UPSTREAM_ERROR"
+    assert events[-1] == "[DONE]"
+    assert await stack.metric("chatiq_gateway_upstream_errors_total", kind="protocol") == 1
+
+
+async def test_an_upstream_error_event_is_relayed_unchanged(stack: Stack) -> None:
+    body, events = await stream_of(stack, "fault-error-mid")
+    assert error_code(events[-2]) == "RATE_LIMIT"  # the upstream's own, not the gateway's
+    assert events[-1] == "[DONE]"
+    assert body.count(b'"error"') == 1
+
+
+async def test_a_malformed_event_is_not_forwarded_and_ends_the_stream(stack: Stack) -> None:
+    body, events = await stream_of(stack, "fault-malformed")
+    assert b"bro" not in body
+    assert all("choices" in e for e in events[:CHUNKS_BEFORE_FAULT])
+    assert error_code(events[CHUNKS_BEFORE_FAULT]) == "UPSTREAM_ERROR"
+    assert events[CHUNKS_BEFORE_FAULT + 1 :] == ["[DONE]"]
+
+
+async def test_an_event_over_the_size_limit_ends_the_stream(make_stack: StackFactory) -> None:
+    # Content chunks are ~50 bytes; the "attachments" event of bot "rich" is ~80.
+    stack = await make_stack(max_event_bytes=70)
+    _, events = await stream_of(stack, "rich")
+    assert "responses" in events[-3]
+    assert error_code(events[-2]) == "UPSTREAM_ERROR"
+    assert events[-1] == "[DONE]"
+
+
+async def test_a_stream_longer_than_the_total_timeout_is_ended(make_stack: StackFactory) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=100), total_timeout_s=0.4
+    )
+    _, events = await stream_of(stack, "demo")
+    assert 2 <= len(events) < 30
+    assert error_code(events[-2]) == "UPSTREAM_TIMEOUT"
+    assert events[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize(
+    ("bot", "status"),
+    [
+        ("fault-429", 429),
+        ("fault-500", 502),
+        ("fault-503", 502),
+        ("fault-reset", 502),
+        ("fault-stall-first", 504),
+        ("fault-malformed", 502),
+    ],
+)
+async def test_non_streaming_faults_map_to_statuses(stack: Stack, bot: str, status: int) -> None:
+    async with await stack.chat({"message": "hi", "bot": bot, "stream": False}) as r:
+        assert r.status == status
+        assert set((await r.json())["error"]) == {"code", "message"}
+
+
+async def test_a_client_that_leaves_mid_stream_closes_the_upstream(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=100))
+    r = await stack.chat()
+    await r.content.readline()
+    r.close()  # hang up
+    for _ in range(100):
+        if await stack.metric("chatiq_gateway_client_disconnects_total", tenant="acme") == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert await stack.metric("chatiq_gateway_client_disconnects_total", tenant="acme") == 1
+    assert await stack.metric("chatiq_gateway_active_streams", tenant="acme") == 0
+    # The emulator's handler ends once the gateway drops its upstream connection.
+    for _ in range(100):
+        if not stack.emulator.runner or not stack.emulator.runner.server:
+            break
+        if not stack.emulator.runner.server.connections:
+            break
+        await asyncio.sleep(0.02)
+    assert stack.emulator.runner is not None and stack.emulator.runner.server is not None
+    assert not stack.emulator.runner.server.connections
+
+
+async def test_a_gateway_bug_mid_stream_still_ends_with_an_error_event(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Paced, so that the first two events went out in batches of their own.
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=50, reply_tokens=10))
+    calls = 0
+    real = relay_module.is_content_chunk
+
+    def breaks_on_the_third_event(data: str) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("injected")
+        return real(data)
+
+    monkeypatch.setattr(relay_module, "is_content_chunk", breaks_on_the_third_event)
+    _, events = await stream_of(stack, "demo")
+    assert len(events) == 4
+    assert error_code(events[-2]) == "INTERNAL_ERROR"
+    assert events[-1] == "[DONE]"
