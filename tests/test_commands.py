@@ -1,0 +1,102 @@
+"""The commands a person types: the dev stack behind ``make run``, and the emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(url: str, timeout_s: float = 30.0) -> None:
+    until = time.monotonic() + timeout_s
+    while time.monotonic() < until:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} never answered")
+
+
+def is_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_the_dev_stack_streams_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    emulator_port, gateway_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CHATIQ_API_URL": f"http://127.0.0.1:{emulator_port}/api/chat",
+        "GATEWAY_PORT": str(gateway_port),
+    }
+    out = (tmp_path / "stack.log").open("w+")
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.stack", "--config", "config/gateway.toml"],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway_port}/api/chatbot",
+            data=json.dumps({"message": "hi"}).encode(),
+            headers={"Authorization": "Bearer demo-key", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            body = r.read()
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert body.count(b'"choices"') > 10
+    finally:
+        stack.send_signal(signal.SIGINT)
+        code = stack.wait(timeout=30)
+    out.seek(0)
+    printed = out.read()
+    assert code == 0, printed
+    assert f"curl -N -H 'Authorization: Bearer demo-key'" in printed
+    assert f"http://127.0.0.1:{gateway_port}/api/chatbot" in printed
+    assert "stack: stopped" in printed
+    assert "Traceback" not in printed
+    assert is_closed(emulator_port) and is_closed(gateway_port)
+
+
+def test_the_emulator_command_serves_the_chat_api() -> None:
+    port = free_port()
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.emulator", "--port", str(port), "--ttft-ms", "0"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"},
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/chat",
+            data=json.dumps({"message": "hi", "bot_slug": "x", "stream": False}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            answer = json.loads(r.read())
+        assert answer["conversationId"].startswith("conv_")
+        assert "hi" in answer["response"]
+    finally:
+        emulator.send_signal(signal.SIGINT)
+        assert emulator.wait(timeout=30) == 0
