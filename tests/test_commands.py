@@ -71,7 +71,7 @@ def test_the_dev_stack_streams_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path
     out.seek(0)
     printed = out.read()
     assert code == 0, printed
-    assert f"curl -N -H 'Authorization: Bearer demo-key'" in printed
+    assert "curl -N -H 'Authorization: Bearer demo-key'" in printed
     assert f"http://127.0.0.1:{gateway_port}/api/chatbot" in printed
     assert "stack: stopped" in printed
     assert "Traceback" not in printed

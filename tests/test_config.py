@@ -75,7 +75,7 @@ def test_settings_are_immutable(tmp_path: Path) -> None:
         (GOOD.replace('bots = ["demo"]', "bots = []"), {}, "tenants[0].bots"),
         (GOOD.replace('bots = ["demo"]', 'bots = "demo"'), {}, "tenants[0].bots: must be a list"),
         (GOOD.replace('name = "t"\n', ""), {}, "tenants[0].name: missing"),
-        (GOOD + '\n[upstream.extra]\n', {}, "upstream.extra: unknown key"),
+        (GOOD + "\n[upstream.extra]\n", {}, "upstream.extra: unknown key"),
         (GOOD + "\n[telemetry]\n", {}, "telemetry: unknown key"),
         (GOOD.replace("[upstream]", '[upstream]\napi_key = "sk"'), {}, "CHATIQ_API_KEY"),
         (GOOD, {"GATEWAY_PORT": "eighty"}, "GATEWAY_PORT: not a whole number"),

@@ -73,9 +73,7 @@ async def test_metrics_count_requests_events_and_first_tokens(stack: Stack) -> N
     route = "/api/chatbot"
     assert await m("chatiq_gateway_requests_total", route=route, tenant="acme", status="200") == 3
     assert await m("chatiq_gateway_requests_total", route=route, tenant="-", status="401") == 1
-    assert await m("chatiq_gateway_stream_events_total", tenant="acme") == 3 * body.count(
-        b"data: "
-    )
+    assert await m("chatiq_gateway_stream_events_total", tenant="acme") == 3 * body.count(b"data: ")
     assert await m("chatiq_gateway_time_to_first_token_seconds_count", tenant="acme") == 3
     assert await m("chatiq_gateway_stream_duration_seconds_count", tenant="acme") == 3
     assert await m("chatiq_gateway_upstream_first_byte_seconds_count") == 3
