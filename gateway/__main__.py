@@ -1,15 +1,46 @@
-"""``chatiq-gateway`` / ``python -m gateway``: load the configuration, serve."""
+"""``chatiq-gateway`` / ``python -m gateway``: load the configuration, serve, drain."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
 
 from aiohttp import web
 
-from .app import create_app
-from .config import ConfigError, load_settings
-from .logs import make_logger
+from .app import create_app, drain
+from .config import ConfigError, Settings, load_settings
+from .logs import Logger, make_logger
+
+
+async def serve(settings: Settings, log: Logger) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and stop.
+
+    The socket stays open while draining, so new requests get a clear 503
+    rather than a refused connection.
+    """
+    app = create_app(settings, log=log)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "listening",
+        url=f"http://{settings.server.host}:{settings.server.port}",
+        upstream=settings.upstream.url,
+        tenants=len(settings.tenants),
+    )
+    try:
+        await stop.wait()
+        await drain(app, settings.server.shutdown_grace_s)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,22 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatiq-gateway: config error: {e}", file=sys.stderr)
         return 2
     log = make_logger(settings.logging)
-    app = create_app(settings, log=log)
-    log.info(
-        "listening",
-        url=f"http://{settings.server.host}:{settings.server.port}",
-        upstream=settings.upstream.url,
-        tenants=len(settings.tenants),
-    )
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        access_log=None,
-        handler_cancellation=True,
-        print=None,
-    )
-    log.info("stopped")
+    try:
+        asyncio.run(serve(settings, log))
+    except OSError as e:  # typically: the port is taken
+        print(f"chatiq-gateway: cannot serve: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,28 +1,57 @@
-"""Admission control: a fixed number of upstream slots and a bounded FIFO queue.
+"""Admission control: tenant quotas, then a fixed number of upstream slots
+behind a bounded FIFO queue.
 
-``async with admission.slot():`` is the only way in and out: the slot is freed
-in one place whatever ends the block (success, error, cancellation, timeout).
-A freed slot is handed straight to the oldest waiter, so the queue is fair and
-the active count never dips below the limit while others wait.
+``async with admission.slot(tenant):`` is the only way in and out: everything
+taken is given back in one place whatever ends the block (success, error,
+cancellation, timeout). A freed slot is handed straight to the oldest waiter,
+so the queue is fair and never starves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from .errors import QueueFull, QueueTimeout
+from .config import AdmissionSettings, Tenant
+from .errors import QueueFull, QueueTimeout, RateLimited, TenantBusy
+
+
+@dataclass(slots=True)
+class _TenantState:
+    max_streams: int  # 0: no limit
+    per_minute: int  # 0: no limit
+    tokens: float
+    updated: float
+    active: int = 0
 
 
 class Admission:
-    def __init__(self, max_active: int, max_queue: int, queue_timeout_s: float) -> None:
-        self._max_active = max_active
-        self._max_queue = max_queue
-        self._queue_timeout_s = queue_timeout_s
+    def __init__(
+        self,
+        settings: AdmissionSettings,
+        tenants: tuple[Tenant, ...] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_active = settings.max_streams
+        self._max_queue = settings.max_queue
+        self._queue_timeout_s = settings.queue_timeout_s
+        self._clock = clock
         self._active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        now = clock()
+        self._tenants: dict[str, _TenantState] = {}
+        for t in tenants:
+            rpm = (
+                settings.tenant_requests_per_minute
+                if t.requests_per_minute is None
+                else t.requests_per_minute
+            )
+            streams = settings.tenant_max_streams if t.max_streams is None else t.max_streams
+            self._tenants[t.name] = _TenantState(streams, rpm, float(rpm), now)
 
     @property
     def active(self) -> int:
@@ -32,13 +61,41 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def tenant_active(self, name: str) -> int:
+        return self._tenants[name].active
+
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self._acquire()
+    async def slot(self, tenant: str) -> AsyncIterator[None]:
+        quota = self._tenants[tenant]
+        self._take_token(quota)
+        if quota.max_streams and quota.active >= quota.max_streams:
+            raise TenantBusy(
+                f"this key already has {quota.max_streams} streams open", retry_after=1
+            )
+        quota.active += 1
         try:
-            yield
+            await self._acquire()
+            try:
+                yield
+            finally:
+                self._release()
         finally:
-            self._release()
+            quota.active -= 1
+
+    def _take_token(self, quota: _TenantState) -> None:
+        """Token bucket: ``per_minute`` tokens, refilled evenly over a minute."""
+        if not quota.per_minute:
+            return
+        now = self._clock()
+        rate = quota.per_minute / 60.0
+        quota.tokens = min(float(quota.per_minute), quota.tokens + (now - quota.updated) * rate)
+        quota.updated = now
+        if quota.tokens < 1.0:
+            raise RateLimited(
+                f"this key may make {quota.per_minute} requests a minute",
+                retry_after=(1.0 - quota.tokens) / rate,
+            )
+        quota.tokens -= 1.0
 
     async def _acquire(self) -> None:
         if self._active < self._max_active and not self._waiters:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -10,23 +11,31 @@ from aiohttp import web
 from . import handlers
 from .admission import Admission
 from .auth import TenantDirectory
+from .breaker import CircuitBreaker
 from .config import Settings
 from .exchange import add_request_id, make_middleware
 from .logs import Logger, make_logger
 from .metrics import Metrics
-from .state import ADMISSION, LOG, METRICS, SETTINGS, TENANTS, UPSTREAM
+from .state import (
+    ADMISSION,
+    BREAKER,
+    LIFECYCLE,
+    LOG,
+    METRICS,
+    SETTINGS,
+    TENANTS,
+    UPSTREAM,
+    Lifecycle,
+)
 from .upstream import Upstream
 
 
 def create_app(settings: Settings, *, log: Logger | None = None) -> web.Application:
     log = make_logger(settings.logging) if log is None else log
     metrics = Metrics()
-    admission = Admission(
-        settings.admission.max_streams,
-        settings.admission.max_queue,
-        settings.admission.queue_timeout_s,
-    )
+    admission = Admission(settings.admission, settings.tenants)
     metrics.queue_depth.set_function(lambda: admission.queued)
+    breaker = CircuitBreaker(settings.circuit, on_change=_breaker_reporter(metrics, log))
 
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
@@ -36,6 +45,8 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[METRICS] = metrics
     app[ADMISSION] = admission
     app[TENANTS] = TenantDirectory(settings.tenants)
+    app[BREAKER] = breaker
+    app[LIFECYCLE] = Lifecycle()
     app[LOG] = log
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_upstream_client)
@@ -43,8 +54,37 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app.router.add_post("/api/chatbot", handlers.chatbot)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/metrics", handlers.prometheus_metrics)
     return app
+
+
+def _breaker_reporter(metrics: Metrics, log: Logger) -> Callable[[bool], None]:
+    def report(is_open: bool) -> None:
+        metrics.circuit_open.set(1 if is_open else 0)
+        log.warning("circuit_open" if is_open else "circuit_closed")
+
+    return report
+
+
+async def drain(app: web.Application, grace_s: float) -> None:
+    """Stop taking streams, let live ones finish for ``grace_s``, then end the rest.
+
+    Streams still live at the end get an error event and ``[DONE]``.
+    """
+    lifecycle = app[LIFECYCLE]
+    lifecycle.draining = True
+    log = app[LOG]
+    log.info("draining", live_streams=len(lifecycle.streams), grace_s=grace_s)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + grace_s
+    while lifecycle.streams and loop.time() < until:
+        await asyncio.sleep(0.05)
+    cut = list(lifecycle.streams)
+    for task in cut:
+        task.cancel()
+    if cut:
+        await asyncio.wait(cut, timeout=5)
+    log.info("drained", streams_ended_early=len(cut))
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
@@ -56,5 +96,5 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(
         connector=connector, trust_env=False, auto_decompress=True
     ) as session:
-        app[UPSTREAM] = Upstream(settings, session, app[METRICS])
+        app[UPSTREAM] = Upstream(settings, session, app[METRICS], app[BREAKER], app[LOG])
         yield

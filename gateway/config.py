@@ -35,6 +35,7 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024
     max_message_chars: int = 8000
     max_history_items: int = 100
+    shutdown_grace_s: float = 30.0  # on SIGTERM, how long live streams may finish
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,14 @@ class UpstreamSettings:
     max_connections: int = 2000
     max_event_bytes: int = 1 << 20
     max_json_bytes: int = 4 << 20
+    keepalive_s: float = 15.0  # ": ping" comment while the upstream is silent mid-stream
+    client_write_timeout_s: float = 30.0  # a client that reads nothing this long is dropped
+    # Retries, only before any byte reached the client.
+    max_retries: int = 2
+    retry_budget_s: float = 10.0  # no retry starts later than this after the request
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 5.0
+    retry_after_cap_s: float = 10.0  # the most of an upstream's Retry-After that is honoured
     # Only from the environment (CHATIQ_API_KEY): never in a file, never printed.
     api_key: str | None = field(default=None, repr=False)
 
@@ -57,6 +66,15 @@ class AdmissionSettings:
     max_streams: int = 1000
     max_queue: int = 1000
     queue_timeout_s: float = 10.0
+    # Defaults for every tenant; a tenant may set its own. 0: no limit.
+    tenant_max_streams: int = 100
+    tenant_requests_per_minute: int = 600
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitSettings:
+    failure_threshold: int = 5  # consecutive upstream failures that open the circuit
+    cooldown_s: float = 10.0  # open this long before one probe is let through
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +88,8 @@ class Tenant:
     name: str
     key_sha256: str
     bots: tuple[str, ...]
+    max_streams: int | None = None  # None: admission.tenant_max_streams
+    requests_per_minute: int | None = None  # None: admission.tenant_requests_per_minute
 
     def may_use(self, bot: str) -> bool:
         return ANY_BOT in self.bots or bot in self.bots
@@ -80,6 +100,7 @@ class Settings:
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     admission: AdmissionSettings = AdmissionSettings()
+    circuit: CircuitSettings = CircuitSettings()
     logging: LoggingSettings = LoggingSettings()
     tenants: tuple[Tenant, ...] = ()
 
@@ -88,6 +109,7 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
     "admission": AdmissionSettings,
+    "circuit": CircuitSettings,
     "logging": LoggingSettings,
 }
 _ENV_ONLY = {"upstream.api_key": "set CHATIQ_API_KEY in the environment instead"}
@@ -180,7 +202,9 @@ def _coerce(hint: Any, value: object, where: str) -> Any:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value  # type: ignore[arg-type]
     elif isinstance(hint, types.UnionType):
-        return _coerce(str, value, where)  # str | None: only str can come from TOML
+        # X | None: TOML has no null, so a value present is an X.
+        (arm,) = (a for a in typing.get_args(hint) if a is not type(None))
+        return _coerce(arm, value, where)
     else:  # pragma: no cover - a field type the loader does not know
         raise ConfigError(f"{where}: unsupported type {hint!r}")
     if not ok:
@@ -242,6 +266,10 @@ def _validate(s: Settings) -> None:
         "upstream.max_event_bytes": s.upstream.max_event_bytes,
         "upstream.max_json_bytes": s.upstream.max_json_bytes,
         "admission.max_streams": s.admission.max_streams,
+        "upstream.keepalive_s": s.upstream.keepalive_s,
+        "upstream.client_write_timeout_s": s.upstream.client_write_timeout_s,
+        "upstream.backoff_base_s": s.upstream.backoff_base_s,
+        "circuit.failure_threshold": s.circuit.failure_threshold,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -250,6 +278,16 @@ def _validate(s: Settings) -> None:
         "server.max_history_items": s.server.max_history_items,
         "admission.max_queue": s.admission.max_queue,
         "admission.queue_timeout_s": s.admission.queue_timeout_s,
+        "admission.tenant_max_streams": s.admission.tenant_max_streams,
+        "admission.tenant_requests_per_minute": s.admission.tenant_requests_per_minute,
+        "server.shutdown_grace_s": s.server.shutdown_grace_s,
+        "upstream.max_retries": s.upstream.max_retries,
+        "upstream.retry_budget_s": s.upstream.retry_budget_s,
+        "upstream.backoff_max_s": s.upstream.backoff_max_s,
+        "upstream.retry_after_cap_s": s.upstream.retry_after_cap_s,
+        "circuit.cooldown_s": s.circuit.cooldown_s,
+        **{f"tenants.{t.name}.max_streams": t.max_streams or 0 for t in s.tenants},
+        **{f"tenants.{t.name}.requests_per_minute": t.requests_per_minute or 0 for t in s.tenants},
     }
     for key, value in not_negative.items():
         if value < 0:

@@ -74,6 +74,11 @@ class UnsupportedMediaType(GatewayError):
 class RateLimited(GatewayError):
     status = 429
     code = "RATE_LIMIT"
+    reject_reason = "rate_limit"
+
+
+class TenantBusy(RateLimited):
+    reject_reason = "tenant_concurrency"
 
 
 class Overloaded(GatewayError):
@@ -89,15 +94,31 @@ class QueueTimeout(Overloaded):
     reject_reason = "queue_timeout"
 
 
+class Draining(GatewayError):
+    status = 503
+    code = "DRAINING"
+    reject_reason = "draining"
+
+
+class CircuitOpen(GatewayError):
+    status = 503
+    code = "UPSTREAM_UNAVAILABLE"
+
+
 # --- upstream failures -----------------------------------------------------
 
 
 class UpstreamError(GatewayError):
-    """The upstream failed; ``kind`` labels ``upstream_errors_total`` (None: not counted)."""
+    """The upstream failed; ``kind`` labels ``upstream_errors_total`` (None: not counted).
+
+    ``counts_against_upstream``: a sign the upstream is unhealthy, for the
+    circuit breaker (not so for a 429, a 400, or our own time limit).
+    """
 
     status = 502
     code = "UPSTREAM_ERROR"
     kind: str | None = "protocol"
+    counts_against_upstream = True
 
 
 class UpstreamConnectError(UpstreamError):
@@ -123,12 +144,14 @@ class UpstreamHTTPError(UpstreamError):
         )
         self.upstream_status = upstream_status
         self.kind = "http_5xx" if upstream_status >= 500 else None
+        self.counts_against_upstream = upstream_status >= 500
 
 
 class UpstreamRateLimited(UpstreamError):
     status = 429
     code = "RATE_LIMIT"
     kind = "http_429"
+    counts_against_upstream = False
 
 
 class UpstreamRejected(UpstreamError):
@@ -137,6 +160,7 @@ class UpstreamRejected(UpstreamError):
     status = 400
     code = "INVALID_REQUEST"
     kind: str | None = None
+    counts_against_upstream = False
 
 
 class UpstreamTimeout(UpstreamError):
@@ -161,3 +185,4 @@ class TotalTimeout(UpstreamTimeout):
     """The stream ran past the configured total duration (a gateway policy)."""
 
     kind = None
+    counts_against_upstream = False

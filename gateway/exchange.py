@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge, UpstreamError
+from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .logs import Logger
 from .metrics import Metrics
 
@@ -116,8 +116,6 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger) -> None:
             ex.outcome = err.code.lower()
         if err.reject_reason is not None:
             metrics.rejected.labels(err.reject_reason).inc()
-        if isinstance(err, UpstreamError) and err.kind is not None:
-            metrics.upstream_errors.labels(err.kind).inc()
     if ex.outcome == "client_disconnect":
         metrics.client_disconnects.labels(ex.tenant).inc()
     duration = now - ex.started

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from .chat import parse_chat_request
-from .errors import Forbidden, PayloadTooLarge, UnsupportedMediaType
+from .errors import Draining, Forbidden, PayloadTooLarge, UnsupportedMediaType
 from .exchange import exchange_of
 from .relay import Relay
-from .state import ADMISSION, METRICS, SETTINGS, TENANTS, UPSTREAM
+from .state import ADMISSION, BREAKER, LIFECYCLE, METRICS, SETTINGS, TENANTS, UPSTREAM
 
 
 async def chatbot(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
+    lifecycle = app[LIFECYCLE]
     ex = exchange_of(request)
 
     tenant = app[TENANTS].authenticate(request.headers.get("Authorization"))
@@ -30,21 +33,26 @@ async def chatbot(request: web.Request) -> web.StreamResponse:
     ex.bot = chat.bot
     if not tenant.may_use(chat.bot):
         raise Forbidden(f"this key may not use the bot {chat.bot!r}")
+    if lifecycle.draining:
+        raise Draining("the gateway is restarting; please retry", retry_after=1)
 
     deadline = ex.started + settings.upstream.total_timeout_s
-    async with app[ADMISSION].slot():
-        upstream = await app[UPSTREAM].send(chat, ex.request_id, deadline)
+    async with app[ADMISSION].slot(tenant.name):
         if not chat.stream:
-            body = await app[UPSTREAM].read_json(upstream, deadline)
+            body = await app[UPSTREAM].complete(chat, ex.request_id, deadline)
             return web.Response(body=body, content_type="application/json")
-        first_byte_by = ex.started + settings.upstream.first_byte_timeout_s
+        source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
         metrics = app[METRICS]
-        relay = Relay(request, upstream, ex, settings.upstream, metrics, deadline)
+        relay = Relay(request, source, ex, settings.upstream, metrics, deadline, lifecycle)
         live = metrics.active_streams.labels(tenant.name)
+        task = asyncio.current_task()
+        assert task is not None
         live.inc()
+        lifecycle.streams.add(task)
         try:
-            return await relay.run(first_byte_by)
+            return await relay.run(first)
         finally:
+            lifecycle.streams.discard(task)
             live.dec()
 
 
@@ -53,10 +61,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if request.app[BREAKER].is_open:
+        return web.json_response({"status": "upstream circuit open"}, status=503)
     return web.json_response({"status": "ready"})
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def prometheus_metrics(request: web.Request) -> web.Response:
     body = request.app[METRICS].exposition()
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

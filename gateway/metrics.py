@@ -83,5 +83,14 @@ class Metrics:
             registry=r,
         )
 
+        self.upstream_retries = Counter(
+            "upstream_retries", "Upstream retries, by reason.", ["reason"],
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+        self.circuit_open = Gauge(
+            "circuit_open", "1 while the upstream's circuit breaker is open.",
+            namespace=NAMESPACE, registry=r,
+        )  # fmt: skip
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,11 @@
-"""The copy loop: upstream events to the client, whole events only, in order.
+"""The copy loop: an opened upstream stream to the client, whole events only, in order.
 
-Until the first whole event arrives nothing is sent, so any failure is still
-a clean HTTP error. After that, the upstream's bytes go out untouched; a
-failure ends the stream with one ChatIQ-style error event and ``[DONE]``.
-``await response.write()`` waits for the client to drain, so a slow reader
-slows the upstream reads instead of growing a buffer.
+The upstream's bytes go out untouched. ``await response.write()`` waits for
+the client to drain, so a slow reader slows the upstream reads (TCP
+backpressure end to end) instead of growing a buffer; a client that reads
+nothing for ``client_write_timeout_s`` is dropped. While the upstream is
+silent, a ``: ping`` comment goes out every ``keepalive_s``. Any failure ends
+the stream with one ChatIQ-style error event and ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -12,28 +13,33 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 from aiohttp import web
 
 from .config import UpstreamSettings
 from .errors import (
-    FirstByteTimeout,
+    Draining,
     GatewayError,
     IdleTimeout,
     TotalTimeout,
-    UpstreamClosed,
     UpstreamError,
     UpstreamProtocolError,
 )
 from .exchange import Exchange
 from .metrics import Metrics
-from .sse import DONE_DATA, DONE_EVENT, Event, SSEParser, SSEProtocolError, format_event
+from .sse import DONE_DATA, DONE_EVENT, Event, format_event
+from .state import Lifecycle
+from .upstream import EventSource
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+PING = b": ping\n\n"
+
+
+class SlowClient(Exception):
+    """The client read nothing for ``client_write_timeout_s``."""
 
 
 def is_content_chunk(data: str) -> bool:
@@ -51,79 +57,72 @@ class Relay:
     def __init__(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        source: EventSource,
         exchange: Exchange,
         settings: UpstreamSettings,
         metrics: Metrics,
         deadline: float,
+        lifecycle: Lifecycle,
     ) -> None:
         self._request = request
-        self._upstream = upstream
+        self._source = source
         self._ex = exchange
         self._settings = settings
         self._metrics = metrics
         self._deadline = deadline
-        self._parser = SSEParser(settings.max_event_bytes)
         self._loop = asyncio.get_running_loop()
-        # A failure found while parsing, raised once the events before it are out.
-        self._failure: UpstreamError | None = None
+        self._response = web.StreamResponse(headers=SSE_HEADERS)
+        self._lifecycle = lifecycle
 
-    async def run(self, first_byte_by: float) -> web.StreamResponse:
+    async def run(self, first: list[Event]) -> web.StreamResponse:
         try:
-            return await self._relay(first_byte_by)
+            await self._relay(first)
         finally:
-            self._upstream.close()
+            self._source.close()
+        return self._response
 
-    async def _relay(self, first_byte_by: float) -> web.StreamResponse:
-        # Still before the stream: a failure here propagates as an HTTP error.
-        first = await self._read_events(min(first_byte_by, self._deadline), first=True)
-        response = web.StreamResponse(headers=SSE_HEADERS)
+    async def _relay(self, first: list[Event]) -> None:
+        response = self._response
         await response.prepare(self._request)
         self._ex.streamed = True
         try:
-            done = await self._write(response, first)
+            done = await self._write(first)
             while not done:
-                done = await self._write(response, await self._read_events(self._deadline))
+                done = await self._write(await self._next_events())
         except UpstreamError as e:
-            self._ex.error = e
-            await self._end_with_error(response, e)
-        except ConnectionError:
-            self._ex.outcome = "client_disconnect"
+            if e.kind is not None:
+                self._metrics.upstream_errors.labels(e.kind).inc()
+            await self._end_with_error(e)
+        except (ConnectionError, SlowClient) as e:
+            self._ex.outcome = "slow_client" if isinstance(e, SlowClient) else "client_disconnect"
+            if self._request.transport is not None:
+                self._request.transport.close()
+        except asyncio.CancelledError:
+            if not self._lifecycle.draining:
+                raise  # the client left: the handler is being cancelled
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await self._end_with_error(Draining("the gateway is restarting; please retry"))
         except Exception as e:  # a bug: the stream still ends as the contract says
-            self._ex.error = GatewayError(f"internal error ({type(e).__name__})")
-            await self._end_with_error(response, self._ex.error)
-        return response
+            await self._end_with_error(GatewayError(f"internal error ({type(e).__name__})"))
 
-    async def _read_events(self, deadline: float, *, first: bool = False) -> list[Event]:
-        """Read until at least one whole event is parsed."""
-        content = self._upstream.content
-        idle = self._settings.idle_timeout_s
+    async def _next_events(self) -> list[Event]:
+        """The next events, with keep-alive pings while the upstream is silent."""
+        idle_by = min(self._loop.time() + self._settings.idle_timeout_s, self._deadline)
         while True:
-            until = deadline if first else min(self._loop.time() + idle, deadline)
+            ping_by = self._loop.time() + self._settings.keepalive_s
             try:
-                async with asyncio.timeout_at(until):
-                    chunk = await content.readany()
+                return await self._source.read(min(ping_by, idle_by))
             except TimeoutError:
-                if first and deadline < self._deadline:
-                    raise FirstByteTimeout("the chat service sent nothing in time") from None
-                if until >= self._deadline:
+                now = self._loop.time()
+                if now >= self._deadline:
                     raise TotalTimeout("the stream ran past its time limit") from None
-                raise IdleTimeout("the chat service stopped sending") from None
-            except (aiohttp.ClientError, OSError):
-                raise UpstreamClosed("the chat service broke off the stream") from None
-            if not chunk:
-                raise UpstreamClosed("the chat service ended the stream early")
-            try:
-                events = self._parser.feed(chunk)
-            except SSEProtocolError as e:
-                failure = UpstreamProtocolError(f"the chat service sent an {e}")
-                if not e.events:
-                    raise failure from None
-                self._failure, events = failure, e.events
-            if events:
-                return events
+                if now >= idle_by:
+                    raise IdleTimeout("the chat service stopped sending") from None
+                await self._send(PING)
 
-    async def _write(self, response: web.StreamResponse, events: list[Event]) -> bool:
+    async def _write(self, events: list[Event]) -> bool:
         """Write a batch of whole events; True once ``[DONE]`` went out."""
         ex = self._ex
         batch: list[bytes] = []
@@ -144,22 +143,25 @@ class Relay:
                 ex.events += 1
             batch.append(event.raw)
         if batch:
-            payload = b"".join(batch)
-            await response.write(payload)
-            ex.bytes_out += len(payload)
+            await self._send(b"".join(batch))
         if content and ex.ttft is None:
             ex.ttft = self._loop.time() - ex.started
             self._metrics.time_to_first_token.labels(ex.tenant).observe(ex.ttft)
-        failure = failure or self._failure
         if failure is not None:
             raise failure
         return done
 
-    async def _end_with_error(self, response: web.StreamResponse, err: GatewayError) -> None:
-        ending = format_event(err.body_json()) + DONE_EVENT
+    async def _send(self, payload: bytes) -> None:
         try:
-            await response.write(ending)
-        except ConnectionError:
+            async with asyncio.timeout(self._settings.client_write_timeout_s):
+                await self._response.write(payload)
+        except TimeoutError:
+            raise SlowClient from None
+        self._ex.bytes_out += len(payload)
+
+    async def _end_with_error(self, err: GatewayError) -> None:
+        self._ex.error = err
+        try:
+            await self._send(format_event(err.body_json()) + DONE_EVENT)
+        except (ConnectionError, SlowClient):
             self._ex.outcome = "client_disconnect"
-            return
-        self._ex.bytes_out += len(ending)

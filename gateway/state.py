@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from .admission import Admission
 from .auth import TenantDirectory
+from .breaker import CircuitBreaker
 from .config import Settings
 from .logs import Logger
 from .metrics import Metrics
 from .upstream import Upstream
+
+
+class Lifecycle:
+    """Whether the app is draining for shutdown, and the live streams' tasks."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.streams: set[asyncio.Task[object]] = set()
+
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 ADMISSION = web.AppKey("admission", Admission)
 TENANTS = web.AppKey("tenants", TenantDirectory)
 UPSTREAM = web.AppKey("upstream", Upstream)
+BREAKER = web.AppKey("breaker", CircuitBreaker)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 LOG = web.AppKey("log", Logger)

@@ -1,25 +1,32 @@
-"""The ChatIQ client: one request out, a checked response back, or a typed error.
+"""The ChatIQ client: a request out, and either an opened stream or a typed error.
 
-Connect and first-byte timeouts live here; the relay owns the idle and total
-timeouts once events flow. No redirect is ever followed (it could carry the
-ChatIQ key to another host).
+A stream counts as open once its first whole event has arrived: until then
+nothing has reached the client, so every failure may still be retried (with
+backoff, within a budget) and reported as a plain HTTP status. The circuit
+breaker hears of every attempt. No redirect is ever followed: it could carry
+the ChatIQ key to another host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
+from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
+from typing import TypeVar
 
 import aiohttp
 
+from .breaker import CircuitBreaker
 from .chat import ChatRequest
 from .config import UpstreamSettings
 from .errors import (
     ConnectTimeout,
     FirstByteTimeout,
     TotalTimeout,
+    UpstreamClosed,
     UpstreamConnectError,
     UpstreamError,
     UpstreamHTTPError,
@@ -27,9 +34,13 @@ from .errors import (
     UpstreamRateLimited,
     UpstreamRejected,
 )
+from .logs import Logger
 from .metrics import Metrics
+from .retry import backoff_s, retry_reason
+from .sse import Event, SSEParser, SSEProtocolError
 
 _ERROR_BODY_LIMIT = 64 * 1024
+T = TypeVar("T")
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -47,24 +58,131 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
+class EventSource:
+    """An upstream ``text/event-stream`` response, read as whole events."""
+
+    def __init__(self, response: aiohttp.ClientResponse, max_event_bytes: int) -> None:
+        self._response = response
+        self._parser = SSEParser(max_event_bytes)
+        # A parse failure found after some good events: raised on the next read.
+        self._failure: UpstreamError | None = None
+
+    async def read(self, until: float) -> list[Event]:
+        """At least one whole event; ``TimeoutError`` if loop time ``until`` passes first."""
+        if self._failure is not None:
+            raise self._failure
+        content = self._response.content
+        while True:
+            try:
+                async with asyncio.timeout_at(until):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise  # the caller knows which deadline this was (and TimeoutError is an OSError)
+            except (aiohttp.ClientError, OSError):
+                raise UpstreamClosed("the chat service broke off the stream") from None
+            if not chunk:
+                raise UpstreamClosed("the chat service ended the stream early")
+            try:
+                events = self._parser.feed(chunk)
+            except SSEProtocolError as e:
+                failure = UpstreamProtocolError(f"the chat service sent an {e}")
+                if not e.events:
+                    raise failure from None
+                self._failure, events = failure, e.events
+            if events:
+                return events
+
+    def close(self) -> None:
+        self._response.close()
+
+
 class Upstream:
     def __init__(
-        self, settings: UpstreamSettings, session: aiohttp.ClientSession, metrics: Metrics
+        self,
+        settings: UpstreamSettings,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        breaker: CircuitBreaker,
+        log: Logger,
     ) -> None:
         self._settings = settings
         self._session = session
         self._metrics = metrics
+        self._breaker = breaker
+        self._log = log
+        self._rng = random.Random()
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_s, sock_read=None
         )
 
-    async def send(
+    async def open_stream(
         self, chat: ChatRequest, request_id: str, deadline: float
-    ) -> aiohttp.ClientResponse:
-        """POST the chat; return a 200 response of the expected type, or raise.
+    ) -> tuple[EventSource, list[Event]]:
+        """The stream and its first events, retried while nothing reached the client."""
 
-        ``deadline`` (loop time) is the end of the whole request's budget.
-        """
+        async def attempt(first_byte_by: float) -> tuple[EventSource, list[Event]]:
+            response = await self._send(chat, request_id, first_byte_by, deadline)
+            source = EventSource(response, self._settings.max_event_bytes)
+            try:
+                return source, await source.read(min(first_byte_by, deadline))
+            except TimeoutError:
+                source.close()
+                raise _timeout_error(first_byte_by, deadline) from None
+            except BaseException:
+                source.close()
+                raise
+
+        return await self._with_retries(attempt, request_id, deadline)
+
+    async def complete(self, chat: ChatRequest, request_id: str, deadline: float) -> bytes:
+        """A non-streaming answer's body, checked to be a JSON object."""
+
+        async def attempt(first_byte_by: float) -> bytes:
+            response = await self._send(chat, request_id, first_byte_by, deadline)
+            return await self._read_json(response, deadline)
+
+        return await self._with_retries(attempt, request_id, deadline)
+
+    async def _with_retries(
+        self, attempt: Callable[[float], Awaitable[T]], request_id: str, deadline: float
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        s = self._settings
+        retry_by = min(deadline, loop.time() + s.retry_budget_s)
+        tries = 0
+        while True:
+            self._breaker.check()
+            tries += 1
+            try:
+                result = await attempt(loop.time() + s.first_byte_timeout_s)
+            except UpstreamError as e:
+                self._count_failure(e)
+                reason = retry_reason(e)
+                if reason is None or tries > s.max_retries:
+                    raise
+                delay = backoff_s(tries, e, s, self._rng)
+                if loop.time() + delay > retry_by:
+                    raise
+                self._metrics.upstream_retries.labels(reason).inc()
+                self._log.warning(
+                    "upstream_retry", request_id=request_id, reason=reason, attempt=tries,
+                    delay_ms=round(delay * 1000),
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                continue
+            self._breaker.success()
+            return result
+
+    def _count_failure(self, error: UpstreamError) -> None:
+        if error.kind is not None:
+            self._metrics.upstream_errors.labels(error.kind).inc()
+        if error.counts_against_upstream:
+            self._breaker.failure()
+
+    async def _send(
+        self, chat: ChatRequest, request_id: str, first_byte_by: float, deadline: float
+    ) -> aiohttp.ClientResponse:
+        """POST the chat; return a 200 response of the expected type, or raise."""
         loop = asyncio.get_running_loop()
         headers = {
             "Content-Type": "application/json",
@@ -74,7 +192,6 @@ class Upstream:
         if self._settings.api_key:
             headers["Authorization"] = f"Bearer {self._settings.api_key}"
         sent = loop.time()
-        first_byte_by = sent + self._settings.first_byte_timeout_s
         try:
             async with asyncio.timeout_at(min(first_byte_by, deadline)):
                 response = await self._session.post(
@@ -87,15 +204,13 @@ class Upstream:
         except aiohttp.ConnectionTimeoutError:
             raise ConnectTimeout("timed out connecting to the chat service") from None
         except TimeoutError:
-            if deadline < first_byte_by:
-                raise TotalTimeout("the request ran out of time") from None
-            raise FirstByteTimeout("the chat service did not answer in time") from None
+            raise _timeout_error(first_byte_by, deadline) from None
         except (aiohttp.ClientError, OSError):
             raise UpstreamConnectError("could not reach the chat service") from None
         self._metrics.upstream_first_byte.observe(loop.time() - sent)
         if response.status != 200:
             try:
-                raise await self._error_for(response)
+                raise await _error_for(response)
             finally:
                 response.close()
         expected = "text/event-stream" if chat.stream else "application/json"
@@ -106,8 +221,7 @@ class Upstream:
             )
         return response
 
-    async def read_json(self, response: aiohttp.ClientResponse, deadline: float) -> bytes:
-        """The body of a non-streaming answer, checked to be a JSON object."""
+    async def _read_json(self, response: aiohttp.ClientResponse, deadline: float) -> bytes:
         limit = self._settings.max_json_bytes
         try:
             async with asyncio.timeout_at(deadline):
@@ -120,9 +234,9 @@ class Upstream:
         except TimeoutError:
             raise TotalTimeout("the chat service did not finish its answer in time") from None
         except (aiohttp.ClientError, OSError):
-            raise UpstreamConnectError("the chat service closed the connection") from None
+            raise UpstreamClosed("the chat service broke off its answer") from None
         finally:
-            response.release()
+            response.close()
         if len(body) > limit:
             raise UpstreamProtocolError(f"the chat service's answer is over {limit} bytes")
         try:
@@ -133,15 +247,22 @@ class Upstream:
             raise UpstreamProtocolError("the chat service's answer is not a JSON object")
         return body
 
-    async def _error_for(self, response: aiohttp.ClientResponse) -> UpstreamError:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        if response.status == 429:
-            return UpstreamRateLimited(
-                "the chat service is rate limiting requests", retry_after=retry_after
-            )
-        if response.status == 400:
-            return UpstreamRejected(await _upstream_message(response))
-        return UpstreamHTTPError(response.status, retry_after=retry_after)
+
+def _timeout_error(first_byte_by: float, deadline: float) -> UpstreamError:
+    if deadline < first_byte_by:
+        return TotalTimeout("the request ran out of time")
+    return FirstByteTimeout("the chat service sent nothing in time")
+
+
+async def _error_for(response: aiohttp.ClientResponse) -> UpstreamError:
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    if response.status == 429:
+        return UpstreamRateLimited(
+            "the chat service is rate limiting requests", retry_after=retry_after
+        )
+    if response.status == 400:
+        return UpstreamRejected(await _upstream_message(response))
+    return UpstreamHTTPError(response.status, retry_after=retry_after)
 
 
 async def _upstream_message(response: aiohttp.ClientResponse) -> str:

@@ -101,6 +101,8 @@ def gateway_settings(
         "first_byte_timeout_s": 1.0,
         "idle_timeout_s": 0.5,
         "total_timeout_s": 30.0,
+        "backoff_base_s": 0.01,
+        "retry_after_cap_s": 0.05,
         **upstream,
     }
     return Settings(

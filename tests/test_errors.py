@@ -137,7 +137,9 @@ async def test_502_when_the_upstream_refuses_connections(make_stack: StackFactor
         closed_port = s.getsockname()[1]
     stack = await make_stack(settings=gateway_settings(f"http://127.0.0.1:{closed_port}/api/chat"))
     await expect_error(await stack.chat(), 502, "UPSTREAM_ERROR")
-    assert await stack.metric("chatiq_gateway_upstream_errors_total", kind="connect") == 1
+    # One try and two retries (upstream.max_retries), each counted.
+    assert await stack.metric("chatiq_gateway_upstream_errors_total", kind="connect") == 3
+    assert await stack.metric("chatiq_gateway_upstream_retries_total", reason="connect") == 2
 
 
 async def test_503_at_once_when_the_queue_is_full(make_stack: StackFactory) -> None:
@@ -183,7 +185,8 @@ async def test_504_when_the_upstream_sends_nothing_in_time(make_stack: StackFact
         await stack.chat({"message": "hi", "bot": "fault-stall-first"}), 504, "UPSTREAM_TIMEOUT"
     )
     kind = "first_byte_timeout"
-    assert await stack.metric("chatiq_gateway_upstream_errors_total", kind=kind) == 1
+    assert await stack.metric("chatiq_gateway_upstream_errors_total", kind=kind) == 3
+    assert await stack.metric("chatiq_gateway_upstream_retries_total", reason=kind) == 2
 
 
 async def test_unknown_routes_and_methods_answer_in_the_same_error_shape(stack: Stack) -> None:
