@@ -37,6 +37,7 @@ FAULTS = {
     "fault-error-mid": 'three chunks, then an {"error": ...} event and [DONE]',
     "fault-malformed": "three chunks, then an event whose JSON is broken",
 }
+ONCE = "-once"  # suffix: the fault hits only the first attempt of a request id
 RICH_BOT = "rich"
 CHUNKS_BEFORE_FAULT = 3
 _FILLER = (
@@ -74,6 +75,17 @@ class Transcript:
 SETTINGS = web.AppKey("settings", EmulatorSettings)
 CONVERSATIONS = web.AppKey("conversations", "OrderedDict[str, list[str]]")
 TRANSCRIPTS = web.AppKey("transcripts", "OrderedDict[str, Transcript]")
+ATTEMPTS = web.AppKey("attempts", "OrderedDict[str, int]")  # requests seen per request id
+
+
+@dataclass(slots=True)
+class Live:
+    """Handlers running now: a caller that hangs up must bring this back down."""
+
+    handlers: int = 0
+
+
+LIVE = web.AppKey("live", Live)
 
 
 def create_emulator_app(settings: EmulatorSettings | None = None) -> web.Application:
@@ -81,6 +93,8 @@ def create_emulator_app(settings: EmulatorSettings | None = None) -> web.Applica
     app[SETTINGS] = settings or EmulatorSettings()
     app[CONVERSATIONS] = OrderedDict()
     app[TRANSCRIPTS] = OrderedDict()
+    app[ATTEMPTS] = OrderedDict()
+    app[LIVE] = Live()
     app.router.add_post("/api/chat", chat)
     app.router.add_get("/healthz", healthz)
     return app
@@ -128,7 +142,23 @@ def _abort(request: web.Request) -> None:
     transport.abort()
 
 
+def _remember(store: OrderedDict[str, Any], key: str, value: Any) -> None:
+    store[key] = value
+    store.move_to_end(key)
+    while len(store) > _HISTORY_LIMIT:
+        store.popitem(last=False)
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
+    live = request.app[LIVE]
+    live.handlers += 1
+    try:
+        return await _chat(request)
+    finally:
+        live.handlers -= 1
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if settings.api_key and request.headers.get("Authorization") != f"Bearer {settings.api_key}":
         return _error(401, "UNAUTHORIZED", "invalid API key")
@@ -144,12 +174,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if not isinstance(bot, str) or not bot:
         return _error(400, "INVALID_REQUEST", "bot_slug is required")
 
+    request_id = request.headers.get("X-Request-Id", uuid.uuid4().hex)
+    attempts = request.app[ATTEMPTS]
+    attempt = attempts.get(request_id, 0) + 1
+    _remember(attempts, request_id, attempt)
     transcript = Transcript(request.headers.copy(), body, bytearray())
     if settings.record:
-        transcripts = request.app[TRANSCRIPTS]
-        transcripts[request.headers.get("X-Request-Id", uuid.uuid4().hex)] = transcript
-        while len(transcripts) > _HISTORY_LIMIT:
-            transcripts.popitem(last=False)
+        _remember(request.app[TRANSCRIPTS], request_id, transcript)
+    if bot.endswith(ONCE):
+        bot = bot.removesuffix(ONCE) if attempt == 1 else "demo"
 
     if bot == "fault-429":
         return _error(
@@ -169,10 +202,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     conversations = request.app[CONVERSATIONS]
     conversation_id = body.get("conversation_id") or f"conv_{uuid.uuid4().hex[:16]}"
-    earlier = conversations.pop(conversation_id, [])
-    conversations[conversation_id] = [*earlier, message]
-    while len(conversations) > _HISTORY_LIMIT:
-        conversations.popitem(last=False)
+    earlier = conversations.get(conversation_id, [])
+    _remember(conversations, conversation_id, [*earlier, message])
     tokens = compose_reply(message, earlier, settings.reply_tokens)
 
     if body.get("stream", True) is False:

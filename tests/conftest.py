@@ -29,9 +29,11 @@ from loadtest.emulator import TRANSCRIPTS, EmulatorSettings, Transcript, create_
 CHATIQ_KEY = "sk-chatiq-test-3f9c2e7a5b1d"
 ACME_KEY = "acme-key-7d1e"
 LIMITED_KEY = "limited-key-09ab"
+TINY_KEY = "tiny-key-55c0"
 TENANTS = (
     Tenant("acme", hash_key(ACME_KEY), ("*",)),
     Tenant("limited", hash_key(LIMITED_KEY), ("demo",)),
+    Tenant("tiny", hash_key(TINY_KEY), ("*",), max_streams=1, requests_per_minute=3),
 )
 
 
