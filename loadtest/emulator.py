@@ -39,6 +39,8 @@ FAULTS = {
 }
 ONCE = "-once"  # suffix: the fault hits only the first attempt of a request id
 RICH_BOT = "rich"
+BULK_BOT = "bulk"  # content chunks of BULK_CHUNK_BYTES each: megabytes without many events
+BULK_CHUNK_BYTES = 32 * 1024
 CHUNKS_BEFORE_FAULT = 3
 _FILLER = (
     "ChatIQ", "answers", "from", "your", "documents.", "Naïve", "café", "owners", "in",
@@ -205,6 +207,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     earlier = conversations.get(conversation_id, [])
     _remember(conversations, conversation_id, [*earlier, message])
     tokens = compose_reply(message, earlier, settings.reply_tokens)
+    if bot == BULK_BOT:  # one shared string: megabytes on the wire, not in memory
+        tokens = [("bulk " * (BULK_CHUNK_BYTES // 5))[:BULK_CHUNK_BYTES]] * len(tokens)
 
     if body.get("stream", True) is False:
         if bot == "fault-malformed":
@@ -227,7 +231,6 @@ async def _stream(
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await response.prepare(request)
     pending = bytearray()  # split mode: bytes held back to cut the next write
 
     async def flush() -> None:
@@ -251,6 +254,7 @@ async def _stream(
             await asyncio.sleep(0)
 
     try:
+        await response.prepare(request)
         await _play(settings, bot, tokens, conversation_id, send, flush, lambda: _abort(request))
         await response.write_eof()
     except ConnectionResetError:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,7 +38,7 @@ ACME_KEY = "acme-key-7d1e"
 LIMITED_KEY = "limited-key-09ab"
 TINY_KEY = "tiny-key-55c0"
 TENANTS = (
-    Tenant("acme", hash_key(ACME_KEY), ("*",)),
+    Tenant("acme", hash_key(ACME_KEY), ("*",), max_streams=0, requests_per_minute=0),
     Tenant("limited", hash_key(LIMITED_KEY), ("demo",)),
     Tenant("tiny", hash_key(TINY_KEY), ("*",), max_streams=1, requests_per_minute=3),
 )
@@ -83,8 +90,22 @@ class Stack:
         return 0.0
 
 
+async def eventually(
+    condition: Callable[[], bool],
+    timeout_s: float = 10.0,
+    what: Callable[[], object] = lambda: "condition never held",
+) -> float:
+    """Wait until ``condition()`` holds; return how long that took, fail after ``timeout_s``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, what()
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
 async def read_stream(response: aiohttp.ClientResponse) -> tuple[bytes, list[str]]:
     """The whole body, and the ``data`` of each event in it (one parser, as everywhere)."""
+    assert response.status == 200, await response.text()
     body = await response.read()
     parser = SSEParser()
     events = [e.data for e in parser.feed(body) if e.data is not None]
@@ -129,10 +150,11 @@ async def make_stack(
         emulator: EmulatorSettings | None = None,
         settings: Settings | None = None,
         admission: AdmissionSettings | None = None,
+        record: bool = True,
         **upstream: Any,
     ) -> Stack:
         emulator_settings = emulator or EmulatorSettings(ttft_s=0, tokens_per_s=0)
-        emulator_settings = replace(emulator_settings, record=True, api_key=CHATIQ_KEY)
+        emulator_settings = replace(emulator_settings, record=record, api_key=CHATIQ_KEY)
         emu = await aiohttp_server(create_emulator_app(emulator_settings))
         gw_settings = settings or gateway_settings(
             str(emu.make_url("/api/chat")), admission, **upstream
@@ -153,3 +175,88 @@ async def make_stack(
 @pytest.fixture
 async def stack(make_stack: StackFactory) -> Stack:
     return await make_stack()
+
+
+@dataclass
+class GatewayProcess:
+    """``python -m gateway`` in its own process, as it runs in production."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/chatbot"
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.process.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    async def metric(self, session: aiohttp.ClientSession, name: str) -> float:
+        """The sum of a metric's samples (over all labels) on /metrics."""
+        async with session.get(f"http://127.0.0.1:{self.port}/metrics") as r:
+            text = await r.text()
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith((name + " ", name + "{"))
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+async def gateway_process(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
+    started: list[GatewayProcess] = []
+
+    async def start(upstream_url: str, **tables: dict[str, Any]) -> GatewayProcess:
+        """Start it with test tenant "acme"; ``tables``: extra keys, e.g. server={...}."""
+        port = free_port()
+        server = {"host": "127.0.0.1", "port": port, **tables.pop("server", {})}
+        upstream = {"url": upstream_url, "bot_slug": "demo", **tables.pop("upstream", {})}
+        toml = "".join(
+            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+            for name, values in {"server": server, "upstream": upstream, **tables}.items()
+        )
+        config = tmp_path / f"gateway-{port}.toml"
+        config.write_text(
+            toml + f'[[tenants]]\nname = "acme"\nkey_sha256 = "{hash_key(ACME_KEY)}"\n'
+            'bots = ["*"]\nmax_streams = 0\nrequests_per_minute = 0\n'
+        )
+        log_path = tmp_path / f"gateway-{port}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(config)],
+            cwd=Path(__file__).resolve().parent.parent,
+            env={**os.environ, "CHATIQ_API_KEY": CHATIQ_KEY},
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        gw = GatewayProcess(process, port, log_path)
+        started.append(gw)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        if r.status == 200:
+                            return gw
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"the gateway did not start: {gw.log()}")
+
+    yield start
+    for gw in started:
+        if gw.process.poll() is None:
+            gw.process.kill()
+            gw.process.wait()

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
 
 import pytest
 
 from gateway.config import AdmissionSettings, CircuitSettings
 from gateway.state import ADMISSION, BREAKER
 from loadtest.emulator import ATTEMPTS, LIVE, EmulatorSettings
-from tests.conftest import TINY_KEY, Stack, StackFactory, gateway_settings, read_stream
+from tests.conftest import (
+    TINY_KEY,
+    Stack,
+    StackFactory,
+    eventually,
+    gateway_settings,
+    read_stream,
+)
 
 
 async def attempts(stack: Stack, request_id: str) -> int:
@@ -189,14 +195,6 @@ async def test_a_client_that_reads_nothing_is_dropped_and_its_upstream_closed(
     await eventually(lambda: stack.emulator.app[LIVE].handlers == 0)
     assert await stack.metric("chatiq_gateway_active_streams", tenant="acme") == 0
     writer.close()
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait until ``condition()`` holds; fail after ``timeout_s``."""
-    until = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < until, "condition never held"
-        await asyncio.sleep(0.01)
 
 
 async def open_raw_chat(stack: Stack) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
