@@ -1,0 +1,86 @@
+"""Graceful drain: SIGTERM during live streams, against a real gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
+
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+
+
+async def open_streams(
+    session: aiohttp.ClientSession, gw: GatewayProcess, n: int
+) -> list[asyncio.Task[list[str]]]:
+    started = asyncio.Event()
+    count = 0
+
+    async def one() -> list[str]:
+        nonlocal count
+        async with session.post(gw.url, json={"message": "hi"}, headers=AUTH) as r:
+            assert r.status == 200
+            await r.content.readline()  # the stream is live
+            count += 1
+            if count == n:
+                started.set()
+            _, events = await read_stream(r)
+            return events
+
+    tasks = [asyncio.ensure_future(one()) for _ in range(n)]
+    await asyncio.wait_for(started.wait(), 60)
+    return tasks
+
+
+async def test_sigterm_ends_live_streams_cleanly_after_the_grace_period(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=200), record=False
+    )
+    gw = await gateway_process(
+        str(stack.emulator.make_url("/api/chat")), server={"shutdown_grace_s": 1.0}
+    )
+    session = stack.session
+    streams = await open_streams(session, gw, 100)
+
+    gw.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as late:  # the other session's 100 connections are busy
+        async with late.post(gw.url, json={"message": "late"}, headers=AUTH) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["code"] == "DRAINING"
+            assert r.headers["Retry-After"] == "1"
+        async with late.get(f"http://127.0.0.1:{gw.port}/readyz") as r:
+            assert r.status == 503
+
+    results = await asyncio.gather(*streams)
+    for events in results:
+        assert json.loads(events[-2])["error"]["code"] == "DRAINING"
+        assert events[-1] == "[DONE]"
+    assert await asyncio.to_thread(gw.process.wait, 30) == 0
+    log = gw.log()
+    assert '"event": "drained"' in log and '"streams_ended_early": 100' in log
+    assert "Traceback" not in log
+
+
+async def test_streams_that_finish_within_the_grace_period_complete(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=20), record=False
+    )
+    gw = await gateway_process(
+        str(stack.emulator.make_url("/api/chat")), server={"shutdown_grace_s": 20.0}
+    )
+    streams = await open_streams(stack.session, gw, 20)
+    gw.process.send_signal(signal.SIGINT)
+    for events in await asyncio.gather(*streams):
+        assert "conversationId" in events[-2] and events[-1] == "[DONE]"
+    assert await asyncio.to_thread(gw.process.wait, 30) == 0
+    assert '"streams_ended_early": 0' in gw.log()
