@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 FAULTS = {
+    "fault-400": "HTTP 400 (the request itself is refused)",
     "fault-429": "HTTP 429 with Retry-After",
     "fault-500": "HTTP 500",
     "fault-503": "HTTP 503 with Retry-After",
@@ -186,6 +187,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     if bot.endswith(ONCE):
         bot = bot.removesuffix(ONCE) if attempt == 1 else "demo"
 
+    if bot == "fault-400":
+        return _error(400, "INVALID_REQUEST", "this bot refuses every message")
     if bot == "fault-429":
         return _error(
             429, "RATE_LIMIT", "slow down", **{"Retry-After": str(settings.retry_after_s)}

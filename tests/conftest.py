@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from gateway.app import create_app
 from gateway.auth import hash_key
 from gateway.config import (
     AdmissionSettings,
+    CircuitSettings,
     LoggingSettings,
     Settings,
     Tenant,
@@ -31,7 +32,8 @@ from gateway.config import (
 )
 from gateway.logs import make_logger
 from gateway.sse import SSEParser
-from loadtest.emulator import TRANSCRIPTS, EmulatorSettings, Transcript, create_emulator_app
+from gateway.state import ADMISSION
+from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings, Transcript, create_emulator_app
 
 CHATIQ_KEY = "sk-chatiq-test-3f9c2e7a5b1d"
 ACME_KEY = "acme-key-7d1e"
@@ -53,7 +55,7 @@ class Stack:
     session: aiohttp.ClientSession
     logs: io.StringIO
     settings: Settings
-    sent_to: list[TestServer] = field(default_factory=list)
+    released: bool = False  # assert_all_released() ran and closed the gateway
 
     @property
     def url(self) -> str:
@@ -114,7 +116,10 @@ async def read_stream(response: aiohttp.ClientResponse) -> tuple[bytes, list[str
 
 
 def gateway_settings(
-    upstream_url: str, admission: AdmissionSettings | None = None, **upstream: Any
+    upstream_url: str,
+    admission: AdmissionSettings | None = None,
+    circuit: CircuitSettings | None = None,
+    **upstream: Any,
 ) -> Settings:
     """Test settings: short timeouts, a ChatIQ key, the test tenants."""
     upstream = {
@@ -132,6 +137,7 @@ def gateway_settings(
         upstream=UpstreamSettings(url=upstream_url, **upstream),
         admission=admission
         or AdmissionSettings(max_streams=500, max_queue=500, queue_timeout_s=5.0),
+        circuit=circuit or CircuitSettings(),
         logging=LoggingSettings(level="debug", format="json"),
         tenants=TENANTS,
     )
@@ -144,12 +150,13 @@ StackFactory = Callable[..., Awaitable[Stack]]
 async def make_stack(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
 ) -> AsyncIterator[StackFactory]:
-    sessions: list[aiohttp.ClientSession] = []
+    stacks: list[Stack] = []
 
     async def start(
         emulator: EmulatorSettings | None = None,
         settings: Settings | None = None,
         admission: AdmissionSettings | None = None,
+        circuit: CircuitSettings | None = None,
         record: bool = True,
         **upstream: Any,
     ) -> Stack:
@@ -157,19 +164,46 @@ async def make_stack(
         emulator_settings = replace(emulator_settings, record=record, api_key=CHATIQ_KEY)
         emu = await aiohttp_server(create_emulator_app(emulator_settings))
         gw_settings = settings or gateway_settings(
-            str(emu.make_url("/api/chat")), admission, **upstream
+            str(emu.make_url("/api/chat")), admission, circuit, **upstream
         )
         logs = io.StringIO()
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))
         # Test servers cancel a handler when its client disconnects, as run_app does here.
         gw = await aiohttp_server(app, access_log=None)
-        session = aiohttp.ClientSession()
-        sessions.append(session)
-        return Stack(gw, emu, session, logs, gw_settings)
+        stack = Stack(gw, emu, aiohttp.ClientSession(), logs, gw_settings)
+        stacks.append(stack)
+        return stack
 
     yield start
-    for s in sessions:
-        await s.close()
+    for stack in stacks:
+        await assert_all_released(stack)
+    await eventually(lambda: len(asyncio.all_tasks()) == 1, what=asyncio.all_tasks)
+
+
+async def assert_all_released(stack: Stack) -> None:
+    """Nothing outlives its request: no slot, quota, gauge, upstream call,
+    connection or task. Run after every test, for every stack it started."""
+    if stack.released:
+        return
+    stack.released = True
+    await stack.session.close()
+    gateway = stack.gateway.app
+    admission = gateway[ADMISSION]
+    await eventually(lambda: stack.emulator.app[LIVE].handlers == 0, what=lambda: "upstream call")
+    await eventually(lambda: admission.active == 0, what=lambda: f"{admission.active} slots")
+    assert admission.queued == 0
+    assert all(admission.tenant_active(t.name) == 0 for t in stack.settings.tenants)
+    async with aiohttp.ClientSession() as session:
+        stack.session = session
+        for tenant in stack.settings.tenants:
+            labels = {"tenant": tenant.name}
+            assert await stack.metric("chatiq_gateway_active_streams", **labels) == 0
+        assert await stack.metric("chatiq_gateway_queue_depth") == 0
+    # Closing the gateway closes its upstream pool; then nothing may remain open.
+    assert stack.emulator.runner is not None and stack.emulator.runner.server is not None
+    emulator = stack.emulator.runner.server
+    await stack.gateway.close()
+    await eventually(lambda: not emulator.connections, what=lambda: emulator.connections)
 
 
 @pytest.fixture

@@ -9,41 +9,19 @@ import random
 import socket
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 import pytest
 
-from gateway.state import ADMISSION
 from loadtest.emulator import LIVE, EmulatorSettings
 from tests.conftest import (
     ACME_KEY,
     GatewayProcess,
-    Stack,
     StackFactory,
+    assert_all_released,
     eventually,
     read_stream,
 )
 
 SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=200)
-
-
-async def assert_all_released(stack: Stack) -> None:
-    """No slot, gauge, upstream call, connection or task outlives its request."""
-    await stack.session.close()
-    gateway = stack.gateway.app
-    await eventually(lambda: stack.emulator.app[LIVE].handlers == 0)
-    await eventually(lambda: gateway[ADMISSION].active == 0, what=lambda: gateway[ADMISSION].active)
-    assert gateway[ADMISSION].queued == 0
-    assert gateway[ADMISSION].tenant_active("acme") == 0
-    async with aiohttp.ClientSession() as session:
-        stack.session = session
-        assert await stack.metric("chatiq_gateway_active_streams", tenant="acme") == 0
-        assert await stack.metric("chatiq_gateway_queue_depth") == 0
-    # Closing the gateway closes its upstream pool; then nothing may remain open.
-    emulator = stack.emulator.runner.server if stack.emulator.runner else None
-    await stack.gateway.close()
-    assert emulator is not None
-    await eventually(lambda: not emulator.connections, what=lambda: emulator.connections)
-    await eventually(lambda: len(asyncio.all_tasks()) == 1, what=asyncio.all_tasks)
 
 
 @pytest.mark.parametrize("when", ["before_first_token", "after_first_token"])
@@ -63,7 +41,7 @@ async def test_a_client_hang_up_cancels_the_upstream_call_at_once(
     took = await eventually(lambda: stack.emulator.app[LIVE].handlers == 0)
     assert took < 1.0  # measured ~5 ms here; the bound only guards against "never"
     assert await stack.metric("chatiq_gateway_client_disconnects_total", tenant="acme") == 1
-    await assert_all_released(stack)
+    await assert_all_released(stack)  # also at teardown; here, to fail next to the cause
 
 
 async def test_a_client_hang_up_cancels_a_non_streaming_call(make_stack: StackFactory) -> None:
@@ -72,7 +50,7 @@ async def test_a_client_hang_up_cancels_a_non_streaming_call(make_stack: StackFa
     await eventually(lambda: stack.emulator.app[LIVE].handlers == 1)
     request.cancel()
     await eventually(lambda: stack.emulator.app[LIVE].handlers == 0)
-    await assert_all_released(stack)
+    await assert_all_released(stack)  # also at teardown; here, to fail next to the cause
 
 
 async def test_thousands_of_streams_cancelled_at_random_points_leave_nothing_behind(
@@ -103,7 +81,7 @@ async def test_thousands_of_streams_cancelled_at_random_points_leave_nothing_beh
         assert all(r is None or isinstance(r, asyncio.CancelledError) for r in results)
     assert outcomes["complete"] + outcomes["cancelled"] == 2000
     assert outcomes["cancelled"] > 500 and outcomes["complete"] > 500
-    await assert_all_released(stack)
+    await assert_all_released(stack)  # also at teardown; here, to fail next to the cause
 
 
 async def test_clients_that_never_read_cannot_grow_memory(

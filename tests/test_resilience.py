@@ -95,13 +95,7 @@ async def test_the_retry_budget_bounds_the_total_wait(make_stack: StackFactory) 
 async def test_the_circuit_opens_fails_fast_and_closes_after_a_good_probe(
     make_stack: StackFactory,
 ) -> None:
-    first = await make_stack()
-    settings = gateway_settings(str(first.emulator.make_url("/api/chat")))
-    from dataclasses import replace
-
-    stack = await make_stack(
-        settings=replace(settings, circuit=CircuitSettings(failure_threshold=3, cooldown_s=0.3))
-    )
+    stack = await make_stack(circuit=CircuitSettings(failure_threshold=3, cooldown_s=0.3))
     readyz = stack.gateway.make_url("/readyz")
     for i in range(3):
         assert await chat_status(stack, "fault-500", f"f{i}") == 502
@@ -235,3 +229,45 @@ async def test_the_queue_hands_slots_over_in_order_under_a_burst(
     assert all(body.endswith(b"data: [DONE]\n\n") for body in ok)
     assert await stack.metric("chatiq_gateway_rejected_total", reason="overload") == 20
     assert await stack.metric("chatiq_gateway_queue_depth") == 0
+
+
+async def test_an_upstream_400_is_passed_on_and_never_retried(stack: Stack) -> None:
+    async with await stack.chat(
+        {"message": "hi", "bot": "fault-400"}, headers={"X-Request-Id": "r1"}
+    ) as r:
+        assert r.status == 400
+        assert await r.json() == {
+            "error": {"code": "INVALID_REQUEST", "message": "this bot refuses every message"}
+        }
+    assert await attempts(stack, "r1") == 1
+
+
+async def test_a_connect_timeout_is_retried_then_answers_504(make_stack: StackFactory) -> None:
+    # A listener that never accepts, its backlog already full: the kernel
+    # drops further SYNs, so connecting hangs, as to a host that is down.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+        fillers.append(filler)
+    try:
+        host, port = listener.getsockname()
+        stack = await make_stack(
+            settings=gateway_settings(
+                f"http://{host}:{port}/api/chat", connect_timeout_s=0.2, first_byte_timeout_s=5
+            )
+        )
+        started = time.monotonic()
+        async with await stack.chat() as r:
+            assert r.status == 504
+            assert (await r.json())["error"]["code"] == "UPSTREAM_TIMEOUT"
+        assert time.monotonic() - started < 4  # the connect timeout, not the first-byte one
+        assert await stack.metric("chatiq_gateway_upstream_errors_total", kind="connect") == 3
+        assert await stack.metric("chatiq_gateway_upstream_retries_total", reason="connect") == 2
+    finally:
+        for s in (listener, *fillers):
+            s.close()
