@@ -58,6 +58,7 @@ async def test_sigterm_ends_live_streams_cleanly_after_the_grace_period(
             assert r.headers["Retry-After"] == "1"
         async with late.get(f"http://127.0.0.1:{gw.port}/readyz") as r:
             assert r.status == 503
+        assert await gw.metric(late, "chatiq_gateway_rejected_total") == 1  # reason="draining"
 
     results = await asyncio.gather(*streams)
     for events in results:
