@@ -9,7 +9,7 @@ import sys
 
 from aiohttp import web
 
-from .app import create_app, drain
+from .app import create_app, create_metrics_app, drain
 from .config import ConfigError, Settings, load_settings
 from .logs import Logger, make_logger
 
@@ -25,6 +25,13 @@ async def serve(settings: Settings, log: Logger) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
     await site.start()
+    runners = [runner]
+    if settings.metrics.port:
+        metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
+        await metrics_runner.setup()
+        m = settings.metrics
+        await web.TCPSite(metrics_runner, m.host, m.port, reuse_address=True).start()
+        runners.append(metrics_runner)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -39,7 +46,8 @@ async def serve(settings: Settings, log: Logger) -> None:
         await stop.wait()
         await drain(app, settings.server.shutdown_grace_s)
     finally:
-        await runner.cleanup()
+        for r in runners:
+            await r.cleanup()
     log.info("stopped")
 
 

@@ -12,7 +12,7 @@ from . import handlers
 from .admission import Admission
 from .auth import TenantDirectory
 from .breaker import CircuitBreaker
-from .config import Settings
+from .config import Settings, named_bots
 from .exchange import add_request_id, make_middleware
 from .logs import Logger, make_logger
 from .metrics import Metrics
@@ -32,7 +32,7 @@ from .upstream import Upstream
 
 def create_app(settings: Settings, *, log: Logger | None = None) -> web.Application:
     log = make_logger(settings.logging) if log is None else log
-    metrics = Metrics()
+    metrics = Metrics(named_bots(settings), enabled=settings.metrics.enabled)
     admission = Admission(settings.admission, settings.tenants)
     metrics.queue_depth.set_function(lambda: admission.queued)
     breaker = CircuitBreaker(settings.circuit, on_change=_breaker_reporter(metrics, log))
@@ -54,8 +54,18 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app.router.add_post("/api/chatbot", handlers.chatbot)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.prometheus_metrics)
+    if settings.metrics.port == 0:
+        app.router.add_get("/metrics", handlers.prometheus_metrics)
     return app
+
+
+def create_metrics_app(app: web.Application) -> web.Application:
+    """``/metrics`` alone, for a port of its own (it names the tenants)."""
+    metrics_app = web.Application(middlewares=[make_middleware(app[METRICS], app[LOG])])
+    metrics_app[SETTINGS] = app[SETTINGS]
+    metrics_app[METRICS] = app[METRICS]
+    metrics_app.router.add_get("/metrics", handlers.prometheus_metrics)
+    return metrics_app
 
 
 def _breaker_reporter(metrics: Metrics, log: Logger) -> Callable[[bool], None]:

@@ -78,6 +78,14 @@ class CircuitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    enabled: bool = True
+    port: int = 0  # 0: /metrics on the main port; else only on this port
+    host: str = "127.0.0.1"  # with a port of its own
+    token_sha256: str = ""  # when set, /metrics needs "Authorization: Bearer <token>"
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str = "info"
     format: str = "auto"  # "json", "console", or "auto" (console on a terminal)
@@ -101,8 +109,17 @@ class Settings:
     upstream: UpstreamSettings = UpstreamSettings()
     admission: AdmissionSettings = AdmissionSettings()
     circuit: CircuitSettings = CircuitSettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     tenants: tuple[Tenant, ...] = ()
+
+
+def named_bots(settings: Settings) -> frozenset[str]:
+    """Every bot the configuration names: the metrics' bounded set of bot labels."""
+    named = {settings.upstream.bot_slug}
+    for tenant in settings.tenants:
+        named.update(b for b in tenant.bots if b != ANY_BOT)
+    return frozenset(named)
 
 
 _FILE_ONLY_TABLES: dict[str, type] = {
@@ -110,6 +127,7 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "upstream": UpstreamSettings,
     "admission": AdmissionSettings,
     "circuit": CircuitSettings,
+    "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }
 _ENV_ONLY = {"upstream.api_key": "set CHATIQ_API_KEY in the environment instead"}
@@ -255,6 +273,12 @@ def _validate(s: Settings) -> None:
         raise ConfigError("upstream.bot_slug: not a valid bot slug")
     if not 0 <= s.server.port <= 65535:
         raise ConfigError("server.port: must be between 0 and 65535")
+    if not 0 <= s.metrics.port <= 65535:
+        raise ConfigError("metrics.port: must be between 0 (the main port) and 65535")
+    if s.metrics.token_sha256 and not _SHA256_HEX.match(s.metrics.token_sha256):
+        raise ConfigError(
+            "metrics.token_sha256: must be 64 lowercase hex digits (the SHA-256 of the token)"
+        )
     positive = {
         "server.max_body_bytes": s.server.max_body_bytes,
         "server.max_message_chars": s.server.max_message_chars,

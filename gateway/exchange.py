@@ -27,6 +27,7 @@ class Exchange:
     started: float
     tenant: str = NO_TENANT
     bot: str | None = None
+    bot_label: str = "-"  # bounded: see Metrics.bot_label
     status: int = 0
     streamed: bool = False
     ttft: float | None = None
@@ -120,8 +121,8 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger) -> None:
         metrics.client_disconnects.labels(ex.tenant).inc()
     duration = now - ex.started
     if ex.streamed:
-        metrics.stream_duration.labels(ex.tenant).observe(duration)
-        metrics.stream_events.labels(ex.tenant).inc(ex.events)
+        metrics.stream_duration.labels(ex.tenant, ex.bot_label).observe(duration)
+        metrics.stream_events.labels(ex.tenant, ex.bot_label).inc(ex.events)
     if ex.route != CHAT_ROUTE:
         log.debug("request", request_id=ex.request_id, route=ex.route, status=ex.status)
         return

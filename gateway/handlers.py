@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from .auth import require_bearer
 from .chat import parse_chat_request
 from .errors import Draining, Forbidden, PayloadTooLarge, UnsupportedMediaType
 from .exchange import exchange_of
@@ -30,21 +31,23 @@ async def chatbot(request: web.Request) -> web.StreamResponse:
             f"the body is larger than {settings.server.max_body_bytes} bytes"
         ) from None
     chat = parse_chat_request(raw, settings.server, settings.upstream.bot_slug)
-    ex.bot = chat.bot
+    metrics = app[METRICS]
+    ex.bot, ex.bot_label = chat.bot, metrics.bot_label(chat.bot)
     if not tenant.may_use(chat.bot):
         raise Forbidden(f"this key may not use the bot {chat.bot!r}")
     if lifecycle.draining:
         raise Draining("the gateway is restarting; please retry", retry_after=1)
 
     deadline = ex.started + settings.upstream.total_timeout_s
+    # The gateway's own time before the upstream call; the queue wait is not ours.
+    metrics.overhead.labels("pre_upstream").observe(asyncio.get_running_loop().time() - ex.started)
     async with app[ADMISSION].slot(tenant.name):
         if not chat.stream:
             body = await app[UPSTREAM].complete(chat, ex.request_id, deadline)
             return web.Response(body=body, content_type="application/json")
         source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
-        metrics = app[METRICS]
-        relay = Relay(request, source, ex, settings.upstream, metrics, deadline, lifecycle)
-        live = metrics.active_streams.labels(tenant.name)
+        relay = Relay(request, source, ex, deadline)
+        live = metrics.active_streams.labels(tenant.name, ex.bot_label)
         task = asyncio.current_task()
         assert task is not None
         live.inc()
@@ -69,6 +72,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
+    token_sha256 = request.app[SETTINGS].metrics.token_sha256
+    if token_sha256:
+        require_bearer(token_sha256, request.headers.get("Authorization"))
     body = request.app[METRICS].exposition()
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

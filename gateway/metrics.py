@@ -1,96 +1,142 @@
-"""The contract's Prometheus collectors, in a registry owned by one app."""
+"""The contract's Prometheus collectors, in a registry owned by one app.
+
+Labels stay bounded: tenants come from the configuration, and a bot is its
+own label only when the configuration names it (a tenant's bot list or the
+default bot); any other bot a client asks for is counted as ``other``.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-export)
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import platform
+from collections.abc import Iterable
+from importlib import metadata
+from typing import Any
 
+import aiohttp
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+NAMESPACE = "chatiq_gateway"
+OTHER_BOT = "other"
 # Streaming chat: first tokens from a few milliseconds to a minute.
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 )  # fmt: skip
-NAMESPACE = "chatiq_gateway"
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+# The gateway's own work: microseconds to milliseconds.
+OVERHEAD_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+
+
+def version() -> str:
+    try:
+        return metadata.version("chatiq-gateway")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown"
+
+
+class _Null:
+    """Stands in for every collector when metrics are off (the benchmark's baseline)."""
+
+    def labels(self, *args: object, **kwargs: object) -> _Null:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+    def __init__(self, bots: Iterable[str] = (), *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._bots = frozenset(bots)
         r = self.registry
-        self.requests = Counter(
-            "requests",
-            "Finished requests.",
-            ["route", "tenant", "status"],
-            namespace=NAMESPACE,
-            registry=r,
+        ns = NAMESPACE
+
+        def make(cls: type, name: str, doc: str, labels: Iterable[str] = (), **kw: Any) -> Any:
+            if not enabled:
+                return _Null()
+            return cls(name, doc, list(labels), namespace=ns, registry=r, **kw)
+
+        self.requests = make(
+            Counter, "requests", "Finished requests.", ["route", "tenant", "status"]
         )
-        self.active_streams = Gauge(
-            "active_streams",
-            "Streams being relayed now.",
-            ["tenant"],
-            namespace=NAMESPACE,
-            registry=r,
+        self.active_streams = make(
+            Gauge, "active_streams", "Streams being relayed now.", ["tenant", "bot"]
         )
-        self.queue_depth = Gauge(
-            "queue_depth", "Requests waiting for an upstream slot.", namespace=NAMESPACE, registry=r
-        )
-        self.rejected = Counter(
-            "rejected",
-            "Requests turned away, by reason.",
-            ["reason"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.time_to_first_token = Histogram(
+        self.queue_depth = make(Gauge, "queue_depth", "Requests waiting for an upstream slot.")
+        self.rejected = make(Counter, "rejected", "Requests turned away, by reason.", ["reason"])
+        self.time_to_first_token = make(
+            Histogram,
             "time_to_first_token_seconds",
             "Request received to first content chunk written to the client.",
-            ["tenant"],
+            ["tenant", "bot"],
             buckets=LATENCY_BUCKETS,
-            namespace=NAMESPACE,
-            registry=r,
         )
-        self.upstream_first_byte = Histogram(
+        self.upstream_first_byte = make(
+            Histogram,
             "upstream_first_byte_seconds",
-            "Upstream request sent to its first byte.",
+            "Upstream request sent to its first byte (its response headers).",
             buckets=LATENCY_BUCKETS,
-            namespace=NAMESPACE,
-            registry=r,
         )
-        self.stream_duration = Histogram(
+        self.stream_duration = make(
+            Histogram,
             "stream_duration_seconds",
             "Whole stream, request to close.",
-            ["tenant"],
+            ["tenant", "bot"],
             buckets=DURATION_BUCKETS,
-            namespace=NAMESPACE,
-            registry=r,
         )
-        self.stream_events = Counter(
-            "stream_events", "SSE events relayed.", ["tenant"], namespace=NAMESPACE, registry=r
+        self.stream_events = make(
+            Counter, "stream_events", "SSE events relayed.", ["tenant", "bot"]
         )
-        self.upstream_errors = Counter(
-            "upstream_errors",
-            "Upstream failures, by kind.",
-            ["kind"],
-            namespace=NAMESPACE,
-            registry=r,
+        self.upstream_errors = make(
+            Counter, "upstream_errors", "Upstream failures, by kind.", ["kind"]
         )
-        self.client_disconnects = Counter(
-            "client_disconnects",
-            "Clients that left before the end.",
-            ["tenant"],
-            namespace=NAMESPACE,
-            registry=r,
+        self.upstream_retries = make(
+            Counter, "upstream_retries", "Upstream retries, by reason.", ["reason"]
         )
+        self.client_disconnects = make(
+            Counter, "client_disconnects", "Clients that left before the end.", ["tenant"]
+        )
+        self.circuit_open = make(
+            Gauge, "circuit_open", "1 while the upstream's circuit breaker is open."
+        )
+        self.overhead = make(
+            Histogram,
+            "overhead_seconds",
+            "Time the gateway itself spends: before the upstream request is sent "
+            "(phase=pre_upstream, queue wait excluded), and per chunk relayed, from "
+            "its arrival to its hand-over to the client's socket (phase=relay).",
+            ["phase"],
+            buckets=OVERHEAD_BUCKETS,
+        )
+        if enabled:
+            Info("build", "The gateway's version and runtime.", namespace=ns, registry=r).info(
+                {
+                    "version": version(),
+                    "python": platform.python_version(),
+                    "aiohttp": aiohttp.__version__,
+                }
+            )
+            ProcessCollector(registry=r)  # process_resident_memory_bytes, _cpu_seconds, fds
+            PlatformCollector(registry=r)
 
-        self.upstream_retries = Counter(
-            "upstream_retries", "Upstream retries, by reason.", ["reason"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
-        self.circuit_open = Gauge(
-            "circuit_open", "1 while the upstream's circuit breaker is open.",
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
+    def bot_label(self, bot: str | None) -> str:
+        """A bot's label value: its name when the configuration names it."""
+        if bot is None:
+            return "-"
+        return bot if bot in self._bots else OTHER_BOT
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

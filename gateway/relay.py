@@ -27,7 +27,7 @@ from .errors import (
 from .exchange import Exchange
 from .metrics import Metrics
 from .sse import DONE_DATA, DONE_EVENT, Event, format_event
-from .state import Lifecycle
+from .state import LIFECYCLE, LOG, METRICS, SETTINGS, Lifecycle
 from .upstream import EventSource
 
 SSE_HEADERS = {
@@ -55,24 +55,20 @@ def is_content_chunk(data: str) -> bool:
 
 class Relay:
     def __init__(
-        self,
-        request: web.Request,
-        source: EventSource,
-        exchange: Exchange,
-        settings: UpstreamSettings,
-        metrics: Metrics,
-        deadline: float,
-        lifecycle: Lifecycle,
+        self, request: web.Request, source: EventSource, exchange: Exchange, deadline: float
     ) -> None:
+        app = request.app
         self._request = request
         self._source = source
         self._ex = exchange
-        self._settings = settings
-        self._metrics = metrics
         self._deadline = deadline
+        self._settings: UpstreamSettings = app[SETTINGS].upstream
+        self._metrics: Metrics = app[METRICS]
+        self._lifecycle: Lifecycle = app[LIFECYCLE]
+        self._log = app[LOG]
+        self._relay_overhead = self._metrics.overhead.labels("relay")
         self._loop = asyncio.get_running_loop()
         self._response = web.StreamResponse(headers=SSE_HEADERS)
-        self._lifecycle = lifecycle
 
     async def run(self, first: list[Event]) -> web.StreamResponse:
         try:
@@ -92,6 +88,10 @@ class Relay:
         except UpstreamError as e:
             if e.kind is not None:
                 self._metrics.upstream_errors.labels(e.kind).inc()
+            self._log.warning(
+                "stream_failed", request_id=self._ex.request_id, error=type(e).__name__,
+                kind=e.kind, events=self._ex.events,
+            )  # fmt: skip
             await self._end_with_error(e)
         except (ConnectionError, SlowClient) as e:
             self._ex.outcome = "slow_client" if isinstance(e, SlowClient) else "client_disconnect"
@@ -105,6 +105,7 @@ class Relay:
                 task.uncancel()
             await self._end_with_error(Draining("the gateway is restarting; please retry"))
         except Exception as e:  # a bug: the stream still ends as the contract says
+            self._log.error("relay_bug", request_id=self._ex.request_id, error=type(e).__name__)
             await self._end_with_error(GatewayError(f"internal error ({type(e).__name__})"))
 
     async def _next_events(self) -> list[Event]:
@@ -124,6 +125,7 @@ class Relay:
 
     async def _write(self, events: list[Event]) -> bool:
         """Write a batch of whole events; True once ``[DONE]`` went out."""
+        arrived = self._loop.time()
         ex = self._ex
         batch: list[bytes] = []
         failure: UpstreamError | None = None
@@ -143,10 +145,12 @@ class Relay:
                 ex.events += 1
             batch.append(event.raw)
         if batch:
-            await self._send(b"".join(batch))
+            payload = b"".join(batch)
+            self._relay_overhead.observe(self._loop.time() - arrived)
+            await self._send(payload)
         if content and ex.ttft is None:
             ex.ttft = self._loop.time() - ex.started
-            self._metrics.time_to_first_token.labels(ex.tenant).observe(ex.ttft)
+            self._metrics.time_to_first_token.labels(ex.tenant, ex.bot_label).observe(ex.ttft)
         if failure is not None:
             raise failure
         return done

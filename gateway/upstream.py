@@ -156,7 +156,7 @@ class Upstream:
             try:
                 result = await attempt(loop.time() + s.first_byte_timeout_s)
             except UpstreamError as e:
-                self._count_failure(e)
+                self._count_failure(e, request_id, tries)
                 reason = retry_reason(e)
                 if reason is None or tries > s.max_retries:
                     raise
@@ -173,7 +173,11 @@ class Upstream:
             self._breaker.success()
             return result
 
-    def _count_failure(self, error: UpstreamError) -> None:
+    def _count_failure(self, error: UpstreamError, request_id: str, attempt: int) -> None:
+        self._log.warning(
+            "upstream_failed", request_id=request_id, attempt=attempt,
+            error=type(error).__name__, kind=error.kind, status=error.status,
+        )  # fmt: skip
         if error.kind is not None:
             self._metrics.upstream_errors.labels(error.kind).inc()
         if error.counts_against_upstream:

@@ -1,0 +1,193 @@
+"""/metrics after scripted traffic: exact values for every metric of the contract."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from gateway.metrics import Metrics, version
+from gateway.state import ADMISSION
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import (
+    ACME_KEY,
+    TINY_KEY,
+    GatewayProcess,
+    Stack,
+    StackFactory,
+    eventually,
+    free_port,
+    read_stream,
+)
+
+ROUTE = "/api/chatbot"
+
+
+async def stream(stack: Stack, bot: str = "demo", key: str = ACME_KEY) -> tuple[int, int]:
+    """Status and number of events of one streamed chat."""
+    async with await stack.chat({"message": "hi", "bot": bot}, key=key) as r:
+        if r.status != 200:
+            await r.read()
+            return r.status, 0
+        _, events = await read_stream(r)
+        return r.status, len(events)
+
+
+async def test_every_metric_after_scripted_traffic_with_faults(make_stack: StackFactory) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=10))
+    m = stack.metric
+
+    ok = [await stream(stack) for _ in range(3)]  # bot "demo", named in the config
+    assert {s for s, _ in ok} == {200}
+    events_per_stream = ok[0][1]
+    assert await stream(stack, "rich") == (200, events_per_stream + 3)  # counted as "other"
+    async with await stack.chat({"message": "hi", "stream": False}) as r:
+        assert r.status == 200
+    assert (await stream(stack, key="nope"))[0] == 401
+    assert (await stream(stack, "fault-500"))[0] == 502  # not retried
+    assert (await stream(stack, "fault-503-once"))[0] == 200  # retried once
+    assert (await stream(stack, "fault-429"))[0] == 429  # two retries, then 429
+    stall = await stream(stack, "fault-stall-mid")  # idle timeout mid-stream
+    malformed = await stream(stack, "fault-malformed")  # protocol error mid-stream
+    assert [await stream(stack, key=TINY_KEY) for _ in range(4)][-1] == (429, 0)  # quota
+
+    r = await stack.chat({"message": "hi", "bot": "fault-stall-mid"})  # the client hangs up
+    await r.content.readline()
+    r.close()
+    await eventually(lambda: stack.gateway.app[ADMISSION].active == 0)
+    await asyncio.sleep(0.05)
+
+    status = {
+        ("acme", "200"): 3
+        + 1
+        + 1
+        + 1
+        + 2
+        + 1,  # ok, rich, json, 503-once, stall, malformed, hang-up
+        ("-", "401"): 1,
+        ("acme", "502"): 1,
+        ("acme", "429"): 1,
+        ("tiny", "200"): 3,
+        ("tiny", "429"): 1,
+    }
+    for (tenant, code), n in status.items():
+        assert (
+            await m("chatiq_gateway_requests_total", route=ROUTE, tenant=tenant, status=code) == n
+        )
+
+    assert await m("chatiq_gateway_stream_events_total", tenant="acme", bot="demo") == (
+        3 * events_per_stream
+    )
+    assert await m("chatiq_gateway_stream_events_total", tenant="tiny", bot="demo") == (
+        3 * events_per_stream
+    )
+    # rich + 503-once + the upstream's events of stall and malformed (the
+    # gateway's own error event and [DONE] are not relayed events) + the 3
+    # chunks the hung-up stream had relayed.
+    other = (events_per_stream + 3) + events_per_stream + (stall[1] - 2) + (malformed[1] - 2) + 3
+    assert await m("chatiq_gateway_stream_events_total", tenant="acme", bot="other") == other
+    assert (
+        await m("chatiq_gateway_time_to_first_token_seconds_count", tenant="acme", bot="demo") == 3
+    )
+    assert (
+        await m("chatiq_gateway_time_to_first_token_seconds_count", tenant="acme", bot="other") == 5
+    )  # rich, 503-once, stall, malformed, hang-up
+    assert await m("chatiq_gateway_stream_duration_seconds_count", tenant="acme", bot="demo") == 3
+    assert await m("chatiq_gateway_stream_duration_seconds_count", tenant="acme", bot="other") == 5
+    # Response headers from the upstream: every attempt but none (the emulator
+    # answers each one): 3 + rich + json + 500 + 2 (503-once) + 3 (429) + stall
+    # + malformed + 3 tiny + hang-up.
+    assert await m("chatiq_gateway_upstream_first_byte_seconds_count") == 17
+    assert await m("chatiq_gateway_upstream_errors_total", kind="http_5xx") == 2
+    assert await m("chatiq_gateway_upstream_errors_total", kind="http_429") == 3
+    assert await m("chatiq_gateway_upstream_errors_total", kind="idle_timeout") == 1
+    assert await m("chatiq_gateway_upstream_errors_total", kind="protocol") == 1
+    assert await m("chatiq_gateway_upstream_retries_total", reason="http_503") == 1
+    assert await m("chatiq_gateway_upstream_retries_total", reason="http_429") == 2
+    assert await m("chatiq_gateway_rejected_total", reason="rate_limit") == 1
+    assert await m("chatiq_gateway_client_disconnects_total", tenant="acme") == 1
+    for tenant in ("acme", "tiny"):
+        for bot in ("demo", "other"):
+            labels = {"tenant": tenant, "bot": bot}
+            assert await m("chatiq_gateway_active_streams", **labels) == 0
+    assert await m("chatiq_gateway_queue_depth") == 0
+    assert await m("chatiq_gateway_circuit_open") == 0
+    # Every request that got past validation (all 15 but the 401) was timed.
+    assert await m("chatiq_gateway_overhead_seconds_count", phase="pre_upstream") == 15
+    assert await m("chatiq_gateway_overhead_seconds_count", phase="relay") >= 10
+
+
+async def test_build_and_process_metrics(stack: Stack) -> None:
+    async with stack.session.get(stack.gateway.make_url("/metrics")) as r:
+        text = await r.text()
+    build = re.search(r"^chatiq_gateway_build_info\{(.*)\} 1\.0$", text, re.M)
+    assert build is not None
+    assert f'version="{version()}"' in build.group(1)
+    assert 'python="3.' in build.group(1) and f'aiohttp="{aiohttp.__version__}"' in build.group(1)
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
+        assert re.search(rf"^{name} [0-9.e+]+$", text, re.M), name
+
+
+async def test_bots_from_client_input_never_create_new_series(stack: Stack) -> None:
+    for i in range(30):
+        async with await stack.chat({"message": "hi", "bot": f"made-up-{i}"}) as r:
+            await r.read()
+    async with stack.session.get(stack.gateway.make_url("/metrics")) as r:
+        text = await r.text()
+    assert "made-up" not in text
+    assert set(re.findall(r'bot="([^"]*)"', text)) <= {"demo", "other"}
+
+
+async def test_metrics_can_require_a_bearer_token(make_stack: StackFactory) -> None:
+    from dataclasses import replace
+
+    from gateway.config import MetricsSettings
+    from tests.conftest import gateway_settings
+
+    base = await make_stack()
+    token = "scrape-token-1"
+    settings = replace(
+        gateway_settings(str(base.emulator.make_url("/api/chat"))),
+        metrics=MetricsSettings(token_sha256=hashlib.sha256(token.encode()).hexdigest()),
+    )
+    stack = await make_stack(settings=settings)
+    url = stack.gateway.make_url("/metrics")
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        async with stack.session.get(url, headers=headers) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["code"] == "UNAUTHORIZED"
+    async with stack.session.get(url, headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+        assert "chatiq_gateway_requests_total" in await r.text()
+    await base.session.close()
+
+
+async def test_metrics_can_live_on_a_port_of_their_own(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(record=False)
+    metrics_port = free_port()
+    gw = await gateway_process(
+        str(stack.emulator.make_url("/api/chat")), metrics={"port": metrics_port}
+    )
+    async with stack.session.get(f"http://127.0.0.1:{gw.port}/metrics") as r:
+        assert r.status == 404
+    async with stack.session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+        assert r.status == 200
+        assert "chatiq_gateway_build_info" in await r.text()
+
+
+def test_metrics_switched_off_record_nothing() -> None:
+    metrics = Metrics(["demo"], enabled=False)
+    metrics.requests.labels("/api/chatbot", "acme", "200").inc()
+    metrics.time_to_first_token.labels("acme", "demo").observe(0.1)
+    assert b"chatiq_gateway" not in metrics.exposition()
+
+
+@pytest.mark.parametrize("bot", [None, "demo", "nope"])
+def test_bot_labels_are_bounded_by_the_configuration(bot: str | None) -> None:
+    assert Metrics(["demo"]).bot_label(bot) == {None: "-", "demo": "demo", "nope": "other"}[bot]
