@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak
+.PHONY: run test lint install clean soak bench-observability
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -34,3 +34,7 @@ clean:
 ## make soak: 10,000 streams with faults and hang-ups through a real gateway (a few minutes).
 soak: $(STAMP)
 	$(BIN)/python -m loadtest.soak
+
+## make bench-observability: relay throughput with metrics and logging on vs off.
+bench-observability: $(STAMP)
+	$(BIN)/python -m loadtest.bench_observability

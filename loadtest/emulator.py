@@ -76,9 +76,9 @@ class Transcript:
 
 
 SETTINGS = web.AppKey("settings", EmulatorSettings)
-CONVERSATIONS = web.AppKey("conversations", "OrderedDict[str, list[str]]")
-TRANSCRIPTS = web.AppKey("transcripts", "OrderedDict[str, Transcript]")
-ATTEMPTS = web.AppKey("attempts", "OrderedDict[str, int]")  # requests seen per request id
+CONVERSATIONS: web.AppKey[OrderedDict[str, list[str]]] = web.AppKey("conversations")
+TRANSCRIPTS: web.AppKey[OrderedDict[str, Transcript]] = web.AppKey("transcripts")
+ATTEMPTS: web.AppKey[OrderedDict[str, int]] = web.AppKey("attempts")  # requests per request id
 
 
 @dataclass(slots=True)

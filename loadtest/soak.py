@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import random
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,36 +26,13 @@ from pathlib import Path
 import aiohttp
 
 from gateway.sse import SSEParser
+from loadtest.harness import free_port, rss_mib, start_emulator, start_gateway, stop, wait_ready
 
 FAULTS = (
     "fault-429", "fault-500", "fault-503", "fault-reset", "fault-stall-first",
     "fault-stall-mid", "fault-drop-mid", "fault-error-mid", "fault-malformed",
 )  # fmt: skip
 KEY = "soak-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(300):
-        try:
-            async with session.get(url) as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise SystemExit(f"soak: {url} never answered")
 
 
 async def one_stream(
@@ -102,37 +76,28 @@ async def one_stream(
 async def soak(args: argparse.Namespace) -> int:
     emulator_port, gateway_port = free_port(), free_port()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    config = tmp / "gateway.toml"
-    config.write_text(
-        f"[server]\nport = {gateway_port}\nshutdown_grace_s = 5.0\n"
-        f'[upstream]\nurl = "http://127.0.0.1:{emulator_port}/api/chat"\nbot_slug = "demo"\n'
-        "first_byte_timeout_s = 2.0\nidle_timeout_s = 2.0\nbackoff_base_s = 0.05\n"
-        "retry_after_cap_s = 0.2\n"
-        # Faults are injected on purpose: keep the breaker from pausing the soak.
-        "[circuit]\nfailure_threshold = 1000000\n"
-        '[admission]\nmax_streams = 2000\n[logging]\nformat = "json"\nlevel = "warning"\n'
-        f'[[tenants]]\nname = "soak"\nkey_sha256 = "{hashlib.sha256(KEY.encode()).hexdigest()}"\n'
-        'bots = ["*"]\nmax_streams = 0\nrequests_per_minute = 0\n'
-    )
-    py = sys.executable
-    emulator = subprocess.Popen(
-        [py, "-m", "loadtest.emulator", "--port", str(emulator_port), "--ttft-ms", "20",
-         "--tokens-per-s", str(args.tokens_per_s), "--reply-tokens", "30", "--stall-s", "5"],
-        stdout=subprocess.DEVNULL,
+    emulator = start_emulator(
+        emulator_port, "--ttft-ms", "20", "--tokens-per-s", str(args.tokens_per_s),
+        "--reply-tokens", "30", "--stall-s", "5",
     )  # fmt: skip
-    gateway = subprocess.Popen(
-        [py, "-m", "gateway", "--config", str(config)],
-        stdout=(tmp / "gateway.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    gateway, _ = start_gateway(
+        tmp, gateway_port, emulator_port, KEY,
+        server={"shutdown_grace_s": 5.0},
+        upstream={"first_byte_timeout_s": 2.0, "idle_timeout_s": 2.0,
+                  "backoff_base_s": 0.05, "retry_after_cap_s": 0.2},
+        # Faults are injected on purpose: keep the breaker from pausing the soak.
+        circuit={"failure_threshold": 1_000_000},
+        admission={"max_streams": 2000},
+        logging={"format": "json", "level": "warning"},
+    )  # fmt: skip
     base = f"http://127.0.0.1:{gateway_port}"
     samples: list[tuple[float, float]] = []
     outcomes: Counter[str] = Counter()
     try:
         connector = aiohttp.TCPConnector(limit=args.concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_ready(session, f"http://127.0.0.1:{emulator_port}/healthz")
-            await wait_ready(session, f"{base}/healthz")
+            await wait_ready(f"http://127.0.0.1:{emulator_port}/healthz")
+            await wait_ready(f"{base}/healthz")
             started = time.monotonic()
 
             async def sample() -> None:
@@ -165,10 +130,7 @@ async def soak(args: argparse.Namespace) -> int:
         gateway.send_signal(signal.SIGTERM)
         exit_code = gateway.wait(timeout=30)
     finally:
-        for p in (gateway, emulator):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop(gateway, emulator)
 
     first = [rss for t, rss in samples if t < 60] or [samples[0][1]]
     last = [rss for t, rss in samples if t >= elapsed - 60] or [samples[-1][1]]

@@ -22,7 +22,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20.0
     until = time.monotonic() + timeout_s
     while time.monotonic() < until:
         if proc.poll() is not None:
-            raise SystemExit(f"stack: {proc.args[2]} exited with {proc.returncode}")
+            raise SystemExit(f"stack: {proc.args!r} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1):
                 return

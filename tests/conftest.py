@@ -6,9 +6,7 @@ import asyncio
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -34,6 +32,7 @@ from gateway.logs import make_logger
 from gateway.sse import SSEParser
 from gateway.state import ADMISSION
 from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings, Transcript, create_emulator_app
+from loadtest.harness import free_port, start_gateway, wait_ready
 
 CHATIQ_KEY = "sk-chatiq-test-3f9c2e7a5b1d"
 ACME_KEY = "acme-key-7d1e"
@@ -62,7 +61,8 @@ class Stack:
         return str(self.gateway.make_url("/api/chatbot"))
 
     def transcript(self, request_id: str) -> Transcript:
-        return self.emulator.app[TRANSCRIPTS][request_id]
+        transcripts = self.emulator.app[TRANSCRIPTS]
+        return transcripts[request_id]
 
     def log_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.logs.getvalue().splitlines() if line]
@@ -241,53 +241,23 @@ class GatewayProcess:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 async def gateway_process(
     tmp_path: Path,
 ) -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
     started: list[GatewayProcess] = []
 
-    async def start(upstream_url: str, **tables: dict[str, Any]) -> GatewayProcess:
-        """Start it with test tenant "acme"; ``tables``: extra keys, e.g. server={...}."""
+    async def start(emulator: TestServer, **tables: dict[str, Any]) -> GatewayProcess:
+        """The gateway in front of ``emulator``, with tenant "load" (key ACME_KEY)."""
         port = free_port()
-        server = {"host": "127.0.0.1", "port": port, **tables.pop("server", {})}
-        upstream = {"url": upstream_url, "bot_slug": "demo", **tables.pop("upstream", {})}
-        toml = "".join(
-            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-            for name, values in {"server": server, "upstream": upstream, **tables}.items()
-        )
-        config = tmp_path / f"gateway-{port}.toml"
-        config.write_text(
-            toml + f'[[tenants]]\nname = "acme"\nkey_sha256 = "{hash_key(ACME_KEY)}"\n'
-            'bots = ["*"]\nmax_streams = 0\nrequests_per_minute = 0\n'
-        )
-        log_path = tmp_path / f"gateway-{port}.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(config)],
-            cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, "CHATIQ_API_KEY": CHATIQ_KEY},
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
+        assert emulator.port is not None
+        process, log_path = start_gateway(
+            tmp_path, port, emulator.port, ACME_KEY, api_key=CHATIQ_KEY, **tables
         )
         gw = GatewayProcess(process, port, log_path)
         started.append(gw)
-        async with aiohttp.ClientSession() as session:
-            for _ in range(300):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/healthz") as r:
-                        if r.status == 200:
-                            return gw
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"the gateway did not start: {gw.log()}")
+        await wait_ready(f"http://127.0.0.1:{port}/healthz")
+        return gw
 
     yield start
     for gw in started:

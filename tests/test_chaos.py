@@ -95,7 +95,7 @@ async def test_clients_that_never_read_cannot_grow_memory(
         record=False,
     )
     gw = await gateway_process(
-        str(stack.emulator.make_url("/api/chat")),
+        stack.emulator,
         upstream={"client_write_timeout_s": 60.0, "first_byte_timeout_s": 30.0},
         logging={"format": "json", "level": "warning"},
     )

@@ -12,14 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from loadtest.harness import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(url: str, timeout_s: float = 30.0) -> None:

@@ -43,9 +43,7 @@ async def test_sigterm_ends_live_streams_cleanly_after_the_grace_period(
     stack = await make_stack(
         EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=200), record=False
     )
-    gw = await gateway_process(
-        str(stack.emulator.make_url("/api/chat")), server={"shutdown_grace_s": 1.0}
-    )
+    gw = await gateway_process(stack.emulator, server={"shutdown_grace_s": 1.0})
     session = stack.session
     streams = await open_streams(session, gw, 100)
 
@@ -76,9 +74,7 @@ async def test_streams_that_finish_within_the_grace_period_complete(
     stack = await make_stack(
         EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=20), record=False
     )
-    gw = await gateway_process(
-        str(stack.emulator.make_url("/api/chat")), server={"shutdown_grace_s": 20.0}
-    )
+    gw = await gateway_process(stack.emulator, server={"shutdown_grace_s": 20.0})
     streams = await open_streams(stack.session, gw, 20)
     gw.process.send_signal(signal.SIGINT)
     for events in await asyncio.gather(*streams):

@@ -21,7 +21,7 @@ async def expect_error(response: aiohttp.ClientResponse, status: int, code: str)
         assert response.status == status, await response.text()
         assert response.content_type == "application/json"
         assert response.headers["X-Request-Id"]
-        body = await response.json()
+        body: dict[str, Any] = await response.json()
     assert set(body) == {"error"}
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]

@@ -13,6 +13,7 @@ import pytest
 from gateway.metrics import Metrics, version
 from gateway.state import ADMISSION
 from loadtest.emulator import EmulatorSettings
+from loadtest.harness import free_port
 from tests.conftest import (
     ACME_KEY,
     TINY_KEY,
@@ -20,7 +21,6 @@ from tests.conftest import (
     Stack,
     StackFactory,
     eventually,
-    free_port,
     read_stream,
 )
 
@@ -171,9 +171,7 @@ async def test_metrics_can_live_on_a_port_of_their_own(
 ) -> None:
     stack = await make_stack(record=False)
     metrics_port = free_port()
-    gw = await gateway_process(
-        str(stack.emulator.make_url("/api/chat")), metrics={"port": metrics_port}
-    )
+    gw = await gateway_process(stack.emulator, metrics={"port": metrics_port})
     async with stack.session.get(f"http://127.0.0.1:{gw.port}/metrics") as r:
         assert r.status == 404
     async with stack.session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:

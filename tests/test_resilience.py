@@ -22,7 +22,8 @@ from tests.conftest import (
 
 
 async def attempts(stack: Stack, request_id: str) -> int:
-    return stack.emulator.app[ATTEMPTS].get(request_id, 0)
+    seen = stack.emulator.app[ATTEMPTS]
+    return seen.get(request_id, 0)
 
 
 async def chat_status(stack: Stack, bot: str, request_id: str, **body: object) -> int:

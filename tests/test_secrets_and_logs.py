@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.conftest import ACME_KEY, CHATIQ_KEY, LIMITED_KEY, Stack
 
 SECRET_MESSAGE = "my password is hunter2"
-TRAFFIC = [
+TRAFFIC: list[dict[str, Any]] = [
     {"message": SECRET_MESSAGE},
     {"message": SECRET_MESSAGE, "stream": False},
     {"message": SECRET_MESSAGE, "bot": "rich"},

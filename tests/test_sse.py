@@ -10,7 +10,7 @@ from gateway.sse import DONE_EVENT, Event, SSEParser, SSEProtocolError, format_e
 
 EOLS = ("\n", "\r\n", "\r")
 field_text = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\0"), max_size=30
+    st.characters(exclude_categories=["Cs"], exclude_characters="\r\n\0"), max_size=30
 )
 
 

@@ -1,0 +1,109 @@
+"""Shared by the soak test and the benchmarks: ports, processes and /proc readings."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_ready(url: str, timeout_s: float = 15.0) -> None:
+    """Poll ``url`` until it answers 200."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(int(timeout_s / 0.05)):
+            try:
+                async with session.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise SystemExit(f"{url} never answered")
+
+
+def start_emulator(port: int, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "loadtest.emulator", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def start_gateway(
+    config_dir: Path,
+    port: int,
+    emulator_port: int,
+    tenant_key: str,
+    api_key: str | None = None,
+    **tables: dict[str, Any],
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """A gateway with one unlimited tenant; ``tables`` add settings (server={...}, ...).
+
+    ``api_key`` is the ChatIQ key it gets in its environment. Its log file lies
+    beside its config file.
+    """
+    server = {"port": port, **tables.pop("server", {})}
+    upstream = {
+        "url": f"http://127.0.0.1:{emulator_port}/api/chat",
+        "bot_slug": "demo",
+        **tables.pop("upstream", {}),
+    }
+    toml = "".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        for name, values in {"server": server, "upstream": upstream, **tables}.items()
+    )
+    config = config_dir / f"gateway-{port}.toml"
+    config.write_text(
+        toml + '[[tenants]]\nname = "load"\n'
+        f'key_sha256 = "{hashlib.sha256(tenant_key.encode()).hexdigest()}"\n'
+        'bots = ["*"]\nmax_streams = 0\nrequests_per_minute = 0\n'
+    )
+    log = config_dir / f"gateway-{port}.log"
+    env = {k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"}
+    if api_key:
+        env["CHATIQ_API_KEY"] = api_key
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(config)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    return process, log
+
+
+def stop(*processes: subprocess.Popen[bytes]) -> None:
+    for p in processes:
+        if p.poll() is None:
+            p.terminate()
+    for p in processes:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
