@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from aiohttp import web
 
-from . import handlers
+from . import frontend, handlers
 from .admission import Admission
 from .auth import TenantDirectory
 from .breaker import CircuitBreaker
@@ -56,6 +56,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app.router.add_get("/readyz", handlers.readyz)
     if settings.metrics.port == 0:
         app.router.add_get("/metrics", handlers.prometheus_metrics)
+    frontend.add_routes(app, settings)
     return app
 
 

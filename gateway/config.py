@@ -36,6 +36,8 @@ class ServerSettings:
     max_message_chars: int = 8000
     max_history_items: int = 100
     shutdown_grace_s: float = 30.0  # on SIGTERM, how long live streams may finish
+    static_dir: str = ""  # the page served at "/" ("": the bundled clients/web)
+    cors_origins: tuple[str, ...] = ()  # pages elsewhere allowed to call the API
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +275,14 @@ def _validate(s: Settings) -> None:
         raise ConfigError("upstream.bot_slug: not a valid bot slug")
     if not 0 <= s.server.port <= 65535:
         raise ConfigError("server.port: must be between 0 and 65535")
+    if s.server.static_dir and not (Path(s.server.static_dir) / "index.html").is_file():
+        raise ConfigError(f"server.static_dir: no index.html in {s.server.static_dir!r}")
+    for origin in s.server.cors_origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise ConfigError(
+                f"server.cors_origins: {origin!r} is not an origin like https://app.example.com"
+            )
     if not 0 <= s.metrics.port <= 65535:
         raise ConfigError("metrics.port: must be between 0 (the main port) and 65535")
     if s.metrics.token_sha256 and not _SHA256_HEX.match(s.metrics.token_sha256):

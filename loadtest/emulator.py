@@ -18,7 +18,6 @@ import random
 import socket
 import struct
 import uuid
-import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -129,8 +128,7 @@ def compose_reply(message: str, earlier: list[str], tokens: int) -> list[str]:
     if earlier:
         text += f" Earlier you said: “{earlier[0][:80]}” ({len(earlier)} earlier messages)."
     words = text.split(" ")
-    start = zlib.crc32(message.encode()) % len(_FILLER)
-    words += [_FILLER[(start + i) % len(_FILLER)] for i in range(tokens)]
+    words += [_FILLER[i % len(_FILLER)] for i in range(tokens)]
     return [w + " " for w in words[:-1]] + [words[-1]]
 
 

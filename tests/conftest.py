@@ -24,6 +24,7 @@ from gateway.config import (
     AdmissionSettings,
     CircuitSettings,
     LoggingSettings,
+    ServerSettings,
     Settings,
     Tenant,
     UpstreamSettings,
@@ -119,6 +120,7 @@ def gateway_settings(
     upstream_url: str,
     admission: AdmissionSettings | None = None,
     circuit: CircuitSettings | None = None,
+    server: ServerSettings | None = None,
     **upstream: Any,
 ) -> Settings:
     """Test settings: short timeouts, a ChatIQ key, the test tenants."""
@@ -138,6 +140,7 @@ def gateway_settings(
         admission=admission
         or AdmissionSettings(max_streams=500, max_queue=500, queue_timeout_s=5.0),
         circuit=circuit or CircuitSettings(),
+        server=server or ServerSettings(),
         logging=LoggingSettings(level="debug", format="json"),
         tenants=TENANTS,
     )
@@ -157,6 +160,7 @@ async def make_stack(
         settings: Settings | None = None,
         admission: AdmissionSettings | None = None,
         circuit: CircuitSettings | None = None,
+        server: ServerSettings | None = None,
         record: bool = True,
         **upstream: Any,
     ) -> Stack:
@@ -164,7 +168,7 @@ async def make_stack(
         emulator_settings = replace(emulator_settings, record=record, api_key=CHATIQ_KEY)
         emu = await aiohttp_server(create_emulator_app(emulator_settings))
         gw_settings = settings or gateway_settings(
-            str(emu.make_url("/api/chat")), admission, circuit, **upstream
+            str(emu.make_url("/api/chat")), admission, circuit, server, **upstream
         )
         logs = io.StringIO()
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))
@@ -177,7 +181,18 @@ async def make_stack(
     yield start
     for stack in stacks:
         await assert_all_released(stack)
-    await eventually(lambda: len(asyncio.all_tasks()) == 1, what=asyncio.all_tasks)
+    await eventually(lambda: not leftover_tasks(), what=leftover_tasks)
+
+
+def leftover_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks still running besides this one (and a browser test's Playwright driver)."""
+
+    def source(task: asyncio.Task[Any]) -> str:
+        code = getattr(task.get_coro(), "cr_code", None)
+        return code.co_filename if code is not None else ""
+
+    current = asyncio.current_task()
+    return [t for t in asyncio.all_tasks() if t is not current and "playwright" not in source(t)]
 
 
 async def assert_all_released(stack: Stack) -> None:

@@ -1,0 +1,287 @@
+// The sample chat page: streams replies from the gateway token by token.
+// Every piece of reply text goes into the page as text (textContent), never
+// as HTML.
+"use strict";
+
+import { SSEParser } from "/static/sse.js";
+
+const KEY = "chatiq.key";
+const CONVERSATION = "chatiq.conversation";
+const $ = (id) => document.getElementById(id);
+const ui = {
+  messages: $("messages"), status: $("status"), chat: $("chat-form"), input: $("message"),
+  send: $("send"), stop: $("stop"), bot: $("bot"), botLabel: $("bot-label"),
+  keyForm: $("key-form"), key: $("key"), forget: $("forget-key"), fresh: $("new-conversation"),
+};
+
+// The conversation survives reloads: its id and its finished messages.
+let conversation = loadConversation();
+let streaming = null;  // the AbortController of the reply in flight
+
+function loadConversation() {
+  try {
+    return JSON.parse(localStorage.getItem(CONVERSATION)) ?? newConversation();
+  } catch {
+    return newConversation();
+  }
+}
+
+function newConversation() {
+  return { id: null, bot: null, messages: [] };
+}
+
+function save() {
+  localStorage.setItem(CONVERSATION, JSON.stringify(conversation));
+}
+
+// --- rendering -------------------------------------------------------------
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// Show one message; returns its element. Messages are plain data:
+// {role: "user"|"assistant"|"error", text, image?, suggestions?, note?}.
+function show(message) {
+  let node;
+  if (message.suggestions) {
+    node = element("li", "suggestions");
+    for (const label of message.suggestions) {
+      const chip = element("button", "", label);
+      chip.type = "button";
+      chip.addEventListener("click", () => ask(label));
+      node.append(chip);
+    }
+  } else if (message.image) {
+    node = element("li", "bubble assistant");
+    const img = element("img");
+    img.src = message.image;
+    img.alt = message.text || "image from the assistant";
+    node.append(img);
+  } else {
+    node = element("li", `bubble ${message.role}`, message.text);
+  }
+  if (message.note) markIncomplete(node, message, message.note);
+  ui.messages.append(node);
+  node.scrollIntoView({ block: "end" });
+  return node;
+}
+
+function record(message) {
+  conversation.messages.push(message);
+  return show(message);
+}
+
+// A reply that did not reach [DONE] must not look complete.
+function markIncomplete(node, message, note) {
+  message.note = note;
+  node.dataset.note = note;
+  node.classList.add("incomplete");
+}
+
+function say(text) {
+  ui.status.textContent = text;
+}
+
+function showError(text) {
+  show({ role: "error", text });
+  say(text);
+}
+
+// --- talking to the gateway ------------------------------------------------
+
+function headers() {
+  return { Authorization: `Bearer ${localStorage.getItem(KEY)}`, "Content-Type": "application/json" };
+}
+
+async function httpError(response) {
+  let detail = "";
+  try {
+    detail = (await response.json()).error.message;
+  } catch {
+    // not the gateway's JSON: the status alone will do
+  }
+  const wait = response.headers.get("Retry-After");
+  const later = wait ? ` Try again in ${wait} s.` : "";
+  switch (response.status) {
+    case 401:
+      forgetKey();
+      return "The gateway did not accept this key. Enter a valid key.";
+    case 403:
+      return `This key may not use that bot. ${detail}`;
+    case 429:
+      return `Too many requests for this key.${later} (${detail})`;
+    case 503:
+      return `The gateway is busy or restarting.${later}`;
+    default:
+      return `The gateway answered ${response.status}: ${detail || response.statusText}`;
+  }
+}
+
+async function ask(text) {
+  text = text.trim();
+  if (!text || streaming) return;
+  if (!localStorage.getItem(KEY)) {
+    say("Enter your gateway key first.");
+    askForKey();
+    return;
+  }
+  say("");
+  record({ role: "user", text });
+  const reply = { role: "assistant", text: "" };
+  const node = record(reply);  // recorded now, so extras that follow it stay after it
+  node.classList.add("streaming");
+  let done = false;
+  const controller = new AbortController();
+  setStreaming(controller);
+
+  const handle = (data) => {
+    if (data === "[DONE]") {
+      done = true;
+      return;
+    }
+    let event;
+    try {
+      event = JSON.parse(data);
+    } catch {
+      return;  // the gateway never forwards a malformed event; be lenient anyway
+    }
+    const delta = event.choices?.[0]?.delta?.content;
+    if (typeof delta === "string") {
+      reply.text += delta;
+      node.textContent = reply.text;
+    }
+    for (const extra of event.responses ?? []) record({ role: "assistant", text: String(extra) });
+    for (const a of event.attachments ?? []) {
+      if (a?.type === "image" && typeof a.url === "string") record({ role: "assistant", image: a.url, text: a.alt ?? "" });
+    }
+    if (Array.isArray(event.suggestions) && event.suggestions.length) {
+      record({ role: "assistant", suggestions: event.suggestions.map((s) => String(s.label ?? s)) });
+    }
+    if (typeof event.conversationId === "string") conversation.id = event.conversationId;
+    if (event.error) showError(`The chat service reported an error: ${event.error.message ?? event.error.code}`);
+  };
+
+  try {
+    const response = await fetch("/api/chatbot", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({ message: text, conversation_id: conversation.id, bot: conversation.bot ?? undefined }),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      node.remove();
+      showError(await httpError(response));
+      return;
+    }
+    const parser = new SSEParser();
+    const reader = response.body.getReader();
+    for (;;) {
+      const { done: ended, value } = await reader.read();
+      if (ended) break;
+      parser.feed(value).forEach(handle);
+    }
+    parser.close().forEach(handle);
+    if (!done) {
+      markIncomplete(node, reply, "interrupted");
+      showError("The reply was cut off before it finished.");
+    }
+  } catch (error) {
+    if (error.name === "AbortError") {
+      markIncomplete(node, reply, "stopped");
+    } else {
+      markIncomplete(node, reply, "interrupted");
+      showError("Network error: the gateway could not be reached.");
+    }
+  } finally {
+    node.classList.remove("streaming");
+    if (!reply.text && !reply.note) {  // nothing to keep (e.g. the request was refused)
+      node.remove();
+      conversation.messages.splice(conversation.messages.indexOf(reply), 1);
+    }
+    save();
+    setStreaming(null);
+  }
+}
+
+function setStreaming(controller) {
+  streaming = controller;
+  ui.send.disabled = controller !== null;
+  ui.stop.disabled = controller === null;
+  ui.chat.setAttribute("aria-busy", String(controller !== null));
+  if (controller === null) ui.input.focus();
+}
+
+// --- key and bots ------------------------------------------------------------
+
+function askForKey() {
+  ui.keyForm.hidden = false;
+  ui.key.focus();
+}
+
+function forgetKey() {
+  localStorage.removeItem(KEY);
+  ui.bot.hidden = ui.botLabel.hidden = true;
+  askForKey();
+}
+
+async function loadBots() {
+  const response = await fetch("/api/bots", { headers: headers() }).catch(() => null);
+  if (!response?.ok) {
+    if (response?.status === 401) {
+      forgetKey();
+      showError("The gateway did not accept this key. Enter a valid key.");
+    }
+    return;
+  }
+  const { bots, default: fallback } = await response.json();
+  ui.bot.replaceChildren(...bots.map((bot) => element("option", "", bot)));
+  ui.bot.value = conversation.bot ?? (bots.includes(fallback) ? fallback : bots[0]);
+  ui.bot.hidden = ui.botLabel.hidden = bots.length < 2;
+}
+
+// --- wiring ------------------------------------------------------------------
+
+ui.chat.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = ui.input.value;
+  ui.input.value = "";
+  ask(text);
+});
+ui.input.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    ui.chat.requestSubmit();
+  }
+});
+ui.stop.addEventListener("click", () => streaming?.abort());
+ui.keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  localStorage.setItem(KEY, ui.key.value.trim());
+  ui.key.value = "";
+  ui.keyForm.hidden = true;
+  say("");
+  loadBots();
+  ui.input.focus();
+});
+ui.forget.addEventListener("click", forgetKey);
+ui.fresh.addEventListener("click", () => {
+  streaming?.abort();
+  conversation = { ...newConversation(), bot: conversation.bot };
+  save();
+  ui.messages.replaceChildren();
+  say("");
+  ui.input.focus();
+});
+ui.bot.addEventListener("change", () => {
+  conversation.bot = ui.bot.value;
+  save();
+});
+
+conversation.messages.forEach(show);
+if (localStorage.getItem(KEY)) loadBots();
+else askForKey();
+window.chatiq = { SSEParser };  // for the browser tests of the parser

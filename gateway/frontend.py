@@ -1,0 +1,70 @@
+"""What browsers get: the sample page (or a team's own) and CORS for pages served elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import ANY_BOT, Settings
+from .errors import Forbidden
+from .state import SETTINGS, TENANTS
+
+BUNDLED_PAGE = Path(__file__).resolve().parent.parent / "clients" / "web"
+CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
+
+
+def static_dir(settings: Settings) -> Path:
+    return Path(settings.server.static_dir) if settings.server.static_dir else BUNDLED_PAGE
+
+
+def add_routes(app: web.Application, settings: Settings) -> None:
+    """``/`` is the folder's index.html; its other files are under ``/static/``."""
+    folder = static_dir(settings)
+    index = folder / "index.html"
+
+    async def page(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
+
+    app.router.add_get("/", page)
+    app.router.add_static("/static/", folder)
+    app.router.add_get("/api/bots", bots)
+    for path in ("/api/chatbot", "/api/bots"):
+        app.router.add_route("OPTIONS", path, preflight)
+    app.on_response_prepare.append(add_cors_headers)
+
+
+async def bots(request: web.Request) -> web.Response:
+    """The bots this key may pick from (``"*"`` tenants: those the config names)."""
+    app = request.app
+    tenant = app[TENANTS].authenticate(request.headers.get("Authorization"))
+    default = app[SETTINGS].upstream.bot_slug
+    named = [b for b in tenant.bots if b != ANY_BOT]
+    choices = (
+        named if ANY_BOT not in tenant.bots else [default, *(b for b in named if b != default)]
+    )
+    return web.json_response({"tenant": tenant.name, "bots": choices, "default": default})
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """CORS preflight: only for the origins the configuration allows."""
+    origin = request.headers.get("Origin", "")
+    if origin not in request.app[SETTINGS].server.cors_origins:
+        raise Forbidden(f"origin {origin!r} is not allowed")
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": "GET, POST",
+            "Access-Control-Allow-Headers": CORS_HEADERS,
+            "Access-Control-Max-Age": "600",
+        },
+    )
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: answers to allowed origins say so (none by default)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin in request.app[SETTINGS].server.cors_origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
+        response.headers["Vary"] = "Origin"

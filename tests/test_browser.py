@@ -1,0 +1,260 @@
+"""The HTML chat page in real headless Chromium, against the real gateway and emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from loadtest.emulator import EmulatorSettings, compose_reply
+from tests.conftest import ACME_KEY, TINY_KEY, Stack, StackFactory, eventually
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "results" / "screenshots"
+PACED = EmulatorSettings(ttft_s=0.05, tokens_per_s=25, reply_tokens=12)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("Chromium is not installed (apt-get install chromium); CI requires it")
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield browser
+        await browser.close()
+
+
+async def open_chat(browser: Browser, stack: Stack, key: str = ACME_KEY, width: int = 800) -> Page:
+    page = await browser.new_page(viewport={"width": width, "height": 800})
+    page.on("pageerror", lambda error: pytest.fail(f"error in the page: {error}"))
+    await page.goto(str(stack.gateway.make_url("/")))
+    await page.get_by_label("Your gateway key").fill(key)
+    await page.get_by_role("button", name="Use this key").click()
+    return page
+
+
+async def send(page: Page, text: str) -> None:
+    await page.get_by_label("Message").fill(text)
+    await page.get_by_label("Message").press("Enter")
+
+
+async def replies(page: Page) -> list[str]:
+    return await page.locator("#messages .bubble.assistant").all_text_contents()
+
+
+async def wait_idle(page: Page) -> None:
+    await page.wait_for_selector("#send:not([disabled])", timeout=15_000)
+
+
+def expected_reply(message: str, earlier: list[str] | None = None, tokens: int = 12) -> str:
+    return "".join(compose_reply(message, earlier or [], tokens))
+
+
+async def test_a_reply_streams_in_token_by_token(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    stack = await make_stack(PACED)
+    page = await open_chat(browser, stack)
+    await send(page, "What can you do?")
+    seen: list[str] = []
+    while await page.locator("#send").is_disabled():
+        text = (await replies(page) or [""])[0]
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+            if len(seen) == 3:
+                assert await page.locator(".bubble.streaming").count() == 1  # the cursor
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                await page.screenshot(path=ARTIFACTS / "mid-stream.png")
+        await page.wait_for_timeout(15)
+    final = expected_reply("What can you do?")
+    assert await replies(page) == [final]
+    intermediate = [s for s in seen if s != final]
+    assert len(intermediate) >= 2, seen
+    assert all(final.startswith(s) for s in intermediate)
+    assert await page.locator(".streaming, .incomplete").count() == 0
+    assert await page.locator("#message").evaluate("e => e === document.activeElement")
+
+
+async def test_a_split_chunk_stream_renders_exactly(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=40, split_writes=True)
+    )
+    page = await open_chat(browser, stack)
+    await send(page, "ünïcödé 日本語 🙂")
+    await wait_idle(page)
+    assert await replies(page) == [expected_reply("ünïcödé 日本語 🙂", tokens=40)]
+
+
+async def test_the_page_parser_survives_any_split(browser: Browser, stack: Stack) -> None:
+    """The page's own SSE parser, fed a stream cut at every byte offset."""
+    page = await open_chat(browser, stack)
+    stream = (
+        'data: {"choices":[{"delta":{"content":"naïve 日本 🙂"}}]}\r\n\r\n'
+        ": ping\n\n"
+        "data: line one\rdata: line two\r\r"
+        "data: [DONE]\n\n"
+    ).encode()
+    result = await page.evaluate(
+        """(bytes) => {
+            const data = new Uint8Array(bytes);
+            const outcomes = [];
+            for (let cut = 0; cut <= data.length; cut++) {
+                for (const step of [1, 3, 7]) {
+                    const p = new window.chatiq.SSEParser();
+                    const events = [...p.feed(data.slice(0, cut))];
+                    for (let i = cut; i < data.length; i += step) {
+                        events.push(...p.feed(data.slice(i, i + step)));
+                    }
+                    events.push(...p.close());
+                    outcomes.push(JSON.stringify(events));
+                }
+            }
+            return [...new Set(outcomes)];
+        }""",
+        list(stream),
+    )
+    assert len(result) == 1
+    assert json.loads(result[0]) == [
+        '{"choices":[{"delta":{"content":"naïve 日本 🙂"}}]}',
+        "line one\nline two",
+        "[DONE]",
+    ]
+
+
+async def test_stop_cancels_the_stream_and_the_gateway_sees_it(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=200))
+    page = await open_chat(browser, stack)
+    await send(page, "Tell me a long story")
+    await page.wait_for_function(
+        "document.querySelector('.bubble.assistant')?.textContent.length > 10"
+    )
+    await page.get_by_role("button", name="Stop").click()
+    await wait_idle(page)
+    bubble = page.locator(".bubble.assistant")
+    assert await bubble.get_attribute("data-note") == "stopped"
+    assert "incomplete" in (await bubble.get_attribute("class") or "")
+    for _ in range(200):
+        if await stack.metric("chatiq_gateway_client_disconnects_total", tenant="acme") == 1:
+            break
+        await page.wait_for_timeout(20)
+    assert await stack.metric("chatiq_gateway_client_disconnects_total", tenant="acme") == 1
+
+
+async def test_a_reload_keeps_the_conversation(browser: Browser, make_stack: StackFactory) -> None:
+    stack = await make_stack(PACED)
+    page = await open_chat(browser, stack)
+    await send(page, "my name is Ada")
+    await wait_idle(page)
+    await page.reload()
+    assert await page.locator("#messages .bubble").all_text_contents() == [
+        "my name is Ada",
+        expected_reply("my name is Ada"),
+    ]
+    await send(page, "who am I?")
+    await wait_idle(page)
+    assert (await replies(page))[-1] == expected_reply("who am I?", ["my name is Ada"])
+    await page.get_by_role("button", name="New conversation").click()
+    assert await page.locator("#messages .bubble").count() == 0
+    await send(page, "hello again")
+    await wait_idle(page)
+    assert (await replies(page))[-1] == expected_reply("hello again")  # a fresh conversation
+
+
+async def test_a_rejected_key_is_explained_and_asked_again(browser: Browser, stack: Stack) -> None:
+    page = await open_chat(browser, stack, key="not-a-key")
+    await send(page, "hi")
+    await page.wait_for_selector(".bubble.error")
+    assert "did not accept this key" in await page.locator(".bubble.error").inner_text()
+    assert await page.get_by_label("Your gateway key").is_visible()
+
+
+async def test_a_spent_quota_shows_the_wait(browser: Browser, stack: Stack) -> None:
+    page = await open_chat(browser, stack, key=TINY_KEY)  # 3 requests a minute
+    for i in range(3):
+        await send(page, f"question {i}")
+        await wait_idle(page)
+    await send(page, "one more")
+    await page.wait_for_selector(".bubble.error")
+    error = await page.locator(".bubble.error").inner_text()
+    assert "Too many requests" in error and "Try again in" in error
+    assert await page.locator("#status").inner_text() == error
+
+
+async def test_rich_replies_render_bubbles_images_and_suggestion_chips(
+    browser: Browser, stack: Stack
+) -> None:
+    page = await open_chat(browser, stack)
+    await page.evaluate(
+        "localStorage.setItem('chatiq.conversation', JSON.stringify("
+        "{id: null, bot: 'rich', messages: []}))"
+    )
+    await page.reload()
+    await send(page, "everything please")
+    await wait_idle(page)
+    texts = await replies(page)
+    assert texts[0] == expected_reply("everything please", tokens=40)  # the default
+    assert "Here is a second message." in texts and "And a third." in texts
+    image = page.locator("#messages img")
+    assert await image.get_attribute("src") == "https://www.chatiq.io/logo.png"
+    chips = page.locator(".suggestions button")
+    assert await chips.all_text_contents() == ["Tell me more", "Thanks!"]
+    await chips.first.click()
+    await page.wait_for_function(
+        "[...document.querySelectorAll('.bubble.user')].at(-1)?.textContent === 'Tell me more'"
+    )
+
+
+async def test_markup_in_a_reply_is_shown_as_text(browser: Browser, stack: Stack) -> None:
+    page = await open_chat(browser, stack)
+    attack = "<script>window.pwned = 1</script><img src=x onerror='window.pwned = 2'>"
+    await send(page, attack)
+    await wait_idle(page)
+    assert attack in (await replies(page))[0]
+    assert await page.evaluate("window.pwned") is None
+    assert await page.locator("#messages script, #messages img").count() == 0
+
+
+async def test_an_upstream_error_mid_stream_shows_an_error(browser: Browser, stack: Stack) -> None:
+    page = await open_chat(browser, stack)
+    await page.evaluate(
+        "localStorage.setItem('chatiq.conversation', JSON.stringify("
+        "{id: null, bot: 'fault-stall-mid', messages: []}))"
+    )
+    await page.reload()
+    await send(page, "hi")
+    await wait_idle(page)
+    assert "chat service reported an error" in await page.locator(".bubble.error").inner_text()
+
+
+async def test_a_network_failure_is_explained(browser: Browser, stack: Stack) -> None:
+    page = await open_chat(browser, stack)
+    await page.route("**/api/chatbot", lambda route: route.abort("connectionrefused"))
+    await send(page, "hi")
+    await page.wait_for_selector(".bubble.error")
+    assert "Network error" in await page.locator(".bubble.error").inner_text()
+    assert await page.locator("#send").is_enabled()
+
+
+async def test_the_page_is_accessible_and_fits_a_phone(browser: Browser, stack: Stack) -> None:
+    page = await open_chat(browser, stack, width=360)
+    assert await page.locator("#messages").get_attribute("aria-live") == "polite"
+    for label in ("Message",):
+        assert await page.get_by_label(label).count() == 1
+    await send(page, "a fairly long question " * 8)
+    await wait_idle(page)
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 360
+    await eventually(lambda: True)
