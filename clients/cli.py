@@ -1,0 +1,241 @@
+"""``chatiq-chat``: talk to ChatIQ through the gateway from a terminal or a script.
+
+One-shot: ``chatiq-chat "question"`` (or the question on stdin) prints the
+reply on stdout, diagnostics on stderr, and exits non-zero on any error.
+Interactive (no question, stdin a terminal, or ``-i``): a prompt with history;
+``/new`` starts a new conversation, ``/bot NAME`` picks a bot, ``/quit`` ends;
+Ctrl-C during a reply stops that reply, not the program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import aiohttp
+
+from gateway.sse import SSEParser
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class ChatError(Exception):
+    """The gateway refused the request or the stream ended in an error."""
+
+
+@dataclass
+class Session:
+    url: str
+    key: str
+    bot: str | None = None
+    conversation_id: str | None = None
+    stream: bool = True
+    raw_json: bool = False
+    stats: bool = False
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    tokens: int = 0
+
+    def report(self) -> str:
+        total = time.monotonic() - self.started
+        if self.first_token is None:
+            return f"total {total:.2f} s, no tokens"
+        streaming = total - self.first_token
+        rate = f"{(self.tokens - 1) / streaming:.1f} tokens/s" if streaming > 0 else "n/a"
+        ttft = f"TTFT {self.first_token * 1000:.0f} ms"
+        return f"{ttft}, {self.tokens} tokens, {rate}, total {total:.2f} s"
+
+
+async def ask(session: Session, message: str) -> None:
+    """Send one message and print the reply as it arrives; raise ChatError on failure."""
+    body: dict[str, object] = {
+        "message": message,
+        "stream": session.stream,
+        "conversation_id": session.conversation_id,
+    }
+    if session.bot:
+        body["bot"] = session.bot
+    headers = {"Authorization": f"Bearer {session.key}"}
+    stats = Stats()
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        try:
+            async with http.post(
+                f"{session.url}/api/chatbot", json=body, headers=headers
+            ) as response:
+                if response.status != 200:
+                    raise ChatError(await _describe_error(response))
+                if session.stream:
+                    await _print_stream(session, response, stats)
+                else:
+                    answer = await response.json()
+                    session.conversation_id = answer.get("conversationId", session.conversation_id)
+                    if session.raw_json:
+                        print(json.dumps(answer, ensure_ascii=False), file=session.out)
+                    else:
+                        print(answer.get("response", ""), file=session.out)
+        except aiohttp.ClientError as e:
+            raise ChatError(f"cannot reach the gateway at {session.url}: {e}") from None
+    if session.stats:
+        print(stats.report(), file=session.err)
+
+
+async def _print_stream(session: Session, response: aiohttp.ClientResponse, stats: Stats) -> None:
+    parser = SSEParser()
+    done = False
+    failure: str | None = None
+    async for chunk in response.content.iter_any():
+        for event in parser.feed(chunk):
+            if event.data is None:
+                continue
+            if session.raw_json:
+                print(event.data, file=session.out, flush=True)
+            if event.data == "[DONE]":
+                done = True
+                continue
+            payload = json.loads(event.data)
+            failure = _show(session, payload, stats) or failure
+    if not session.raw_json:
+        print(file=session.out, flush=True)
+    if failure:
+        raise ChatError(failure)
+    if not done:
+        raise ChatError("the stream ended before [DONE]")
+
+
+def _show(session: Session, payload: dict[str, Any], stats: Stats) -> str | None:
+    """Print one event's content; return an error message if it is an error event."""
+    show = not session.raw_json
+    choices = payload.get("choices")
+    if isinstance(choices, list) and choices:
+        content = choices[0].get("delta", {}).get("content")
+        if isinstance(content, str):
+            if stats.first_token is None:
+                stats.first_token = time.monotonic() - stats.started
+            stats.tokens += 1
+            if show:
+                print(content, end="", file=session.out, flush=True)
+    for extra in payload.get("responses") or []:
+        if show:
+            print(f"\n{extra}", end="", file=session.out, flush=True)
+    for attachment in payload.get("attachments") or []:
+        if show and isinstance(attachment, dict):
+            print(f"\n[{attachment.get('type', 'attachment')}: {attachment.get('url')}]",
+                  end="", file=session.out, flush=True)  # fmt: skip
+    suggestions = payload.get("suggestions")
+    if show and isinstance(suggestions, list) and suggestions:
+        labels = " | ".join(str(s.get("label", s)) if isinstance(s, dict) else str(s)
+                            for s in suggestions)  # fmt: skip
+        print(f"\n(suggestions: {labels})", end="", file=session.out, flush=True)
+    if isinstance(payload.get("conversationId"), str):
+        session.conversation_id = payload["conversationId"]
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return f"{error.get('code', 'ERROR')}: {error.get('message', '')}"
+    return None
+
+
+async def _describe_error(response: aiohttp.ClientResponse) -> str:
+    try:
+        error = (await response.json())["error"]
+        text = f"{response.status} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
+        text = f"{response.status} {response.reason}"
+    if response.headers.get("Retry-After"):
+        text += f" (retry after {response.headers['Retry-After']} s)"
+    return text
+
+
+def interactive(session: Session) -> int:
+    with contextlib.suppress(ImportError):  # not on every platform
+        import readline  # noqa: F401  (arrow keys and history for input())
+    print("chatiq-chat: /new for a new conversation, /bot NAME to pick a bot, /quit to leave",
+          file=session.err)  # fmt: skip
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=session.err)
+            return EXIT_OK
+        except KeyboardInterrupt:
+            print(file=session.err)
+            continue
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return EXIT_OK
+        if line == "/new":
+            session.conversation_id = None
+            print("(new conversation)", file=session.err)
+            continue
+        if line.startswith("/bot"):
+            session.bot = line.removeprefix("/bot").strip() or None
+            print(f"(bot: {session.bot or 'the default'})", file=session.err)
+            continue
+        try:
+            asyncio.run(ask(session, line))
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=session.err)
+        except ChatError as e:
+            print(f"error: {e}", file=session.err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatiq-chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("question", nargs="?", help="ask this and exit (else stdin, or a prompt)")
+    parser.add_argument("--url", default=os.environ.get("CHATIQ_GATEWAY_URL", DEFAULT_URL),
+                        help="the gateway (env CHATIQ_GATEWAY_URL; default %(default)s)")  # fmt: skip
+    parser.add_argument("--key", default=os.environ.get("CHATIQ_GATEWAY_KEY"),
+                        help="your gateway key (env CHATIQ_GATEWAY_KEY)")  # fmt: skip
+    parser.add_argument("--bot", help="the bot to ask (default: the gateway's)")
+    parser.add_argument("--conversation", metavar="ID", help="continue this conversation")
+    parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+    parser.add_argument("--json", action="store_true", help="print the raw events (JSON)")
+    parser.add_argument("--stats", action="store_true", help="TTFT, tokens/s and time, on stderr")
+    parser.add_argument("-i", "--interactive", action="store_true", help="a prompt, even on a pipe")
+    args = parser.parse_args(argv)
+    if not args.key:
+        parser.error("no key: pass --key or set CHATIQ_GATEWAY_KEY")
+    session = Session(
+        url=args.url.rstrip("/"),
+        key=args.key,
+        bot=args.bot,
+        conversation_id=args.conversation,
+        stream=not args.no_stream,
+        raw_json=args.json,
+        stats=args.stats,
+    )
+    if args.interactive or (args.question is None and sys.stdin.isatty()):
+        return interactive(session)
+    question = args.question if args.question is not None else sys.stdin.read()
+    if not question.strip():
+        parser.error("the question is empty")
+    try:
+        asyncio.run(ask(session, question.strip()))
+    except ChatError as e:
+        print(f"chatiq-chat: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nchatiq-chat: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if session.conversation_id:
+        print(f"conversation: {session.conversation_id}", file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The real ``chatiq-chat`` against a real gateway process, one-shot and interactive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from loadtest.emulator import EmulatorSettings, compose_reply
+from tests.conftest import ACME_KEY, GatewayProcess, StackFactory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+async def cli(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> Callable[..., Awaitable[Run]]:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=8))
+    gw = await gateway_process(stack.emulator)
+
+    async def run(*args: str, stdin: str = "", key: str | None = ACME_KEY) -> Run:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATIQ_GATEWAY")}
+        env["CHATIQ_GATEWAY_URL"] = f"http://127.0.0.1:{gw.port}"
+        if key is not None:
+            env["CHATIQ_GATEWAY_KEY"] = key
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.cli", *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
+        assert process.returncode is not None
+        return Run(process.returncode, out.decode(), err.decode())
+
+    return run
+
+
+def reply(message: str, earlier: list[str] | None = None) -> str:
+    return "".join(compose_reply(message, earlier or [], 8))
+
+
+async def test_one_shot_prints_the_streamed_reply(cli: Callable[..., Awaitable[Run]]) -> None:
+    run = await cli("hello there")
+    assert (run.code, run.out) == (0, reply("hello there") + "\n")
+    assert "conversation: conv_" in run.err
+
+
+async def test_the_question_can_come_on_stdin(cli: Callable[..., Awaitable[Run]]) -> None:
+    run = await cli(stdin="from a script\n")
+    assert (run.code, run.out) == (0, reply("from a script") + "\n")
+
+
+async def test_no_stream_and_a_conversation_carried_over(
+    cli: Callable[..., Awaitable[Run]],
+) -> None:
+    first = await cli("--no-stream", "my name is Ada")
+    assert (first.code, first.out) == (0, reply("my name is Ada") + "\n")
+    conversation = first.err.split("conversation: ")[1].strip()
+    second = await cli("--conversation", conversation, "who am I?")
+    assert second.out == reply("who am I?", ["my name is Ada"]) + "\n"
+
+
+async def test_json_prints_the_raw_events(cli: Callable[..., Awaitable[Run]]) -> None:
+    run = await cli("--json", "--bot", "rich", "hi")
+    lines = run.out.splitlines()
+    assert run.code == 0 and lines[-1] == "[DONE]"
+    kinds = [next(iter(json.loads(line))) for line in lines[:-1]]
+    assert kinds[-4:] == ["responses", "attachments", "suggestions", "conversationId"]
+
+
+async def test_stats_go_to_stderr(cli: Callable[..., Awaitable[Run]]) -> None:
+    run = await cli("--stats", "hi")
+    assert run.code == 0 and run.out == reply("hi") + "\n"
+    assert "TTFT" in run.err and "tokens/s" in run.err
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "message"),
+    [
+        (["hi"], "wrong-key", "401 UNAUTHORIZED"),
+        (["--bot", "fault-429", "hi"], ACME_KEY, "429 RATE_LIMIT"),
+        (["--bot", "fault-stall-mid", "hi"], ACME_KEY, "UPSTREAM_TIMEOUT"),
+        (["--url", "http://127.0.0.1:9", "hi"], ACME_KEY, "cannot reach the gateway"),
+    ],
+)
+async def test_errors_exit_non_zero_with_a_message_on_stderr(
+    cli: Callable[..., Awaitable[Run]], args: list[str], key: str, message: str
+) -> None:
+    run = await cli(*args, key=key)
+    assert run.code == 1
+    assert message in run.err
+
+
+async def test_usage_errors_exit_2(cli: Callable[..., Awaitable[Run]]) -> None:
+    assert (await cli("hi", key=None)).code == 2
+    assert (await cli(stdin="   ")).code == 2
+
+
+async def test_interactive_commands(cli: Callable[..., Awaitable[Run]]) -> None:
+    script = "my name is Ada\nwho am I?\n/new\nand now?\n/bot rich\nhi\n/quit\n"
+    run = await cli("-i", stdin=script)
+    assert run.code == 0
+    assert reply("who am I?", ["my name is Ada"]) in run.out
+    assert reply("and now?") in run.out  # /new forgot the conversation
+    assert "(suggestions: Tell me more | Thanks!)" in run.out  # /bot rich
+    assert "(new conversation)" in run.err and "(bot: rich)" in run.err
+
+
+async def test_ctrl_c_stops_the_reply_not_the_program(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=100))
+    gw = await gateway_process(stack.emulator)
+    env = {**os.environ, "CHATIQ_GATEWAY_URL": f"http://127.0.0.1:{gw.port}",
+           "CHATIQ_GATEWAY_KEY": ACME_KEY}  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clients.cli", "-i",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(b"tell me a long story\n")
+    await process.stdin.drain()
+    seen = b""
+    while b"You asked" not in seen:  # the reply is streaming (not just the prompt)
+        seen += await asyncio.wait_for(process.stdout.read(64), 30)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    await asyncio.sleep(0.3)
+    process.stdin.write(b"/quit\n")
+    await process.stdin.drain()
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    assert "(stopped)" in err.decode()
+    async with stack.session.get(f"http://127.0.0.1:{gw.port}/metrics") as r:
+        assert "chatiq_gateway_client_disconnects_total" in await r.text()
+    assert await gw.metric(stack.session, "chatiq_gateway_client_disconnects_total") == 1
