@@ -197,10 +197,16 @@ def interactive(session: Session) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatiq-chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("question", nargs="?", help="ask this and exit (else stdin, or a prompt)")
-    parser.add_argument("--url", default=os.environ.get("CHATIQ_GATEWAY_URL", DEFAULT_URL),
-                        help="the gateway (env CHATIQ_GATEWAY_URL; default %(default)s)")  # fmt: skip
-    parser.add_argument("--key", default=os.environ.get("CHATIQ_GATEWAY_KEY"),
-                        help="your gateway key (env CHATIQ_GATEWAY_KEY)")  # fmt: skip
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("CHATIQ_GATEWAY_URL", DEFAULT_URL),
+        help="the gateway (env CHATIQ_GATEWAY_URL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("CHATIQ_GATEWAY_KEY"),
+        help="your gateway key (env CHATIQ_GATEWAY_KEY)",
+    )
     parser.add_argument("--bot", help="the bot to ask (default: the gateway's)")
     parser.add_argument("--conversation", metavar="ID", help="continue this conversation")
     parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")

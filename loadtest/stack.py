@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         _wait_ready(f"{base}/healthz", procs[-1])
         print(
             f"\nChatIQ Gateway is ready on {base}  (emulator: "
-            f"{'local' if emulator_local else upstream.geturl()}). Try:\n\n"
+            f"{'local' if emulator_local else upstream.geturl()}).\n\n"
+            f"  Chat in a browser: {base}/  (key: demo-key)\n"
+            f"  Or from a terminal: .venv/bin/chatiq-chat  (CHATIQ_GATEWAY_KEY=demo-key)\n"
+            "  Or with curl:\n\n"
             f"  curl -N -H 'Authorization: Bearer demo-key' -H 'Content-Type: application/json' "
             f'-d \'{{"message":"hi"}}\' {base}/api/chatbot\n\n'
             "Press Ctrl-C to stop both.\n",
