@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak bench-observability
+.PHONY: run test lint install clean soak bench-observability load
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -38,3 +38,8 @@ soak: $(STAMP)
 ## make bench-observability: relay throughput with metrics and logging on vs off.
 bench-observability: $(STAMP)
 	$(BIN)/python -m loadtest.bench_observability
+
+## make load: the Locust suite against make run's stack (starts it if needed).
+## Pass options with ARGS, e.g. make load ARGS="--users 100 --run-time 2m --max-ttft-p99-ms 1500"
+load: $(STAMP)
+	$(BIN)/python -m loadtest.load $(ARGS)

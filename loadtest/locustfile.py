@@ -1,0 +1,219 @@
+"""Locust suite: streaming chats through the gateway, measured per token.
+
+Besides the HTTP request itself, each stream reports three custom request
+types, measured exactly here (not Locust's rounding):
+
+- ``TTFT``: request sent to the first content chunk received;
+- ``ITL``: the gap between two content chunks (inter-token latency);
+- ``STREAM``: request sent to ``[DONE]``; a failure when the stream ends
+  without ``[DONE]`` or with an error event.
+
+Locust stores response times above 100 ms rounded to two significant
+digits, and its "Aggregated" row mixes these types with the HTTP requests:
+read neither for these figures. The exact percentiles are written at the end
+to ``summary.md`` in ``--chatiq-results`` (workers ship their raw samples to
+the master, so this holds in distributed runs too), and thresholds given on
+the command line (``--max-ttft-p99-ms``, ``--max-failure-ratio``) set the exit
+code from those exact figures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import statistics
+import time
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from locust import HttpUser, between, events, task
+from locust.env import Environment
+from locust.runners import WorkerRunner
+
+from gateway.sse import SSEParser
+
+SCENARIO = Path(__file__).with_name("scenario.toml")
+KINDS = ("TTFT", "ITL", "STREAM")
+
+
+class Samples:
+    """Raw measurements in milliseconds, and failures, by kind."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = defaultdict(list)
+        self.failures: dict[str, int] = defaultdict(int)
+
+    def drain(self) -> dict[str, Any]:
+        out = {"values": dict(self.values), "failures": dict(self.failures)}
+        self.values, self.failures = defaultdict(list), defaultdict(int)
+        return out
+
+    def merge(self, data: dict[str, Any]) -> None:
+        for kind, values in data["values"].items():
+            self.values[kind].extend(values)
+        for reason, n in data["failures"].items():
+            self.failures[reason] += n
+
+
+SAMPLES = Samples()  # one per Locust process: the suite's own bookkeeping
+
+
+def _options(parser: Any) -> None:
+    parser.add_argument("--max-ttft-p99-ms", type=float, default=0, help="fail above (0: off)")
+    parser.add_argument("--max-failure-ratio", type=float, default=1.0, help="fail above")
+    parser.add_argument("--chatiq-results", default="results/load", help="summary.md goes here")
+    parser.add_argument("--chatiq-scenario", default=str(SCENARIO), help="profiles and think time")
+
+
+def _send_samples(client_id: str, data: dict[str, Any]) -> None:
+    data["chatiq_samples"] = SAMPLES.drain()
+
+
+def _collect_samples(client_id: str, data: dict[str, Any]) -> None:
+    if "chatiq_samples" in data:
+        SAMPLES.merge(data["chatiq_samples"])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _summarise(environment: Environment, **kwargs: Any) -> None:
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    options = environment.parsed_options
+    streams = len(SAMPLES.values["STREAM"]) + SAMPLES.failures["stream"]
+    rows = [
+        "| measure | count | p50 ms | p90 ms | p99 ms | max ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kind in KINDS:
+        v = SAMPLES.values[kind]
+        if v:
+            rows.append(
+                f"| {kind} | {len(v)} | {statistics.median(v):.1f} | {percentile(v, 0.9):.1f} "
+                f"| {percentile(v, 0.99):.1f} | {max(v):.1f} |"
+            )
+    failures = SAMPLES.failures["stream"]
+    ratio = failures / streams if streams else 0.0
+    text = "\n".join(
+        [
+            f"## Load: {streams} streams, {failures} failed ({ratio:.2%})",
+            "",
+            *rows,
+            "",
+            "Failures by reason: " + (json.dumps(dict(SAMPLES.failures)) or "{}"),
+        ]
+    )
+    print(text)
+    if options is not None:
+        out = Path(options.chatiq_results)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(text + "\n")
+        p99 = percentile(SAMPLES.values["TTFT"], 0.99) if SAMPLES.values["TTFT"] else 0.0
+        crossed = []
+        if options.max_ttft_p99_ms and p99 > options.max_ttft_p99_ms:
+            crossed.append(f"TTFT p99 {p99:.0f} ms > {options.max_ttft_p99_ms:.0f} ms")
+        if ratio > options.max_failure_ratio:
+            crossed.append(f"failure ratio {ratio:.2%} > {options.max_failure_ratio:.2%}")
+        if not streams:
+            crossed.append("no stream completed")
+        if crossed:
+            print("THRESHOLD CROSSED: " + "; ".join(crossed))
+        # The thresholds decide, not Locust's default (exit 1 on any failure at all).
+        environment.process_exit_code = 1 if crossed else 0
+
+
+class ChatUser(HttpUser):
+    """Holds multi-turn conversations, streaming every reply."""
+
+    wait_time = between(0, 0)  # think time comes from the scenario, between turns
+    started = itertools.count()
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        path = Path(options.chatiq_scenario) if options is not None else SCENARIO
+        scenario = tomllib.loads(path.read_text())
+        profiles = scenario["profiles"]
+        # Round-robin over the profiles repeated by weight: the mix holds even for a few users.
+        weighted = [p for p in profiles for _ in range(p["weight"])]
+        self.profile = weighted[next(ChatUser.started) % len(weighted)]
+        self.think = scenario["think_time_s"]
+        self.turns = scenario["turns"]
+
+    @task
+    def conversation(self) -> None:
+        conversation_id = None
+        for _ in range(random.randint(*self.turns)):
+            conversation_id = self.ask(random.choice(self.profile["messages"]), conversation_id)
+            time.sleep(random.uniform(*self.think))
+
+    def ask(self, message: str, conversation_id: str | None) -> str | None:
+        name = f"{self.profile['name']}/{self.profile['bot']}"
+        body = {"message": message, "bot": self.profile["bot"], "conversation_id": conversation_id}
+        headers = {"Authorization": f"Bearer {self.profile['key']}"}
+        started = time.perf_counter()
+        last_token: float | None = None
+        done = failed = False
+        with self.client.post(
+            "/api/chatbot", json=body, headers=headers, stream=True, name=name,
+            catch_response=True,
+        ) as response:  # fmt: skip
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}")
+                self._fail(name, started, f"http_{response.status_code}")
+                return conversation_id
+            response.success()
+            parser = SSEParser()
+            for chunk in response.iter_content(chunk_size=None):
+                now = time.perf_counter()
+                for event in parser.feed(chunk):
+                    if event.data is None:
+                        continue
+                    if event.data == "[DONE]":
+                        done = True
+                        continue
+                    payload = json.loads(event.data)
+                    if "choices" in payload:
+                        if last_token is None:
+                            self._record("TTFT", name, (now - started) * 1000)
+                        else:
+                            self._record("ITL", name, (now - last_token) * 1000)
+                        last_token = now
+                    elif "error" in payload:
+                        failed = True
+                    conversation_id = payload.get("conversationId", conversation_id)
+        if failed or not done:
+            self._fail(name, started, "error_event" if failed else "no_done")
+        else:
+            self._record("STREAM", name, (time.perf_counter() - started) * 1000)
+        return conversation_id
+
+    def _record(self, kind: str, name: str, ms: float) -> None:
+        SAMPLES.values[kind].append(ms)
+        self.environment.events.request.fire(
+            request_type=kind, name=name, response_time=ms, response_length=0,
+            exception=None, context={},
+        )  # fmt: skip
+
+    def _fail(self, name: str, started: float, reason: str) -> None:
+        SAMPLES.failures["stream"] += 1
+        SAMPLES.failures[reason] += 1
+        self.environment.events.request.fire(
+            request_type="STREAM", name=name,
+            response_time=(time.perf_counter() - started) * 1000, response_length=0,
+            exception=Exception(reason), context={},
+        )  # fmt: skip
+
+
+for hook, listener in (
+    (events.init_command_line_parser, _options),
+    (events.report_to_master, _send_samples),
+    (events.worker_report, _collect_samples),
+    (events.quitting, _summarise),
+):
+    hook.add_listener(listener)  # type: ignore[no-untyped-call]
