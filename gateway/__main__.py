@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -23,7 +26,8 @@ async def serve(settings: Settings, log: Logger) -> None:
     app = create_app(settings, log=log)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)
+    server = settings.server
+    site = web.TCPSite(runner, server.host, server.port, backlog=server.backlog, reuse_address=True)
     await site.start()
     runners = [runner]
     if settings.metrics.port:
@@ -51,6 +55,36 @@ async def serve(settings: Settings, log: Logger) -> None:
     log.info("stopped")
 
 
+def run(main: Coroutine[Any, Any, None], event_loop: str, log: Logger) -> None:
+    """Run ``main`` on uvloop when asked or, for "auto", when it is installed."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise SystemExit(
+                    "chatiq-gateway: server.event_loop is uvloop, which is not installed"
+                ) from None
+        else:
+            log.info("event_loop", name="uvloop")
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to the hard limit; return it.
+
+    Every stream holds two sockets (client and upstream): the usual soft limit
+    of 1024 would cap the gateway near 500 streams.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatiq-gateway", description=__doc__)
     parser.add_argument(
@@ -63,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatiq-gateway: config error: {e}", file=sys.stderr)
         return 2
     log = make_logger(settings.logging)
+    open_files = raise_open_files_limit()
+    a = settings.admission
+    needed = 2 * a.max_streams + a.max_queue + 64  # two sockets a stream, one a queued client
+    if open_files < needed:
+        log.warning("open_files_limit_low", limit=open_files, needed=needed)
     try:
-        asyncio.run(serve(settings, log))
+        run(serve(settings, log), settings.server.event_loop, log)
     except OSError as e:  # typically: the port is taken
         print(f"chatiq-gateway: cannot serve: {e}", file=sys.stderr)
         return 1

@@ -32,6 +32,8 @@ class ConfigError(Exception):
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    backlog: int = 2048  # pending connections the kernel queues (capped by net.core.somaxconn)
+    event_loop: str = "auto"  # "uvloop", "asyncio", or "auto" (uvloop when installed)
     max_body_bytes: int = 64 * 1024
     max_message_chars: int = 8000
     max_history_items: int = 100
@@ -300,6 +302,7 @@ def _validate(s: Settings) -> None:
         "upstream.max_event_bytes": s.upstream.max_event_bytes,
         "upstream.max_json_bytes": s.upstream.max_json_bytes,
         "admission.max_streams": s.admission.max_streams,
+        "server.backlog": s.server.backlog,
         "upstream.keepalive_s": s.upstream.keepalive_s,
         "upstream.client_write_timeout_s": s.upstream.client_write_timeout_s,
         "upstream.backoff_base_s": s.upstream.backoff_base_s,
@@ -330,3 +333,5 @@ def _validate(s: Settings) -> None:
         raise ConfigError("logging.level: must be debug, info, warning or error")
     if s.logging.format not in ("json", "console", "auto"):
         raise ConfigError("logging.format: must be json, console or auto")
+    if s.server.event_loop not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError("server.event_loop: must be auto, uvloop or asyncio")

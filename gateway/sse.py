@@ -85,8 +85,30 @@ class SSEParser:
         return len(self._buf)
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buf = self._buf
+        if self._buf or self._skip_lf or b"\r" in chunk:
+            return self._feed(chunk, [])
+        # Fast path for what upstreams send nearly always: events of one
+        # "data: " line each, ending in a blank line, none cut by this chunk.
         events: list[Event] = []
+        start = 0
+        while (end := chunk.find(b"\n\n", start)) >= 0:
+            if (
+                chunk.startswith(b"data: ", start)
+                and chunk.find(b"\n", start, end) < 0
+                and end + 2 - start <= self._max
+            ):
+                data = chunk[start + 6 : end].decode("utf-8", "replace")
+                events.append(Event(raw=chunk[start : end + 2], data=data))
+                start = end + 2
+            else:
+                break
+        if start == len(chunk):
+            return events
+        return self._feed(chunk[start:], events)
+
+    def _feed(self, chunk: bytes, events: list[Event]) -> list[Event]:
+        """The general case: any line endings, fields, comments, and cuts."""
+        buf = self._buf
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk[:1] == b"\n":

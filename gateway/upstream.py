@@ -40,6 +40,9 @@ from .retry import backoff_s, retry_reason
 from .sse import Event, SSEParser, SSEProtocolError
 
 _ERROR_BODY_LIMIT = 64 * 1024
+# The most one read takes from the upstream: what a relay holds while a slow
+# client drains is a few of these, whatever the upstream had buffered.
+_READ_BYTES = 64 * 1024
 T = TypeVar("T")
 
 
@@ -59,27 +62,34 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class EventSource:
-    """An upstream ``text/event-stream`` response, read as whole events."""
+    """An upstream ``text/event-stream`` response, read as whole events.
+
+    Each read has a deadline, but a stream reads an event every few
+    milliseconds for minutes: rather than a timer per read (as
+    ``asyncio.timeout`` would arm), one timer per stream is moved lazily. A
+    read only records its deadline; the timer, when it fires early, re-arms
+    itself for the latest one. So a timer runs about once per deadline span
+    (seconds), not once per event.
+    """
 
     def __init__(self, response: aiohttp.ClientResponse, max_event_bytes: int) -> None:
         self._response = response
         self._parser = SSEParser(max_event_bytes)
         # A parse failure found after some good events: raised on the next read.
         self._failure: UpstreamError | None = None
+        self._loop = asyncio.get_running_loop()
+        self._until = 0.0  # the deadline of the read in progress
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[object] | None = None  # the task blocked in a read, if any
+        self._bytes_before = 0  # what the upstream had sent when that read began
+        self._expired = False  # the timer cancelled the reader
 
     async def read(self, until: float) -> list[Event]:
         """At least one whole event; ``TimeoutError`` if loop time ``until`` passes first."""
         if self._failure is not None:
             raise self._failure
-        content = self._response.content
         while True:
-            try:
-                async with asyncio.timeout_at(until):
-                    chunk = await content.readany()
-            except TimeoutError:
-                raise  # the caller knows which deadline this was (and TimeoutError is an OSError)
-            except (aiohttp.ClientError, OSError):
-                raise UpstreamClosed("the chat service broke off the stream") from None
+            chunk = await self._read_chunk(until)
             if not chunk:
                 raise UpstreamClosed("the chat service ended the stream early")
             try:
@@ -92,8 +102,54 @@ class EventSource:
             if events:
                 return events
 
+    async def _read_chunk(self, until: float) -> bytes:
+        content = self._response.content
+        self._until = until
+        if self._timer is None or self._timer.when() > until:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(until, self._on_timer)
+        self._reader = asyncio.current_task()
+        self._bytes_before = content.total_bytes
+        try:
+            return await content.read(_READ_BYTES)
+        except asyncio.CancelledError:
+            if self._expired:
+                self._expired = False
+                if self._reader is not None and self._reader.uncancel() == 0:
+                    raise TimeoutError from None  # only the timer cancelled: a timeout
+            raise
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamClosed("the chat service broke off the stream") from None
+        finally:
+            self._reader = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._reader is None:
+            return  # no read in progress: the next one arms the timer again
+        if self._loop.time() < self._until:
+            self._timer = self._loop.call_at(self._until, self._on_timer)
+            return
+        content = self._response.content
+        if (
+            content.total_bytes != self._bytes_before
+            or content.is_eof()
+            or content.exception() is not None
+        ):
+            return  # the reader is already woken (data, end or error): let it run
+        self._expired = True
+        self._reader.cancel()
+
     def close(self) -> None:
-        self._response.close()
+        """Give the connection back to the pool when the body ended, else close it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
 
 
 class Upstream:

@@ -345,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"chatiq-emulator on http://{args.host}:{args.port}/api/chat", flush=True)
     web.run_app(
-        create_emulator_app(settings), host=args.host, port=args.port, print=None, access_log=None
+        create_emulator_app(settings),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        backlog=4096,  # a burst of new connections waits in the queue instead of being refused
     )
     return 0
 

@@ -129,7 +129,7 @@ async def test_clients_that_never_read_cannot_grow_memory(
     assert events[-1] == "[DONE]"
 
     # Without backpressure the gateway would hold the 200 replies: 2 GB. With it,
-    # each stalled stream holds at most a few socket reads (~1.7 MiB measured).
+    # each stalled stream holds a few reads of at most 64 KiB (~1 MiB measured).
     assert grown < 500 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
     print(f"gateway RSS grew {grown / 2**20:.1f} MiB for 200 stalled 10 MB streams")
     for sock in stalled:

@@ -68,6 +68,8 @@ def test_settings_are_immutable(tmp_path: Path) -> None:
         (GOOD + "\n[server]\nport = '80'\n", {}, "server.port: must be a whole number, not str"),
         (GOOD + "\n[server]\nport = 70000\n", {}, "server.port: must be between"),
         (GOOD + "\n[logging]\nlevel = 'loud'\n", {}, "logging.level"),
+        (GOOD + "\n[server]\nevent_loop = 'trio'\n", {}, "server.event_loop: must be auto"),
+        (GOOD + "\n[server]\nbacklog = 0\n", {}, "server.backlog: must be greater than 0"),
         (GOOD + "\n[admission]\nmax_streams = 0\n", {}, "admission.max_streams"),
         (GOOD.replace('url = "http://127.0.0.1:9/api/chat"', ""), {}, "upstream.url: missing"),
         (GOOD.replace("http://127.0.0.1:9", "ftp://x"), {}, "upstream.url: must be an http(s)"),

@@ -112,3 +112,22 @@ def test_format_event_frames_newlines_as_data_lines() -> None:
     assert format_event("a\nb") == b"data: a\ndata: b\n\n"
     (event,) = SSEParser().feed(format_event("a\r\nb"))
     assert event.data == "a\nb"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["data", "comment", "named", "blank"]), field_text)))
+def test_whole_chunks_take_the_fast_path_and_agree_with_byte_by_byte(
+    blocks: list[tuple[str, str]],
+) -> None:
+    # Plain "data: " events in whole chunks skip the line-by-line parser; the
+    # result must not differ from feeding the same bytes one at a time.
+    text = {
+        "data": "data: {}\n\n",
+        "comment": ": {}\n\n",
+        "named": "event: x\ndata: {}\n\n",
+        "blank": "\n",
+    }
+    raw = "".join(text[kind].format(value) for kind, value in blocks).encode()
+    whole = SSEParser().feed(raw)
+    by_byte = feed_split(raw, list(range(len(raw))))
+    assert [(e.raw, e.data, e.event) for e in whole] == [(e.raw, e.data, e.event) for e in by_byte]

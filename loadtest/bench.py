@@ -1,0 +1,439 @@
+"""``make bench``: the gateway side by side with direct, nginx and a naive proxy.
+
+In one run, against one emulator per concurrency level, the load generator
+(``loadtest/loadgen.py``) streams through four paths in turn:
+
+- ``direct``: straight to the emulator, the baseline;
+- ``gateway``: one ``chatiq-gateway`` process, its shipped defaults but limits
+  raised for the load, logging at info (one line per stream);
+- ``nginx``: one nginx worker configured as an SSE proxy (``loadtest/nginx.py``);
+- ``naive``: the Flask proxy people write from ChatIQ's example
+  (``loadtest/naive_proxy.py``).
+
+For each level it reports time to first event and the gap between events
+(the absolute figures, and what each proxy adds over direct), errors, the
+proxy's CPU seconds per 100,000 relayed events and its peak RSS, and the CPU
+used by the emulator and the load generator so that a bottleneck there is
+visible. Then it opens as many slow streams as one gateway process may hold
+(10,000, or what the open-files limit allows) and reports its RSS per stream.
+The table goes to ``results/bench/<time>.md`` and ``results/bench/latest.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtest.harness import cpu_seconds, free_port, rss_mib, start_emulator, start_gateway, stop
+from loadtest.harness import wait_ready as wait_http_ready
+from loadtest.loadgen import Target, hold_streams, run_streams
+from loadtest.nginx import start_nginx
+
+KEY = "bench-key"
+PATHS = ("direct", "gateway", "nginx", "naive")
+TOKENS = 20  # content events per reply, by default
+TTFT_MS = 100  # the emulator's own time to first token
+EVENTS_PER_S = 6_000  # across all streams: keeps the emulator and the load generator light
+
+
+@dataclass(frozen=True)
+class Plan:
+    concurrency: int
+    tokens: int
+    tokens_per_s: float
+    duration_s: float
+    ramp_s: float
+
+    @classmethod
+    def for_level(cls, concurrency: int, tokens: int, min_duration_s: float) -> Plan:
+        rate = min(50.0, EVENTS_PER_S / concurrency)
+        stream_s = TTFT_MS / 1000 + tokens / rate
+        return cls(concurrency, tokens, rate, max(min_duration_s, 1.5 * stream_s), stream_s)
+
+
+@dataclass
+class PathResult:
+    path: str
+    streams: int
+    errors: int
+    error_kinds: dict[str, int]
+    ttft_ms: list[float]
+    gap_ms: list[float]
+    events: int
+    proxy_cpu_s: float | None
+    proxy_peak_rss_mib: float | None
+    emulator_cpu: float  # share of one core over the run
+    loadgen_cpu: float
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (nginx's workers)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                pids.append(int(entry))
+    return pids
+
+
+def tree_cpu(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
+def tree_peak_rss_mib(pid: int) -> float:
+    total = 0.0
+    for p in process_tree(pid):
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+    return total
+
+
+def open_files_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+async def wait_tcp(port: int, timeout_s: float = 15.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+    raise SystemExit(f"nothing listens on port {port}")
+
+
+class Stack:
+    """The emulator and the three proxies in front of it, for one level."""
+
+    def __init__(
+        self, workdir: Path, emulator_args: list[str], gateway_tables: dict[str, dict[str, Any]]
+    ) -> None:
+        self.workdir = workdir
+        self.ports = {name: free_port() for name in ("emulator", "gateway", "nginx", "naive")}
+        self.emulator = start_emulator(self.ports["emulator"], *emulator_args)
+        self.gateway, _ = start_gateway(
+            workdir, self.ports["gateway"], self.ports["emulator"], KEY, None, **gateway_tables
+        )
+        self.nginx = start_nginx(
+            workdir / f"nginx-{self.ports['nginx']}", self.ports["nginx"], self.ports["emulator"],
+            open_files_limit(),
+        )  # fmt: skip
+        self.naive = subprocess.Popen(
+            [
+                sys.executable, "-m", "loadtest.naive_proxy", "--port", str(self.ports["naive"]),
+                "--upstream", f"http://127.0.0.1:{self.ports['emulator']}/api/chat",
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async def ready(self) -> None:
+        await wait_http_ready(f"http://127.0.0.1:{self.ports['gateway']}/healthz")
+        for name in ("emulator", "nginx", "naive"):
+            await wait_tcp(self.ports[name])
+
+    def target(self, path: str) -> Target:
+        message = "How do I reset my password?"
+        if path in ("direct", "nginx"):  # ChatIQ's own API
+            port = self.ports["emulator" if path == "direct" else "nginx"]
+            body = {"message": message, "bot_slug": "demo", "stream": True}
+            return Target("127.0.0.1", port, "/api/chat", body)
+        body = {"message": message, "bot": "demo", "stream": True}  # the gateway's API
+        return Target("127.0.0.1", self.ports[path], "/api/chatbot", body, key=KEY)
+
+    def proxy_pid(self, path: str) -> int | None:
+        proxy = {"gateway": self.gateway, "nginx": self.nginx, "naive": self.naive}.get(path)
+        return proxy.pid if proxy is not None else None
+
+    def stop(self) -> None:
+        stop(self.gateway, self.naive, self.nginx, self.emulator)
+
+
+GATEWAY_TABLES: dict[str, dict[str, Any]] = {
+    "admission": {"max_streams": 12_000, "max_queue": 2_000, "tenant_max_streams": 0},
+    "upstream": {"max_connections": 12_000},
+    "logging": {"format": "json"},
+}
+
+
+@contextmanager
+def stack(workdir: Path, emulator_args: list[str]) -> Iterator[Stack]:
+    s = Stack(workdir, emulator_args, GATEWAY_TABLES)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+async def measure_path(s: Stack, path: str, plan: Plan) -> PathResult:
+    pid = s.proxy_pid(path)
+    cpu_before = tree_cpu(pid) if pid else 0.0
+    emu_before = cpu_seconds(s.emulator.pid)
+    own_before = time.process_time()
+    wall = time.perf_counter()
+    results = await run_streams(
+        s.target(path), plan.concurrency, plan.duration_s, plan.ramp_s, timeout_s=120
+    )
+    wall = time.perf_counter() - wall
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error is not None or not r.done:
+            kind = (r.error or "no [DONE]").split(":")[0]
+            errors[kind] = errors.get(kind, 0) + 1
+    good = [r for r in results if r.error is None and r.done]
+    return PathResult(
+        path=path,
+        streams=len(results),
+        errors=sum(errors.values()),
+        error_kinds=errors,
+        ttft_ms=[r.ttft * 1000 for r in good if r.ttft is not None],
+        gap_ms=[g * 1000 for r in good for g in r.gaps()],
+        events=sum(len(r.event_times) for r in results),
+        proxy_cpu_s=(tree_cpu(pid) - cpu_before) if pid else None,
+        proxy_peak_rss_mib=tree_peak_rss_mib(pid) if pid else None,
+        emulator_cpu=(cpu_seconds(s.emulator.pid) - emu_before) / wall,
+        loadgen_cpu=(time.process_time() - own_before) / wall,
+    )
+
+
+async def run_level(workdir: Path, plan: Plan, paths: tuple[str, ...]) -> list[PathResult]:
+    emulator_args = [
+        "--ttft-ms", str(TTFT_MS), "--tokens-per-s", str(plan.tokens_per_s),
+        "--reply-tokens", str(plan.tokens),
+    ]  # fmt: skip
+    with stack(workdir, emulator_args) as s:
+        await s.ready()
+        out = []
+        for path in paths:
+            print(
+                f"bench: {plan.concurrency} streams via {path} for {plan.duration_s:.0f} s",
+                flush=True,
+            )
+            out.append(await measure_path(s, path, plan))
+            await asyncio.sleep(1)  # let sockets close before the next path
+        return out
+
+
+@dataclass
+class Capacity:
+    target: int
+    open_streams: int
+    errors: int
+    error_kinds: dict[str, int]
+    baseline_rss_mib: float
+    rss_mib: float
+    fd_limit: int
+
+    @property
+    def per_stream_kib(self) -> float:
+        return (self.rss_mib - self.baseline_rss_mib) * 1024 / max(1, self.open_streams)
+
+
+async def run_capacity(workdir: Path, target: int, hold_s: float) -> Capacity:
+    fd_limit = open_files_limit()
+    # Two sockets a stream in the gateway (client and upstream), and a margin.
+    count = min(target, (fd_limit - 200) // 2)
+    # One token every 5 s: the streams stay open, nearly idle, for the whole hold.
+    emulator_args = ["--ttft-ms", "100", "--tokens-per-s", "0.2", "--reply-tokens", "200"]
+    with stack(workdir, emulator_args) as s:
+        await s.ready()
+        baseline = rss_mib(s.gateway.pid)
+        print(f"bench: opening {count} slow streams through one gateway process", flush=True)
+        open_now, results = await hold_streams(
+            s.target("gateway"), count, ramp_s=count / 1000, hold_s=hold_s, timeout_s=60
+        )
+        rss = rss_mib(s.gateway.pid)  # sampled by hold_streams' end, streams still open
+        kinds: dict[str, int] = {}
+        for r in results:
+            if r.error is not None:
+                kinds[r.error] = kinds.get(r.error, 0) + 1
+            elif not r.event_times:
+                kinds["no event yet"] = kinds.get("no event yet", 0) + 1
+        return Capacity(
+            target=target,
+            open_streams=open_now,
+            errors=sum(kinds.values()),
+            error_kinds=kinds,
+            baseline_rss_mib=baseline,
+            rss_mib=rss,
+            fd_limit=fd_limit,
+        )
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} CPUs ({model}), {mem:.0f} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
+    if value is None or value != value:
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def added(values: list[float], direct: list[float]) -> str:
+    """The p50 and p99 of ``values`` minus those of ``direct``."""
+    return " / ".join(fmt(pct(values, q) - pct(direct, q), 2, signed=True) for q in (0.5, 0.99))
+
+
+def report(
+    levels: list[tuple[Plan, list[PathResult]]], capacity: Capacity | None, command: str
+) -> str:
+    tokens = levels[0][0].tokens if levels else TOKENS
+    lines = [
+        f"Machine: {machine()}. Command: `{command}`. Emulator: {TTFT_MS} ms to the first "
+        f"token, {tokens} tokens a reply, at a rate per level such that all streams together "
+        f"ask for about {EVENTS_PER_S:,} events/s. Added = the path's percentile minus direct's.",
+        "",
+        "| streams | path | streams done | errors | TTFT p50 / p99 ms "
+        "| added TTFT p50 / p99 ms | gap p50 / p99 ms | added gap p50 / p99 ms "
+        "| proxy CPU s / 100k events | proxy peak RSS MiB | emulator CPU | loadgen CPU |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    warnings = []
+    for plan, results in levels:
+        direct = next((r for r in results if r.path == "direct"), None)
+        for r in results:
+            t50, t99 = pct(r.ttft_ms, 0.5), pct(r.ttft_ms, 0.99)
+            g50, g99 = pct(r.gap_ms, 0.5), pct(r.gap_ms, 0.99)
+            if direct is not None and r is not direct:
+                added_t = added(r.ttft_ms, direct.ttft_ms)
+                added_g = added(r.gap_ms, direct.gap_ms)
+            else:
+                added_t = added_g = "–"
+            cpu = (
+                fmt(r.proxy_cpu_s / r.events * 100_000, 2)
+                if r.proxy_cpu_s is not None and r.events
+                else "–"
+            )
+            errors = str(r.errors) + (
+                " (" + ", ".join(f"{k} {v}" for k, v in sorted(r.error_kinds.items())) + ")"
+                if r.error_kinds
+                else ""
+            )
+            lines.append(
+                f"| {plan.concurrency:,} | {r.path} | {r.streams - r.errors:,} | {errors} "
+                f"| {fmt(t50)} / {fmt(t99)} | {added_t} | {fmt(g50)} / {fmt(g99)} | {added_g} "
+                f"| {cpu} | {fmt(r.proxy_peak_rss_mib)} "
+                f"| {r.emulator_cpu:.0%} | {r.loadgen_cpu:.0%} |"
+            )
+            for who, share in (("emulator", r.emulator_cpu), ("load generator", r.loadgen_cpu)):
+                if share > 0.8:
+                    warnings.append(
+                        f"- {plan.concurrency:,} streams via {r.path}: the {who} used {share:.0%} "
+                        "of a core: it may be the bottleneck, read this row with care."
+                    )
+    lines.append("")
+    lines.extend(
+        warnings
+        or [
+            "The emulator and the load generator stayed under 80% of a core on every row: "
+            "neither was the bottleneck."
+        ]
+    )
+    if capacity is not None:
+        c = capacity
+        lines += [
+            "",
+            f"Open streams held by one gateway process: **{c.open_streams:,}** of "
+            f"{min(c.target, (c.fd_limit - 200) // 2):,} opened (target {c.target:,}; "
+            f"open-files limit {c.fd_limit:,}, two sockets a stream), {c.errors} failed "
+            f"{c.error_kinds or ''}; "
+            f"RSS {c.baseline_rss_mib:.0f} MiB idle, {c.rss_mib:.0f} MiB holding them: "
+            f"**{c.per_stream_kib:.1f} KiB per stream**.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    try:
+        import uvloop
+
+        uvloop.install()  # the load generator's own loop: cheaper per event
+    except ImportError:
+        pass
+    open_files_limit()
+    levels = [int(x) for x in args.levels.split(",") if x]
+    paths = tuple(p for p in args.paths.split(",") if p)
+    workdir = Path(tempfile.mkdtemp(prefix="chatiq-bench-"))
+    try:
+        results = []
+        for c in levels:
+            plan = Plan.for_level(c, args.tokens, args.min_duration)
+            results.append((plan, await run_level(workdir, plan, paths)))
+        capacity = await run_capacity(workdir, args.hold, args.hold_seconds) if args.hold else None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = report(
+        results, capacity, "make bench" + (f' ARGS="{" ".join(args.raw)}"' if args.raw else "")
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"{stamp}.md").write_text(text)
+    (out / "latest.md").write_text(text)
+    print(text)
+    print(f"bench: written to {out / (stamp + '.md')} and {out / 'latest.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,100,1000,5000", help="concurrent streams")
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="content events a reply")
+    parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")
+    parser.add_argument("--hold", type=int, default=10_000, help="open streams to hold (0: skip)")
+    parser.add_argument("--hold-seconds", type=float, default=10.0, help="how long to hold them")
+    parser.add_argument("--out", default="results/bench")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.raw = argv
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

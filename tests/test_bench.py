@@ -1,0 +1,104 @@
+"""The benchmark's load generator against a real emulator, and ``make bench`` end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from loadtest.emulator import EmulatorSettings, compose_reply
+from loadtest.loadgen import Target, hold_streams, stream_once
+from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def emulator_target(stack_port: int, bot: str) -> Target:
+    body = {"message": "hi", "bot_slug": bot, "stream": True}
+    return Target("127.0.0.1", stack_port, "/api/chat", body, key=CHATIQ_KEY)
+
+
+async def test_loadgen_counts_every_event_whatever_the_chunking(make_stack: StackFactory) -> None:
+    # The emulator cuts its writes at random byte offsets (inside events, inside
+    # UTF-8 characters), so the HTTP chunks cut the events anywhere too.
+    settings = EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=30, split_writes=True)
+    stack = await make_stack(settings)
+    assert stack.emulator.port is not None
+    target = emulator_target(stack.emulator.port, "demo")
+    for _ in range(5):
+        result = await stream_once(target, target.request(), timeout_s=10)
+        assert result.error is None and result.done and result.status == 200
+        content = len(compose_reply("hi", [], 30))
+        assert len(result.event_times) == content + 2  # then conversationId, [DONE]
+        assert len(result.gaps()) == content - 1
+
+
+async def test_loadgen_reports_refusals_and_streams_cut_midway(make_stack: StackFactory) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=10))
+    assert stack.emulator.port is not None
+    refused = emulator_target(stack.emulator.port, "fault-429")
+    result = await stream_once(refused, refused.request(), timeout_s=10)
+    assert result.error == "HTTP 429" and not result.done
+    cut = emulator_target(stack.emulator.port, "fault-drop-mid")
+    result = await stream_once(cut, cut.request(), timeout_s=10)
+    assert result.error is not None and not result.done
+    assert len(result.event_times) == 3  # the chunks sent before the drop
+
+
+async def test_loadgen_holds_streams_open(make_stack: StackFactory) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=5, reply_tokens=1000))
+    assert stack.emulator.port is not None
+    target = emulator_target(stack.emulator.port, "demo")
+    open_now, results = await hold_streams(target, 50, ramp_s=0.2, hold_s=0.5, timeout_s=10)
+    assert open_now == 50 and all(r.error is None for r in results)
+
+
+def nginx_available() -> bool:
+    return bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
+
+
+async def test_make_bench_writes_the_side_by_side_table(tmp_path: Path) -> None:
+    if not nginx_available():
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed (apt-get install nginx-light); CI requires it")
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.bench", "--levels", "1,5", "--tokens", "3",
+        "--min-duration", "1", "--hold", "30", "--hold-seconds", "1", "--out", str(tmp_path),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=180)
+    assert process.returncode == 0, out.decode()
+    table = (tmp_path / "latest.md").read_text()
+    rows = [
+        line.split("|")
+        for line in table.splitlines()
+        if line.startswith("| 1 ") or line.startswith("| 5 ")
+    ]
+    assert sorted((r[1].strip(), r[2].strip()) for r in rows) == sorted(
+        (level, path) for level in ("1", "5") for path in ("direct", "gateway", "nginx", "naive")
+    ), table
+    for r in rows:
+        assert r[4].strip() == "0", table  # no errors on any path
+        assert int(r[3].strip()) > 0, table  # and streams completed
+    assert "Open streams held by one gateway process: **30** of 30" in table, table
+
+
+async def test_the_gateway_runs_on_uvloop_unless_told_otherwise(
+    make_stack: StackFactory,
+    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=5))
+    fast = await gateway_process(stack.emulator)
+    plain = await gateway_process(stack.emulator, server={"event_loop": "asyncio"})
+    for gw in (fast, plain):
+        target = Target("127.0.0.1", gw.port, "/api/chatbot", {"message": "hi"}, key=ACME_KEY)
+        result = await stream_once(target, target.request(), timeout_s=10)
+        assert result.done and len(result.event_times) == len(compose_reply("hi", [], 5)) + 2
+    assert '"name": "uvloop"' in fast.log() or "name=uvloop" in fast.log()
+    assert "uvloop" not in plain.log()
