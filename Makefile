@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak bench-observability load
+.PHONY: run test lint install clean soak bench-observability load bench
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -43,3 +43,8 @@ bench-observability: $(STAMP)
 ## Pass options with ARGS, e.g. make load ARGS="--users 100 --run-time 2m --max-ttft-p99-ms 1500"
 load: $(STAMP)
 	$(BIN)/python -m loadtest.load $(ARGS)
+
+## make bench: gateway vs direct vs nginx vs a naive proxy, side by side (installs nginx if missing).
+## Options with ARGS, e.g. make bench ARGS="--levels 1,100 --hold 0"
+bench: $(STAMP)
+	$(BIN)/python -m loadtest.bench $(ARGS)
