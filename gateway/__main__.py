@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import secrets
 import signal
 import sys
 from collections.abc import Coroutine
@@ -13,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from .app import create_app, create_metrics_app, drain
+from .auth import hash_key
 from .config import ConfigError, Settings, load_settings
 from .logs import Logger, make_logger
 
@@ -85,8 +87,38 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def hash_key_command(argv: list[str]) -> int:
+    """``chatiq-gateway hash-key``: a new tenant key and its hash, or the hash of a key on stdin."""
+    parser = argparse.ArgumentParser(
+        prog="chatiq-gateway hash-key",
+        description="Print a new tenant key and the key_sha256 line for the config; "
+        "with --stdin, hash a key read from standard input (not from the command "
+        "line, where shell history and ps would see it).",
+    )
+    parser.add_argument("--stdin", action="store_true", help="hash the key given on stdin")
+    args = parser.parse_args(argv)
+    if args.stdin:
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("chatiq-gateway hash-key: no key on stdin", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
+    key = secrets.token_urlsafe(32)
+    print(f"key (give it to the tenant; it is not stored anywhere): {key}")
+    print(f'config line: key_sha256 = "{hash_key(key)}"')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chatiq-gateway", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-key"]:
+        return hash_key_command(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="chatiq-gateway",
+        description=__doc__,
+        epilog="chatiq-gateway hash-key: a new tenant key and its hash for the config.",
+    )
     parser.add_argument(
         "--config", default="config/gateway.toml", help="TOML file (default: %(default)s)"
     )

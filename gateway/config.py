@@ -61,7 +61,8 @@ class UpstreamSettings:
     backoff_base_s: float = 0.2
     backoff_max_s: float = 5.0
     retry_after_cap_s: float = 10.0  # the most of an upstream's Retry-After that is honoured
-    # Only from the environment (CHATIQ_API_KEY): never in a file, never printed.
+    # Only from the environment (CHATIQ_API_KEY, or the file CHATIQ_API_KEY_FILE
+    # names): never in the config file, never printed.
     api_key: str | None = field(default=None, repr=False)
 
 
@@ -134,7 +135,9 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }
-_ENV_ONLY = {"upstream.api_key": "set CHATIQ_API_KEY in the environment instead"}
+_ENV_ONLY = {
+    "upstream.api_key": "set CHATIQ_API_KEY (or CHATIQ_API_KEY_FILE) in the environment instead"
+}
 
 
 def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
@@ -161,6 +164,20 @@ def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) ->
     return settings
 
 
+def _read_secret(name: str, path: str) -> str:
+    """The first line of a secret file; errors name the variable, never the content."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.readline().strip()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path} is not UTF-8 text") from None
+    if not value:
+        raise ConfigError(f"{name}: {path} is empty")
+    return value
+
+
 def _apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settings:
     upstream: dict[str, Any] = {}
     server: dict[str, Any] = {}
@@ -168,6 +185,8 @@ def _apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settin
         upstream["url"] = environ["CHATIQ_API_URL"]
     if environ.get("CHATIQ_API_KEY"):
         upstream["api_key"] = environ["CHATIQ_API_KEY"]
+    elif environ.get("CHATIQ_API_KEY_FILE"):  # a container secret, mounted as a file
+        upstream["api_key"] = _read_secret("CHATIQ_API_KEY_FILE", environ["CHATIQ_API_KEY_FILE"])
     if "CHATIQ_BOT_SLUG" in environ:
         upstream["bot_slug"] = environ["CHATIQ_BOT_SLUG"]
     if "GATEWAY_HOST" in environ:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ACME_KEY, CHATIQ_KEY, LIMITED_KEY, Stack
+from gateway.auth import hash_key
+from gateway.config import ConfigError, load_settings
+from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from tests.conftest import ACME_KEY, CHATIQ_KEY, LIMITED_KEY, Stack, StackFactory, read_stream
 
 SECRET_MESSAGE = "my password is hunter2"
 TRAFFIC: list[dict[str, Any]] = [
@@ -69,3 +76,66 @@ async def test_health_and_readiness(stack: Stack) -> None:
     for path in ("/healthz", "/readyz"):
         async with stack.session.get(stack.gateway.make_url(path)) as r:
             assert r.status == 200
+
+
+def test_the_chatiq_key_may_come_from_a_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "chatiq_api_key"
+    secret.write_text(CHATIQ_KEY + "\n")
+    config = tmp_path / "gateway.toml"
+    config.write_text('[upstream]\nurl = "http://127.0.0.1:9/api/chat"\n')
+    env = {"CHATIQ_API_KEY_FILE": str(secret)}
+    assert load_settings(config, environ=env).upstream.api_key == CHATIQ_KEY
+    # The variable wins over the file; a bad file stops start-up without showing a secret.
+    both = {**env, "CHATIQ_API_KEY": "sk-from-env"}
+    assert load_settings(config, environ=both).upstream.api_key == "sk-from-env"
+    for content, problem in (("", "is empty"), (b"\xff\xfe", "not UTF-8")):
+        secret.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ConfigError, match=f"CHATIQ_API_KEY_FILE: .*{problem}"):
+            load_settings(config, environ=env)
+    with pytest.raises(ConfigError, match="CHATIQ_API_KEY_FILE: cannot read"):
+        load_settings(config, environ={"CHATIQ_API_KEY_FILE": str(tmp_path / "missing")})
+
+
+async def test_a_gateway_process_reads_its_key_from_the_file(
+    tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = await make_stack()  # the emulator refuses requests without CHATIQ_KEY
+    secret = tmp_path / "secret"
+    secret.write_text(CHATIQ_KEY)
+    monkeypatch.setenv("CHATIQ_API_KEY_FILE", str(secret))
+    port = free_port()
+    assert stack.emulator.port is not None
+    process, _ = start_gateway(tmp_path, port, stack.emulator.port, ACME_KEY, api_key=None)
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}/healthz")
+        async with stack.session.post(
+            f"http://127.0.0.1:{port}/api/chatbot",
+            json={"message": "hi"},
+            headers={"Authorization": f"Bearer {ACME_KEY}"},
+        ) as r:
+            assert r.status == 200
+            _, events = await read_stream(r)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+    finally:
+        stop(process)
+
+
+def run_gateway_command(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        input=stdin, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def test_hash_key_makes_a_new_key_and_its_config_line() -> None:
+    done = run_gateway_command("hash-key")
+    assert done.returncode == 0, done.stderr
+    key = re.search(r"key \(.*\): (\S+)", done.stdout)
+    line = re.search(r'key_sha256 = "([0-9a-f]{64})"', done.stdout)
+    assert key and line and len(key[1]) >= 40
+    assert hash_key(key[1]) == line[1]
+    # A key of one's own goes in on stdin, never on the command line.
+    done = run_gateway_command("hash-key", "--stdin", stdin="demo-key\n")
+    assert done.returncode == 0 and done.stdout.strip() == hash_key("demo-key")
+    done = run_gateway_command("hash-key", "--stdin", stdin="")
+    assert done.returncode == 2 and "no key on stdin" in done.stderr
