@@ -40,6 +40,14 @@ class ServerSettings:
     shutdown_grace_s: float = 30.0  # on SIGTERM, how long live streams may finish
     static_dir: str = ""  # the page served at "/" ("": the bundled clients/web)
     cors_origins: tuple[str, ...] = ()  # pages elsewhere allowed to call the API
+    # Sent with the page and its files: scripts and styles only from the
+    # gateway itself (the page has no inline script), images from https (a
+    # reply's attachments), requests only to the gateway, no framing.
+    content_security_policy: str = (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' https: data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +300,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError("upstream.url: missing (set it in the file or CHATIQ_API_URL)")
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(f"upstream.url: must be an http(s) URL, not {s.upstream.url!r}")
+    if url.hostname == "chatiq.io":  # it redirects to www., and no redirect is followed
+        raise ConfigError(
+            "upstream.url: chatiq.io redirects to www.chatiq.io, and the gateway never "
+            "follows a redirect with the key; use https://www.chatiq.io/api/chat"
+        )
     if not _BOT_SLUG.match(s.upstream.bot_slug):
         raise ConfigError("upstream.bot_slug: not a valid bot slug")
     if not 0 <= s.server.port <= 65535:

@@ -12,6 +12,9 @@ from .state import SETTINGS, TENANTS
 
 BUNDLED_PAGE = Path(__file__).resolve().parent.parent / "clients" / "web"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
+# On every response: no MIME sniffing (a reply is never run as a script), and
+# no Referer carrying the page's URL to the images a reply links to.
+SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 def static_dir(settings: Settings) -> Path:
@@ -31,7 +34,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_get("/api/bots", bots)
     for path in ("/api/chatbot", "/api/bots"):
         app.router.add_route("OPTIONS", path, preflight)
-    app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_browser_headers)
 
 
 async def bots(request: web.Request) -> web.Response:
@@ -61,8 +64,15 @@ async def preflight(request: web.Request) -> web.Response:
     )
 
 
-async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: answers to allowed origins say so (none by default)."""
+async def add_browser_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: safety headers on everything, the page's CSP, and CORS
+    for allowed origins (none by default)."""
+    response.headers.update(SAFETY_HEADERS)
+    if request.path == "/" or request.path.startswith("/static/"):
+        response.headers["Content-Security-Policy"] = request.app[
+            SETTINGS
+        ].server.content_security_policy
+        response.headers["X-Frame-Options"] = "DENY"
     origin = request.headers.get("Origin")
     if origin is not None and origin in request.app[SETTINGS].server.cors_origins:
         response.headers["Access-Control-Allow-Origin"] = origin

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from gateway.config import ServerSettings
@@ -69,3 +70,38 @@ async def test_the_bot_list_follows_the_tenant(stack: Stack) -> None:
         assert (await r.json())["bots"] == ["demo"]  # "*": the bots the config names
     async with stack.session.get(url) as r:
         assert r.status == 401
+
+
+async def test_the_page_is_served_with_a_strict_content_security_policy(stack: Stack) -> None:
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        async with stack.session.get(stack.gateway.make_url(path)) as r:
+            csp = r.headers["Content-Security-Policy"]
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+            assert r.headers["Referrer-Policy"] == "no-referrer"
+            assert r.headers["X-Frame-Options"] == "DENY"
+        directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+        assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
+        assert "unsafe" not in csp and directives["frame-ancestors"] == "'none'"
+    # The API's answers, streams and errors alike, are never sniffed as something else.
+    async with await stack.chat() as r:
+        await r.read()
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+    async with await stack.chat(key="wrong") as r:
+        assert r.status == 401 and r.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_page_has_no_inline_script_or_style_the_policy_would_have_to_allow() -> None:
+    page = (Path(__file__).resolve().parent.parent / "clients" / "web" / "index.html").read_text()
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", page, re.S | re.I)
+    assert scripts and all("src=" in attrs and not body.strip() for attrs, body in scripts)
+    assert not re.search(r"<style\b|\sstyle=|\son[a-z]+=|javascript:", page, re.I)
+
+
+async def test_a_team_sets_its_own_policy(make_stack: StackFactory, tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<h1>ours</h1>")
+    policy = "default-src 'self' https://cdn.example.com"
+    stack = await make_stack(
+        server=ServerSettings(static_dir=str(tmp_path), content_security_policy=policy)
+    )
+    async with stack.session.get(stack.gateway.make_url("/")) as r:
+        assert r.headers["Content-Security-Policy"] == policy
