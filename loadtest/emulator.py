@@ -36,7 +36,12 @@ FAULTS = {
     "fault-drop-mid": "three chunks, then the connection is cut (no [DONE])",
     "fault-error-mid": 'three chunks, then an {"error": ...} event and [DONE]',
     "fault-malformed": "three chunks, then an event whose JSON is broken",
+    "fault-html": "HTTP 200 with an HTML page instead of events or JSON",
+    "fault-redirect": "HTTP 302 to another host (which must never see the key)",
+    "fault-endless": "HTTP 200 event-stream, then one line that never ends",
+    "fault-huge": "a non-streaming answer of several megabytes",
 }
+REDIRECT_TO = "http://127.0.0.1:9/stolen"  # a cross-host redirect target nothing listens on
 ONCE = "-once"  # suffix: the fault hits only the first attempt of a request id
 RICH_BOT = "rich"
 BULK_BOT = "bulk"  # content chunks of BULK_CHUNK_BYTES each: megabytes without many events
@@ -63,6 +68,7 @@ class EmulatorSettings:
     stall_s: float = 3600.0
     retry_after_s: int = 1
     record: bool = False  # keep what each request sent and received (tests)
+    redirect_to: str = REDIRECT_TO  # where bot fault-redirect sends the caller
 
 
 @dataclass(slots=True)
@@ -202,6 +208,16 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         raise asyncio.CancelledError
     if bot == "fault-stall-first":
         await asyncio.sleep(settings.stall_s)
+    if bot == "fault-html":
+        return web.Response(text="<html><body>Maintenance</body></html>", content_type="text/html")
+    if bot == "fault-redirect":
+        return web.Response(status=302, headers={"Location": settings.redirect_to})
+    if bot == "fault-endless":
+        return await _endless(request)
+    if bot == "fault-huge":  # 8 MiB of valid JSON: over the gateway's max_json_bytes
+        return web.Response(
+            body=b'{"response": "' + b"x" * (8 << 20) + b'"}', content_type="application/json"
+        )
 
     conversations = request.app[CONVERSATIONS]
     conversation_id = body.get("conversation_id") or f"conv_{uuid.uuid4().hex[:16]}"
@@ -218,6 +234,20 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         answer = {"response": "".join(tokens), "conversationId": conversation_id}
         return web.json_response(answer)
     return await _stream(request, bot, tokens, conversation_id, transcript)
+
+
+async def _endless(request: web.Request) -> web.StreamResponse:
+    """An event that never ends: 64 KiB pieces of one line, until the caller gives up."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    piece = b"x" * 65536
+    try:
+        await response.write(b"data: ")
+        for _ in range(1024):  # 64 MiB at most
+            await response.write(piece)
+    except (ConnectionResetError, ConnectionError):
+        pass
+    return response
 
 
 async def _stream(

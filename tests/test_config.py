@@ -73,6 +73,7 @@ def test_settings_are_immutable(tmp_path: Path) -> None:
         (GOOD + "\n[admission]\nmax_streams = 0\n", {}, "admission.max_streams"),
         (GOOD.replace('url = "http://127.0.0.1:9/api/chat"', ""), {}, "upstream.url: missing"),
         (GOOD.replace("http://127.0.0.1:9", "ftp://x"), {}, "upstream.url: must be an http(s)"),
+        (GOOD, {"CHATIQ_API_URL": "https://chatiq.io/api/chat"}, "use https://www.chatiq.io"),
         (GOOD.replace(hash_key("k"), "demo-key"), {}, "tenants[0].key_sha256: must be 64"),
         (GOOD.replace('bots = ["demo"]', "bots = []"), {}, "tenants[0].bots"),
         (GOOD.replace('bots = ["demo"]', 'bots = "demo"'), {}, "tenants[0].bots: must be a list"),

@@ -1,0 +1,62 @@
+"""A broken or hostile upstream: each case ends in a clean error, and the key stays home."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import CHATIQ_KEY, Stack, StackFactory
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_html_page_instead_of_events_or_json_is_a_502(stack: Stack, stream: bool) -> None:
+    async with await stack.chat({"message": "hi", "bot": "fault-html", "stream": stream}) as r:
+        assert r.status == 502
+        error = (await r.json())["error"]
+    assert error["code"] == "UPSTREAM_ERROR" and "text/html" in error["message"]
+
+
+async def test_a_redirect_is_never_followed_and_the_key_never_leaves(
+    make_stack: StackFactory,
+) -> None:
+    seen: list[web.Request] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(request)
+        return web.json_response({"response": "stolen"})
+
+    other = web.Application()
+    other.router.add_route("*", "/{tail:.*}", elsewhere)
+    thief = TestServer(other)
+    await thief.start_server()
+    try:
+        redirect_to = str(thief.make_url("/api/chat"))
+        stack = await make_stack(
+            EmulatorSettings(ttft_s=0, tokens_per_s=0, redirect_to=redirect_to)
+        )
+        for stream in (True, False):
+            body = {"message": "hi", "bot": "fault-redirect", "stream": stream}
+            async with await stack.chat(body) as r:
+                assert r.status == 502
+                text = await r.text()
+            assert "UPSTREAM_ERROR" in text and CHATIQ_KEY not in text
+        assert seen == []  # not one request reached the other host
+    finally:
+        await thief.close()
+
+
+async def test_an_event_that_never_ends_is_refused_with_bounded_memory(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(max_event_bytes=256 * 1024)
+    async with await stack.chat({"message": "hi", "bot": "fault-endless"}) as r:
+        assert r.status == 502
+        assert "larger than" in (await r.json())["error"]["message"]
+
+
+async def test_a_gigantic_json_answer_is_refused(stack: Stack) -> None:
+    async with await stack.chat({"message": "hi", "bot": "fault-huge", "stream": False}) as r:
+        assert r.status == 502
+        assert "over" in (await r.json())["error"]["message"]
