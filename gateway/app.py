@@ -10,7 +10,7 @@ from aiohttp import web
 
 from . import frontend, handlers
 from .admission import Admission
-from .auth import TenantDirectory
+from .auth import FailedKeyThrottle, TenantDirectory
 from .breaker import CircuitBreaker
 from .config import Settings, named_bots
 from .exchange import add_request_id, make_middleware
@@ -19,6 +19,7 @@ from .metrics import Metrics
 from .state import (
     ADMISSION,
     BREAKER,
+    FAILED_KEYS,
     LIFECYCLE,
     LOG,
     METRICS,
@@ -45,6 +46,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[METRICS] = metrics
     app[ADMISSION] = admission
     app[TENANTS] = TenantDirectory(settings.tenants)
+    app[FAILED_KEYS] = FailedKeyThrottle(settings.server.max_auth_failures_per_minute)
     app[BREAKER] = breaker
     app[LIFECYCLE] = Lifecycle()
     app[LOG] = log

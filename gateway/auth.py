@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
 
 from .config import Tenant
-from .errors import Unauthorized
+from .errors import RateLimited, Unauthorized
 
 
 def hash_key(key: str) -> str:
@@ -48,3 +53,63 @@ class TenantDirectory:
         if found is None:
             raise Unauthorized("unknown API key")
         return found
+
+
+class FailedKeyThrottle:
+    """Slows down an address that keeps sending unknown keys.
+
+    After ``limit`` failures within a minute, that address gets 429 (with
+    ``Retry-After``) until its minute is over, before its key is even looked
+    at; other addresses are untouched. At most ``max_addresses`` are tracked
+    (the oldest forgotten first), so a flood of addresses cannot grow memory.
+    Behind a load balancer every client shares its address: raise the limit
+    there, or set it to 0 (off).
+    """
+
+    def __init__(
+        self,
+        limit_per_minute: int,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limit = limit_per_minute
+        self._max = max_addresses
+        self._clock = clock
+        self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()  # count, window end
+
+    def check(self, address: str | None) -> None:
+        if not self._limit or address is None or address not in self._seen:
+            return
+        count, until = self._seen[address]
+        now = self._clock()
+        if now >= until:
+            del self._seen[address]
+        elif count >= self._limit:
+            raise RateLimited(
+                "too many requests with unknown keys from this address",
+                retry_after=math.ceil(until - now),
+            )
+
+    def failed(self, address: str | None) -> None:
+        if not self._limit or address is None:
+            return
+        now = self._clock()
+        count, until = self._seen.pop(address, (0, now + 60.0))
+        if now >= until:
+            count, until = 0, now + 60.0
+        self._seen[address] = (count + 1, until)
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+
+
+def authenticate(
+    directory: TenantDirectory, throttle: FailedKeyThrottle, request: web.Request
+) -> Tenant:
+    """The request's tenant, counting and throttling failed keys by address."""
+    address = request.remote
+    throttle.check(address)
+    try:
+        return directory.authenticate(request.headers.get("Authorization"))
+    except Unauthorized:
+        throttle.failed(address)
+        raise

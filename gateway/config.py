@@ -38,6 +38,8 @@ class ServerSettings:
     max_message_chars: int = 8000
     max_history_items: int = 100
     shutdown_grace_s: float = 30.0  # on SIGTERM, how long live streams may finish
+    # Unknown keys from one address before it gets 429 for the rest of the minute (0: off).
+    max_auth_failures_per_minute: int = 30
     static_dir: str = ""  # the page served at "/" ("": the bundled clients/web)
     cors_origins: tuple[str, ...] = ()  # pages elsewhere allowed to call the API
     # Sent with the page and its files: scripts and styles only from the
@@ -345,6 +347,7 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{key}: must be greater than 0")
     not_negative = {
         "server.max_history_items": s.server.max_history_items,
+        "server.max_auth_failures_per_minute": s.server.max_auth_failures_per_minute,
         "admission.max_queue": s.admission.max_queue,
         "admission.queue_timeout_s": s.admission.queue_timeout_s,
         "admission.tenant_max_streams": s.admission.tenant_max_streams,

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .auth import authenticate
 from .config import ANY_BOT, Settings
 from .errors import Forbidden
-from .state import SETTINGS, TENANTS
+from .state import FAILED_KEYS, SETTINGS, TENANTS
 
 BUNDLED_PAGE = Path(__file__).resolve().parent.parent / "clients" / "web"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
@@ -40,7 +41,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
 async def bots(request: web.Request) -> web.Response:
     """The bots this key may pick from (``"*"`` tenants: those the config names)."""
     app = request.app
-    tenant = app[TENANTS].authenticate(request.headers.get("Authorization"))
+    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
     default = app[SETTINGS].upstream.bot_slug
     named = [b for b in tenant.bots if b != ANY_BOT]
     choices = (

@@ -6,12 +6,21 @@ import asyncio
 
 from aiohttp import web
 
-from .auth import require_bearer
+from .auth import authenticate, require_bearer
 from .chat import parse_chat_request
 from .errors import Draining, Forbidden, PayloadTooLarge, UnsupportedMediaType
 from .exchange import exchange_of
 from .relay import Relay
-from .state import ADMISSION, BREAKER, LIFECYCLE, METRICS, SETTINGS, TENANTS, UPSTREAM
+from .state import (
+    ADMISSION,
+    BREAKER,
+    FAILED_KEYS,
+    LIFECYCLE,
+    METRICS,
+    SETTINGS,
+    TENANTS,
+    UPSTREAM,
+)
 
 
 async def chatbot(request: web.Request) -> web.StreamResponse:
@@ -20,7 +29,7 @@ async def chatbot(request: web.Request) -> web.StreamResponse:
     lifecycle = app[LIFECYCLE]
     ex = exchange_of(request)
 
-    tenant = app[TENANTS].authenticate(request.headers.get("Authorization"))
+    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
     ex.tenant = tenant.name
     if request.content_type != "application/json":
         raise UnsupportedMediaType("send the body as 'Content-Type: application/json'")

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from .admission import Admission
-from .auth import TenantDirectory
+from .auth import FailedKeyThrottle, TenantDirectory
 from .breaker import CircuitBreaker
 from .config import Settings
 from .logs import Logger
@@ -27,6 +27,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 ADMISSION = web.AppKey("admission", Admission)
 TENANTS = web.AppKey("tenants", TenantDirectory)
+FAILED_KEYS = web.AppKey("failed_keys", FailedKeyThrottle)
 UPSTREAM = web.AppKey("upstream", Upstream)
 BREAKER = web.AppKey("breaker", CircuitBreaker)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

@@ -9,7 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.config import AdmissionSettings
+from gateway.auth import FailedKeyThrottle
+from gateway.config import AdmissionSettings, ServerSettings
+from gateway.errors import RateLimited
 from loadtest.emulator import EmulatorSettings
 from tests.conftest import ACME_KEY, LIMITED_KEY, Stack, StackFactory, gateway_settings
 
@@ -192,3 +194,43 @@ async def test_504_when_the_upstream_sends_nothing_in_time(make_stack: StackFact
 async def test_unknown_routes_and_methods_answer_in_the_same_error_shape(stack: Stack) -> None:
     await expect_error(await stack.session.get(stack.gateway.make_url("/nope")), 404, "NOT_FOUND")
     await expect_error(await stack.session.get(stack.url), 405, "METHOD_NOT_ALLOWED")
+
+
+async def test_429_for_an_address_that_keeps_sending_unknown_keys(make_stack: StackFactory) -> None:
+    stack = await make_stack(server=ServerSettings(max_auth_failures_per_minute=5))
+    for _ in range(5):
+        async with await stack.chat(key="guess") as r:
+            assert r.status == 401
+    async with await stack.chat(key="guess") as r:
+        assert r.status == 429
+        assert 0 < int(r.headers["Retry-After"]) <= 60
+        assert (await r.json())["error"]["code"] == "RATE_LIMIT"
+    async with await stack.chat() as r:  # even a good key, from that address, for now
+        assert r.status == 429
+    assert await stack.metric("chatiq_gateway_rejected_total", reason="rate_limit") == 2
+    # Another address is not affected.
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as other,
+        other.post(
+            stack.url, json={"message": "hi"}, headers={"Authorization": f"Bearer {ACME_KEY}"}
+        ) as r,
+    ):
+        assert r.status == 200
+        await r.read()
+
+
+def test_the_failed_key_throttle_forgets_after_a_minute_and_stays_bounded() -> None:
+    now = [0.0]
+    throttle = FailedKeyThrottle(3, max_addresses=100, clock=lambda: now[0])
+    for _ in range(3):
+        throttle.check("10.0.0.1")
+        throttle.failed("10.0.0.1")
+    with pytest.raises(RateLimited):
+        throttle.check("10.0.0.1")
+    now[0] = 60.5
+    throttle.check("10.0.0.1")  # a new minute
+    for i in range(10_000):
+        throttle.failed(f"10.1.{i // 256}.{i % 256}")
+    assert len(throttle._seen) == 100
+    FailedKeyThrottle(0).failed("x")  # 0: off
