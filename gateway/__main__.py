@@ -16,7 +16,9 @@ from aiohttp import web
 from .app import create_app, create_metrics_app, drain
 from .auth import hash_key
 from .config import ConfigError, Settings, load_settings
+from .edge import GatewaySite
 from .logs import Logger, make_logger
+from .state import METRICS
 
 
 async def serve(settings: Settings, log: Logger) -> None:
@@ -29,7 +31,11 @@ async def serve(settings: Settings, log: Logger) -> None:
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5)
     await runner.setup()
     server = settings.server
-    site = web.TCPSite(runner, server.host, server.port, backlog=server.backlog, reuse_address=True)
+    rejected = app[METRICS].rejected.labels("header_timeout")
+    site = GatewaySite(
+        runner, server.host, server.port, backlog=server.backlog,
+        header_timeout_s=server.header_timeout_s, on_timeout=rejected.inc,
+    )  # fmt: skip
     await site.start()
     runners = [runner]
     if settings.metrics.port:

@@ -33,6 +33,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     backlog: int = 2048  # pending connections the kernel queues (capped by net.core.somaxconn)
+    header_timeout_s: float = 10.0  # a connection's first request head must arrive by then (408)
     event_loop: str = "auto"  # "uvloop", "asyncio", or "auto" (uvloop when installed)
     max_body_bytes: int = 64 * 1024
     max_message_chars: int = 8000
@@ -337,6 +338,7 @@ def _validate(s: Settings) -> None:
         "upstream.max_json_bytes": s.upstream.max_json_bytes,
         "admission.max_streams": s.admission.max_streams,
         "server.backlog": s.server.backlog,
+        "server.header_timeout_s": s.server.header_timeout_s,
         "upstream.keepalive_s": s.upstream.keepalive_s,
         "upstream.client_write_timeout_s": s.upstream.client_write_timeout_s,
         "upstream.backoff_base_s": s.upstream.backoff_base_s,

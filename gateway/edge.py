@@ -1,0 +1,119 @@
+"""The listening socket: aiohttp's HTTP server, with a deadline on each request head.
+
+aiohttp waits as long as a client likes for the headers of a request, so a
+client sending a byte a second (slowloris) could hold a connection, and many
+of them every socket the process may open. Here each connection must deliver
+its first request head within ``server.header_timeout_s``, or it gets a 408
+in ChatIQ's error shape and is closed. Once the head is in, the wrapper steps
+out of the connection's path (``set_protocol``): it costs nothing per event.
+Later requests on a kept-alive connection are bounded by aiohttp's own
+keep-alive timeout between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import cast
+
+from aiohttp import web
+
+_BODY = json.dumps(
+    {"error": {"code": "REQUEST_TIMEOUT", "message": "the request headers took too long"}}
+).encode()
+RESPONSE_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY
+)
+
+
+class HeaderDeadline(asyncio.Protocol):
+    """Wraps aiohttp's protocol for one connection until its first request head is in."""
+
+    def __init__(
+        self, inner: asyncio.Protocol, timeout_s: float, on_timeout: Callable[[], None]
+    ) -> None:
+        self._inner = inner
+        self._timeout_s = timeout_s
+        self._on_timeout = on_timeout
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tail = b""  # the last bytes seen, to find a head's end across reads
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen:
+                self._timer.cancel()
+                self._timer = None
+                if self._transport is not None:
+                    self._transport.set_protocol(self._inner)
+            else:
+                self._tail = seen[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._on_timeout()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(RESPONSE_408)
+            self._transport.close()
+
+
+class GatewaySite(web.BaseSite):
+    """A TCP site whose connections each get a :class:`HeaderDeadline`."""
+
+    __slots__ = ("_header_timeout_s", "_host", "_on_timeout", "_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        backlog: int,
+        header_timeout_s: float,
+        on_timeout: Callable[[], None],
+    ) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._header_timeout_s = header_timeout_s
+        self._on_timeout = on_timeout
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+
+        def connection() -> asyncio.Protocol:
+            return HeaderDeadline(server(), self._header_timeout_s, self._on_timeout)
+
+        self._server = await asyncio.get_running_loop().create_server(
+            connection, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )

@@ -1,0 +1,98 @@
+"""Hostile clients against a real gateway process: slowloris, oversized and ambiguous requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
+
+GatewayFactory = Callable[..., Awaitable[GatewayProcess]]
+
+
+async def raw_exchange(port: int, request: bytes, read_timeout_s: float = 10) -> bytes:
+    """Send ``request`` as is; return everything the gateway answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), read_timeout_s)
+    finally:
+        writer.close()
+
+
+async def test_headers_sent_a_byte_at_a_time_are_cut_off_with_a_408(
+    make_stack: StackFactory, gateway_process: GatewayFactory
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=5))
+    gw = await gateway_process(stack.emulator, server={"header_timeout_s": 1.0})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    started = time.monotonic()
+    head = b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+
+    async def trickle() -> None:
+        for byte in head:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        # Meanwhile a normal client is served as usual.
+        async with stack.session.post(
+            gw.url, json={"message": "hi"}, headers={"Authorization": f"Bearer {ACME_KEY}"}
+        ) as r:
+            _, events = await read_stream(r)
+        assert events[-1] == "[DONE]"
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        trickling.cancel()
+        writer.close()
+    took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "REQUEST_TIMEOUT"
+    assert 0.9 < took < 3.0
+    assert await gw.metric(stack.session, "chatiq_gateway_rejected_total") == 1
+
+
+async def test_a_request_whose_headers_arrive_in_time_is_not_cut(
+    make_stack: StackFactory, gateway_process: GatewayFactory
+) -> None:
+    # The deadline covers the head only: a stream may last far longer.
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=15))
+    gw = await gateway_process(stack.emulator, server={"header_timeout_s": 0.5})
+    async with stack.session.post(
+        gw.url, json={"message": "hi"}, headers={"Authorization": f"Bearer {ACME_KEY}"}
+    ) as r:
+        assert r.status == 200
+        _, events = await read_stream(r)
+    assert events[-1] == "[DONE]"
+
+
+async def test_oversized_and_ambiguous_requests_are_refused(
+    make_stack: StackFactory, gateway_process: GatewayFactory
+) -> None:
+    stack = await make_stack()
+    gw = await gateway_process(stack.emulator)
+    auth = f"Authorization: Bearer {ACME_KEY}\r\n".encode()
+    body = b'{"message": "hi"}'
+    cases = {
+        "request line": b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        "header": b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+        "both lengths": b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\n" + auth
+        + b"Content-Type: application/json\r\nContent-Length: 17\r\n"
+        + b"Transfer-Encoding: chunked\r\n\r\n11\r\n" + body + b"\r\n0\r\n\r\n",
+        "two lengths": b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\n" + auth
+        + b"Content-Type: application/json\r\nContent-Length: 17\r\nContent-Length: 5\r\n\r\n"
+        + body,
+    }  # fmt: skip
+    for case, request in cases.items():
+        answer = await raw_exchange(gw.port, request)
+        status = int(answer.split(b" ", 2)[1])
+        assert status in (400, 413, 431), (case, answer[:200])
+    # The process is unharmed.
+    async with stack.session.get(f"http://127.0.0.1:{gw.port}/healthz") as r:
+        assert r.status == 200
