@@ -38,6 +38,16 @@ class ChatRequest:
         return body
 
 
+def _check_text(name: str, value: str) -> None:
+    """Refuse what JSON allows but no upstream should get: NUL, and lone surrogates."""
+    if "\x00" in value:
+        raise InvalidRequest(f"'{name}' must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"'{name}' is not valid Unicode (a lone surrogate)") from None
+
+
 def parse_chat_request(raw: bytes, limits: ServerSettings, default_bot: str) -> ChatRequest:
     try:
         body = json.loads(raw)
@@ -58,6 +68,7 @@ def parse_chat_request(raw: bytes, limits: ServerSettings, default_bot: str) -> 
         raise InvalidRequest("'message' must be a string")
     if not message.strip():
         raise InvalidRequest("'message' must not be empty")
+    _check_text("message", message)
     if len(message) > limits.max_message_chars:
         raise InvalidRequest(f"'message' is longer than {limits.max_message_chars} characters")
 
@@ -76,6 +87,9 @@ def parse_chat_request(raw: bytes, limits: ServerSettings, default_bot: str) -> 
             f"'conversation_id' must be null or a string of 1 to "
             f"{MAX_CONVERSATION_ID_CHARS} characters"
         )
+
+    if conversation_id is not None:
+        _check_text("conversation_id", conversation_id)
 
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
