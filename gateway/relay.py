@@ -114,9 +114,10 @@ class Relay:
 
     async def _next_events(self) -> list[Event]:
         """The next events, with keep-alive pings while the upstream is silent."""
-        idle_by = min(self._loop.time() + self._settings.idle_timeout_s, self._deadline)
+        now = self._loop.time()
+        idle_by = min(now + self._settings.idle_timeout_s, self._deadline)
         while True:
-            ping_by = self._loop.time() + self._settings.keepalive_s
+            ping_by = now + self._settings.keepalive_s
             try:
                 return await self._source.read(min(ping_by, idle_by))
             except TimeoutError:

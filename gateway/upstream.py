@@ -80,7 +80,8 @@ class EventSource:
         self._loop = asyncio.get_running_loop()
         self._until = 0.0  # the deadline of the read in progress
         self._timer: asyncio.TimerHandle | None = None
-        self._reader: asyncio.Task[object] | None = None  # the task blocked in a read, if any
+        self._task: asyncio.Task[object] | None = None  # the task that reads this stream
+        self._reading = False  # that task is blocked in a read
         self._bytes_before = 0  # what the upstream had sent when that read began
         self._expired = False  # the timer cancelled the reader
 
@@ -109,24 +110,26 @@ class EventSource:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self._loop.call_at(until, self._on_timer)
-        self._reader = asyncio.current_task()
+        if self._task is None:
+            self._task = asyncio.current_task()  # one task reads a stream from start to end
+        self._reading = True
         self._bytes_before = content.total_bytes
         try:
             return await content.read(_READ_BYTES)
         except asyncio.CancelledError:
             if self._expired:
                 self._expired = False
-                if self._reader is not None and self._reader.uncancel() == 0:
+                if self._task is not None and self._task.uncancel() == 0:
                     raise TimeoutError from None  # only the timer cancelled: a timeout
             raise
         except (aiohttp.ClientError, OSError):
             raise UpstreamClosed("the chat service broke off the stream") from None
         finally:
-            self._reader = None
+            self._reading = False
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._reader is None:
+        if not self._reading or self._task is None:
             return  # no read in progress: the next one arms the timer again
         if self._loop.time() < self._until:
             self._timer = self._loop.call_at(self._until, self._on_timer)
@@ -139,7 +142,7 @@ class EventSource:
         ):
             return  # the reader is already woken (data, end or error): let it run
         self._expired = True
-        self._reader.cancel()
+        self._task.cancel()
 
     def close(self) -> None:
         """Give the connection back to the pool when the body ended, else close it."""
