@@ -56,6 +56,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app.router.add_post("/api/chatbot", handlers.chatbot)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/openapi.json", handlers.openapi)
     if settings.metrics.port == 0:
         app.router.add_get("/metrics", handlers.prometheus_metrics)
     frontend.add_routes(app, settings)

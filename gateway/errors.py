@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 
 
 class GatewayError(Exception):
@@ -59,6 +60,14 @@ class NotFound(GatewayError):
 class MethodNotAllowed(GatewayError):
     status = 405
     code = "METHOD_NOT_ALLOWED"
+
+    def __init__(self, message: str, allowed: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.allowed = sorted(allowed)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}  # required with a 405 (RFC 9110)
 
 
 class PayloadTooLarge(GatewayError):

@@ -53,11 +53,13 @@ def error_response(err: GatewayError) -> web.Response:
     )
 
 
-def _from_http_exception(e: web.HTTPException) -> GatewayError:
+def _from_http_exception(e: web.HTTPException, method: str) -> GatewayError:
     if e.status == 404:
         return NotFound("no such route")
-    if e.status == 405:
-        return MethodNotAllowed(f"method {e.reason!r} not allowed on this route")
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(
+            f"method {method} is not allowed on this route", allowed=e.allowed_methods
+        )
     if e.status == 413:
         return PayloadTooLarge("the body is too large")
     err = GatewayError(e.reason or "error")
@@ -84,7 +86,7 @@ def make_middleware(metrics: Metrics, log: Logger) -> Middleware:
             ex.error = e
             response = error_response(e)
         except web.HTTPException as e:
-            ex.error = _from_http_exception(e)
+            ex.error = _from_http_exception(e, request.method)
             response = error_response(ex.error)
         except asyncio.CancelledError:
             ex.outcome = "client_disconnect"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from aiohttp import web
 
@@ -66,6 +67,14 @@ async def chatbot(request: web.Request) -> web.StreamResponse:
         finally:
             lifecycle.streams.discard(task)
             live.dec()
+
+
+OPENAPI = Path(__file__).with_name("openapi.json")
+
+
+async def openapi(request: web.Request) -> web.FileResponse:
+    """The API's OpenAPI 3.1 document (``gateway/openapi.json``)."""
+    return web.FileResponse(OPENAPI, headers={"Content-Type": "application/json"})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -133,15 +133,23 @@ async def test_the_page_parser_survives_any_split(browser: Browser, stack: Stack
     ]
 
 
+async def until_true(page: Page, expression: str, timeout_s: float = 10) -> None:
+    """Poll a JavaScript expression. (Playwright's wait_for_function evaluates a
+    string inside the page, which the page's Content-Security-Policy forbids.)"""
+    for _ in range(int(timeout_s / 0.02)):
+        if await page.evaluate(expression):
+            return
+        await page.wait_for_timeout(20)
+    raise AssertionError(f"never true: {expression}")
+
+
 async def test_stop_cancels_the_stream_and_the_gateway_sees_it(
     browser: Browser, make_stack: StackFactory
 ) -> None:
     stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=200))
     page = await open_chat(browser, stack)
     await send(page, "Tell me a long story")
-    await page.wait_for_function(
-        "document.querySelector('.bubble.assistant')?.textContent.length > 10"
-    )
+    await until_true(page, "document.querySelector('.bubble.assistant')?.textContent.length > 10")
     await page.get_by_role("button", name="Stop").click()
     await wait_idle(page)
     bubble = page.locator(".bubble.assistant")
@@ -213,8 +221,9 @@ async def test_rich_replies_render_bubbles_images_and_suggestion_chips(
     chips = page.locator(".suggestions button")
     assert await chips.all_text_contents() == ["Tell me more", "Thanks!"]
     await chips.first.click()
-    await page.wait_for_function(
-        "[...document.querySelectorAll('.bubble.user')].at(-1)?.textContent === 'Tell me more'"
+    await until_true(
+        page,
+        "[...document.querySelectorAll('.bubble.user')].at(-1)?.textContent === 'Tell me more'",
     )
 
 
