@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -148,10 +148,36 @@ def gateway_settings(
 
 StackFactory = Callable[..., Awaitable[Stack]]
 
+# Every secret the tests use, and a message text: none may appear in any log line.
+SECRETS = (CHATIQ_KEY, ACME_KEY, LIMITED_KEY, TINY_KEY, "demo-key", "hunter2")
+
+
+@dataclass
+class LogAudit:
+    """The logs of every gateway the test run started, read once at its end."""
+
+    in_memory: list[io.StringIO]
+    root: Path  # gateway processes log to files under the run's temporary folder
+
+    def lines(self) -> list[str]:
+        texts = [log.getvalue() for log in self.in_memory]
+        texts += [p.read_text(errors="replace") for p in sorted(self.root.rglob("gateway-*.log"))]
+        return [line for text in texts for line in text.splitlines()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def log_audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LogAudit]:
+    """After the whole run: grep every log line of every gateway for every secret."""
+    audit = LogAudit([], tmp_path_factory.getbasetemp())
+    yield audit
+    lines = audit.lines()
+    leaks = [(s, line[:200]) for line in lines for s in SECRETS if s in line]
+    assert not leaks, f"secrets in {len(leaks)} log lines, e.g. {leaks[:3]}"
+
 
 @pytest.fixture
 async def make_stack(
-    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    aiohttp_server: Callable[..., Awaitable[TestServer]], log_audit: LogAudit
 ) -> AsyncIterator[StackFactory]:
     stacks: list[Stack] = []
 
@@ -171,6 +197,7 @@ async def make_stack(
             str(emu.make_url("/api/chat")), admission, circuit, server, **upstream
         )
         logs = io.StringIO()
+        log_audit.in_memory.append(logs)
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))
         # Test servers cancel a handler when its client disconnects, as run_app does here.
         gw = await aiohttp_server(app, access_log=None)
