@@ -19,9 +19,10 @@ from .config import ConfigError, Settings, load_settings
 from .edge import GatewaySite
 from .logs import Logger, make_logger
 from .state import METRICS
+from .workers import supervise
 
 
-async def serve(settings: Settings, log: Logger) -> None:
+async def serve(settings: Settings, log: Logger, *, shared_port: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then drain and stop.
 
     The socket stays open while draining, so new requests get a clear 503
@@ -35,6 +36,7 @@ async def serve(settings: Settings, log: Logger) -> None:
     site = GatewaySite(
         runner, server.host, server.port, backlog=server.backlog,
         header_timeout_s=server.header_timeout_s, on_timeout=rejected.inc,
+        reuse_port=shared_port,
     )  # fmt: skip
     await site.start()
     runners = [runner]
@@ -42,7 +44,9 @@ async def serve(settings: Settings, log: Logger) -> None:
         metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
         await metrics_runner.setup()
         m = settings.metrics
-        await web.TCPSite(metrics_runner, m.host, m.port, reuse_address=True).start()
+        await web.TCPSite(
+            metrics_runner, m.host, m.port, reuse_address=True, reuse_port=shared_port
+        ).start()
         runners.append(metrics_runner)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -128,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", default="config/gateway.toml", help="TOML file (default: %(default)s)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="processes sharing the port (SO_REUSEPORT); default: server.workers, 1",
+    )  # fmt: skip
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
@@ -140,8 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     needed = 2 * a.max_streams + a.max_queue + 64  # two sockets a stream, one a queued client
     if open_files < needed:
         log.warning("open_files_limit_low", limit=open_files, needed=needed)
+    workers = args.workers if args.workers is not None else settings.server.workers
+    if workers < 1:
+        print("chatiq-gateway: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if workers > 1 and not args.worker:
+        return supervise(args.config, workers, log)
     try:
-        run(serve(settings, log), settings.server.event_loop, log)
+        run(serve(settings, log, shared_port=args.worker), settings.server.event_loop, log)
     except OSError as e:  # typically: the port is taken
         print(f"chatiq-gateway: cannot serve: {e}", file=sys.stderr)
         return 1

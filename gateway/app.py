@@ -35,7 +35,8 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     log = make_logger(settings.logging) if log is None else log
     metrics = Metrics(named_bots(settings), enabled=settings.metrics.enabled)
     admission = Admission(settings.admission, settings.tenants)
-    metrics.queue_depth.set_function(lambda: admission.queued)
+    if not metrics.multiprocess:
+        metrics.queue_depth.set_function(lambda: admission.queued)
     breaker = CircuitBreaker(settings.circuit, on_change=_breaker_reporter(metrics, log))
 
     app = web.Application(
@@ -52,6 +53,8 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[LOG] = log
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_upstream_client)
+    if metrics.multiprocess:
+        app.cleanup_ctx.append(_publish_queue_depth)
 
     app.router.add_post("/api/chatbot", handlers.chatbot)
     app.router.add_get("/healthz", handlers.healthz)
@@ -112,3 +115,16 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     ) as session:
         app[UPSTREAM] = Upstream(settings, session, app[METRICS], app[BREAKER], app[LOG])
         yield
+
+
+async def _publish_queue_depth(app: web.Application) -> AsyncIterator[None]:
+    """Several workers: a gauge cannot be read on demand, so it is written twice a second."""
+
+    async def publish() -> None:
+        while True:
+            app[METRICS].queue_depth.set(app[ADMISSION].queued)
+            await asyncio.sleep(0.5)
+
+    task = asyncio.create_task(publish())
+    yield
+    task.cancel()

@@ -33,6 +33,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     backlog: int = 2048  # pending connections the kernel queues (capped by net.core.somaxconn)
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT); limits apply per process
     header_timeout_s: float = 10.0  # a connection's first request head must arrive by then (408)
     event_loop: str = "auto"  # "uvloop", "asyncio", or "auto" (uvloop when installed)
     max_body_bytes: int = 64 * 1024
@@ -338,6 +339,7 @@ def _validate(s: Settings) -> None:
         "upstream.max_json_bytes": s.upstream.max_json_bytes,
         "admission.max_streams": s.admission.max_streams,
         "server.backlog": s.server.backlog,
+        "server.workers": s.server.workers,
         "server.header_timeout_s": s.server.header_timeout_s,
         "upstream.keepalive_s": s.upstream.keepalive_s,
         "upstream.client_write_timeout_s": s.upstream.client_write_timeout_s,

@@ -84,7 +84,7 @@ class HeaderDeadline(asyncio.Protocol):
 class GatewaySite(web.BaseSite):
     """A TCP site whose connections each get a :class:`HeaderDeadline`."""
 
-    __slots__ = ("_header_timeout_s", "_host", "_on_timeout", "_port")
+    __slots__ = ("_header_timeout_s", "_host", "_on_timeout", "_port", "_reuse_port")
 
     def __init__(
         self,
@@ -95,8 +95,10 @@ class GatewaySite(web.BaseSite):
         backlog: int,
         header_timeout_s: float,
         on_timeout: Callable[[], None],
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, backlog=backlog)
+        self._reuse_port = reuse_port
         self._host = host
         self._port = port
         self._header_timeout_s = header_timeout_s
@@ -115,5 +117,6 @@ class GatewaySite(web.BaseSite):
             return HeaderDeadline(server(), self._header_timeout_s, self._on_timeout)
 
         self._server = await asyncio.get_running_loop().create_server(
-            connection, self._host, self._port, backlog=self._backlog, reuse_address=True
-        )
+            connection, self._host, self._port, backlog=self._backlog,
+            reuse_address=True, reuse_port=self._reuse_port,
+        )  # fmt: skip

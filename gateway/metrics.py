@@ -3,10 +3,19 @@
 Labels stay bounded: tenants come from the configuration, and a bot is its
 own label only when the configuration names it (a tenant's bot list or the
 default bot); any other bot a client asks for is counted as ``other``.
+
+With several worker processes (``--workers``), prometheus-client's
+multiprocess mode keeps each worker's values in files under
+``PROMETHEUS_MULTIPROC_DIR``, and whichever worker answers ``/metrics``
+sums them: counters and histograms add up, live-stream and queue gauges are
+summed over live workers, the circuit gauge is the highest. Process metrics
+(RSS, CPU) are then left to the host's exporters: they would describe only
+the worker that happened to answer.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Iterable
 from importlib import metadata
@@ -22,9 +31,11 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 
 NAMESPACE = "chatiq_gateway"
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by the supervisor of several workers
 OTHER_BOT = "other"
 # Streaming chat: first tokens from a few milliseconds to a minute.
 LATENCY_BUCKETS = (
@@ -59,6 +70,7 @@ class _Null:
 class Metrics:
     def __init__(self, bots: Iterable[str] = (), *, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR))
         self.registry = CollectorRegistry(auto_describe=True)
         self._bots = frozenset(bots)
         r = self.registry
@@ -67,6 +79,10 @@ class Metrics:
         def make(cls: type, name: str, doc: str, labels: Iterable[str] = (), **kw: Any) -> Any:
             if not enabled:
                 return _Null()
+            if cls is Gauge and self.multiprocess:
+                kw.setdefault("multiprocess_mode", "livesum")
+            elif cls is Gauge:
+                kw.pop("multiprocess_mode", None)
             return cls(name, doc, list(labels), namespace=ns, registry=r, **kw)
 
         self.requests = make(
@@ -110,8 +126,9 @@ class Metrics:
             Counter, "client_disconnects", "Clients that left before the end.", ["tenant"]
         )
         self.circuit_open = make(
-            Gauge, "circuit_open", "1 while the upstream's circuit breaker is open."
-        )
+            Gauge, "circuit_open", "1 while the upstream's circuit breaker is open.",
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self.overhead = make(
             Histogram,
             "overhead_seconds",
@@ -121,13 +138,19 @@ class Metrics:
             ["phase"],
             buckets=OVERHEAD_BUCKETS,
         )
-        if enabled:
+        build = {
+            "version": version(),
+            "python": platform.python_version(),
+            "aiohttp": aiohttp.__version__,
+        }
+        if enabled and self.multiprocess:  # Info has no multiprocess mode: the same series
+            make(
+                Gauge, "build_info", "The gateway's version and runtime.", list(build),
+                multiprocess_mode="livemax",
+            ).labels(**build).set(1)  # fmt: skip
+        elif enabled:
             Info("build", "The gateway's version and runtime.", namespace=ns, registry=r).info(
-                {
-                    "version": version(),
-                    "python": platform.python_version(),
-                    "aiohttp": aiohttp.__version__,
-                }
+                build
             )
             ProcessCollector(registry=r)  # process_resident_memory_bytes, _cpu_seconds, fds
             PlatformCollector(registry=r)
@@ -139,4 +162,8 @@ class Metrics:
         return bot if bot in self._bots else OTHER_BOT
 
     def exposition(self) -> bytes:
+        if self.multiprocess:
+            everyone = CollectorRegistry()
+            multiprocess.MultiProcessCollector(everyone)  # type: ignore[no-untyped-call]
+            return generate_latest(everyone)
         return generate_latest(self.registry)

@@ -144,7 +144,7 @@ class Stack:
         self.ports = {name: free_port() for name in ("emulator", "gateway", "nginx", "naive")}
         self.emulator = start_emulator(self.ports["emulator"], *emulator_args)
         self.gateway, _ = start_gateway(
-            workdir, self.ports["gateway"], self.ports["emulator"], KEY, None, **gateway_tables
+            workdir, self.ports["gateway"], self.ports["emulator"], KEY, None, (), **gateway_tables
         )
         self.nginx = start_nginx(
             workdir / f"nginx-{self.ports['nginx']}", self.ports["nginx"], self.ports["emulator"],
@@ -188,8 +188,8 @@ GATEWAY_TABLES: dict[str, dict[str, Any]] = {
 
 
 @contextmanager
-def stack(workdir: Path, emulator_args: list[str]) -> Iterator[Stack]:
-    s = Stack(workdir, emulator_args, GATEWAY_TABLES)
+def stack(workdir: Path, emulator_args: list[str], workers: int = 1) -> Iterator[Stack]:
+    s = Stack(workdir, emulator_args, {**GATEWAY_TABLES, "server": {"workers": workers}})
     try:
         yield s
     finally:
@@ -227,12 +227,14 @@ async def measure_path(s: Stack, path: str, plan: Plan) -> PathResult:
     )
 
 
-async def run_level(workdir: Path, plan: Plan, paths: tuple[str, ...]) -> list[PathResult]:
+async def run_level(
+    workdir: Path, plan: Plan, paths: tuple[str, ...], workers: int
+) -> list[PathResult]:
     emulator_args = [
         "--ttft-ms", str(TTFT_MS), "--tokens-per-s", str(plan.tokens_per_s),
         "--reply-tokens", str(plan.tokens),
     ]  # fmt: skip
-    with stack(workdir, emulator_args) as s:
+    with stack(workdir, emulator_args, workers) as s:
         await s.ready()
         out = []
         for path in paths:
@@ -403,7 +405,7 @@ async def main_async(args: argparse.Namespace) -> int:
         results = []
         for c in levels:
             plan = Plan.for_level(c, args.tokens, args.min_duration)
-            results.append((plan, await run_level(workdir, plan, paths)))
+            results.append((plan, await run_level(workdir, plan, paths, args.workers)))
         capacity = await run_capacity(workdir, args.hold, args.hold_seconds) if args.hold else None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -428,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")
     parser.add_argument("--hold", type=int, default=10_000, help="open streams to hold (0: skip)")
     parser.add_argument("--hold-seconds", type=float, default=10.0, help="how long to hold them")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gateway worker processes (the gateway rows)"
+    )
     parser.add_argument("--out", default="results/bench")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def start_gateway(
     emulator_port: int,
     tenant_key: str,
     api_key: str | None = None,
-    **tables: dict[str, Any],
+    extra_args: Sequence[str] = (),
+    **tables: Any,  # TOML tables: server={...}, upstream={...}
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """A gateway with one unlimited tenant; ``tables`` add settings (server={...}, ...).
 
@@ -77,7 +79,7 @@ def start_gateway(
     if api_key:
         env["CHATIQ_API_KEY"] = api_key
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config)],
+        [sys.executable, "-m", "gateway", "--config", str(config), *extra_args],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,

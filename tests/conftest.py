@@ -294,7 +294,7 @@ async def gateway_process(
         port = free_port()
         assert emulator.port is not None
         process, log_path = start_gateway(
-            tmp_path, port, emulator.port, ACME_KEY, api_key=CHATIQ_KEY, **tables
+            tmp_path, port, emulator.port, ACME_KEY, CHATIQ_KEY, (), **tables
         )
         gw = GatewayProcess(process, port, log_path)
         started.append(gw)
