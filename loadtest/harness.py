@@ -9,6 +9,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,24 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def answers(url: str) -> bool:
+    """Whether ``url`` answers 2xx now (blocking; for scripts and sync tests)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_answering(url: str, timeout_s: float = 30.0) -> None:
+    """Block until ``url`` answers 2xx."""
+    until = time.monotonic() + timeout_s
+    while not answers(url):
+        if time.monotonic() > until:
+            raise SystemExit(f"{url} never answered")
+        time.sleep(0.05)
 
 
 async def wait_ready(url: str, timeout_s: float = 15.0) -> None:

@@ -13,18 +13,9 @@ import argparse
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from loadtest.harness import stop
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except OSError:
-        return False
+from loadtest.harness import answers, stop
 
 
 def main(argv: list[str] | None = None) -> int:

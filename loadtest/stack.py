@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 import tomllib
-import urllib.request
 from urllib.parse import urlsplit
+
+from loadtest.harness import answers
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
@@ -23,11 +24,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20.0
     while time.monotonic() < until:
         if proc.poll() is not None:
             raise SystemExit(f"stack: {proc.args!r} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
+        if answers(url):
+            return
+        time.sleep(0.1)
     raise SystemExit(f"stack: {url} did not answer within {timeout_s:.0f} s")
 
 

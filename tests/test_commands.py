@@ -8,24 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from loadtest.harness import free_port
+from loadtest.harness import free_port, wait_answering
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(url: str, timeout_s: float = 30.0) -> None:
-    until = time.monotonic() + timeout_s
-    while time.monotonic() < until:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
+    wait_answering(url, timeout_s)
 
 
 def is_closed(port: int) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,21 +24,11 @@ from hypothesis import strategies as st
 from schemathesis.checks import positive_data_acceptance
 
 from gateway.handlers import OPENAPI
-from loadtest.harness import free_port, start_emulator, start_gateway, stop
+from loadtest.harness import free_port, start_emulator, start_gateway, stop, wait_answering
 from tests.conftest import ACME_KEY, CHATIQ_KEY
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 schema = schemathesis.openapi.from_path(OPENAPI)
-
-
-def wait_http(url: str) -> None:
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} never answered")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +51,7 @@ def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )  # fmt: skip
     processes: list[subprocess.Popen[bytes]] = [emulator, gateway]
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
+        wait_answering(f"http://127.0.0.1:{port}/healthz")
         yield f"http://127.0.0.1:{port}"
         assert "Traceback" not in log.read_text()
     finally:
