@@ -2,12 +2,12 @@
 
 aiohttp waits as long as a client likes for the headers of a request, so a
 client sending a byte a second (slowloris) could hold a connection, and many
-of them every socket the process may open. Here each connection must deliver
-its first request head within ``server.header_timeout_s``, or it gets a 408
-in ChatIQ's error shape and is closed. Once the head is in, the wrapper steps
-out of the connection's path (``set_protocol``): it costs nothing per event.
-Later requests on a kept-alive connection are bounded by aiohttp's own
-keep-alive timeout between requests.
+of them every socket the process may open. Here every request head, the
+first on a connection and each later one on a kept-alive connection, must
+arrive within ``server.header_timeout_s`` of its first byte (of the
+connection's opening, for the first), or the client gets a 408 in ChatIQ's
+error shape and the connection is closed. The wrapper only looks at what
+clients send (requests, not the streams going out), a few bytes at a time.
 """
 
 from __future__ import annotations
@@ -40,23 +40,33 @@ class HeaderDeadline(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""  # the last bytes seen, to find a head's end across reads
+        self._between_requests = False  # a request was handled; no byte of the next yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
+        self._arm()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._between_requests:  # the first byte of the next request's head
+            self._between_requests = False
+            self._arm()
         if self._timer is not None:
             seen = self._tail + data
             if b"\r\n\r\n" in seen:
                 self._timer.cancel()
                 self._timer = None
-                if self._transport is not None:
-                    self._transport.set_protocol(self._inner)
+                self._tail = b""
             else:
                 self._tail = seen[-3:]
         self._inner.data_received(data)
+
+    def request_finished(self) -> None:
+        """The request was handled: what the client sends next is a new head."""
+        self._between_requests = True
+
+    def _arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -120,3 +130,11 @@ class GatewaySite(web.BaseSite):
             connection, self._host, self._port, backlog=self._backlog,
             reuse_address=True, reuse_port=self._reuse_port,
         )  # fmt: skip
+
+
+def request_finished(request: web.Request) -> None:
+    """Tell the request's connection that its next bytes start a new request head."""
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    if isinstance(protocol, HeaderDeadline):
+        protocol.request_finished()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from .edge import request_finished
 from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .logs import Logger
 from .metrics import Metrics
@@ -99,6 +100,7 @@ def make_middleware(metrics: Metrics, log: Logger) -> Middleware:
             response = error_response(ex.error)
         ex.status = response.status
         _finish(ex, loop.time(), metrics, log)
+        request_finished(request)
         return response
 
     return exchange_middleware

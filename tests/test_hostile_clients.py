@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -96,3 +97,37 @@ async def test_oversized_and_ambiguous_requests_are_refused(
     # The process is unharmed.
     async with stack.session.get(f"http://127.0.0.1:{gw.port}/healthz") as r:
         assert r.status == 200
+
+
+async def test_a_slow_second_head_on_a_kept_alive_connection_is_cut_too(
+    make_stack: StackFactory, gateway_process: GatewayFactory
+) -> None:
+    stack = await make_stack()
+    gw = await gateway_process(stack.emulator, server={"header_timeout_s": 1.0})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(re.search(rb"Content-Length: (\d+)", head, re.I)[1])  # type: ignore[index]
+        await reader.readexactly(length)
+        # The connection is kept alive; now the next head comes a byte at a time.
+        started = time.monotonic()
+        answer = b""
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+            if reader.at_eof() or (answer := await _available(reader)):
+                break
+        answer += await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert 0.9 < time.monotonic() - started < 3.0
+
+
+async def _available(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await asyncio.wait_for(reader.read(4096), 0.001)
+    except TimeoutError:
+        return b""
