@@ -34,7 +34,7 @@ class ServerSettings:
     port: int = 8080
     backlog: int = 2048  # pending connections the kernel queues (capped by net.core.somaxconn)
     workers: int = 1  # processes sharing the port (SO_REUSEPORT); limits apply per process
-    header_timeout_s: float = 10.0  # a connection's first request head must arrive by then (408)
+    header_timeout_s: float = 10.0  # each request head, from its first byte, else 408
     event_loop: str = "auto"  # "uvloop", "asyncio", or "auto" (uvloop when installed)
     max_body_bytes: int = 64 * 1024
     max_message_chars: int = 8000

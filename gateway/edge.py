@@ -29,7 +29,7 @@ RESPONSE_408 = (
 
 
 class HeaderDeadline(asyncio.Protocol):
-    """Wraps aiohttp's protocol for one connection until its first request head is in."""
+    """Wraps aiohttp's protocol for one connection: a deadline on each request head."""
 
     def __init__(
         self, inner: asyncio.Protocol, timeout_s: float, on_timeout: Callable[[], None]

@@ -37,7 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.harness import cpu_seconds, free_port, rss_mib, start_emulator, start_gateway, stop
+from loadtest.harness import (
+    cpu_seconds,
+    free_port,
+    percentile,
+    rss_mib,
+    start_emulator,
+    start_gateway,
+    stop,
+)
 from loadtest.harness import wait_ready as wait_http_ready
 from loadtest.loadgen import Target, hold_streams, run_streams
 from loadtest.nginx import start_nginx
@@ -77,13 +85,6 @@ class PathResult:
     proxy_peak_rss_mib: float | None
     emulator_cpu: float  # share of one core over the run
     loadgen_cpu: float
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def process_tree(pid: int) -> list[int]:
@@ -318,7 +319,9 @@ def fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
 
 def added(values: list[float], direct: list[float]) -> str:
     """The p50 and p99 of ``values`` minus those of ``direct``."""
-    return " / ".join(fmt(pct(values, q) - pct(direct, q), 2, signed=True) for q in (0.5, 0.99))
+    return " / ".join(
+        fmt(percentile(values, q) - percentile(direct, q), 2, signed=True) for q in (0.5, 0.99)
+    )
 
 
 def report(
@@ -339,8 +342,8 @@ def report(
     for plan, results in levels:
         direct = next((r for r in results if r.path == "direct"), None)
         for r in results:
-            t50, t99 = pct(r.ttft_ms, 0.5), pct(r.ttft_ms, 0.99)
-            g50, g99 = pct(r.gap_ms, 0.5), pct(r.gap_ms, 0.99)
+            t50, t99 = percentile(r.ttft_ms, 0.5), percentile(r.ttft_ms, 0.99)
+            g50, g99 = percentile(r.gap_ms, 0.5), percentile(r.gap_ms, 0.99)
             if direct is not None and r is not direct:
                 added_t = added(r.ttft_ms, direct.ttft_ms)
                 added_g = added(r.gap_ms, direct.gap_ms)

@@ -119,6 +119,14 @@ def stop(*processes: subprocess.Popen[bytes]) -> None:
             p.wait()
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile by rank, exact (no interpolation, no rounding); NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process."""
     with open(f"/proc/{pid}/stat") as f:

@@ -34,6 +34,7 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from gateway.sse import SSEParser
+from loadtest.harness import percentile
 
 SCENARIO = Path(__file__).with_name("scenario.toml")
 KINDS = ("TTFT", "ITL", "STREAM")
@@ -75,11 +76,6 @@ def _send_samples(client_id: str, data: dict[str, Any]) -> None:
 def _collect_samples(client_id: str, data: dict[str, Any]) -> None:
     if "chatiq_samples" in data:
         SAMPLES.merge(data["chatiq_samples"])
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _summarise(environment: Environment, **kwargs: Any) -> None:
