@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 from aiohttp import web
 
 from . import frontend, handlers
@@ -29,6 +28,7 @@ from .state import (
     Lifecycle,
 )
 from .upstream import Upstream
+from .wire import Pool
 
 
 def create_app(settings: Settings, *, log: Logger | None = None) -> web.Application:
@@ -105,16 +105,12 @@ async def drain(app: web.Application, grace_s: float) -> None:
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
-    """One pooled ClientSession for the app's whole life."""
+    """One pool of upstream connections for the app's whole life."""
     settings = app[SETTINGS].upstream
-    connector = aiohttp.TCPConnector(
-        limit=settings.max_connections, limit_per_host=settings.max_connections
-    )
-    async with aiohttp.ClientSession(
-        connector=connector, trust_env=False, auto_decompress=True
-    ) as session:
-        app[UPSTREAM] = Upstream(settings, session, app[METRICS], app[BREAKER], app[LOG])
-        yield
+    pool = Pool(settings.url, settings.max_connections)
+    app[UPSTREAM] = Upstream(settings, pool, app[METRICS], app[BREAKER], app[LOG])
+    yield
+    pool.close()
 
 
 async def _publish_queue_depth(app: web.Application) -> AsyncIterator[None]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _BOT_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ANY_BOT = "*"
@@ -309,6 +310,11 @@ def _validate(s: Settings) -> None:
             "upstream.url: chatiq.io redirects to www.chatiq.io, and the gateway never "
             "follows a redirect with the key; use https://www.chatiq.io/api/chat"
         )
+    if not _VISIBLE_ASCII.fullmatch(s.upstream.url):
+        raise ConfigError("upstream.url: spaces and control characters are not allowed")
+    if s.upstream.api_key is not None and not _VISIBLE_ASCII.fullmatch(s.upstream.api_key):
+        # It goes into a request header as it is: never with a line break in it.
+        raise ConfigError("CHATIQ_API_KEY: only visible ASCII characters are allowed")
     if not _BOT_SLUG.match(s.upstream.bot_slug):
         raise ConfigError("upstream.bot_slug: not a valid bot slug")
     if not 0 <= s.server.port <= 65535:

@@ -42,6 +42,9 @@ PING = b": ping\n\n"
 _ROOM = 16 * 1024
 
 
+_DRAIN = object()  # the client is behind: wait for it
+
+
 class SlowClient(Exception):
     """The client read nothing for ``client_write_timeout_s``."""
 
@@ -58,6 +61,17 @@ def is_content_chunk(data: str) -> bool:
 
 
 class Relay:
+    """Writes the upstream's events to the client as they arrive.
+
+    The first batch goes out through aiohttp (it carries the response head);
+    after that the relay is the ``EventSource``'s consumer: each batch is
+    written to the client's transport from inside the upstream connection's
+    ``data_received``, with no task switch. The handler's task only waits for
+    the end, or for a slow client to drain (the upstream is paused meanwhile).
+    One lazy timer per stream watches the idle gap, the keep-alive pings and
+    the total deadline; an event only records the time.
+    """
+
     def __init__(
         self, request: web.Request, source: EventSource, exchange: Exchange, deadline: float
     ) -> None:
@@ -73,23 +87,45 @@ class Relay:
         self._relay_overhead = self._metrics.overhead.labels("relay")
         self._loop = asyncio.get_running_loop()
         self._response = web.StreamResponse(headers=SSE_HEADERS)
+        self._transport: asyncio.Transport | None = None
+        self._chunked = True
+        self._high_water = _ROOM
+        # What wakes the handler's task: None (the stream is done), _DRAIN, or the failure.
+        self._wake: asyncio.Future[BaseException | object | None] | None = None
+        self._over = False  # no more events go out: the stream is done or ending
+        self._done = False  # [DONE] went out
+        self._draining = False  # the client is behind; the upstream is paused
+        self._last_event = self._last_write = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     async def run(self, first: list[Event]) -> web.StreamResponse:
         try:
             await self._relay(first)
         finally:
-            self._source.close()
+            self._stop()
+            self._source.close(done=self._done)
         return self._response
 
     async def _relay(self, first: list[Event]) -> None:
         response = self._response
         await response.prepare(self._request)
         self._ex.streamed = True
+        self._transport = self._request.transport
+        self._chunked = response.headers.get("Transfer-Encoding") == "chunked"  # HTTP/1.1
+        if self._transport is not None:
+            self._high_water = self._transport.get_write_buffer_limits()[1]
         try:
-            done = await self._write(first)
-            while not done:
-                done = await self._write(await self._next_events())
+            arrived = self._loop.time()
+            payload, failure = self._batch(first)
+            if payload:
+                self._relay_overhead.observe(self._loop.time() - arrived)
+                await self._send(payload)  # through aiohttp: the head goes with it
+            if failure is not None:
+                raise failure
+            if not self._done:
+                await self._pushed()
         except UpstreamError as e:
+            self._stop()
             if e.kind is not None:
                 self._metrics.upstream_errors.labels(e.kind).inc()
             self._log.warning(
@@ -98,10 +134,12 @@ class Relay:
             )  # fmt: skip
             await self._end_with_error(e)
         except (ConnectionError, SlowClient) as e:
+            self._stop()
             self._ex.outcome = "slow_client" if isinstance(e, SlowClient) else "client_disconnect"
             if self._request.transport is not None:
                 self._request.transport.close()
         except asyncio.CancelledError:
+            self._stop()
             if not self._lifecycle.draining:
                 raise  # the client left: the handler is being cancelled
             task = asyncio.current_task()
@@ -109,38 +147,78 @@ class Relay:
                 task.uncancel()
             await self._end_with_error(Draining("the gateway is restarting; please retry"))
         except Exception as e:  # a bug: the stream still ends as the contract says
+            self._stop()
             self._log.error("relay_bug", request_id=self._ex.request_id, error=type(e).__name__)
             await self._end_with_error(GatewayError(f"internal error ({type(e).__name__})"))
 
-    async def _next_events(self) -> list[Event]:
-        """The next events, with keep-alive pings while the upstream is silent."""
+    async def _pushed(self) -> None:
+        """Events now flow in ``on_events``; wait for the end, draining a slow client."""
         now = self._loop.time()
-        idle_by = min(now + self._settings.idle_timeout_s, self._deadline)
-        while True:
-            ping_by = now + self._settings.keepalive_s
-            try:
-                return await self._source.read(min(ping_by, idle_by))
-            except TimeoutError:
-                now = self._loop.time()
-                if now >= self._deadline:
-                    raise TotalTimeout("the stream ran past its time limit") from None
-                if now >= idle_by:
-                    raise IdleTimeout("the chat service stopped sending") from None
-                await self._send(PING)
+        self._last_event = self._last_write = now
+        self._arm(now)
+        self._source.attach(self)
+        while not self._over:
+            self._wake = self._loop.create_future()
+            outcome = await self._wake
+            self._wake = None
+            if outcome is None:
+                return
+            if outcome is _DRAIN:
+                await self._drain()
+                continue
+            assert isinstance(outcome, BaseException)
+            raise outcome
 
-    async def _write(self, events: list[Event]) -> bool:
-        """Write a batch of whole events; True once ``[DONE]`` went out."""
+    # EventConsumer: called from the upstream connection's data_received
+
+    def on_events(self, events: list[Event]) -> None:
+        if self._over:
+            return
+        try:
+            self._push(events)
+        except Exception as e:  # a bug: the handler's task ends the stream properly
+            self._finish(e)
+
+    def _push(self, events: list[Event]) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            self._finish(ConnectionResetError("the client went away"))
+            return
         arrived = self._loop.time()
+        self._last_event = arrived
+        payload, failure = self._batch(events)
+        if payload:
+            transport.write(_chunk(payload) if self._chunked else payload)
+            self._ex.bytes_out += len(payload)
+            self._last_write = arrived
+            self._relay_overhead.observe(self._loop.time() - arrived)
+        if failure is not None:
+            self._finish(failure)
+        elif self._done:
+            self._finish(None)
+        elif transport.get_write_buffer_size() > self._high_water and not self._draining:
+            self._draining = True
+            self._source.pause()
+            self._signal(_DRAIN)
+
+    def on_failure(self, failure: UpstreamError) -> None:
+        if not self._over:
+            self._finish(failure)
+
+    # the parts
+
+    def _batch(self, events: list[Event]) -> tuple[bytes, UpstreamError | None]:
+        """The bytes of the whole events to send, up to ``[DONE]`` or a bad event."""
         ex = self._ex
-        batch: list[bytes] = []
+        raws: list[bytes] = []
         failure: UpstreamError | None = None
-        done = content = False
+        content = False
         for event in events:
             if event.data is not None:
                 if event.data == DONE_DATA:
-                    batch.append(event.raw)
+                    raws.append(event.raw)
                     ex.events += 1
-                    done = True
+                    self._done = True
                     break
                 try:
                     content = is_content_chunk(event.data) or content
@@ -148,19 +226,77 @@ class Relay:
                     failure = e
                     break
                 ex.events += 1
-            batch.append(event.raw)
-        if batch:
-            payload = b"".join(batch)
-            self._relay_overhead.observe(self._loop.time() - arrived)
-            await self._send(payload)
+            raws.append(event.raw)
         if content and ex.ttft is None:
             ex.ttft = self._loop.time() - ex.started
             self._metrics.time_to_first_token.labels(ex.tenant, ex.bot_label).observe(ex.ttft)
-        if failure is not None:
-            raise failure
-        return done
+        return (raws[0] if len(raws) == 1 else b"".join(raws)), failure
+
+    def _finish(self, outcome: BaseException | None) -> None:
+        """The stream ends: stop pushing, and wake the handler's task to end it."""
+        self._stop()
+        self._signal(outcome)
+
+    def _signal(self, outcome: BaseException | object | None) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(outcome)
+
+    def _stop(self) -> None:
+        self._over = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _drain(self) -> None:
+        """Wait for the client to take what it was sent; then the upstream resumes."""
+        try:
+            async with asyncio.timeout(self._settings.client_write_timeout_s):
+                await self._request.writer.drain()
+        except TimeoutError:
+            raise SlowClient from None
+        now = self._loop.time()
+        self._last_event = self._last_write = now  # the upstream was held, not silent
+        self._draining = False
+        if not self._over:
+            self._source.resume()
+
+    def _arm(self, now: float) -> None:
+        s = self._settings
+        when = min(
+            self._deadline,
+            self._last_event + s.idle_timeout_s,
+            self._last_write + s.keepalive_s,
+        )
+        self._timer = self._loop.call_at(max(when, now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Total deadline, idle upstream, keep-alive ping: whichever is due."""
+        self._timer = None
+        if self._over:
+            return
+        now = self._loop.time()
+        if now >= self._deadline:
+            self._finish(TotalTimeout("the stream ran past its time limit"))
+            return
+        if not self._draining:
+            if now >= self._last_event + self._settings.idle_timeout_s:
+                self._finish(IdleTimeout("the chat service stopped sending"))
+                return
+            if now >= self._last_write + self._settings.keepalive_s:
+                self._ping(now)
+        self._arm(now)
+
+    def _ping(self, now: float) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            self._finish(ConnectionResetError("the client went away"))
+            return
+        transport.write(_chunk(PING) if self._chunked else PING)
+        self._ex.bytes_out += len(PING)
+        self._last_write = now
 
     async def _send(self, payload: bytes) -> None:
+        """Write through aiohttp (the first batch and the ending), waiting out a slow client."""
         transport = self._request.transport
         if transport is not None and transport.get_write_buffer_size() + len(payload) < _ROOM:
             # The client keeps up: the write cannot wait for a drain, so no timer is needed.
@@ -179,3 +315,8 @@ class Relay:
             await self._send(format_event(err.body_json()) + DONE_EVENT)
         except (ConnectionError, SlowClient):
             self._ex.outcome = "client_disconnect"
+
+
+def _chunk(payload: bytes) -> bytes:
+    """One HTTP/1.1 chunk, as aiohttp would frame it."""
+    return b"%x\r\n%b\r\n" % (len(payload), payload)

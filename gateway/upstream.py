@@ -15,9 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
-
-import aiohttp
+from typing import Protocol, TypeVar
 
 from .breaker import CircuitBreaker
 from .chat import ChatRequest
@@ -38,6 +36,7 @@ from .logs import Logger
 from .metrics import Metrics
 from .retry import backoff_s, retry_reason
 from .sse import Event, SSEParser, SSEProtocolError
+from .wire import Connection, Head, Pool, WireError, WireProtocolError, read_body
 
 _ERROR_BODY_LIMIT = 64 * 1024
 # The most one read takes from the upstream: what a relay holds while a slow
@@ -61,118 +60,144 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-class EventSource:
-    """An upstream ``text/event-stream`` response, read as whole events.
+class EventConsumer(Protocol):
+    """Where an attached ``EventSource`` pushes what it reads (see ``relay.Relay``)."""
 
-    Each read has a deadline, but a stream reads an event every few
-    milliseconds for minutes: rather than a timer per read (as
-    ``asyncio.timeout`` would arm), one timer per stream is moved lazily. A
-    read only records its deadline; the timer, when it fires early, re-arms
-    itself for the latest one. So a timer runs about once per deadline span
-    (seconds), not once per event.
+    def on_events(self, events: list[Event]) -> None: ...
+
+    def on_failure(self, failure: UpstreamError) -> None: ...
+
+
+class EventSource:
+    """An upstream ``text/event-stream`` body, read as whole events.
+
+    Until a consumer attaches, events are kept for ``read`` (the first ones,
+    while a retry is still possible). Once one attaches, every batch is pushed
+    to it from inside the connection's ``data_received``: no task wakes up
+    per event. A consumer that cannot keep up calls ``pause``.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, max_event_bytes: int) -> None:
-        self._response = response
+    def __init__(self, conn: Connection, max_event_bytes: int) -> None:
+        self._conn = conn
         self._parser = SSEParser(max_event_bytes)
-        # A parse failure found after some good events: raised on the next read.
+        self._kept: list[Event] = []  # read, not yet taken
+        self._kept_bytes = 0
+        self._paused = False
+        # The end of the stream (every stream ends in one), after any events kept.
         self._failure: UpstreamError | None = None
-        self._loop = asyncio.get_running_loop()
-        self._until = 0.0  # the deadline of the read in progress
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[object] | None = None  # the task that reads this stream
-        self._reading = False  # that task is blocked in a read
-        self._bytes_before = 0  # what the upstream had sent when that read began
-        self._expired = False  # the timer cancelled the reader
+        self._waiter: asyncio.Future[None] | None = None
+        self._consumer: EventConsumer | None = None
+        conn.attach(self)
+
+    # wire.BodySink
+
+    def body(self, data: bytes) -> None:
+        if self._failure is not None:
+            return  # the parser gave up: nothing after may be trusted
+        try:
+            events = self._parser.feed(data)
+        except SSEProtocolError as e:
+            events = e.events
+            self._failure = UpstreamProtocolError(f"the chat service sent an {e}")
+        consumer = self._consumer
+        if consumer is not None:
+            if events:
+                consumer.on_events(events)
+            if self._failure is not None:
+                consumer.on_failure(self._failure)
+            return
+        if events:
+            self._kept += events
+            self._kept_bytes += sum(len(event.raw) for event in events)
+            if self._kept_bytes > _READ_BYTES:
+                self.pause()  # nobody takes them yet: hold the upstream
+        self._wake()
+
+    def end(self, error: WireError | None) -> None:
+        if self._failure is not None:
+            return
+        if error is None:
+            self._failure = UpstreamClosed("the chat service ended the stream early")
+        elif isinstance(error, WireProtocolError):
+            self._failure = UpstreamProtocolError(f"the chat service sent {error}")
+        else:
+            self._failure = UpstreamClosed("the chat service broke off the stream")
+        if self._consumer is not None:
+            self._consumer.on_failure(self._failure)
+        self._wake()
+
+    # the reader's side
 
     async def read(self, until: float) -> list[Event]:
         """At least one whole event; ``TimeoutError`` if loop time ``until`` passes first."""
-        if self._failure is not None:
-            raise self._failure
-        while True:
-            chunk = await self._read_chunk(until)
-            if not chunk:
-                raise UpstreamClosed("the chat service ended the stream early")
+        while not self._kept:
+            if self._failure is not None:
+                raise self._failure
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
-                events = self._parser.feed(chunk)
-            except SSEProtocolError as e:
-                failure = UpstreamProtocolError(f"the chat service sent an {e}")
-                if not e.events:
-                    raise failure from None
-                self._failure, events = failure, e.events
-            if events:
-                return events
+                async with asyncio.timeout_at(until):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        events, self._kept, self._kept_bytes = self._kept, [], 0
+        self.resume()
+        return events
 
-    async def _read_chunk(self, until: float) -> bytes:
-        content = self._response.content
-        self._until = until
-        if self._timer is None or self._timer.when() > until:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(until, self._on_timer)
-        if self._task is None:
-            self._task = asyncio.current_task()  # one task reads a stream from start to end
-        self._reading = True
-        self._bytes_before = content.total_bytes
-        try:
-            return await content.read(_READ_BYTES)
-        except asyncio.CancelledError:
-            if self._expired:
-                self._expired = False
-                if self._task is not None and self._task.uncancel() == 0:
-                    raise TimeoutError from None  # only the timer cancelled: a timeout
-            raise
-        except (aiohttp.ClientError, OSError):
-            raise UpstreamClosed("the chat service broke off the stream") from None
-        finally:
-            self._reading = False
+    def attach(self, consumer: EventConsumer) -> None:
+        """From now on, push events and the stream's end to ``consumer``."""
+        self._consumer = consumer
+        self.resume()
+        if self._kept:
+            events, self._kept, self._kept_bytes = self._kept, [], 0
+            consumer.on_events(events)
+        if self._failure is not None:
+            consumer.on_failure(self._failure)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if not self._reading or self._task is None:
-            return  # no read in progress: the next one arms the timer again
-        if self._loop.time() < self._until:
-            self._timer = self._loop.call_at(self._until, self._on_timer)
-            return
-        content = self._response.content
-        if (
-            content.total_bytes != self._bytes_before
-            or content.is_eof()
-            or content.exception() is not None
-        ):
-            return  # the reader is already woken (data, end or error): let it run
-        self._expired = True
-        self._task.cancel()
+    def pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._conn.pause_reading()
 
-    def close(self) -> None:
-        """Give the connection back to the pool when the body ended, else close it."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._conn.resume_reading()
+
+    def close(self, *, done: bool = False) -> None:
+        """Let go of the connection. ``done``: the stream's ``[DONE]`` was read, so
+        the connection may go back to the pool once its response ends."""
+        self._consumer = None
+        self.resume()
+        self._conn.release(body_done=done)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class Upstream:
     def __init__(
         self,
         settings: UpstreamSettings,
-        session: aiohttp.ClientSession,
+        pool: Pool,
         metrics: Metrics,
         breaker: CircuitBreaker,
         log: Logger,
     ) -> None:
         self._settings = settings
-        self._session = session
+        self._pool = pool
         self._metrics = metrics
         self._breaker = breaker
         self._log = log
         self._rng = random.Random()
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout_s, sock_read=None
-        )
+        fixed = [
+            f"POST {pool.path} HTTP/1.1",
+            f"Host: {pool.authority}",
+            "User-Agent: chatiq-gateway",
+        ]
+        if settings.api_key:
+            fixed.append(f"Authorization: Bearer {settings.api_key}")
+        self._fixed_head = "\r\n".join(fixed)
 
     async def open_stream(
         self, chat: ChatRequest, request_id: str, deadline: float
@@ -180,8 +205,8 @@ class Upstream:
         """The stream and its first events, retried while nothing reached the client."""
 
         async def attempt(first_byte_by: float) -> tuple[EventSource, list[Event]]:
-            response = await self._send(chat, request_id, first_byte_by, deadline)
-            source = EventSource(response, self._settings.max_event_bytes)
+            conn = await self._send(chat, request_id, first_byte_by, deadline)
+            source = EventSource(conn, self._settings.max_event_bytes)
             try:
                 return source, await source.read(min(first_byte_by, deadline))
             except TimeoutError:
@@ -197,8 +222,8 @@ class Upstream:
         """A non-streaming answer's body, checked to be a JSON object."""
 
         async def attempt(first_byte_by: float) -> bytes:
-            response = await self._send(chat, request_id, first_byte_by, deadline)
-            return await self._read_json(response, deadline)
+            conn = await self._send(chat, request_id, first_byte_by, deadline)
+            return await self._read_json(conn, deadline)
 
         return await self._with_retries(attempt, request_id, deadline)
 
@@ -242,64 +267,66 @@ class Upstream:
         if error.counts_against_upstream:
             self._breaker.failure()
 
+    def _request_head(self, request_id: str, stream: bool, length: int) -> bytes:
+        accept = "text/event-stream" if stream else "application/json"
+        return (
+            f"{self._fixed_head}\r\nContent-Type: application/json\r\nAccept: {accept}\r\n"
+            f"X-Request-Id: {request_id}\r\nContent-Length: {length}\r\n\r\n"
+        ).encode("latin-1")
+
     async def _send(
         self, chat: ChatRequest, request_id: str, first_byte_by: float, deadline: float
-    ) -> aiohttp.ClientResponse:
-        """POST the chat; return a 200 response of the expected type, or raise."""
+    ) -> Connection:
+        """POST the chat; return the connection of a 200 response of the expected type."""
         loop = asyncio.get_running_loop()
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream" if chat.stream else "application/json",
-            "X-Request-Id": request_id,
-        }
-        if self._settings.api_key:
-            headers["Authorization"] = f"Bearer {self._settings.api_key}"
+        body = json.dumps(chat.upstream_body()).encode()
+        request_head = self._request_head(request_id, chat.stream, len(body))
+        conn: Connection | None = None
         sent = loop.time()
         try:
             async with asyncio.timeout_at(min(first_byte_by, deadline)):
-                response = await self._session.post(
-                    self._settings.url,
-                    data=json.dumps(chat.upstream_body()).encode(),
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                )
-        except aiohttp.ConnectionTimeoutError:
-            raise ConnectTimeout("timed out connecting to the chat service") from None
-        except TimeoutError:
-            raise _timeout_error(first_byte_by, deadline) from None
-        except (aiohttp.ClientError, OSError):
-            raise UpstreamConnectError("could not reach the chat service") from None
+                try:
+                    conn = await self._pool.acquire(self._settings.connect_timeout_s)
+                except TimeoutError:
+                    raise ConnectTimeout("timed out connecting to the chat service") from None
+                head = await conn.request(request_head, body)
+        except BaseException as e:
+            if conn is not None:
+                conn.release()
+            if isinstance(e, TimeoutError):
+                raise _timeout_error(first_byte_by, deadline) from None
+            if isinstance(e, WireProtocolError):
+                raise UpstreamProtocolError(f"the chat service sent {e}") from None
+            if isinstance(e, WireError) and e.answered:
+                raise UpstreamClosed("the chat service broke off its answer") from None
+            if isinstance(e, OSError | WireError):
+                raise UpstreamConnectError("could not reach the chat service") from None
+            raise
         self._metrics.upstream_first_byte.observe(loop.time() - sent)
-        if response.status != 200:
+        if head.status != 200:
             try:
-                raise await _error_for(response)
+                raise await _error_for(conn, head)
             finally:
-                response.close()
+                conn.release()
         expected = "text/event-stream" if chat.stream else "application/json"
-        if response.content_type != expected:
-            response.close()
-            raise UpstreamProtocolError(
-                f"the chat service answered {response.content_type!r}, not {expected!r}"
-            )
-        return response
+        encoding = head.headers.get("content-encoding", "identity").strip().lower()
+        if head.content_type != expected or encoding != "identity":
+            conn.release()
+            got = head.content_type if encoding == "identity" else f"{encoding}-encoded"
+            raise UpstreamProtocolError(f"the chat service answered {got!r}, not {expected!r}")
+        return conn
 
-    async def _read_json(self, response: aiohttp.ClientResponse, deadline: float) -> bytes:
+    async def _read_json(self, conn: Connection, deadline: float) -> bytes:
         limit = self._settings.max_json_bytes
         try:
             async with asyncio.timeout_at(deadline):
-                body = await response.content.read(limit + 1)
-                while len(body) <= limit and not response.content.at_eof():
-                    more = await response.content.read(limit + 1 - len(body))
-                    if not more:
-                        break
-                    body += more
+                body = await read_body(conn, limit)
         except TimeoutError:
             raise TotalTimeout("the chat service did not finish its answer in time") from None
-        except (aiohttp.ClientError, OSError):
+        except WireError:
             raise UpstreamClosed("the chat service broke off its answer") from None
         finally:
-            response.close()
+            conn.release()
         if len(body) > limit:
             raise UpstreamProtocolError(f"the chat service's answer is over {limit} bytes")
         try:
@@ -317,24 +344,24 @@ def _timeout_error(first_byte_by: float, deadline: float) -> UpstreamError:
     return FirstByteTimeout("the chat service sent nothing in time")
 
 
-async def _error_for(response: aiohttp.ClientResponse) -> UpstreamError:
-    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-    if response.status == 429:
+async def _error_for(conn: Connection, head: Head) -> UpstreamError:
+    retry_after = parse_retry_after(head.headers.get("retry-after"))
+    if head.status == 429:
         return UpstreamRateLimited(
             "the chat service is rate limiting requests", retry_after=retry_after
         )
-    if response.status == 400:
-        return UpstreamRejected(await _upstream_message(response))
-    return UpstreamHTTPError(response.status, retry_after=retry_after)
+    if head.status == 400:
+        return UpstreamRejected(await _upstream_message(conn))
+    return UpstreamHTTPError(head.status, retry_after=retry_after)
 
 
-async def _upstream_message(response: aiohttp.ClientResponse) -> str:
+async def _upstream_message(conn: Connection) -> str:
     """The message of a ChatIQ error body, or a generic one."""
     generic = "the chat service rejected the request"
     try:
         async with asyncio.timeout(2):
-            raw = await response.content.read(_ERROR_BODY_LIMIT)
-        message = json.loads(raw)["error"]["message"]
+            raw = await read_body(conn, _ERROR_BODY_LIMIT)
+        message = json.loads(raw[:_ERROR_BODY_LIMIT])["error"]["message"]
     except Exception:
         return generic
     return message if isinstance(message, str) and message else generic

@@ -1,0 +1,329 @@
+"""A minimal HTTP/1.1 client for the upstream: send a request, await the
+response head, then have the body pushed to a sink as it arrives.
+
+Why not aiohttp's client: it hands a body over through a ``StreamReader``, so
+every relayed event costs a task wake-up and several coroutine layers. Here
+the body reaches its sink inside ``data_received`` (parsed by httptools, the C
+parser uvicorn uses), and a relay can write it to the client at once.
+Connections are kept alive and pooled. Nothing here follows a redirect, asks
+for compression or reads proxy settings from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Protocol, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+# An idle pooled connection older than this is closed rather than reused: a
+# server may have dropped it meanwhile (aiohttp's default keep-alive, too).
+_IDLE_S = 15.0
+_MAX_IDLE = 256  # idle connections kept; the rest are closed
+_DNS_TTL_S = 10.0
+
+
+class WireError(Exception):
+    """The connection failed. ``answered``: some of the response had arrived."""
+
+    def __init__(self, message: str, *, answered: bool) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+
+class WireProtocolError(WireError):
+    """The server's bytes are not valid HTTP/1.1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    status: int
+    headers: dict[str, str]  # names in lower case; a repeated header keeps its last value
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+class BodySink(Protocol):
+    def body(self, data: bytes) -> None: ...
+
+    def end(self, error: WireError | None) -> None:
+        """The body is complete (``None``) or broken off."""
+
+
+class Connection(asyncio.Protocol):
+    """One upstream connection; one request at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: dict[str, str] = {}
+        self._head: asyncio.Future[Head] | None = None
+        self._sink: BodySink | None = None
+        self._early: list[bytes] = []  # body that came before a sink was attached
+        self._answered = False  # a byte of the current response arrived
+        self._close_delimited = False  # the body ends when the connection does
+        self._result: WireError | None = None
+        self._ended = False  # the current response ended, cleanly or not
+        self.complete = False  # the current response ended as HTTP says it should
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None:  # bytes nobody asked for, on an idle connection
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._answered = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(WireProtocolError(f"invalid HTTP from the server ({e})", answered=True))
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._pool.lost(self)
+        if self._close_delimited and self._head is not None and self._head.done():
+            self._finish(None)
+        else:
+            self._fail(WireError("the connection closed", answered=self._answered))
+
+    # httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        headers = self._headers
+        self._close_delimited = (
+            "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        )
+        if self._head is not None and not self._head.done():
+            self._head.set_result(Head(self._parser.get_status_code(), headers))
+
+    def on_body(self, body: bytes) -> None:
+        if self._sink is not None:
+            self._sink.body(body)
+        else:
+            self._early.append(body)
+
+    def on_message_complete(self) -> None:
+        self._close_delimited = False
+        self.complete = self._parser.should_keep_alive()
+        self._finish(None)
+
+    # requests
+
+    async def request(self, head: bytes, body: bytes) -> Head:
+        """Send a request; its response head once it arrives."""
+        assert self.transport is not None
+        self._head = asyncio.get_running_loop().create_future()
+        self.transport.write(head + body)
+        return await self._head
+
+    def attach(self, sink: BodySink) -> None:
+        """Push the body to ``sink``: what came already, at once, then as it comes."""
+        self._sink = sink
+        early, self._early = self._early, []
+        for chunk in early:
+            sink.body(chunk)
+        if self._result is not None or self._ended:
+            sink.end(self._result)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def release(self, *, body_done: bool = False) -> None:
+        """Done with it: back to the pool if its response ended cleanly, else closed.
+
+        ``body_done``: the caller read all it wanted (an event stream's
+        ``[DONE]``); the end of the message may still be on its way, so the
+        connection waits for it a moment instead of being closed at once.
+        """
+        self._sink = None
+        self._early = []
+        if self.transport is None:
+            return
+        if self.complete and not self.transport.is_closing():
+            self._reset()
+            self._pool.put(self)
+        elif body_done and not self._ended:
+            self._sink = _Finisher(self)
+        else:
+            self.transport.close()
+
+    def _finish(self, error: WireError | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._result = error
+        if self._sink is not None:
+            self._sink.end(error)
+
+    def _fail(self, error: WireError) -> None:
+        self.complete = False
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+            self._ended = True
+            self._result = error
+            return
+        self._finish(error)
+
+    def _reset(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers = {}
+        self._head = None
+        self._answered = self._ended = self.complete = self._close_delimited = False
+        self._result = None
+
+
+class _Finisher:
+    """Waits briefly for a response's end, so that its connection can be reused."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._timer = asyncio.get_running_loop().call_later(1.0, self._give_up)
+
+    def body(self, data: bytes) -> None:
+        self._give_up()  # more than the end of the message: not worth reading
+
+    def end(self, error: WireError | None) -> None:
+        self._timer.cancel()
+        self._conn.release()
+
+    def _give_up(self) -> None:
+        self._timer.cancel()
+        if self._conn.transport is not None:
+            self._conn.transport.close()
+
+
+class _Collector:
+    def __init__(self, limit: int) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def body(self, data: bytes) -> None:
+        if self.size > self.limit:
+            return
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > self.limit and not self.done.done():
+            self.done.set_result(None)
+
+    def end(self, error: WireError | None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
+async def read_body(conn: Connection, limit: int) -> bytes:
+    """The whole body, or its first ``limit`` + 1 bytes or more once it is longer.
+
+    Raises ``WireError`` when the connection breaks first. The caller releases
+    the connection (a body read only in part is not reusable).
+    """
+    collector = _Collector(limit)
+    conn.attach(collector)
+    await collector.done
+    return b"".join(collector.chunks)
+
+
+class Pool:
+    """Keep-alive connections to one origin, at most ``max_connections`` open."""
+
+    def __init__(self, url: str, max_connections: int) -> None:
+        parts = urlsplit(url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.https else 80)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        default_port = parts.port is None or parts.port == (443 if self.https else 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.authority = host if default_port else f"{host}:{self.port}"
+        self._ssl = ssl.create_default_context() if self.https else None
+        self._idle: list[Connection] = []
+        self._slots = asyncio.Semaphore(max_connections)
+        self._open: set[Connection] = set()
+        self._address: tuple[str, float] | None = None  # resolved host, and until when
+
+    async def acquire(self, connect_timeout_s: float) -> Connection:
+        """An idle connection, or a new one (``TimeoutError`` if connecting takes too long)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.transport is not None and now - conn.idle_since < _IDLE_S:
+                return conn
+            if conn.transport is not None:
+                conn.transport.close()
+        await self._slots.acquire()
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                address = await self._resolve(loop)
+                _, conn = await loop.create_connection(
+                    lambda: Connection(self),
+                    address,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                )
+        except BaseException:
+            self._slots.release()
+            raise
+        self._open.add(conn)
+        return conn
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> str:
+        """The host's first address, cached briefly: a burst of new streams asks once."""
+        if self._address is not None and loop.time() < self._address[1]:
+            return self._address[0]
+        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"no address for {self.host}")
+        address = str(infos[0][4][0])
+        self._address = (address, loop.time() + _DNS_TTL_S)
+        return address
+
+    def put(self, conn: Connection) -> None:
+        if len(self._idle) >= _MAX_IDLE:
+            assert conn.transport is not None
+            conn.transport.close()
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        self._idle.append(conn)
+
+    def lost(self, conn: Connection) -> None:
+        if conn in self._open:
+            self._open.discard(conn)
+            self._slots.release()
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in list(self._open):
+            if conn.transport is not None:
+                conn.transport.close()
+        self._idle.clear()
