@@ -82,6 +82,10 @@ def test_settings_are_immutable(tmp_path: Path) -> None:
         (GOOD + "\n[telemetry]\n", {}, "telemetry: unknown key"),
         (GOOD.replace("[upstream]", '[upstream]\napi_key = "sk"'), {}, "CHATIQ_API_KEY"),
         (GOOD, {"GATEWAY_PORT": "eighty"}, "GATEWAY_PORT: not a whole number"),
+        # The key and URL go into a request head as they are: no line breaks, no spaces.
+        (GOOD, {"CHATIQ_API_KEY": "sk-1\r\nX-Evil: 1"}, "CHATIQ_API_KEY: only visible"),
+        (GOOD, {"CHATIQ_API_KEY": "sk-1\n"}, "CHATIQ_API_KEY: only visible"),
+        (GOOD, {"CHATIQ_API_URL": "http://h/a b"}, "upstream.url: spaces and control"),
         ("[server\n", {}, "not valid TOML"),
     ],
 )

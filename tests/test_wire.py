@@ -1,0 +1,278 @@
+"""The gateway's own upstream client (gateway/wire.py) against scripted raw HTTP
+servers, and the push relay's pause and resume against a slow reader."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway import upstream as upstream_module
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import ACME_KEY, Stack, StackFactory, gateway_settings
+
+EVENTS = (
+    b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n',
+    b'data: {"choices":[{"delta":{"content":"lo"}}]}\n\n',
+    b'data: {"conversationId":"c-1"}\n\n',
+    b"data: [DONE]\n\n",
+)
+BODY = b"".join(EVENTS)
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+
+
+def chunked(head: bytes, *parts: bytes) -> bytes:
+    """A chunked response: one chunk a part, then the last chunk."""
+    framed = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in parts)
+    return head + b"Transfer-Encoding: chunked\r\n\r\n" + framed + b"0\r\n\r\n"
+
+
+class ScriptedUpstream:
+    """A bare HTTP/1.1 server: each request gets ``answer`` (bytes, or a function
+    of the request's number), then the connection stays open or is closed."""
+
+    def __init__(
+        self,
+        answer: bytes | Callable[[int], bytes],
+        close_after: bool,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self._answer = answer
+        self._tls = tls
+        self._close_after = close_after
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                body = await reader.readexactly(int(length.group(1)) if length else 0)
+                self.requests.append(head + body)
+                answer = self._answer
+                writer.write(answer(len(self.requests)) if callable(answer) else answer)
+                await writer.drain()
+                if self._close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+
+ScriptedFactory = Callable[..., Awaitable[tuple[Stack, ScriptedUpstream]]]
+
+
+@pytest.fixture
+async def scripted(
+    make_stack: StackFactory,
+) -> AsyncIterator[ScriptedFactory]:
+    servers: list[asyncio.Server] = []
+
+    async def start(
+        answer: bytes | Callable[[int], bytes],
+        close_after: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> tuple[Stack, ScriptedUpstream]:
+        upstream = ScriptedUpstream(answer, close_after, tls)
+        servers.append(await upstream.start())
+        scheme = "https" if tls else "http"
+        url = f"{scheme}://127.0.0.1:{upstream.port}/api/chat"
+        return await make_stack(settings=gateway_settings(url, max_retries=0)), upstream
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+async def stream_body(stack: Stack, stream: bool = True) -> tuple[int, bytes]:
+    async with await stack.chat({"message": "hi", "stream": stream}) as r:
+        return r.status, await r.read()
+
+
+async def test_streams_one_after_another_share_one_upstream_connection(
+    scripted: ScriptedFactory,
+) -> None:
+    stack, upstream = await scripted(chunked(SSE_HEAD, *EVENTS))
+    for _ in range(3):
+        assert await stream_body(stack) == (200, BODY)
+    assert upstream.connections == 1
+    assert len(upstream.requests) == 3
+    first = upstream.requests[0]
+    assert first.startswith(b"POST /api/chat HTTP/1.1\r\n")
+    assert f"\r\nHost: 127.0.0.1:{upstream.port}\r\n".encode() in first
+    assert b"\r\nAccept: text/event-stream\r\n" in first
+    assert b"accept-encoding" not in first.lower()  # nothing compressed is asked for
+
+
+async def test_a_connection_the_upstream_closed_after_its_answer_is_not_reused(
+    scripted: ScriptedFactory,
+) -> None:
+    stack, upstream = await scripted(chunked(SSE_HEAD, *EVENTS), close_after=True)
+    for _ in range(3):
+        assert await stream_body(stack) == (200, BODY)
+        await asyncio.sleep(0.05)  # the close reaches the gateway
+    assert upstream.connections == 3
+
+
+async def test_an_upstream_that_says_connection_close_gets_a_new_connection_each_time(
+    scripted: ScriptedFactory,
+) -> None:
+    stack, upstream = await scripted(chunked(SSE_HEAD + b"Connection: close\r\n", *EVENTS))
+    for _ in range(2):
+        assert await stream_body(stack) == (200, BODY)
+    assert upstream.connections == 2
+
+
+async def test_bodies_that_end_with_the_connection_are_relayed_whole(
+    scripted: ScriptedFactory,
+) -> None:
+    json_body = b'{"answer": "hi", "conversationId": "c-1"}'
+
+    def answer(n: int) -> bytes:
+        if n == 1:  # events, then the connection closes: no length, no chunks
+            return SSE_HEAD + b"Connection: close\r\n\r\n" + BODY
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + json_body
+
+    stack, _ = await scripted(answer, close_after=True)
+    assert await stream_body(stack) == (200, BODY)
+    assert await stream_body(stack, stream=False) == (200, json_body)
+
+
+async def test_an_event_cut_between_chunks_and_reads_arrives_whole(
+    scripted: ScriptedFactory,
+) -> None:
+    cut = [BODY[i : i + 7] for i in range(0, len(BODY), 7)]  # chunks cut inside events
+    stack, _ = await scripted(chunked(SSE_HEAD, *cut))
+    assert await stream_body(stack) == (200, BODY)
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (chunked(SSE_HEAD + b"Content-Encoding: gzip\r\n", b"\x1f\x8b"), "gzip-encoded"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "invalid HTTP"),
+        (SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", "invalid HTTP"),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n", "broke off"),
+    ],
+    ids=["compressed", "not-http", "bad-chunk", "cut-head"],
+)
+async def test_a_garbled_or_compressed_upstream_answer_is_a_clean_error(
+    scripted: ScriptedFactory,
+    answer: bytes,
+    says: str,
+) -> None:
+    stack, _ = await scripted(answer, close_after=True)
+    async with await stack.chat({"message": "hi"}) as r:
+        assert r.status == 502, await r.text()  # nothing reached the client yet
+        error = (await r.json())["error"]
+    assert error["code"] == "UPSTREAM_ERROR"
+    assert says in error["message"]
+
+
+async def test_a_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~3 MB through a client that reads 16 kB at a time, with pauses: the relay
+    holds the upstream while the client's buffer is full, and loses nothing."""
+    pauses = 0
+    real_pause = upstream_module.EventSource.pause
+
+    def counted_pause(self: upstream_module.EventSource) -> None:
+        nonlocal pauses
+        pauses += 1
+        real_pause(self)
+
+    monkeypatch.setattr(upstream_module.EventSource, "pause", counted_pause)
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=60_000),
+        client_write_timeout_s=10.0,
+        total_timeout_s=60.0,
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (stack.gateway.host, stack.gateway.port))
+    body = b'{"message": "hi"}'
+    await loop.sock_sendall(
+        sock,
+        b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: slow-reader\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {ACME_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    received = bytearray()
+    while chunk := await loop.sock_recv(sock, 16384):
+        received += chunk
+        await asyncio.sleep(0.001)
+    sock.close()
+    head, _, framed = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert dechunk(framed) == bytes(stack.transcript("slow-reader").sent)
+    assert len(framed) > 3_000_000
+    assert pauses > 0
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, and its key."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_an_https_upstream_is_verified_before_anything_is_sent(
+    scripted: ScriptedFactory,
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    trusted: bool,
+) -> None:
+    cert, key = certificate
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    if trusted:  # OpenSSL's own variable: the gateway trusts what the system trusts
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    stack, upstream = await scripted(chunked(SSE_HEAD, *EVENTS), tls=tls)
+    if trusted:
+        assert await stream_body(stack) == (200, BODY)
+        assert await stream_body(stack) == (200, BODY)
+        assert upstream.connections == 1  # kept alive over TLS too
+    else:
+        status, body = await stream_body(stack)
+        assert status == 502 and b"could not reach" in body
+        assert upstream.requests == []  # the key never went to an unverified server
+
+
+def dechunk(framed: bytes) -> bytes:
+    out = bytearray()
+    pos = 0
+    while True:
+        line_end = framed.index(b"\r\n", pos)
+        size = int(framed[pos:line_end], 16)
+        if size == 0:
+            return bytes(out)
+        out += framed[line_end + 2 : line_end + 2 + size]
+        pos = line_end + 2 + size + 2
