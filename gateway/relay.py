@@ -42,7 +42,7 @@ PING = b": ping\n\n"
 _ROOM = 16 * 1024
 
 
-_DRAIN = object()  # the client is behind: wait for it
+_RUNNING = object()  # the stream has not ended yet
 
 
 class SlowClient(Exception):
@@ -90,8 +90,9 @@ class Relay:
         self._transport: asyncio.Transport | None = None
         self._chunked = True
         self._high_water = _ROOM
-        # What wakes the handler's task: None (the stream is done), _DRAIN, or the failure.
-        self._wake: asyncio.Future[BaseException | object | None] | None = None
+        # How the stream ended, once it did: None ([DONE] went out) or the failure.
+        self._end: BaseException | object | None = _RUNNING
+        self._wake: asyncio.Future[None] | None = None  # the handler's task waits on it
         self._over = False  # no more events go out: the stream is done or ending
         self._done = False  # [DONE] went out
         self._draining = False  # the client is behind; the upstream is paused
@@ -156,18 +157,21 @@ class Relay:
         now = self._loop.time()
         self._last_event = self._last_write = now
         self._arm(now)
-        self._source.attach(self)
-        while not self._over:
-            self._wake = self._loop.create_future()
-            outcome = await self._wake
-            self._wake = None
-            if outcome is None:
+        self._source.attach(self)  # may deliver kept events, even the end, at once
+        while True:
+            end = self._end
+            if end is None:
                 return
-            if outcome is _DRAIN:
+            if isinstance(end, BaseException):
+                raise end
+            if self._draining:
                 await self._drain()
                 continue
-            assert isinstance(outcome, BaseException)
-            raise outcome
+            self._wake = self._loop.create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
 
     # EventConsumer: called from the upstream connection's data_received
 
@@ -199,7 +203,7 @@ class Relay:
         elif transport.get_write_buffer_size() > self._high_water and not self._draining:
             self._draining = True
             self._source.pause()
-            self._signal(_DRAIN)
+            self._poke()
 
     def on_failure(self, failure: UpstreamError) -> None:
         if not self._over:
@@ -235,11 +239,13 @@ class Relay:
     def _finish(self, outcome: BaseException | None) -> None:
         """The stream ends: stop pushing, and wake the handler's task to end it."""
         self._stop()
-        self._signal(outcome)
+        if self._end is _RUNNING:  # the first ending is the one that counts
+            self._end = outcome
+        self._poke()
 
-    def _signal(self, outcome: BaseException | object | None) -> None:
+    def _poke(self) -> None:
         if self._wake is not None and not self._wake.done():
-            self._wake.set_result(outcome)
+            self._wake.set_result(None)
 
     def _stop(self) -> None:
         self._over = True

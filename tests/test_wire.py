@@ -276,3 +276,15 @@ def dechunk(framed: bytes) -> bytes:
             return bytes(out)
         out += framed[line_end + 2 : line_end + 2 + size]
         pos = line_end + 2 + size + 2
+
+
+async def test_an_upstream_that_ends_right_after_its_first_event_gets_an_error_ending(
+    scripted: ScriptedFactory,
+) -> None:
+    """The end arrives with the first event, before the relay takes over: it
+    must still end the client's stream with an error event and [DONE]."""
+    stack, _ = await scripted(chunked(SSE_HEAD, EVENTS[0]), close_after=True)
+    status, body = await stream_body(stack)
+    assert status == 200
+    assert body.startswith(EVENTS[0])
+    assert b"UPSTREAM_ERROR" in body and body.endswith(b"data: [DONE]\n\n")
