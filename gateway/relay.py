@@ -1,11 +1,12 @@
-"""The copy loop: an opened upstream stream to the client, whole events only, in order.
+"""The relay: an opened upstream stream to the client, whole events only, in order.
 
-The upstream's bytes go out untouched. ``await response.write()`` waits for
-the client to drain, so a slow reader slows the upstream reads (TCP
-backpressure end to end) instead of growing a buffer; a client that reads
-nothing for ``client_write_timeout_s`` is dropped. While the upstream is
-silent, a ``: ping`` comment goes out every ``keepalive_s``. Any failure ends
-the stream with one ChatIQ-style error event and ``[DONE]``.
+The upstream's bytes go out untouched, each batch of whole events written to
+the client as soon as it is parsed. When the client's socket buffer passes
+its high-water mark, the upstream socket is paused until the client drains
+(TCP backpressure end to end, no buffer grows); a client that reads nothing
+for ``client_write_timeout_s`` is dropped. While the upstream is silent, a
+``: ping`` comment goes out every ``keepalive_s``. Any failure ends the
+stream with one ChatIQ-style error event and ``[DONE]``.
 """
 
 from __future__ import annotations
