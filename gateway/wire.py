@@ -267,7 +267,7 @@ class Pool:
         self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._open: set[Connection] = set()
-        self._address: tuple[str, float] | None = None  # resolved host, and until when
+        self._addresses: tuple[list[str], float] | None = None  # resolved, and until when
 
     async def acquire(self, connect_timeout_s: float) -> Connection:
         """An idle connection, or a new one (``TimeoutError`` if connecting takes too long)."""
@@ -282,7 +282,18 @@ class Pool:
         await self._slots.acquire()
         try:
             async with asyncio.timeout(connect_timeout_s):
-                address = await self._resolve(loop)
+                conn = await self._connect(loop)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._open.add(conn)
+        return conn
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> Connection:
+        """A new connection to the first of the host's addresses that answers."""
+        failure: OSError | None = None
+        for address in await self._resolve(loop):
+            try:
                 _, conn = await loop.create_connection(
                     lambda: Connection(self),
                     address,
@@ -290,22 +301,22 @@ class Pool:
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
                 )
-        except BaseException:
-            self._slots.release()
-            raise
-        self._open.add(conn)
-        return conn
+                return conn
+            except OSError as e:  # e.g. an IPv6 address on a host without IPv6
+                failure = e
+        assert failure is not None
+        raise failure
 
-    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> str:
-        """The host's first address, cached briefly: a burst of new streams asks once."""
-        if self._address is not None and loop.time() < self._address[1]:
-            return self._address[0]
+    async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[str]:
+        """The host's addresses, cached briefly: a burst of new streams asks once."""
+        if self._addresses is not None and loop.time() < self._addresses[1]:
+            return self._addresses[0]
         infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        if not infos:
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
             raise OSError(f"no address for {self.host}")
-        address = str(infos[0][4][0])
-        self._address = (address, loop.time() + _DNS_TTL_S)
-        return address
+        self._addresses = (addresses, loop.time() + _DNS_TTL_S)
+        return addresses
 
     def put(self, conn: Connection) -> None:
         if len(self._idle) >= _MAX_IDLE:

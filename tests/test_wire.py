@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway import upstream as upstream_module
+from gateway import wire
 from loadtest.emulator import EmulatorSettings
 from tests.conftest import ACME_KEY, Stack, StackFactory, gateway_settings
 
@@ -86,11 +87,12 @@ async def scripted(
         answer: bytes | Callable[[int], bytes],
         close_after: bool = False,
         tls: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
     ) -> tuple[Stack, ScriptedUpstream]:
         upstream = ScriptedUpstream(answer, close_after, tls)
         servers.append(await upstream.start())
         scheme = "https" if tls else "http"
-        url = f"{scheme}://127.0.0.1:{upstream.port}/api/chat"
+        url = f"{scheme}://{host}:{upstream.port}/api/chat"
         return await make_stack(settings=gateway_settings(url, max_retries=0)), upstream
 
     yield start
@@ -150,6 +152,24 @@ async def test_bodies_that_end_with_the_connection_are_relayed_whole(
     stack, _ = await scripted(answer, close_after=True)
     assert await stream_body(stack) == (200, BODY)
     assert await stream_body(stack, stream=False) == (200, json_body)
+
+
+async def test_a_host_whose_first_address_refuses_is_reached_at_the_next(
+    scripted: ScriptedFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for a name with an IPv6 address first, on a machine without IPv6.
+    async def two_addresses(pool: wire.Pool, loop: asyncio.AbstractEventLoop) -> list[str]:
+        return ["127.0.0.2", "127.0.0.1"]  # the server listens on 127.0.0.1 only
+
+    monkeypatch.setattr(wire.Pool, "_resolve", two_addresses)
+    stack, _ = await scripted(chunked(SSE_HEAD, *EVENTS))
+    assert await stream_body(stack) == (200, BODY)
+
+
+async def test_an_upstream_named_by_host_name_is_resolved(scripted: ScriptedFactory) -> None:
+    stack, upstream = await scripted(chunked(SSE_HEAD, *EVENTS), host="localhost")
+    assert await stream_body(stack) == (200, BODY)
+    assert f"\r\nHost: localhost:{upstream.port}\r\n".encode() in upstream.requests[0]
 
 
 async def test_an_event_cut_between_chunks_and_reads_arrives_whole(
