@@ -133,8 +133,8 @@ class Metrics:
             Histogram,
             "overhead_seconds",
             "Time the gateway itself spends: before the upstream request is sent "
-            "(phase=pre_upstream, queue wait excluded), and per chunk relayed, from "
-            "its arrival to its hand-over to the client's socket (phase=relay).",
+            "(phase=pre_upstream, queue wait excluded), and from a stream's first "
+            "events' arrival to their hand-over to the client's socket (phase=relay).",
             ["phase"],
             buckets=OVERHEAD_BUCKETS,
         )

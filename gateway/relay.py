@@ -12,8 +12,8 @@ stream with one ChatIQ-style error event and ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
-import json
 
+import orjson
 from aiohttp import web
 
 from .config import UpstreamSettings
@@ -51,10 +51,15 @@ class SlowClient(Exception):
 
 
 def is_content_chunk(data: str) -> bool:
-    """Check one event's JSON; True for a content chunk. Raises on malformed data."""
+    """Check one event's JSON; True for a content chunk. Raises on malformed data.
+
+    orjson, not json: every event is parsed, and json.loads is three Python
+    calls around its C scanner (orjson is one C call, ~5x faster here). It is
+    also stricter (no NaN, no lone surrogates, depth 1024): all malformed.
+    """
     try:
-        payload = json.loads(data)
-    except (ValueError, RecursionError):
+        payload = orjson.loads(data)
+    except ValueError:
         raise UpstreamProtocolError("the chat service sent a malformed event") from None
     if not isinstance(payload, dict):
         raise UpstreamProtocolError("the chat service sent an event that is not an object")
@@ -179,32 +184,27 @@ class Relay:
     def on_events(self, events: list[Event]) -> None:
         if self._over:
             return
-        try:
-            self._push(events)
-        except Exception as e:  # a bug: the handler's task ends the stream properly
-            self._finish(e)
-
-    def _push(self, events: list[Event]) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing():
-            self._finish(ConnectionResetError("the client went away"))
-            return
-        arrived = self._loop.time()
-        self._last_event = arrived
-        payload, failure = self._batch(events)
-        if payload:
-            transport.write(_chunk(payload) if self._chunked else payload)
-            self._ex.bytes_out += len(payload)
-            self._last_write = arrived
-            self._relay_overhead.observe(self._loop.time() - arrived)
-        if failure is not None:
-            self._finish(failure)
-        elif self._done:
-            self._finish(None)
-        elif transport.get_write_buffer_size() > self._high_water and not self._draining:
-            self._draining = True
-            self._source.pause()
-            self._poke()
+        try:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            payload, failure = self._batch(events)
+            if payload:
+                transport.write(_chunk(payload) if self._chunked else payload)
+                self._ex.bytes_out += len(payload)
+                self._last_event = self._last_write = self._loop.time()
+            else:
+                self._last_event = self._loop.time()
+            if failure is not None:
+                self._finish(failure)
+            elif self._done:
+                self._finish(None)
+            elif transport.get_write_buffer_size() > self._high_water and not self._draining:
+                self._draining = True
+                self._source.pause()
+                self._poke()
+        except Exception as e:  # a bug, or the client left: the handler's task ends the stream
+            self._finish(e)
 
     def on_failure(self, failure: UpstreamError) -> None:
         if not self._over:

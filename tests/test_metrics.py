@@ -118,7 +118,7 @@ async def test_every_metric_after_scripted_traffic_with_faults(make_stack: Stack
     assert await m("chatiq_gateway_circuit_open") == 0
     # Every request that got past validation (all 15 but the 401) was timed.
     assert await m("chatiq_gateway_overhead_seconds_count", phase="pre_upstream") == 15
-    assert await m("chatiq_gateway_overhead_seconds_count", phase="relay") >= 10
+    assert await m("chatiq_gateway_overhead_seconds_count", phase="relay") >= 10  # one a stream
 
 
 async def test_build_and_process_metrics(stack: Stack) -> None:
