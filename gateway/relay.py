@@ -184,22 +184,19 @@ class Relay:
     def on_events(self, events: list[Event]) -> None:
         if self._over:
             return
-        transport = self._transport
         try:
-            if transport is None or transport.is_closing():
+            if self._client_gone():
                 raise ConnectionResetError("the client went away")
             payload, failure = self._batch(events)
+            self._last_event = now = self._loop.time()
             if payload:
-                transport.write(_chunk(payload) if self._chunked else payload)
-                self._ex.bytes_out += len(payload)
-                self._last_event = self._last_write = self._loop.time()
-            else:
-                self._last_event = self._loop.time()
+                self._write_now(payload)
+                self._last_write = now
             if failure is not None:
                 self._finish(failure)
             elif self._done:
                 self._finish(None)
-            elif transport.get_write_buffer_size() > self._high_water and not self._draining:
+            elif self._client_is_behind() and not self._draining:
                 self._draining = True
                 self._source.pause()
                 self._poke()
@@ -294,13 +291,25 @@ class Relay:
         self._arm(now)
 
     def _ping(self, now: float) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
+        if self._client_gone():
             self._finish(ConnectionResetError("the client went away"))
             return
-        transport.write(_chunk(PING) if self._chunked else PING)
-        self._ex.bytes_out += len(PING)
+        self._write_now(PING)
         self._last_write = now
+
+    def _client_gone(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
+    def _write_now(self, payload: bytes) -> None:
+        """Straight to the client's socket (the response head went out before)."""
+        assert self._transport is not None
+        self._transport.write(_chunk(payload) if self._chunked else payload)
+        self._ex.bytes_out += len(payload)
+
+    def _client_is_behind(self) -> bool:
+        """Its socket buffer passed the high-water mark (where aiohttp would wait)."""
+        transport = self._transport
+        return transport is not None and transport.get_write_buffer_size() > self._high_water
 
     async def _send(self, payload: bytes) -> None:
         """Write through aiohttp (the first batch and the ending), waiting out a slow client."""

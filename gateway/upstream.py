@@ -39,9 +39,9 @@ from .sse import Event, SSEParser, SSEProtocolError
 from .wire import Connection, Head, Pool, WireError, WireProtocolError, read_body
 
 _ERROR_BODY_LIMIT = 64 * 1024
-# The most one read takes from the upstream: what a relay holds while a slow
-# client drains is a few of these, whatever the upstream had buffered.
-_READ_BYTES = 64 * 1024
+# Events read before a relay takes them (while the client's response starts):
+# past this many bytes the upstream socket is paused, so nothing piles up.
+_MAX_KEPT_BYTES = 64 * 1024
 T = TypeVar("T")
 
 
@@ -109,7 +109,7 @@ class EventSource:
         if events:
             self._kept += events
             self._kept_bytes += sum(len(event.raw) for event in events)
-            if self._kept_bytes > _READ_BYTES:
+            if self._kept_bytes > _MAX_KEPT_BYTES:
                 self.pause()  # nobody takes them yet: hold the upstream
         self._wake()
 
