@@ -140,7 +140,7 @@ class Connection(asyncio.Protocol):
         early, self._early = self._early, []
         for chunk in early:
             sink.body(chunk)
-        if self._result is not None or self._ended:
+        if self._ended:
             sink.end(self._result)
 
     def pause_reading(self) -> None:
@@ -181,10 +181,7 @@ class Connection(asyncio.Protocol):
     def _fail(self, error: WireError) -> None:
         self.complete = False
         if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-            self._ended = True
-            self._result = error
-            return
+            self._head.set_exception(error)  # no sink yet: the request's caller hears of it
         self._finish(error)
 
     def _reset(self) -> None:
