@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from . import frontend, handlers
 from .admission import Admission
 from .auth import FailedKeyThrottle, TenantDirectory
-from .breaker import CircuitBreaker
+from .breaker import Breakers, OnTransition, State
 from .config import Settings, named_bots
 from .exchange import add_request_id, make_middleware
 from .logs import Logger, make_logger
 from .metrics import Metrics
 from .state import (
     ADMISSION,
-    BREAKER,
+    BREAKERS,
     FAILED_KEYS,
     LIFECYCLE,
     LOG,
@@ -37,7 +37,12 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     admission = Admission(settings.admission, settings.tenants)
     if not metrics.multiprocess:
         metrics.queue_depth.set_function(lambda: admission.queued)
-    breaker = CircuitBreaker(settings.circuit, on_change=_breaker_reporter(metrics, log))
+    bots = named_bots(settings)
+    breakers = Breakers(settings.circuit, bots, metrics.bot_label, _breaker_reporter(metrics, log))
+    for breaker in breakers:  # every series from the start, so rate() sees the first change
+        metrics.circuit_state.labels(breaker.bot).set(0)
+        for state in State:
+            metrics.circuit_transitions.labels(breaker.bot, state.label)
 
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
@@ -48,7 +53,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[ADMISSION] = admission
     app[TENANTS] = TenantDirectory(settings.tenants)
     app[FAILED_KEYS] = FailedKeyThrottle(settings.server.max_auth_failures_per_minute)
-    app[BREAKER] = breaker
+    app[BREAKERS] = breakers
     app[LIFECYCLE] = Lifecycle()
     app[LOG] = log
     app.on_response_prepare.append(add_request_id)
@@ -75,10 +80,11 @@ def create_metrics_app(app: web.Application) -> web.Application:
     return metrics_app
 
 
-def _breaker_reporter(metrics: Metrics, log: Logger) -> Callable[[bool], None]:
-    def report(is_open: bool) -> None:
-        metrics.circuit_open.set(1 if is_open else 0)
-        log.warning("circuit_open" if is_open else "circuit_closed")
+def _breaker_reporter(metrics: Metrics, log: Logger) -> OnTransition:
+    def report(bot: str, to: State, why: dict[str, object]) -> None:
+        metrics.circuit_state.labels(bot).set(to.value)
+        metrics.circuit_transitions.labels(bot, to.label).inc()
+        log.warning(f"circuit_{to.label}", bot=bot, **why)
 
     return report
 
@@ -108,9 +114,10 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     """One pool of upstream connections for the app's whole life."""
     settings = app[SETTINGS].upstream
     pool = Pool(settings.url, settings.max_connections)
-    app[UPSTREAM] = Upstream(settings, pool, app[METRICS], app[BREAKER], app[LOG])
+    app[UPSTREAM] = Upstream(settings, pool, app[METRICS], app[BREAKERS], app[LOG])
     yield
     pool.close()
+    app[BREAKERS].close()
 
 
 async def _publish_queue_depth(app: web.Application) -> AsyncIterator[None]:

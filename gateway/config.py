@@ -91,8 +91,14 @@ class AdmissionSettings:
 
 @dataclass(frozen=True, slots=True)
 class CircuitSettings:
-    failure_threshold: int = 5  # consecutive upstream failures that open the circuit
-    cooldown_s: float = 10.0  # open this long before one probe is let through
+    # One breaker per bot. It opens when, over the last window_s seconds, at
+    # least min_requests requests ended and failure_rate of them failed (a
+    # request's final outcome, after its retries).
+    failure_rate: float = 0.5
+    window_s: float = 30.0
+    min_requests: int = 10
+    cooldown_s: float = 10.0  # open this long, then half-open (with or without traffic)
+    half_open_requests: int = 3  # probes let through half-open; all must succeed to close
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,10 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "circuit": CircuitSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
+}
+_REPLACED = {
+    "circuit.failure_threshold": "the circuit opens on circuit.failure_rate over "
+    "circuit.window_s, once circuit.min_requests requests ended"
 }
 _ENV_ONLY = {
     "upstream.api_key": "set CHATIQ_API_KEY (or CHATIQ_API_KEY_FILE) in the environment instead"
@@ -224,6 +234,8 @@ def _build(cls: type, table: object, path: str) -> Any:
     values: dict[str, Any] = {}
     for key, value in table.items():
         where = f"{path}.{key}"
+        if where in _REPLACED:
+            raise ConfigError(f"{where}: no longer used; {_REPLACED[where]}")
         if where in _ENV_ONLY:
             raise ConfigError(f"{where}: not allowed in the file; {_ENV_ONLY[where]}")
         if key not in names:
@@ -350,7 +362,9 @@ def _validate(s: Settings) -> None:
         "upstream.keepalive_s": s.upstream.keepalive_s,
         "upstream.client_write_timeout_s": s.upstream.client_write_timeout_s,
         "upstream.backoff_base_s": s.upstream.backoff_base_s,
-        "circuit.failure_threshold": s.circuit.failure_threshold,
+        "circuit.window_s": s.circuit.window_s,
+        "circuit.min_requests": s.circuit.min_requests,
+        "circuit.half_open_requests": s.circuit.half_open_requests,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -374,6 +388,8 @@ def _validate(s: Settings) -> None:
     for key, value in not_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must not be negative")
+    if not 0 < s.circuit.failure_rate <= 1:
+        raise ConfigError("circuit.failure_rate: must be a share above 0 and at most 1 (0.5: half)")
     if s.logging.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("logging.level: must be debug, info, warning or error")
     if s.logging.format not in ("json", "console", "auto"):

@@ -14,7 +14,7 @@ from .exchange import exchange_of
 from .relay import Relay
 from .state import (
     ADMISSION,
-    BREAKER,
+    BREAKERS,
     FAILED_KEYS,
     LIFECYCLE,
     METRICS,
@@ -82,11 +82,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """503 only while draining. Not while a circuit is open: every replica shares
+    the upstream, so pulling them out of a load balancer would turn a clean 503
+    ``UPSTREAM_UNAVAILABLE`` into the balancer's own errors, and they would get
+    no traffic to recover with."""
+    circuits = request.app[BREAKERS].not_closed()
     if request.app[LIFECYCLE].draining:
-        return web.json_response({"status": "draining"}, status=503)
-    if request.app[BREAKER].is_open:
-        return web.json_response({"status": "upstream circuit open"}, status=503)
-    return web.json_response({"status": "ready"})
+        return web.json_response({"status": "draining", "circuits": circuits}, status=503)
+    return web.json_response({"status": "ready", "circuits": circuits})
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:

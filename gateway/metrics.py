@@ -8,7 +8,7 @@ With several worker processes (``--workers``), prometheus-client's
 multiprocess mode keeps each worker's values in files under
 ``PROMETHEUS_MULTIPROC_DIR``, and whichever worker answers ``/metrics``
 sums them: counters and histograms add up, live-stream and queue gauges are
-summed over live workers, the circuit gauge is the highest. Process metrics
+summed over live workers, a circuit's state is the highest any worker has. Process metrics
 (RSS, CPU) are then left to the host's exporters: they would describe only
 the worker that happened to answer.
 """
@@ -125,10 +125,20 @@ class Metrics:
         self.client_disconnects = make(
             Counter, "client_disconnects", "Clients that left before the end.", ["tenant"]
         )
-        self.circuit_open = make(
-            Gauge, "circuit_open", "1 while the upstream's circuit breaker is open.",
-            multiprocess_mode="livemax",
+        self.circuit_state = make(
+            Gauge, "circuit_state", "Each bot's circuit: 0 closed, 1 open, 2 half-open.",
+            ["bot"], multiprocess_mode="livemax",
         )  # fmt: skip
+        self.circuit_transitions = make(
+            Counter, "circuit_transitions", "Circuit breaker transitions, by bot and new state.",
+            ["bot", "to"],
+        )  # fmt: skip
+        self.upstream_resends = make(
+            Counter,
+            "upstream_resends",
+            "Requests re-sent at once on a new connection after a reused one was "
+            "found closed before any answer (not retries).",
+        )
         self.overhead = make(
             Histogram,
             "overhead_seconds",

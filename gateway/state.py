@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .admission import Admission
 from .auth import FailedKeyThrottle, TenantDirectory
-from .breaker import CircuitBreaker
+from .breaker import Breakers
 from .config import Settings
 from .logs import Logger
 from .metrics import Metrics
@@ -29,6 +29,6 @@ ADMISSION = web.AppKey("admission", Admission)
 TENANTS = web.AppKey("tenants", TenantDirectory)
 FAILED_KEYS = web.AppKey("failed_keys", FailedKeyThrottle)
 UPSTREAM = web.AppKey("upstream", Upstream)
-BREAKER = web.AppKey("breaker", CircuitBreaker)
+BREAKERS = web.AppKey("breakers", Breakers)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 LOG = web.AppKey("log", Logger)

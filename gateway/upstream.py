@@ -2,9 +2,10 @@
 
 A stream counts as open once its first whole event has arrived: until then
 nothing has reached the client, so every failure may still be retried (with
-backoff, within a budget) and reported as a plain HTTP status. The circuit
-breaker hears of every attempt. No redirect is ever followed: it could carry
-the ChatIQ key to another host.
+backoff, within a budget) and reported as a plain HTTP status. The bot's
+circuit breaker hears of each request's final outcome, once its retries are
+done. No redirect is ever followed: it could carry the ChatIQ key to another
+host.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Protocol, TypeVar
 
-from .breaker import CircuitBreaker
+from .breaker import Breakers
 from .chat import ChatRequest
 from .config import UpstreamSettings
 from .errors import (
@@ -181,13 +182,13 @@ class Upstream:
         settings: UpstreamSettings,
         pool: Pool,
         metrics: Metrics,
-        breaker: CircuitBreaker,
+        breakers: Breakers,
         log: Logger,
     ) -> None:
         self._settings = settings
         self._pool = pool
         self._metrics = metrics
-        self._breaker = breaker
+        self._breakers = breakers
         self._log = log
         self._rng = random.Random()
         fixed = [
@@ -216,7 +217,7 @@ class Upstream:
                 source.close()
                 raise
 
-        return await self._with_retries(attempt, request_id, deadline)
+        return await self._with_breaker(chat, attempt, request_id, deadline)
 
     async def complete(self, chat: ChatRequest, request_id: str, deadline: float) -> bytes:
         """A non-streaming answer's body, checked to be a JSON object."""
@@ -225,7 +226,30 @@ class Upstream:
             conn = await self._send(chat, request_id, first_byte_by, deadline)
             return await self._read_json(conn, deadline)
 
-        return await self._with_retries(attempt, request_id, deadline)
+        return await self._with_breaker(chat, attempt, request_id, deadline)
+
+    async def _with_breaker(
+        self,
+        chat: ChatRequest,
+        attempt: Callable[[float], Awaitable[T]],
+        request_id: str,
+        deadline: float,
+    ) -> T:
+        """The request with its retries, as one outcome for its bot's breaker."""
+        permit = self._breakers.for_bot(chat.bot).permit()
+        try:
+            result = await self._with_retries(attempt, request_id, deadline)
+        except UpstreamError as e:
+            if e.counts_against_upstream:
+                permit.failure()
+            else:
+                permit.release()
+            raise
+        except BaseException:  # the client left: no verdict on the upstream
+            permit.release()
+            raise
+        permit.success()
+        return result
 
     async def _with_retries(
         self, attempt: Callable[[float], Awaitable[T]], request_id: str, deadline: float
@@ -235,7 +259,6 @@ class Upstream:
         retry_by = min(deadline, loop.time() + s.retry_budget_s)
         tries = 0
         while True:
-            self._breaker.check()
             tries += 1
             try:
                 result = await attempt(loop.time() + s.first_byte_timeout_s)
@@ -254,7 +277,6 @@ class Upstream:
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 continue
-            self._breaker.success()
             return result
 
     def _count_failure(self, error: UpstreamError, request_id: str, attempt: int) -> None:
@@ -264,8 +286,6 @@ class Upstream:
         )  # fmt: skip
         if error.kind is not None:
             self._metrics.upstream_errors.labels(error.kind).inc()
-        if error.counts_against_upstream:
-            self._breaker.failure()
 
     def _request_head(self, request_id: str, stream: bool, length: int) -> bytes:
         accept = "text/event-stream" if stream else "application/json"

@@ -86,7 +86,7 @@ async def soak(args: argparse.Namespace) -> int:
         upstream={"first_byte_timeout_s": 2.0, "idle_timeout_s": 2.0,
                   "backoff_base_s": 0.05, "retry_after_cap_s": 0.2},
         # Faults are injected on purpose: keep the breaker from pausing the soak.
-        circuit={"failure_threshold": 1_000_000},
+        circuit={"min_requests": 1_000_000},
         admission={"max_streams": 2000},
         logging={"format": "json", "level": "warning"},
     )  # fmt: skip

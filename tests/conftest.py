@@ -35,6 +35,8 @@ from gateway.state import ADMISSION
 from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings, Transcript, create_emulator_app
 from loadtest.harness import free_port, start_gateway, wait_ready
 
+pytest_plugins = ["tests.scripted"]  # the scripted upstream's fixture
+
 CHATIQ_KEY = "sk-chatiq-test-3f9c2e7a5b1d"
 ACME_KEY = "acme-key-7d1e"
 LIMITED_KEY = "limited-key-09ab"

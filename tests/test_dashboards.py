@@ -83,7 +83,8 @@ def test_the_dashboard_is_valid_and_queries_only_exported_metrics(
         "chatiq_gateway_rejected_total",
         "chatiq_gateway_upstream_errors_total",
         "chatiq_gateway_upstream_retries_total",
-        "chatiq_gateway_circuit_open",
+        "chatiq_gateway_circuit_state",
+        "chatiq_gateway_circuit_transitions_total",
         "chatiq_gateway_queue_depth",
         "process_resident_memory_bytes",
     ):
@@ -100,6 +101,7 @@ def test_the_alert_rules_are_complete_and_use_exported_metrics(
         "ChatIQGatewayTTFTHigh",
         "ChatIQGatewayErrorRatioHigh",
         "ChatIQGatewayCircuitOpen",
+        "ChatIQGatewayCircuitFlapping",
         "ChatIQGatewaySustainedRejections",
         "ChatIQGatewayNoTraffic",
     } <= names

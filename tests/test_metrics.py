@@ -115,7 +115,8 @@ async def test_every_metric_after_scripted_traffic_with_faults(make_stack: Stack
             labels = {"tenant": tenant, "bot": bot}
             assert await m("chatiq_gateway_active_streams", **labels) == 0
     assert await m("chatiq_gateway_queue_depth") == 0
-    assert await m("chatiq_gateway_circuit_open") == 0
+    for bot in ("demo", "other"):
+        assert await m("chatiq_gateway_circuit_state", bot=bot) == 0
     # Every request that got past validation (all 15 but the 401) was timed.
     assert await m("chatiq_gateway_overhead_seconds_count", phase="pre_upstream") == 15
     assert await m("chatiq_gateway_overhead_seconds_count", phase="relay") >= 10  # one a stream

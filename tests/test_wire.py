@@ -4,11 +4,9 @@ servers, and the push relay's pause and resume against a slow reader."""
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -16,88 +14,8 @@ import pytest
 from gateway import upstream as upstream_module
 from gateway import wire
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, Stack, StackFactory, gateway_settings
-
-EVENTS = (
-    b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n',
-    b'data: {"choices":[{"delta":{"content":"lo"}}]}\n\n',
-    b'data: {"conversationId":"c-1"}\n\n',
-    b"data: [DONE]\n\n",
-)
-BODY = b"".join(EVENTS)
-SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-
-
-def chunked(head: bytes, *parts: bytes) -> bytes:
-    """A chunked response: one chunk a part, then the last chunk."""
-    framed = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in parts)
-    return head + b"Transfer-Encoding: chunked\r\n\r\n" + framed + b"0\r\n\r\n"
-
-
-class ScriptedUpstream:
-    """A bare HTTP/1.1 server: each request gets ``answer`` (bytes, or a function
-    of the request's number), then the connection stays open or is closed."""
-
-    def __init__(
-        self,
-        answer: bytes | Callable[[int], bytes],
-        close_after: bool,
-        tls: ssl.SSLContext | None = None,
-    ) -> None:
-        self._answer = answer
-        self._tls = tls
-        self._close_after = close_after
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.port = 0
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                body = await reader.readexactly(int(length.group(1)) if length else 0)
-                self.requests.append(head + body)
-                answer = self._answer
-                writer.write(answer(len(self.requests)) if callable(answer) else answer)
-                await writer.drain()
-                if self._close_after:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-
-    async def start(self) -> asyncio.Server:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
-        self.port = server.sockets[0].getsockname()[1]
-        return server
-
-
-ScriptedFactory = Callable[..., Awaitable[tuple[Stack, ScriptedUpstream]]]
-
-
-@pytest.fixture
-async def scripted(
-    make_stack: StackFactory,
-) -> AsyncIterator[ScriptedFactory]:
-    servers: list[asyncio.Server] = []
-
-    async def start(
-        answer: bytes | Callable[[int], bytes],
-        close_after: bool = False,
-        tls: ssl.SSLContext | None = None,
-        host: str = "127.0.0.1",
-    ) -> tuple[Stack, ScriptedUpstream]:
-        upstream = ScriptedUpstream(answer, close_after, tls)
-        servers.append(await upstream.start())
-        scheme = "https" if tls else "http"
-        url = f"{scheme}://{host}:{upstream.port}/api/chat"
-        return await make_stack(settings=gateway_settings(url, max_retries=0)), upstream
-
-    yield start
-    for server in servers:
-        server.close()
+from tests.conftest import ACME_KEY, Stack, StackFactory
+from tests.scripted import BODY, EVENTS, SSE_HEAD, ScriptedFactory, ScriptedRequest, chunked
 
 
 async def stream_body(stack: Stack, stream: bool = True) -> tuple[int, bytes]:
@@ -144,8 +62,8 @@ async def test_bodies_that_end_with_the_connection_are_relayed_whole(
 ) -> None:
     json_body = b'{"answer": "hi", "conversationId": "c-1"}'
 
-    def answer(n: int) -> bytes:
-        if n == 1:  # events, then the connection closes: no length, no chunks
+    def answer(request: ScriptedRequest) -> bytes:
+        if request.number == 1:  # events, then the connection closes: no length, no chunks
             return SSE_HEAD + b"Connection: close\r\n\r\n" + BODY
         return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + json_body
 
