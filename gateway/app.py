@@ -113,7 +113,7 @@ async def drain(app: web.Application, grace_s: float) -> None:
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     """One pool of upstream connections for the app's whole life."""
     settings = app[SETTINGS].upstream
-    pool = Pool(settings.url, settings.max_connections)
+    pool = Pool(settings)
     app[UPSTREAM] = Upstream(settings, pool, app[METRICS], app[BREAKERS], app[LOG])
     yield
     pool.close()

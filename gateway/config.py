@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .egress import DIRECT, parse_proxy, proxy_from_environment
+
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _BOT_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -74,6 +76,15 @@ class UpstreamSettings:
     backoff_base_s: float = 0.2
     backoff_max_s: float = 5.0
     retry_after_cap_s: float = 10.0  # the most of an upstream's Retry-After that is honoured
+    # The connection pool: idle connections are closed before common servers'
+    # keep-alive timeouts (5 s for uvicorn and Node) close them under a request.
+    pool_idle_s: float = 4.0
+    connection_max_age_s: float = 60.0  # then a new connection (and a new DNS answer)
+    max_head_bytes: int = 64 * 1024  # a larger response head is a protocol error
+    # Egress: "" takes HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY from the
+    # environment; "direct" uses no proxy. Credentials in it are never logged.
+    proxy_url: str = field(default="", repr=False)
+    ca_file: str = ""  # extra CA certificates (PEM) to trust for the upstream
     # Only from the environment (CHATIQ_API_KEY, or the file CHATIQ_API_KEY_FILE
     # names): never in the config file, never printed.
     api_key: str | None = field(default=None, repr=False)
@@ -210,6 +221,9 @@ def _apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settin
         upstream["api_key"] = environ["CHATIQ_API_KEY"]
     elif environ.get("CHATIQ_API_KEY_FILE"):  # a container secret, mounted as a file
         upstream["api_key"] = _read_secret("CHATIQ_API_KEY_FILE", environ["CHATIQ_API_KEY_FILE"])
+    if not settings.upstream.proxy_url:  # the file says nothing: the environment decides
+        url = upstream.get("url", settings.upstream.url)
+        upstream["proxy_url"] = proxy_from_environment(url, environ) or DIRECT
     if "CHATIQ_BOT_SLUG" in environ:
         upstream["bot_slug"] = environ["CHATIQ_BOT_SLUG"]
     if "GATEWAY_HOST" in environ:
@@ -327,6 +341,15 @@ def _validate(s: Settings) -> None:
     if s.upstream.api_key is not None and not _VISIBLE_ASCII.fullmatch(s.upstream.api_key):
         # It goes into a request header as it is: never with a line break in it.
         raise ConfigError("CHATIQ_API_KEY: only visible ASCII characters are allowed")
+    if s.upstream.proxy_url != DIRECT:
+        try:
+            parse_proxy(s.upstream.proxy_url)
+        except ValueError as e:
+            raise ConfigError(f"upstream.proxy_url (or the *_PROXY variable): {e}") from None
+        if not _VISIBLE_ASCII.fullmatch(s.upstream.proxy_url):
+            raise ConfigError("upstream.proxy_url: spaces and control characters are not allowed")
+    if s.upstream.ca_file and not Path(s.upstream.ca_file).is_file():
+        raise ConfigError(f"upstream.ca_file: no such file {s.upstream.ca_file!r}")
     if not _BOT_SLUG.match(s.upstream.bot_slug):
         raise ConfigError("upstream.bot_slug: not a valid bot slug")
     if not 0 <= s.server.port <= 65535:
@@ -355,6 +378,9 @@ def _validate(s: Settings) -> None:
         "upstream.max_connections": s.upstream.max_connections,
         "upstream.max_event_bytes": s.upstream.max_event_bytes,
         "upstream.max_json_bytes": s.upstream.max_json_bytes,
+        "upstream.pool_idle_s": s.upstream.pool_idle_s,
+        "upstream.connection_max_age_s": s.upstream.connection_max_age_s,
+        "upstream.max_head_bytes": s.upstream.max_head_bytes,
         "admission.max_streams": s.admission.max_streams,
         "server.backlog": s.server.backlog,
         "server.workers": s.server.workers,

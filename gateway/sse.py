@@ -63,13 +63,11 @@ class SSEParser:
         "_max",
         "_retry",
         "_scan",
-        "_skip_lf",
     )
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self._buf = bytearray()  # bytes of the event being read
         self._scan = 0  # where the next unread line starts in _buf
-        self._skip_lf = False  # the last line ended in \r: a \n next belongs to it
         self._max = max_event_bytes
         self._reset_fields()
 
@@ -85,7 +83,7 @@ class SSEParser:
         return len(self._buf)
 
     def feed(self, chunk: bytes) -> list[Event]:
-        if self._buf or self._skip_lf or b"\r" in chunk:
+        if self._buf or b"\r" in chunk:
             return self._feed(chunk, [])
         # Fast path for what upstreams send nearly always: events of one
         # "data: " line each, ending in a blank line, none cut by this chunk.
@@ -106,21 +104,14 @@ class SSEParser:
             return events
         return self._feed(chunk[start:], events)
 
-    def _feed(self, chunk: bytes, events: list[Event]) -> list[Event]:
+    def flush(self) -> list[Event]:
+        """The input has ended: events held only because their last byte was a
+        ``\r`` (which a ``\n`` might have followed) are complete after all."""
+        return self._feed(b"", [], final=True)
+
+    def _feed(self, chunk: bytes, events: list[Event], final: bool = False) -> list[Event]:
         """The general case: any line endings, fields, comments, and cuts."""
         buf = self._buf
-        if self._skip_lf and chunk:
-            self._skip_lf = False
-            if chunk[:1] == b"\n":
-                # The \n of a \r\n cut between two reads. Inside an event it
-                # joins that event's bytes; after a finished event it goes out
-                # at once as a block of its own (an SSE reader ignores it).
-                if buf:
-                    buf += b"\n"
-                    self._scan += 1
-                else:
-                    events.append(Event(raw=b"\n"))
-                chunk = chunk[1:]
         buf += chunk
         start = 0  # first byte of the event being read
         pos = self._scan
@@ -132,9 +123,12 @@ class SSEParser:
                 line_end = cr
                 if cr + 1 < end:
                     next_pos = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
-                else:
+                elif final:
                     next_pos = cr + 1
-                    self._skip_lf = True
+                else:
+                    # A \r last: the next byte decides whether a \n belongs to
+                    # this line ending, so its event waits (its bytes stay whole).
+                    break
             elif lf >= 0:
                 line_end = lf
                 next_pos = lf + 1

@@ -93,10 +93,12 @@ class EventSource:
     # wire.BodySink
 
     def body(self, data: bytes) -> None:
-        if self._failure is not None:
-            return  # the parser gave up: nothing after may be trusted
+        if self._failure is None:  # else the parser gave up: nothing after may be trusted
+            self._parse(self._parser.feed, data)
+
+    def _parse(self, parse: Callable[[bytes], list[Event]], data: bytes) -> None:
         try:
-            events = self._parser.feed(data)
+            events = parse(data)
         except SSEProtocolError as e:
             events = e.events
             self._failure = UpstreamProtocolError(f"the chat service sent an {e}")
@@ -115,6 +117,8 @@ class EventSource:
         self._wake()
 
     def end(self, error: WireError | None) -> None:
+        if error is None and self._failure is None:  # a last event may wait on a final \r
+            self._parse(lambda _: self._parser.flush(), b"")
         if self._failure is not None:
             return
         if error is None:
@@ -192,10 +196,12 @@ class Upstream:
         self._log = log
         self._rng = random.Random()
         fixed = [
-            f"POST {pool.path} HTTP/1.1",
+            f"POST {pool.request_target} HTTP/1.1",
             f"Host: {pool.authority}",
             "User-Agent: chatiq-gateway",
         ]
+        if pool.proxy_authorization:
+            fixed.append(f"Proxy-Authorization: {pool.proxy_authorization}")
         if settings.api_key:
             fixed.append(f"Authorization: Bearer {settings.api_key}")
         self._fixed_head = "\r\n".join(fixed)
@@ -301,18 +307,11 @@ class Upstream:
         loop = asyncio.get_running_loop()
         body = json.dumps(chat.upstream_body()).encode()
         request_head = self._request_head(request_id, chat.stream, len(body))
-        conn: Connection | None = None
         sent = loop.time()
         try:
             async with asyncio.timeout_at(min(first_byte_by, deadline)):
-                try:
-                    conn = await self._pool.acquire(self._settings.connect_timeout_s)
-                except TimeoutError:
-                    raise ConnectTimeout("timed out connecting to the chat service") from None
-                head = await conn.request(request_head, body)
+                conn, head = await self._request(request_head, body)
         except BaseException as e:
-            if conn is not None:
-                conn.release()
             if isinstance(e, TimeoutError):
                 raise _timeout_error(first_byte_by, deadline) from None
             if isinstance(e, WireProtocolError):
@@ -335,6 +334,28 @@ class Upstream:
             got = head.content_type if encoding == "identity" else f"{encoding}-encoded"
             raise UpstreamProtocolError(f"the chat service answered {got!r}, not {expected!r}")
         return conn
+
+    async def _request(self, head: bytes, body: bytes) -> tuple[Connection, Head]:
+        """Send on a pooled connection; its response head. A reused connection
+        that fails before any answer is re-sent once on a new one: the server
+        closed it while idle, so it never acted on the request (Go's
+        ``shouldRetryRequest``, urllib3). Not a retry: no backoff, no breaker."""
+        conn = await self._connection(fresh=False)
+        while True:
+            try:
+                return conn, await conn.request(head, body)
+            except BaseException as e:
+                conn.release()  # a failed connection is closed, not pooled
+                if not (isinstance(e, WireError) and not e.answered and conn.reused):
+                    raise
+            self._metrics.upstream_resends.inc()
+            conn = await self._connection(fresh=True)
+
+    async def _connection(self, *, fresh: bool) -> Connection:
+        try:
+            return await self._pool.acquire(self._settings.connect_timeout_s, fresh=fresh)
+        except TimeoutError:
+            raise ConnectTimeout("timed out connecting to the chat service") from None
 
     async def _read_json(self, conn: Connection, deadline: float) -> bytes:
         limit = self._settings.max_json_bytes

@@ -5,13 +5,19 @@ Why not aiohttp's client: it hands a body over through a ``StreamReader``, so
 every relayed event costs a task wake-up and several coroutine layers. Here
 the body reaches its sink inside ``data_received`` (parsed by httptools, the C
 parser uvicorn uses), and a relay can write it to the client at once.
-Connections are kept alive and pooled. Nothing here follows a redirect, asks
-for compression or reads proxy settings from the environment.
+Connections are kept alive and pooled, but never past ``upstream.pool_idle_s``
+idle (shorter than common servers' keep-alive, and shorter still when the
+server's ``Keep-Alive: timeout`` says so) nor ``connection_max_age_s`` old (so
+a DNS change takes effect). Interim 1xx answers are skipped; a response head
+larger than ``max_head_bytes`` is refused. An egress proxy is used as
+``gateway.egress`` decides. Nothing here follows a redirect or asks for
+compression.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -20,11 +26,12 @@ from urllib.parse import urlsplit
 
 import httptools
 
-# An idle pooled connection older than this is closed rather than reused: a
-# server may have dropped it meanwhile (aiohttp's default keep-alive, too).
-_IDLE_S = 15.0
+from .config import UpstreamSettings
+from .egress import DIRECT, Proxy, open_tunnel, parse_proxy
+
 _MAX_IDLE = 256  # idle connections kept; the rest are closed
 _DNS_TTL_S = 10.0
+_KEEP_ALIVE_TIMEOUT = re.compile(r"(?i)\btimeout\s*=\s*(\d+)")
 
 
 class WireError(Exception):
@@ -62,6 +69,10 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
+        self.created = asyncio.get_running_loop().time()
+        self.reused = False  # taken from the pool's idle connections
+        self.idle_limit_s = pool.idle_s  # shorter if the server's Keep-Alive says so
+        self._head_bytes = 0  # bytes read while the response head is not complete
         self._parser = httptools.HttpResponseParser(self)
         self._headers: dict[str, str] = {}
         self._head: asyncio.Future[Head] | None = None
@@ -88,9 +99,18 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
-            self._fail(WireProtocolError(f"invalid HTTP from the server ({e})", answered=True))
-            if self.transport is not None:
-                self.transport.close()
+            self._broken(f"invalid HTTP from the server ({e})")
+            return
+        head = self._head  # None if the response ended and the connection went back
+        if head is not None and not head.done():  # the head is incomplete: bound it
+            self._head_bytes += len(data)
+            if self._head_bytes > self._pool.max_head_bytes:
+                self._broken(f"a response head over {self._pool.max_head_bytes} bytes")
+
+    def _broken(self, what: str) -> None:
+        self._fail(WireProtocolError(what, answered=True))
+        if self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -102,17 +122,26 @@ class Connection(asyncio.Protocol):
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        self._headers = {}
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # interim (100 Continue, 103 Early Hints): the real answer follows
         headers = self._headers
+        keep_alive = _KEEP_ALIVE_TIMEOUT.search(headers.get("keep-alive", ""))
+        if keep_alive:  # the server closes idle connections after that: stop a second early
+            self.idle_limit_s = min(self._pool.idle_s, int(keep_alive.group(1)) - 1.0)
         self._close_delimited = (
             "content-length" not in headers
             and "chunked" not in headers.get("transfer-encoding", "").lower()
         )
         if self._head is not None and not self._head.done():
-            self._head.set_result(Head(self._parser.get_status_code(), headers))
+            self._head.set_result(Head(status, headers))
 
     def on_body(self, body: bytes) -> None:
         if self._sink is not None:
@@ -121,6 +150,8 @@ class Connection(asyncio.Protocol):
             self._early.append(body)
 
     def on_message_complete(self) -> None:
+        if self._head is None or not self._head.done():
+            return  # an interim answer ended
         self._close_delimited = False
         self.complete = self._parser.should_keep_alive()
         self._finish(None)
@@ -190,6 +221,7 @@ class Connection(asyncio.Protocol):
         self._head = None
         self._answered = self._ended = self.complete = self._close_delimited = False
         self._result = None
+        self._head_bytes = 0
 
 
 class _Finisher:
@@ -251,28 +283,40 @@ async def read_body(conn: Connection, limit: int) -> bytes:
 class Pool:
     """Keep-alive connections to one origin, at most ``max_connections`` open."""
 
-    def __init__(self, url: str, max_connections: int) -> None:
-        parts = urlsplit(url)
+    def __init__(self, settings: UpstreamSettings) -> None:
+        parts = urlsplit(settings.url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         default_port = parts.port is None or parts.port == (443 if self.https else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.authority = host if default_port else f"{host}:{self.port}"
-        self._ssl = ssl.create_default_context() if self.https else None
+        proxy_url = "" if settings.proxy_url == DIRECT else settings.proxy_url
+        self.proxy: Proxy | None = parse_proxy(proxy_url) if proxy_url else None
+        # A plain-http request through a proxy names the whole URL (RFC 9112 3.2.2).
+        plain_proxy = self.proxy is not None and not self.https
+        self.request_target = f"http://{self.authority}{path}" if plain_proxy else path
+        self.proxy_authorization = self.proxy.authorization if plain_proxy and self.proxy else None
+        self.idle_s = settings.pool_idle_s
+        self.max_age_s = settings.connection_max_age_s
+        self.max_head_bytes = settings.max_head_bytes
+        self._ssl = _tls_context(settings.ca_file) if self.https else None
         self._idle: list[Connection] = []
-        self._slots = asyncio.Semaphore(max_connections)
+        self._slots = asyncio.Semaphore(settings.max_connections)
         self._open: set[Connection] = set()
         self._addresses: tuple[list[str], float] | None = None  # resolved, and until when
+        self._dns_ttl_s = min(_DNS_TTL_S, self.max_age_s / 10)  # a DNS change: max age + 10%
 
-    async def acquire(self, connect_timeout_s: float) -> Connection:
-        """An idle connection, or a new one (``TimeoutError`` if connecting takes too long)."""
+    async def acquire(self, connect_timeout_s: float, *, fresh: bool = False) -> Connection:
+        """An idle connection (unless ``fresh``), or a new one (``TimeoutError`` if
+        connecting takes too long)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._idle:
+        while self._idle and not fresh:
             conn = self._idle.pop()
-            if conn.transport is not None and now - conn.idle_since < _IDLE_S:
+            if self._reusable(conn, now):
+                conn.reused = True
                 return conn
             if conn.transport is not None:
                 conn.transport.close()
@@ -286,8 +330,20 @@ class Pool:
         self._open.add(conn)
         return conn
 
+    def _reusable(self, conn: Connection, now: float) -> bool:
+        transport = conn.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and now - conn.idle_since < conn.idle_limit_s
+            and now - conn.created < self.max_age_s
+        )
+
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> Connection:
-        """A new connection to the first of the host's addresses that answers."""
+        """A new connection: through the proxy, or to the first of the host's
+        addresses that answers."""
+        if self.proxy is not None:
+            return await self._connect_via_proxy(loop, self.proxy)
         failure: OSError | None = None
         for address in await self._resolve(loop):
             try:
@@ -304,23 +360,43 @@ class Pool:
         assert failure is not None
         raise failure
 
+    async def _connect_via_proxy(self, loop: asyncio.AbstractEventLoop, proxy: Proxy) -> Connection:
+        if self._ssl is None:  # plain http: requests go to the proxy in absolute form
+            _, conn = await loop.create_connection(lambda: Connection(self), proxy.host, proxy.port)
+            return conn
+        tunnel = await open_tunnel(loop, proxy, f"{self.host}:{self.port}")
+        conn = Connection(self)
+        try:  # TLS with the upstream itself, inside the tunnel: verified for its name
+            transport = await loop.start_tls(tunnel, conn, self._ssl, server_hostname=self.host)
+        except BaseException:
+            tunnel.close()
+            raise
+        assert transport is not None
+        conn.connection_made(transport)
+        return conn
+
     async def _resolve(self, loop: asyncio.AbstractEventLoop) -> list[str]:
         """The host's addresses, cached briefly: a burst of new streams asks once."""
         if self._addresses is not None and loop.time() < self._addresses[1]:
             return self._addresses[0]
-        infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        addresses = await self.lookup(self.host, self.port)
         if not addresses:
             raise OSError(f"no address for {self.host}")
-        self._addresses = (addresses, loop.time() + _DNS_TTL_S)
+        self._addresses = (addresses, loop.time() + self._dns_ttl_s)
         return addresses
 
+    async def lookup(self, host: str, port: int) -> list[str]:
+        """The system resolver's addresses for ``host`` (tests replace this)."""
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
     def put(self, conn: Connection) -> None:
-        if len(self._idle) >= _MAX_IDLE:
+        now = asyncio.get_running_loop().time()
+        if len(self._idle) >= _MAX_IDLE or now - conn.created >= self.max_age_s:
             assert conn.transport is not None
             conn.transport.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = now
         self._idle.append(conn)
 
     def lost(self, conn: Connection) -> None:
@@ -335,3 +411,12 @@ class Pool:
             if conn.transport is not None:
                 conn.transport.close()
         self._idle.clear()
+
+
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    """The system's trust store (which honours SSL_CERT_FILE and SSL_CERT_DIR),
+    plus ``ca_file`` when set (a private CA, a TLS-inspecting proxy)."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context

@@ -15,7 +15,16 @@ from gateway import upstream as upstream_module
 from gateway import wire
 from loadtest.emulator import EmulatorSettings
 from tests.conftest import ACME_KEY, Stack, StackFactory
-from tests.scripted import BODY, EVENTS, SSE_HEAD, ScriptedFactory, ScriptedRequest, chunked
+from tests.scripted import (
+    BODY,
+    EVENTS,
+    JSON_BODY,
+    SSE_HEAD,
+    ScriptedFactory,
+    ScriptedRequest,
+    chunked,
+    ok_answer,
+)
 
 
 async def stream_body(stack: Stack, stream: bool = True) -> tuple[int, bytes]:
@@ -76,10 +85,10 @@ async def test_a_host_whose_first_address_refuses_is_reached_at_the_next(
     scripted: ScriptedFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As for a name with an IPv6 address first, on a machine without IPv6.
-    async def two_addresses(pool: wire.Pool, loop: asyncio.AbstractEventLoop) -> list[str]:
+    async def two_addresses(pool: wire.Pool, host: str, port: int) -> list[str]:
         return ["127.0.0.2", "127.0.0.1"]  # the server listens on 127.0.0.1 only
 
-    monkeypatch.setattr(wire.Pool, "_resolve", two_addresses)
+    monkeypatch.setattr(wire.Pool, "lookup", two_addresses)
     stack, _ = await scripted(chunked(SSE_HEAD, *EVENTS))
     assert await stream_body(stack) == (200, BODY)
 
@@ -226,3 +235,35 @@ async def test_an_upstream_that_ends_right_after_its_first_event_gets_an_error_e
     assert status == 200
     assert body.startswith(EVENTS[0])
     assert b"UPSTREAM_ERROR" in body and body.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_interim_100_and_103_answers_before_the_200_are_skipped(
+    scripted: ScriptedFactory, stream: bool
+) -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+    stack, upstream = await scripted(lambda r: interim + ok_answer(r))
+    status, body = await stream_body(stack, stream)
+    assert (status, body) == (200, BODY if stream else JSON_BODY)
+    assert (await stream_body(stack, stream))[0] == 200  # and the connection is reused
+    assert upstream.connections == 1
+
+
+async def test_a_response_head_that_never_ends_is_cut_at_its_limit(
+    scripted: ScriptedFactory,
+) -> None:
+    endless = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Filler: " + b"a" * (8 << 20)
+    stack, _ = await scripted(endless, max_head_bytes=64 * 1024)
+    status, body = await stream_body(stack)
+    assert status == 502
+    assert b"a response head over 65536 bytes" in body
+
+
+async def test_a_crlf_split_across_reads_reaches_the_client_byte_for_byte(
+    scripted: ScriptedFactory,
+) -> None:
+    crlf_events = [e.replace(b"\n", b"\r\n") for e in EVENTS]
+    whole = b"".join(crlf_events)  # ends "data: [DONE]\r\n\r\n"
+    cut = chunked(SSE_HEAD, whole[:-1])[: -len(b"0\r\n\r\n")]
+    stack, _ = await scripted([cut, b"1\r\n\n\r\n0\r\n\r\n"])  # the last \n in a read of its own
+    assert await stream_body(stack) == (200, whole)
