@@ -17,6 +17,7 @@ from .app import create_app, create_metrics_app, drain
 from .auth import hash_key
 from .config import ConfigError, Settings, load_settings
 from .edge import GatewaySite
+from .egress import proxy_display
 from .logs import Logger, make_logger
 from .state import METRICS
 from .workers import supervise
@@ -56,6 +57,7 @@ async def serve(settings: Settings, log: Logger, *, shared_port: bool = False) -
         "listening",
         url=f"http://{settings.server.host}:{settings.server.port}",
         upstream=settings.upstream.url,
+        proxy=proxy_display(settings.upstream.proxy_url),
         tenants=len(settings.tenants),
     )
     try:

@@ -115,9 +115,18 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS].upstream
     pool = Pool(settings)
     app[UPSTREAM] = Upstream(settings, pool, app[METRICS], app[BREAKERS], app[LOG])
+    preflight = asyncio.create_task(_preflight(pool, app[LOG]))
     yield
+    preflight.cancel()
     pool.close()
     app[BREAKERS].close()
+
+
+async def _preflight(pool: Pool, log: Logger) -> None:
+    """Say at start, not at the first request, that the upstream looks unreachable."""
+    problem = await pool.preflight()
+    if problem is not None:
+        log.warning("upstream_unreachable", problem=problem)
 
 
 async def _publish_queue_depth(app: web.Application) -> AsyncIterator[None]:

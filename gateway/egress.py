@@ -64,6 +64,16 @@ def parse_proxy(url: str) -> Proxy:
     return Proxy(parts.hostname, port, authorization)
 
 
+def proxy_display(proxy_url: str) -> str:
+    """A proxy setting for a log line: where, never who."""
+    if not proxy_url or proxy_url == DIRECT:
+        return DIRECT
+    try:
+        return parse_proxy(proxy_url).display
+    except ValueError:
+        return "invalid"
+
+
 def proxy_from_environment(upstream_url: str, environ: Mapping[str, str]) -> str:
     """The proxy URL the environment gives for ``upstream_url``; "" for none."""
 
@@ -155,7 +165,7 @@ async def open_tunnel(
         transport.write((head + "\r\n").encode("latin-1"))
         status = await reply.answer
         if status != 200:
-            hint = " (the proxy wants credentials)" if status == 407 else ""
+            hint = " (check the proxy's user and password)" if status in (401, 407) else ""
             raise ProxyError(f"the proxy answered CONNECT with HTTP {status}{hint}")
     except BaseException:
         transport.close()

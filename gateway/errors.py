@@ -128,6 +128,7 @@ class UpstreamError(GatewayError):
     code = "UPSTREAM_ERROR"
     kind: str | None = "protocol"
     counts_against_upstream = True
+    detail: str | None = None  # what went wrong, for the log (never sent to the client)
 
 
 class UpstreamConnectError(UpstreamError):

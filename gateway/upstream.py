@@ -289,6 +289,7 @@ class Upstream:
         self._log.warning(
             "upstream_failed", request_id=request_id, attempt=attempt,
             error=type(error).__name__, kind=error.kind, status=error.status,
+            detail=error.detail,
         )  # fmt: skip
         if error.kind is not None:
             self._metrics.upstream_errors.labels(error.kind).inc()
@@ -319,7 +320,9 @@ class Upstream:
             if isinstance(e, WireError) and e.answered:
                 raise UpstreamClosed("the chat service broke off its answer") from None
             if isinstance(e, OSError | WireError):
-                raise UpstreamConnectError("could not reach the chat service") from None
+                failure = UpstreamConnectError("could not reach the chat service")
+                failure.detail = str(e)  # for the log only: refused, TLS, the proxy's answer
+                raise failure from None
             raise
         self._metrics.upstream_first_byte.observe(loop.time() - sent)
         if head.status != 200:

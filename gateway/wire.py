@@ -385,6 +385,21 @@ class Pool:
         self._addresses = (addresses, loop.time() + self._dns_ttl_s)
         return addresses
 
+    async def preflight(self, timeout_s: float = 5.0) -> str | None:
+        """What would stop the first request, said at start: a proxy that does not
+        answer, or a host name that does not resolve; None when both look fine."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self.proxy is not None:
+                    _, writer = await asyncio.open_connection(self.proxy.host, self.proxy.port)
+                    writer.close()
+                else:
+                    await self._resolve(asyncio.get_running_loop())
+        except (OSError, TimeoutError) as e:
+            where = f"the proxy {self.proxy.display}" if self.proxy else f"the host {self.host!r}"
+            return f"{where}: {e or 'no answer in time'}"
+        return None
+
     async def lookup(self, host: str, port: int) -> list[str]:
         """The system resolver's addresses for ``host`` (tests replace this)."""
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
