@@ -188,11 +188,14 @@ async def test_the_environment_chooses_the_proxy_and_no_proxy_bypasses_it(
         )
         try:
             await wait_ready(f"http://127.0.0.1:{port}/healthz")
-            async with aiohttp.ClientSession() as session, session.post(
-                f"http://127.0.0.1:{port}/api/chatbot",
-                json={"message": "hi"},
-                headers={"Authorization": f"Bearer {ACME_KEY}"},
-            ) as r:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"http://127.0.0.1:{port}/api/chatbot",
+                    json={"message": "hi"},
+                    headers={"Authorization": f"Bearer {ACME_KEY}"},
+                ) as r,
+            ):
                 assert (await read_stream(r))[0] == BODY
         finally:
             process.terminate()
