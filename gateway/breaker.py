@@ -6,8 +6,9 @@ After resilience4j's time-based CircuitBreaker:
 - **Closed**: requests go through. Each request's *final* outcome (after its
   retries) goes into a sliding window of ``window_s``; once the window holds
   ``min_requests`` outcomes and the failed share reaches ``failure_rate``, the
-  circuit opens. A request that recovered by retry is a success; one that
-  ended for the client's own reasons (a 4xx, a hang-up) is no outcome at all.
+  circuit opens. A request that recovered by retry is a success, and so is a
+  stream once its first event arrived (the upstream answered); one that ended
+  for its own reasons (a 4xx other than 429, a hang-up) is no outcome at all.
 - **Open**: requests fail at once (503 ``UPSTREAM_UNAVAILABLE``). After
   ``cooldown_s`` a timer makes it half-open, traffic or not, so that an
   instance nobody sends requests to still recovers, and the metric shows it.

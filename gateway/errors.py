@@ -120,8 +120,9 @@ class CircuitOpen(GatewayError):
 class UpstreamError(GatewayError):
     """The upstream failed; ``kind`` labels ``upstream_errors_total`` (None: not counted).
 
-    ``counts_against_upstream``: a sign the upstream is unhealthy, for the
-    circuit breaker (not so for a 429, a 400, or our own time limit).
+    ``counts_against_upstream``: as a request's final outcome, a failure for
+    its bot's circuit breaker (not so for a 4xx other than 429, which the
+    request itself caused, or our own time limit).
     """
 
     status = 502
@@ -158,10 +159,12 @@ class UpstreamHTTPError(UpstreamError):
 
 
 class UpstreamRateLimited(UpstreamError):
+    """ChatIQ still limits the gateway's key after the retries: a bot kept at
+    429 is paused by its breaker rather than pressed on."""
+
     status = 429
     code = "RATE_LIMIT"
     kind = "http_429"
-    counts_against_upstream = False
 
 
 class UpstreamRejected(UpstreamError):

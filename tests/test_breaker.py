@@ -164,19 +164,23 @@ async def test_a_success_that_started_before_the_circuit_opened_does_not_close_i
     assert await transitions(stack, "demo", "closed") == 0
 
 
-async def test_client_errors_and_rate_limits_never_open_the_circuit(
+async def test_client_errors_never_open_the_circuit_but_lasting_429s_do(
     scripted: ScriptedFactory,
 ) -> None:
     def answer(request: ScriptedRequest) -> bytes:
         if request.body["message"] == "bad":
             return json_answer(b'{"error": {"code": "X", "message": "bad"}}', "400 Bad")
+        if request.body["message"] == "gone":
+            return json_answer(b"{}", "404 Not Found")
         return json_answer(b"{}", "429 Slow down", b"Retry-After: 0\r\n")
 
     stack, _ = await scripted(answer, circuit=FAST)
-    for message in ("bad", "busy") * 5:
-        assert (await chat(stack, message=message))[0] in (400, 429)
-    assert await state(stack, "demo") == 0
-    assert await transitions(stack, "demo", "open") == 0
+    for message in ("bad", "gone") * 5:
+        assert (await chat(stack, message=message))[0] in (400, 502)
+    assert await state(stack, "demo") == 0  # the requests' own fault: not counted
+    for _ in range(FAST.min_requests):
+        assert (await chat(stack, message="busy"))[0] == 429
+    assert await state(stack, "demo") == 1  # ChatIQ keeps limiting: pause, don't press on
 
 
 async def test_failures_below_the_rate_or_the_minimum_keep_it_closed(
