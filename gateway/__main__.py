@@ -8,7 +8,8 @@ import resource
 import secrets
 import signal
 import sys
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -19,25 +20,45 @@ from .config import ConfigError, Settings, load_settings
 from .edge import GatewaySite
 from .egress import proxy_display
 from .logs import Logger, make_logger
-from .state import METRICS
-from .workers import supervise
+from .metrics import Metrics
+from .reload import reload_settings
+from .state import LIFECYCLE, METRICS
+from .workers import supervise, watch_parent
+
+LINGER_S = 2.0
 
 
-async def serve(settings: Settings, log: Logger, *, shared_port: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and stop.
+async def serve(
+    settings: Settings,
+    log: Logger,
+    *,
+    config_path: str | None = None,
+    max_connections: int | None = None,
+    shared_port: bool = False,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and stop; a second one stops at
+    once. SIGHUP reloads ``config_path``.
 
     The socket stays open while draining, so new requests get a clear 503
     rather than a refused connection.
     """
     app = create_app(settings, log=log)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5)
-    await runner.setup()
     server = settings.server
-    rejected = app[METRICS].rejected.labels("header_timeout")
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=5,
+        keepalive_timeout=server.keepalive_timeout_s,
+        # After an early answer (408, 413) the rest of a body is read and dropped
+        # this long, so the client sees the answer, then the connection closes.
+        lingering_time=LINGER_S,
+    )  # fmt: skip
+    await runner.setup()
+    metrics = app[METRICS]
     site = GatewaySite(
         runner, server.host, server.port, backlog=server.backlog,
-        header_timeout_s=server.header_timeout_s, on_timeout=rejected.inc,
-        reuse_port=shared_port,
+        header_timeout_s=server.header_timeout_s,
+        on_timeout=metrics.rejected.labels("header_timeout").inc,
+        max_connections=max_connections or server.max_connections,
+        on_refused=_refusal_reporter(metrics, log), reuse_port=shared_port,
     )  # fmt: skip
     await site.start()
     runners = [runner]
@@ -49,10 +70,23 @@ async def serve(settings: Settings, log: Logger, *, shared_port: bool = False) -
             metrics_runner, m.host, m.port, reuse_address=True, reuse_port=shared_port
         ).start()
         runners.append(metrics_runner)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_stop() -> None:
+        if stop.is_set():  # the second one: no more waiting for live streams
+            log.warning("stopping_now", live_streams=len(app[LIFECYCLE].streams))
+            hurry.set()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
+    if shared_port:  # a worker: never outlive the supervisor
+        orphaned = loop.create_task(watch_parent(lambda: on_orphaned(log, stop)))
+    if config_path is not None:
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: stop.is_set() or reload_settings(app, config_path)
+        )
     log.info(
         "listening",
         url=f"http://{settings.server.host}:{settings.server.port}",
@@ -62,11 +96,50 @@ async def serve(settings: Settings, log: Logger, *, shared_port: bool = False) -
     )
     try:
         await stop.wait()
-        await drain(app, settings.server.shutdown_grace_s)
+        await drain(app, settings.server.shutdown_grace_s, hurry)
     finally:
+        if shared_port:
+            orphaned.cancel()
         for r in runners:
             await r.cleanup()
     log.info("stopped")
+
+
+def on_orphaned(log: Logger, stop: asyncio.Event) -> None:
+    log.warning("supervisor_gone", action="draining")
+    stop.set()
+
+
+def _refusal_reporter(metrics: Metrics, log: Logger) -> Callable[[], None]:
+    """Counts refused connections; says so in the log at most once a second."""
+    refused = metrics.rejected.labels("connections")
+    last_said, unsaid = 0.0, 0
+
+    def report() -> None:
+        nonlocal last_said, unsaid
+        refused.inc()
+        unsaid += 1
+        now = time.monotonic()
+        if now - last_said >= 1.0:
+            log.warning("connections_refused", refused=unsaid, why="server.max_connections")
+            last_said, unsaid = now, 0
+
+    return report
+
+
+def connection_cap(settings: Settings, open_files: int, log: Logger) -> int:
+    """``server.max_connections``, lowered to what the open-files limit allows:
+    each client connection is a file, and each stream holds an upstream one too."""
+    wanted = settings.server.max_connections
+    reserved = settings.admission.max_streams + 64  # upstream sockets, logs, the listener
+    cap = max(16, min(wanted, open_files - reserved))
+    if cap < wanted:
+        log.warning(
+            "open_files_limit_low", limit=open_files, max_connections=cap,
+            fix=f"raise the open-files limit (ulimit -n, systemd LimitNOFILE) to at least "
+            f"{wanted + reserved}, or lower server.max_connections",
+        )  # fmt: skip
+    return cap
 
 
 def run(main: Coroutine[Any, Any, None], event_loop: str, log: Logger) -> None:
@@ -146,19 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatiq-gateway: config error: {e}", file=sys.stderr)
         return 2
     log = make_logger(settings.logging)
-    open_files = raise_open_files_limit()
-    a = settings.admission
-    needed = 2 * a.max_streams + a.max_queue + 64  # two sockets a stream, one a queued client
-    if open_files < needed:
-        log.warning("open_files_limit_low", limit=open_files, needed=needed)
+    cap = connection_cap(settings, raise_open_files_limit(), log)
     workers = args.workers if args.workers is not None else settings.server.workers
     if workers < 1:
         print("chatiq-gateway: --workers must be at least 1", file=sys.stderr)
         return 2
     if workers > 1 and not args.worker:
-        return supervise(args.config, workers, log)
+        return supervise(args.config, workers, settings.server.host, settings.server.port, log)
     try:
-        run(serve(settings, log, shared_port=args.worker), settings.server.event_loop, log)
+        main_coro = serve(
+            settings, log, config_path=args.config, max_connections=cap, shared_port=args.worker
+        )
+        run(main_coro, settings.server.event_loop, log)
     except OSError as e:  # typically: the port is taken
         print(f"chatiq-gateway: cannot serve: {e}", file=sys.stderr)
         return 1

@@ -36,14 +36,20 @@ class Admission:
         tenants: tuple[Tenant, ...] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._max_active = settings.max_streams
-        self._max_queue = settings.max_queue
-        self._queue_timeout_s = settings.queue_timeout_s
         self._clock = clock
         self._active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        now = clock()
         self._tenants: dict[str, _TenantState] = {}
+        self.reconfigure(settings, tenants)
+
+    def reconfigure(self, settings: AdmissionSettings, tenants: tuple[Tenant, ...]) -> None:
+        """New limits for new requests (a reload). Streams in flight keep their
+        slots and count against the new limits; a tenant keeps its spent tokens."""
+        self._max_active = settings.max_streams
+        self._max_queue = settings.max_queue
+        self._queue_timeout_s = settings.queue_timeout_s
+        now = self._clock()
+        states: dict[str, _TenantState] = {}
         for t in tenants:
             rpm = (
                 settings.tenant_requests_per_minute
@@ -51,7 +57,18 @@ class Admission:
                 else t.requests_per_minute
             )
             streams = settings.tenant_max_streams if t.max_streams is None else t.max_streams
-            self._tenants[t.name] = _TenantState(streams, rpm, float(rpm), now)
+            state = self._tenants.get(t.name)
+            if state is None:
+                state = _TenantState(streams, rpm, float(rpm), now)
+            state.max_streams, state.per_minute = streams, rpm
+            state.tokens = min(state.tokens, float(rpm))
+            states[t.name] = state
+        self._tenants = states  # a removed tenant's live streams keep their own state
+        while self._waiters and self._active < self._max_active:  # room made by a raise
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._active += 1
+                waiter.set_result(None)
 
     @property
     def active(self) -> int:

@@ -26,6 +26,7 @@ from .state import (
     TENANTS,
     UPSTREAM,
     Lifecycle,
+    LiveSettings,
 )
 from .upstream import Upstream
 from .wire import Pool
@@ -39,16 +40,15 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
         metrics.queue_depth.set_function(lambda: admission.queued)
     bots = named_bots(settings)
     breakers = Breakers(settings.circuit, bots, metrics.bot_label, _breaker_reporter(metrics, log))
-    for breaker in breakers:  # every series from the start, so rate() sees the first change
-        metrics.circuit_state.labels(breaker.bot).set(0)
-        for state in State:
-            metrics.circuit_transitions.labels(breaker.bot, state.label)
+    export_breaker_series(metrics, [breaker.bot for breaker in breakers])
+    for result in ("ok", "invalid"):
+        metrics.config_reloads.labels(result)
 
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[make_middleware(metrics, log)],
     )
-    app[SETTINGS] = settings
+    app[SETTINGS] = LiveSettings(settings)
     app[METRICS] = metrics
     app[ADMISSION] = admission
     app[TENANTS] = TenantDirectory(settings.tenants)
@@ -80,6 +80,14 @@ def create_metrics_app(app: web.Application) -> web.Application:
     return metrics_app
 
 
+def export_breaker_series(metrics: Metrics, bots: list[str]) -> None:
+    """Every breaker series from the start, so that rate() sees the first change."""
+    for bot in bots:
+        metrics.circuit_state.labels(bot).set(0)
+        for state in State:
+            metrics.circuit_transitions.labels(bot, state.label)
+
+
 def _breaker_reporter(metrics: Metrics, log: Logger) -> OnTransition:
     def report(bot: str, to: State, why: dict[str, object]) -> None:
         metrics.circuit_state.labels(bot).set(to.value)
@@ -89,8 +97,9 @@ def _breaker_reporter(metrics: Metrics, log: Logger) -> OnTransition:
     return report
 
 
-async def drain(app: web.Application, grace_s: float) -> None:
-    """Stop taking streams, let live ones finish for ``grace_s``, then end the rest.
+async def drain(app: web.Application, grace_s: float, hurry: asyncio.Event | None = None) -> None:
+    """Stop taking streams, let live ones finish for ``grace_s`` (or until
+    ``hurry`` is set: a second signal), then end the rest.
 
     Streams still live at the end get an error event and ``[DONE]``.
     """
@@ -100,7 +109,7 @@ async def drain(app: web.Application, grace_s: float) -> None:
     log.info("draining", live_streams=len(lifecycle.streams), grace_s=grace_s)
     loop = asyncio.get_running_loop()
     until = loop.time() + grace_s
-    while lifecycle.streams and loop.time() < until:
+    while lifecycle.streams and loop.time() < until and not (hurry and hurry.is_set()):
         await asyncio.sleep(0.05)
     cut = list(lifecycle.streams)
     for task in cut:
@@ -112,7 +121,7 @@ async def drain(app: web.Application, grace_s: float) -> None:
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     """One pool of upstream connections for the app's whole life."""
-    settings = app[SETTINGS].upstream
+    settings = app[SETTINGS].current.upstream
     pool = Pool(settings)
     app[UPSTREAM] = Upstream(settings, pool, app[METRICS], app[BREAKERS], app[LOG])
     preflight = asyncio.create_task(_preflight(pool, app[LOG]))

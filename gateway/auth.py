@@ -39,6 +39,10 @@ def require_bearer(expected_sha256: str, authorization: str | None) -> None:
 
 class TenantDirectory:
     def __init__(self, tenants: Iterable[Tenant]) -> None:
+        self.replace(tenants)
+
+    def replace(self, tenants: Iterable[Tenant]) -> None:
+        """A reload: these keys from now on (a request already in keeps its tenant)."""
         self._tenants = tuple((bytes.fromhex(t.key_sha256), t) for t in tenants)
 
     def authenticate(self, authorization: str | None) -> Tenant:
@@ -72,26 +76,26 @@ class FailedKeyThrottle:
         max_addresses: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._limit = limit_per_minute
+        self.limit = limit_per_minute  # a reload may change it
         self._max = max_addresses
         self._clock = clock
         self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()  # count, window end
 
     def check(self, address: str | None) -> None:
-        if not self._limit or address is None or address not in self._seen:
+        if not self.limit or address is None or address not in self._seen:
             return
         count, until = self._seen[address]
         now = self._clock()
         if now >= until:
             del self._seen[address]
-        elif count >= self._limit:
+        elif count >= self.limit:
             raise RateLimited(
                 "too many requests with unknown keys from this address",
                 retry_after=math.ceil(until - now),
             )
 
     def failed(self, address: str | None) -> None:
-        if not self._limit or address is None:
+        if not self.limit or address is None:
             return
         now = self._clock()
         count, until = self._seen.pop(address, (0, now + 60.0))

@@ -128,6 +128,12 @@ class CircuitBreaker:
         self._probes = 0  # half-open: probes let through and not yet settled or failed
         self._probe_successes = 0
 
+    def reconfigure(self, settings: CircuitSettings) -> None:
+        """New thresholds (a reload); the state is kept, the window too if its length is."""
+        if settings.window_s != self._s.window_s:
+            self._window = _Window(settings.window_s)
+        self._s = settings
+
     def permit(self) -> Permit:
         """Let a request try the upstream, or raise ``CircuitOpen``."""
         if self.state is State.OPEN and self._clock() >= self._half_open_at:
@@ -218,10 +224,21 @@ class Breakers:
         on_transition: OnTransition,
     ) -> None:
         self._label_of = label_of
-        self._breakers = {
-            label: CircuitBreaker(label, settings, on_transition)
-            for label in sorted({label_of(bot) for bot in bots} | {OTHER_BOT})
-        }
+        self._on_transition = on_transition
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self.reconfigure(settings, bots)
+
+    def reconfigure(self, settings: CircuitSettings, bots: Iterable[str]) -> list[str]:
+        """New settings for every breaker, and breakers for newly named bots
+        (returned). A bot no longer named keeps its breaker, unused."""
+        for breaker in self._breakers.values():
+            breaker.reconfigure(settings)
+        added = []
+        for label in sorted({self._label_of(bot) for bot in bots} | {OTHER_BOT}):
+            if label not in self._breakers:
+                self._breakers[label] = CircuitBreaker(label, settings, self._on_transition)
+                added.append(label)
+        return added
 
     def __iter__(self) -> Iterator[CircuitBreaker]:
         return iter(self._breakers.values())

@@ -38,6 +38,11 @@ class ServerSettings:
     backlog: int = 2048  # pending connections the kernel queues (capped by net.core.somaxconn)
     workers: int = 1  # processes sharing the port (SO_REUSEPORT); limits apply per process
     header_timeout_s: float = 10.0  # each request head, from its first byte, else 408
+    body_timeout_s: float = 30.0  # a request body must be in by then, else 408
+    keepalive_timeout_s: float = 60.0  # idle client connections are closed after this
+    # Client connections open at once; more are answered 503 and closed. Capped
+    # at start by the open-files limit (each stream also holds an upstream socket).
+    max_connections: int = 10000
     event_loop: str = "auto"  # "uvloop", "asyncio", or "auto" (uvloop when installed)
     max_body_bytes: int = 64 * 1024
     max_message_chars: int = 8000
@@ -385,6 +390,9 @@ def _validate(s: Settings) -> None:
         "server.backlog": s.server.backlog,
         "server.workers": s.server.workers,
         "server.header_timeout_s": s.server.header_timeout_s,
+        "server.body_timeout_s": s.server.body_timeout_s,
+        "server.keepalive_timeout_s": s.server.keepalive_timeout_s,
+        "server.max_connections": s.server.max_connections,
         "upstream.keepalive_s": s.upstream.keepalive_s,
         "upstream.client_write_timeout_s": s.upstream.client_write_timeout_s,
         "upstream.backoff_base_s": s.upstream.backoff_base_s,
@@ -414,6 +422,14 @@ def _validate(s: Settings) -> None:
     for key, value in not_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must not be negative")
+    if s.admission.max_streams > s.upstream.max_connections:
+        # Each admitted stream needs an upstream connection: the rest would wait
+        # on the pool, unseen by the admission queue and its limits.
+        raise ConfigError(
+            f"admission.max_streams ({s.admission.max_streams}) is above "
+            f"upstream.max_connections ({s.upstream.max_connections}): raise the pool "
+            "or lower max_streams"
+        )
     if not 0 < s.circuit.failure_rate <= 1:
         raise ConfigError("circuit.failure_rate: must be a share above 0 and at most 1 (0.5: half)")
     if s.logging.level.lower() not in ("debug", "info", "warning", "error"):

@@ -1,4 +1,5 @@
-"""The listening socket: aiohttp's HTTP server, with a deadline on each request head.
+"""The listening socket: aiohttp's HTTP server, with a deadline on each request
+head and a cap on open connections.
 
 aiohttp waits as long as a client likes for the headers of a request, so a
 client sending a byte a second (slowloris) could hold a connection, and many
@@ -8,6 +9,10 @@ arrive within ``server.header_timeout_s`` of its first byte (of the
 connection's opening, for the first), or the client gets a 408 in ChatIQ's
 error shape and the connection is closed. The wrapper only looks at what
 clients send (requests, not the streams going out), a few bytes at a time.
+
+Beyond ``server.max_connections`` open connections, a new one gets a 503 in
+ChatIQ's error shape at once and is closed, so the process never runs out
+of file descriptors (after which the kernel would reset clients silently).
 """
 
 from __future__ import annotations
@@ -28,13 +33,38 @@ RESPONSE_408 = (
 )
 
 
+_FULL_BODY = json.dumps(
+    {"error": {"code": "OVERLOADED", "message": "too many open connections; try again shortly"}}
+).encode()
+RESPONSE_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+    + str(len(_FULL_BODY)).encode()
+    + b"\r\n\r\n"
+    + _FULL_BODY
+)
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over the cap: answered 503 and closed, nothing read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).write(RESPONSE_503)
+        transport.close()
+
+
 class HeaderDeadline(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection: a deadline on each request head."""
 
     def __init__(
-        self, inner: asyncio.Protocol, timeout_s: float, on_timeout: Callable[[], None]
+        self,
+        inner: asyncio.Protocol,
+        timeout_s: float,
+        on_timeout: Callable[[], None],
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._inner = inner
+        self._on_lost = on_lost
         self._timeout_s = timeout_s
         self._on_timeout = on_timeout
         self._transport: asyncio.Transport | None = None
@@ -75,6 +105,7 @@ class HeaderDeadline(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._on_lost()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -94,7 +125,16 @@ class HeaderDeadline(asyncio.Protocol):
 class GatewaySite(web.BaseSite):
     """A TCP site whose connections each get a :class:`HeaderDeadline`."""
 
-    __slots__ = ("_header_timeout_s", "_host", "_on_timeout", "_port", "_reuse_port")
+    __slots__ = (
+        "_header_timeout_s",
+        "_host",
+        "_max_connections",
+        "_on_refused",
+        "_on_timeout",
+        "_open",
+        "_port",
+        "_reuse_port",
+    )
 
     def __init__(
         self,
@@ -105,9 +145,14 @@ class GatewaySite(web.BaseSite):
         backlog: int,
         header_timeout_s: float,
         on_timeout: Callable[[], None],
+        max_connections: int,
+        on_refused: Callable[[], None],
         reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, backlog=backlog)
+        self._max_connections = max_connections
+        self._on_refused = on_refused
+        self._open = 0
         self._reuse_port = reuse_port
         self._host = host
         self._port = port
@@ -124,7 +169,14 @@ class GatewaySite(web.BaseSite):
         assert server is not None
 
         def connection() -> asyncio.Protocol:
-            return HeaderDeadline(server(), self._header_timeout_s, self._on_timeout)
+            if self._open >= self._max_connections:
+                self._on_refused()
+                return _Refuse()
+            self._open += 1
+            return HeaderDeadline(server(), self._header_timeout_s, self._on_timeout, closed)
+
+        def closed() -> None:
+            self._open -= 1
 
         self._server = await asyncio.get_running_loop().create_server(
             connection, self._host, self._port, backlog=self._backlog,

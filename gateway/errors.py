@@ -18,6 +18,7 @@ class GatewayError(Exception):
     code = "INTERNAL_ERROR"
     # The ``reason`` label of ``rejected_total`` when this error turns a request away.
     reject_reason: str | None = None
+    closes_connection = False  # the connection is closed after the answer
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -68,6 +69,15 @@ class MethodNotAllowed(GatewayError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Allow": ", ".join(self.allowed)}  # required with a 405 (RFC 9110)
+
+
+class RequestTimeout(GatewayError):
+    """The request took too long to arrive; the connection is closed after the answer."""
+
+    status = 408
+    code = "REQUEST_TIMEOUT"
+    reject_reason = "body_timeout"
+    closes_connection = True  # the rest of the body may still come: the stream is out of step
 
 
 class PayloadTooLarge(GatewayError):

@@ -46,12 +46,15 @@ def exchange_of(request: web.Request) -> Exchange:
 
 
 def error_response(err: GatewayError) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=err.status,
         text=err.body_json(),
         content_type="application/json",
         headers=err.headers,
     )
+    if err.closes_connection:
+        response.force_close()
+    return response
 
 
 def _from_http_exception(e: web.HTTPException, method: str) -> GatewayError:

@@ -42,7 +42,7 @@ async def bots(request: web.Request) -> web.Response:
     """The bots this key may pick from (``"*"`` tenants: those the config names)."""
     app = request.app
     tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
-    default = app[SETTINGS].upstream.bot_slug
+    default = app[SETTINGS].current.upstream.bot_slug
     named = [b for b in tenant.bots if b != ANY_BOT]
     choices = (
         named if ANY_BOT not in tenant.bots else [default, *(b for b in named if b != default)]
@@ -53,7 +53,7 @@ async def bots(request: web.Request) -> web.Response:
 async def preflight(request: web.Request) -> web.Response:
     """CORS preflight: only for the origins the configuration allows."""
     origin = request.headers.get("Origin", "")
-    if origin not in request.app[SETTINGS].server.cors_origins:
+    if origin not in request.app[SETTINGS].current.server.cors_origins:
         raise Forbidden(f"origin {origin!r} is not allowed")
     return web.Response(
         status=204,
@@ -69,13 +69,12 @@ async def add_browser_headers(request: web.Request, response: web.StreamResponse
     """``on_response_prepare``: safety headers on everything, the page's CSP, and CORS
     for allowed origins (none by default)."""
     response.headers.update(SAFETY_HEADERS)
+    server = request.app[SETTINGS].current.server
     if request.path == "/" or request.path.startswith("/static/"):
-        response.headers["Content-Security-Policy"] = request.app[
-            SETTINGS
-        ].server.content_security_policy
+        response.headers["Content-Security-Policy"] = server.content_security_policy
         response.headers["X-Frame-Options"] = "DENY"
     origin = request.headers.get("Origin")
-    if origin is not None and origin in request.app[SETTINGS].server.cors_origins:
+    if origin is not None and origin in server.cors_origins:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
         response.headers["Vary"] = "Origin"

@@ -9,7 +9,13 @@ from aiohttp import web
 
 from .auth import authenticate, require_bearer
 from .chat import parse_chat_request
-from .errors import Draining, Forbidden, PayloadTooLarge, UnsupportedMediaType
+from .errors import (
+    Draining,
+    Forbidden,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from .exchange import exchange_of
 from .relay import Relay
 from .state import (
@@ -26,7 +32,7 @@ from .state import (
 
 async def chatbot(request: web.Request) -> web.StreamResponse:
     app = request.app
-    settings = app[SETTINGS]
+    settings = app[SETTINGS].current
     lifecycle = app[LIFECYCLE]
     ex = exchange_of(request)
 
@@ -35,7 +41,12 @@ async def chatbot(request: web.Request) -> web.StreamResponse:
     if request.content_type != "application/json":
         raise UnsupportedMediaType("send the body as 'Content-Type: application/json'")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(settings.server.body_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {settings.server.body_timeout_s:g} s"
+        ) from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
             f"the body is larger than {settings.server.max_body_bytes} bytes"
@@ -93,7 +104,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
-    token_sha256 = request.app[SETTINGS].metrics.token_sha256
+    token_sha256 = request.app[SETTINGS].current.metrics.token_sha256
     if token_sha256:
         require_bearer(token_sha256, request.headers.get("Authorization"))
     body = request.app[METRICS].exposition()

@@ -139,6 +139,9 @@ class Metrics:
             "Requests re-sent at once on a new connection after a reused one was "
             "found closed before any answer (not retries).",
         )
+        self.config_reloads = make(
+            Counter, "config_reloads", "Configuration reloads (SIGHUP), by result.", ["result"]
+        )
         self.overhead = make(
             Histogram,
             "overhead_seconds",
@@ -164,6 +167,10 @@ class Metrics:
             )
             ProcessCollector(registry=r)  # process_resident_memory_bytes, _cpu_seconds, fds
             PlatformCollector(registry=r)
+
+    def name_bots(self, bots: Iterable[str]) -> None:
+        """The bots that get a label of their own (a reload may name more)."""
+        self._bots = frozenset(bots)
 
     def bot_label(self, bot: str | None) -> str:
         """A bot's label value: its name when the configuration names it."""

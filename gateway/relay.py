@@ -86,7 +86,7 @@ class Relay:
         self._source = source
         self._ex = exchange
         self._deadline = deadline
-        self._settings: UpstreamSettings = app[SETTINGS].upstream
+        self._settings: UpstreamSettings = app[SETTINGS].current.upstream
         self._metrics: Metrics = app[METRICS]
         self._lifecycle: Lifecycle = app[LIFECYCLE]
         self._log = app[LOG]
@@ -262,15 +262,16 @@ class Relay:
         self._last_event = self._last_write = now  # the upstream was held, not silent
         self._draining = False
         if not self._over:
+            if self._timer is not None:  # it was set for the deadline alone
+                self._timer.cancel()
+            self._arm(now)
             self._source.resume()
 
     def _arm(self, now: float) -> None:
         s = self._settings
-        when = min(
-            self._deadline,
-            self._last_event + s.idle_timeout_s,
-            self._last_write + s.keepalive_s,
-        )
+        when = self._deadline
+        if not self._draining:  # while the client drains, the upstream is held, not idle
+            when = min(when, self._last_event + s.idle_timeout_s, self._last_write + s.keepalive_s)
         self._timer = self._loop.call_at(max(when, now), self._on_timer)
 
     def _on_timer(self) -> None:

@@ -15,6 +15,16 @@ from .metrics import Metrics
 from .upstream import Upstream
 
 
+class LiveSettings:
+    """The settings in force. A reload (SIGHUP) replaces them as a whole, so a
+    request reads one consistent version; what it already holds stays as it was."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, settings: Settings) -> None:
+        self.current = settings
+
+
 class Lifecycle:
     """Whether the app is draining for shutdown, and the live streams' tasks."""
 
@@ -23,7 +33,7 @@ class Lifecycle:
         self.streams: set[asyncio.Task[object]] = set()
 
 
-SETTINGS = web.AppKey("settings", Settings)
+SETTINGS = web.AppKey("settings", LiveSettings)
 METRICS = web.AppKey("metrics", Metrics)
 ADMISSION = web.AppKey("admission", Admission)
 TENANTS = web.AppKey("tenants", TenantDirectory)

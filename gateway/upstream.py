@@ -189,12 +189,19 @@ class Upstream:
         breakers: Breakers,
         log: Logger,
     ) -> None:
-        self._settings = settings
         self._pool = pool
         self._metrics = metrics
         self._breakers = breakers
         self._log = log
         self._rng = random.Random()
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: UpstreamSettings) -> None:
+        """Timeouts, retries, limits and the key for requests from now on (a
+        reload). The pool keeps its address, proxy and size until a restart."""
+        self._settings = settings
+        self._pool.reconfigure(settings)
+        pool = self._pool
         fixed = [
             f"POST {pool.request_target} HTTP/1.1",
             f"Host: {pool.authority}",

@@ -17,6 +17,7 @@ compression.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import socket
 import ssl
@@ -71,7 +72,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.created = asyncio.get_running_loop().time()
         self.reused = False  # taken from the pool's idle connections
-        self.idle_limit_s = pool.idle_s  # shorter if the server's Keep-Alive says so
+        self.idle_limit_s = math.inf  # the server's Keep-Alive timeout, less a second
         self._head_bytes = 0  # bytes read while the response head is not complete
         self._parser = httptools.HttpResponseParser(self)
         self._headers: dict[str, str] = {}
@@ -135,7 +136,7 @@ class Connection(asyncio.Protocol):
         headers = self._headers
         keep_alive = _KEEP_ALIVE_TIMEOUT.search(headers.get("keep-alive", ""))
         if keep_alive:  # the server closes idle connections after that: stop a second early
-            self.idle_limit_s = min(self._pool.idle_s, int(keep_alive.group(1)) - 1.0)
+            self.idle_limit_s = int(keep_alive.group(1)) - 1.0
         self._close_delimited = (
             "content-length" not in headers
             and "chunked" not in headers.get("transfer-encoding", "").lower()
@@ -298,14 +299,18 @@ class Pool:
         plain_proxy = self.proxy is not None and not self.https
         self.request_target = f"http://{self.authority}{path}" if plain_proxy else path
         self.proxy_authorization = self.proxy.authorization if plain_proxy and self.proxy else None
-        self.idle_s = settings.pool_idle_s
-        self.max_age_s = settings.connection_max_age_s
-        self.max_head_bytes = settings.max_head_bytes
+        self.reconfigure(settings)
         self._ssl = _tls_context(settings.ca_file) if self.https else None
         self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._open: set[Connection] = set()
         self._addresses: tuple[list[str], float] | None = None  # resolved, and until when
+
+    def reconfigure(self, settings: UpstreamSettings) -> None:
+        """The limits a reload may change (the address, proxy and size need a restart)."""
+        self.idle_s = settings.pool_idle_s
+        self.max_age_s = settings.connection_max_age_s
+        self.max_head_bytes = settings.max_head_bytes
         self._dns_ttl_s = min(_DNS_TTL_S, self.max_age_s / 10)  # a DNS change: max age + 10%
 
     async def acquire(self, connect_timeout_s: float, *, fresh: bool = False) -> Connection:
@@ -335,7 +340,7 @@ class Pool:
         return (
             transport is not None
             and not transport.is_closing()
-            and now - conn.idle_since < conn.idle_limit_s
+            and now - conn.idle_since < min(conn.idle_limit_s, self.idle_s)
             and now - conn.created < self.max_age_s
         )
 

@@ -1,0 +1,106 @@
+"""SIGHUP: read the configuration file again and apply what may change live.
+
+Like nginx: the file is read and checked whole; if it is invalid nothing
+changes and one line says why. If it is valid, tenants and their keys, bots,
+quotas and limits, timeouts, retries, breaker thresholds and the log level
+apply to requests from now on, while live streams go on with what they had.
+What is bound at start (the listening address, workers, the upstream's
+address, proxy and pool size, the metrics port) keeps its old value and is
+named in a warning until a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .app import export_breaker_series
+from .config import ConfigError, Settings, load_settings, named_bots
+from .logs import set_level
+from .state import ADMISSION, BREAKERS, FAILED_KEYS, LOG, METRICS, SETTINGS, TENANTS, UPSTREAM
+
+RESTART_ONLY = (
+    "server.host",
+    "server.port",
+    "server.workers",
+    "server.backlog",
+    "server.event_loop",
+    "server.header_timeout_s",
+    "server.keepalive_timeout_s",
+    "server.max_connections",
+    "server.static_dir",
+    "upstream.url",
+    "upstream.max_connections",
+    "upstream.proxy_url",
+    "upstream.ca_file",
+    "metrics.enabled",
+    "metrics.port",
+    "metrics.host",
+    "logging.format",
+)
+
+
+def reload_settings(app: web.Application, path: str | Path) -> bool:
+    """Reload ``path`` into the running app; False (and nothing changed) if invalid."""
+    log, metrics = app[LOG], app[METRICS]
+    old = app[SETTINGS].current
+    try:
+        new = load_settings(path)
+    except ConfigError as e:
+        metrics.config_reloads.labels("invalid").inc()
+        log.error("config_reload_failed", error=str(e), kept="the running configuration")
+        return False
+    held = [key for key in RESTART_ONLY if _get(new, key) != _get(old, key)]
+    if held:
+        log.warning("config_reload_needs_restart", keys=held)
+        for key in held:
+            new = _put(new, key, _get(old, key))
+    # Said before it applies: the new log level may be quieter than info.
+    log.info("config_reloaded", changed=_changed_keys(old, new), tenants=len(new.tenants))
+    apply_settings(app, new)
+    metrics.config_reloads.labels("ok").inc()
+    return True
+
+
+def apply_settings(app: web.Application, new: Settings) -> None:
+    app[SETTINGS].current = new
+    app[TENANTS].replace(new.tenants)
+    app[FAILED_KEYS].limit = new.server.max_auth_failures_per_minute
+    app[ADMISSION].reconfigure(new.admission, new.tenants)
+    bots = named_bots(new)
+    app[METRICS].name_bots(bots)
+    export_breaker_series(app[METRICS], app[BREAKERS].reconfigure(new.circuit, bots))
+    app[UPSTREAM].reconfigure(new.upstream)
+    set_level(app[LOG], new.logging.level)
+
+
+def _get(settings: Settings, key: str) -> Any:
+    table, name = key.split(".")
+    return getattr(getattr(settings, table), name)
+
+
+def _put(settings: Settings, key: str, value: Any) -> Settings:
+    table, name = key.split(".")
+    return dataclasses.replace(
+        settings, **{table: dataclasses.replace(getattr(settings, table), **{name: value})}
+    )
+
+
+def _changed_keys(old: Settings, new: Settings) -> list[str]:
+    """The names of what changed (never the values: a key or a hash may be among them)."""
+    changed = []
+    for table in dataclasses.fields(Settings):
+        before, after = getattr(old, table.name), getattr(new, table.name)
+        if table.name == "tenants" or before == after:
+            if before != after:
+                changed.append("tenants")
+            continue
+        changed += [
+            f"{table.name}.{f.name}"
+            for f in dataclasses.fields(before)
+            if getattr(before, f.name) != getattr(after, f.name)
+        ]
+    return changed

@@ -1,0 +1,188 @@
+"""Signals and connection bounds, against real gateway processes: SIGHUP reloads
+(or keeps the running configuration), a second SIGTERM stops at once, idle and
+trickling connections are cut, and the connection cap refuses cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
+from tests.test_drain import open_streams
+
+NEW_KEY = "new-tenant-key-8c41"
+
+
+def config_of(gw: GatewayProcess) -> Path:
+    return gw.log_path.with_suffix(".toml")
+
+
+async def until_logged(gw: GatewayProcess, text: str, timeout_s: float = 10.0) -> str:
+    """The first log line holding ``text``, once it is there."""
+    until = time.monotonic() + timeout_s
+    while time.monotonic() < until:
+        for line in gw.log().splitlines():
+            if text in line:
+                return line
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{text!r} never logged:\n{gw.log()[-2000:]}")
+
+
+async def status_with(session: aiohttp.ClientSession, gw: GatewayProcess, key: str) -> int:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with session.post(gw.url, json={"message": "hi"}, headers=headers) as r:
+        await r.read()
+        return r.status
+
+
+async def test_sighup_adds_a_tenant_while_a_live_stream_completes(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=30), record=False
+    )
+    gw = await gateway_process(stack.emulator)
+    session = stack.session
+    (live,) = await open_streams(session, gw, 1)
+    assert await status_with(session, gw, NEW_KEY) == 401
+
+    config = config_of(gw)
+    config.write_text(
+        config.read_text() + '\n[[tenants]]\nname = "newcomer"\n'
+        f'key_sha256 = "{hashlib.sha256(NEW_KEY.encode()).hexdigest()}"\nbots = ["demo"]\n'
+        '\n[logging]\nlevel = "warning"\n'
+    )
+    gw.process.send_signal(signal.SIGHUP)
+    line = json.loads(await until_logged(gw, "config_reloaded"))
+    assert "tenants" in line["changed"] and "logging.level" in line["changed"]
+
+    async with session.post(
+        gw.url, json={"message": "hi"}, headers={"Authorization": f"Bearer {NEW_KEY}"}
+    ) as r:
+        assert (await read_stream(r))[1][-1] == "[DONE]"  # the new key streams
+    events = await live
+    assert "conversationId" in events[-2] and events[-1] == "[DONE]"  # untouched by the reload
+    assert await gw.metric(session, 'chatiq_gateway_config_reloads_total{result="ok"}') == 1
+    requests_logged = gw.log().count('"event": "request"')
+    assert await status_with(session, gw, ACME_KEY) == 200
+    assert gw.log().count('"event": "request"') == requests_logged  # level is warning now
+    assert gw.process.poll() is None
+
+
+async def test_sighup_with_a_broken_file_keeps_the_running_configuration(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(record=False)
+    gw = await gateway_process(stack.emulator)
+    config = config_of(gw)
+    good = config.read_text()
+    config.write_text(good.replace("[upstream]", "[upstream]\nmax_retries = -3"))
+    gw.process.send_signal(signal.SIGHUP)
+    line = json.loads(await until_logged(gw, "config_reload_failed"))
+    assert "upstream.max_retries" in line["error"]
+    assert await status_with(stack.session, gw, ACME_KEY) == 200
+    metric = 'chatiq_gateway_config_reloads_total{result="invalid"}'
+    assert await gw.metric(stack.session, metric) == 1
+
+    config.write_text(good.replace("port = ", "port = 1\n#", 1))  # a restart-only key changes
+    gw.process.send_signal(signal.SIGHUP)
+    line = json.loads(await until_logged(gw, "config_reload_needs_restart"))
+    assert line["keys"] == ["server.port"]
+    assert await status_with(stack.session, gw, ACME_KEY) == 200  # still on its old port
+
+
+async def test_a_second_sigterm_ends_every_live_stream_at_once(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=5, reply_tokens=200), record=False
+    )
+    gw = await gateway_process(stack.emulator, server={"shutdown_grace_s": 60.0})
+    streams = await open_streams(stack.session, gw, 50)
+    gw.process.send_signal(signal.SIGTERM)
+    await until_logged(gw, '"draining"')
+    started = time.monotonic()
+    gw.process.send_signal(signal.SIGTERM)
+    results = await asyncio.wait_for(asyncio.gather(*streams), 2.0)
+    for events in results:
+        assert json.loads(events[-2])["error"]["code"] == "DRAINING"
+        assert events[-1] == "[DONE]"
+    assert await asyncio.to_thread(gw.process.wait, 10) == 0
+    assert time.monotonic() - started < 5.0
+    assert '"streams_ended_early": 50' in gw.log()
+
+
+async def test_idle_client_connections_are_closed_after_the_keepalive_timeout(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(record=False)
+    gw = await gateway_process(stack.emulator, server={"keepalive_timeout_s": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readuntil(b'{"status": "ok"}')
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+    assert 0.3 < time.monotonic() - started < 3
+    writer.close()
+
+
+async def test_a_trickled_body_gets_408_and_the_connection_closed(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(record=False)
+    gw = await gateway_process(stack.emulator, server={"body_timeout_s": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {ACME_KEY}\r\nContent-Length: 100\r\n\r\n".encode()
+        + b'{"message": '
+    )
+    answer = await asyncio.wait_for(reader.read(), 5)  # the whole answer, then the close
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert json.loads(body)["error"]["code"] == "REQUEST_TIMEOUT"
+    assert await gw.metric(stack.session, 'chatiq_gateway_rejected_total{reason="body_timeout"}')
+
+
+async def test_connections_beyond_the_cap_are_refused_cleanly(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(record=False)
+    gw = await gateway_process(stack.emulator, server={"max_connections": 20})
+    held = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", gw.port))
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in sock.recv(4096)
+        held.append(sock)
+    refused = []
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", gw.port))
+        sock.settimeout(5)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        refused.append(answer)
+        sock.close()
+    for answer in refused:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+        assert json.loads(body)["error"]["code"] == "OVERLOADED"
+    for sock in held:
+        sock.close()
+    await asyncio.sleep(0.2)
+    assert (
+        await gw.metric(stack.session, 'chatiq_gateway_rejected_total{reason="connections"}') == 5
+    )
+    assert gw.log().count("connections_refused") == 1  # at most once a second
+    assert await status_with(stack.session, gw, ACME_KEY) == 200
