@@ -99,7 +99,9 @@ class Supervisor:
             del self._workers[pid]
             multiprocess.mark_process_dead(pid, self._folder)  # type: ignore[no-untyped-call]
             if self._stopping:
-                self._codes.append(code)
+                # Killed by the stop signal itself: it was still starting, with nothing to drain.
+                stopped = code in (-signal.SIGTERM, -signal.SIGINT)
+                self._codes.append(0 if stopped else code)
                 continue
             self._log.warning("worker_exited", pid=pid, code=code)
             now = time.monotonic()

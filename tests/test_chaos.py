@@ -5,6 +5,7 @@ every gauge at zero, no slot held, no task or connection open."""
 from __future__ import annotations
 
 import asyncio
+import time
 import random
 import socket
 from collections.abc import Awaitable, Callable
@@ -89,14 +90,15 @@ async def test_clients_that_never_read_cannot_grow_memory(
     make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
 ) -> None:
     """200 clients read nothing of 10 MB replies: the gateway's RSS stays bounded,
-    and a normal client is unaffected."""
+    it spends no CPU on them while they are stalled (past several keep-alive
+    intervals), and a normal client is unaffected."""
     stack = await make_stack(
         EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=300),  # bot "bulk": ~10 MB
         record=False,
     )
     gw = await gateway_process(
         stack.emulator,
-        upstream={"client_write_timeout_s": 60.0, "first_byte_timeout_s": 30.0},
+        upstream={"client_write_timeout_s": 60.0, "first_byte_timeout_s": 30.0, "keepalive_s": 0.5},
         logging={"format": "json", "level": "warning"},
     )
     before = gw.rss_bytes()
@@ -120,6 +122,10 @@ async def test_clients_that_never_read_cannot_grow_memory(
     assert await gw.metric(stack.session, "chatiq_gateway_active_streams") == 200, gw.log()
     await asyncio.sleep(2.0)  # let every relay fill its buffers and block
     grown = gw.rss_bytes() - before
+    cpu_before, started = gw.cpu_seconds(), time.monotonic()
+    await asyncio.sleep(3.0)  # six keep-alive intervals, all of them stalled
+    busy = (gw.cpu_seconds() - cpu_before) / (time.monotonic() - started)
+    assert busy < 0.05, f"{busy:.0%} of a core while 200 clients are stalled"
 
     # A normal client still streams while the 200 sit there.
     async with stack.session.post(
@@ -131,7 +137,7 @@ async def test_clients_that_never_read_cannot_grow_memory(
     # Without backpressure the gateway would hold the 200 replies: 2 GB. With it,
     # each stalled stream holds a few reads of at most 64 KiB (~1 MiB measured).
     assert grown < 500 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
-    print(f"gateway RSS grew {grown / 2**20:.1f} MiB for 200 stalled 10 MB streams")
+    print(f"gateway RSS grew {grown / 2**20:.1f} MiB for 200 stalled 10 MB streams; CPU {busy:.1%}")
     for sock in stalled:
         sock.close()
     for _ in range(300):

@@ -87,6 +87,16 @@ def test_settings_are_immutable(tmp_path: Path) -> None:
         (GOOD, {"CHATIQ_API_KEY": "sk-1\n"}, "CHATIQ_API_KEY: only visible"),
         (GOOD, {"CHATIQ_API_URL": "http://h/a b"}, "upstream.url: spaces and control"),
         ("[server\n", {}, "not valid TOML"),
+        (
+            GOOD + "\n[admission]\nmax_streams = 3000\n",
+            {},
+            "admission.max_streams (3000) is above upstream.max_connections (2000)",
+        ),
+        (GOOD + "\n[circuit]\nfailure_threshold = 5\n", {}, "circuit.failure_threshold: no long"),
+        (GOOD + "\n[circuit]\nfailure_rate = 1.5\n", {}, "circuit.failure_rate: must be a share"),
+        (GOOD + "\n[server]\nbody_timeout_s = 0\n", {}, "server.body_timeout_s: must be greater"),
+        (GOOD, {"ALL_PROXY": "socks5://p:1"}, "only http:// proxies"),
+        (GOOD.replace("[upstream]", '[upstream]\nca_file = "/nope.pem"'), {}, "upstream.ca_file"),
     ],
 )
 def test_a_bad_config_names_the_key_and_what_is_wrong(

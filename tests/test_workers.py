@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from gateway.workers import MAX_DEATHS
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
@@ -68,3 +74,161 @@ async def test_two_workers_share_the_port_and_their_metrics(
         assert "workers_stopped" in log.read_text()
     finally:
         stop(process)
+
+
+# --- the supervisor, as a service manager runs it (no metrics folder given) --
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def eventually_true(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    until = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < until, what
+        await asyncio.sleep(0.05)
+
+
+async def chat_on_new_connections(port: int, n: int) -> None:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(n):
+            async with session.post(
+                f"http://127.0.0.1:{port}/api/chatbot",
+                json={"message": "hi"},
+                headers={"Authorization": f"Bearer {ACME_KEY}"},
+            ) as r:
+                assert (await read_stream(r))[1][-1] == "[DONE]"
+
+
+async def metric_total(port: int, name: str) -> float:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as r,
+    ):
+        assert r.status == 200, await r.text()
+        text = await r.text()
+    pattern = rf"^{name}(?:{{[^}}]*}})? (\S+)$"
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+async def start_supervised(
+    tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> tuple[subprocess.Popen[bytes], Path, int]:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=5))
+    port = free_port()
+    assert stack.emulator.port is not None
+    process, log = start_gateway(
+        tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
+        extra_args=["--workers", "2"],
+    )  # fmt: skip
+    await wait_ready(f"http://127.0.0.1:{port}/healthz")
+    await eventually_true(lambda: len(children_of(process.pid)) == 2, 10, "two workers")
+    return process, log, port
+
+
+async def test_a_killed_worker_is_replaced_and_metrics_still_add_up(
+    tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process, log, port = await start_supervised(tmp_path, make_stack, monkeypatch)
+    try:
+        await chat_on_new_connections(port, 20)
+        first = children_of(process.pid)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        await eventually_true(
+            lambda: len(children_of(process.pid) - first) == 1, 5, "no new worker within 5 s"
+        )
+        await chat_on_new_connections(port, 20)  # served by whichever worker the kernel picks
+        assert time.monotonic() - killed < 10
+        route = r'chatiq_gateway_requests_total\{route="/api/chatbot"[^}]*\}'
+        assert await metric_total(port, route) == 40  # the dead worker's counts are kept
+        assert await metric_total(port, "chatiq_gateway_active_streams") == 0
+        text = log.read_text()
+        assert '"event": "worker_exited"' in text and '"event": "worker_replaced"' in text
+        assert "Traceback" not in text
+
+        process.send_signal(signal.SIGTERM)  # then a clean stop: exit 0, nobody left
+        workers = children_of(process.pid)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+        assert not any(alive(pid) for pid in workers)
+        assert "Traceback" not in log.read_text()
+    finally:
+        stop(process)
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(
+    tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process, log, _ = await start_supervised(tmp_path, make_stack, monkeypatch)
+    workers = children_of(process.pid)
+    process.kill()
+    process.wait()
+    try:
+        await eventually_true(
+            lambda: not any(alive(pid) for pid in workers), 10, "workers outlived it"
+        )
+        assert log.read_text().count('"event": "supervisor_gone"') == 2
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_workers_that_keep_dying_stop_the_supervisor_with_a_reason(
+    tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process, log, _ = await start_supervised(tmp_path, make_stack, monkeypatch)
+    try:
+        for _ in range(MAX_DEATHS + 1):
+            victim = min(children_of(process.pid))
+            os.kill(victim, signal.SIGKILL)
+
+            def replaced(victim: int = victim) -> bool:
+                now = children_of(process.pid)
+                return process.poll() is not None or (victim not in now and len(now) == 2)
+
+            await eventually_true(replaced, 5, "no reaction")
+            if process.poll() is not None:
+                break
+        assert await asyncio.to_thread(process.wait, 30) == 1
+        assert '"event": "workers_crash_loop"' in log.read_text()
+    finally:
+        stop(process)
+
+
+async def test_a_taken_port_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for workers in ("1", "2"):
+            process, log = start_gateway(
+                tmp_path, port, 9, ACME_KEY, extra_args=["--workers", workers]
+            )
+            assert await asyncio.to_thread(process.wait, 30) == 1
+            text = log.read_text()
+            assert "Traceback" not in text, text
+            lines = [line for line in text.splitlines() if "cannot serve" in line]
+            assert len(lines) == 1 and "in use" in lines[0], text
