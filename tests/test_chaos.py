@@ -5,9 +5,9 @@ every gauge at zero, no slot held, no task or connection open."""
 from __future__ import annotations
 
 import asyncio
-import time
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
