@@ -122,13 +122,7 @@ class Relay:
         if self._transport is not None:
             self._high_water = self._transport.get_write_buffer_limits()[1]
         try:
-            arrived = self._loop.time()
-            payload, failure = self._batch(first)
-            if payload:
-                self._relay_overhead.observe(self._loop.time() - arrived)
-                await self._send(payload)  # through aiohttp: the head goes with it
-            if failure is not None:
-                raise failure
+            await self._send_first(first)
             if not self._done:
                 await self._pushed()
         except UpstreamError as e:
@@ -157,6 +151,18 @@ class Relay:
             self._stop()
             self._log.error("relay_bug", request_id=self._ex.request_id, error=type(e).__name__)
             await self._end_with_error(GatewayError(f"internal error ({type(e).__name__})"))
+
+    async def _send_first(self, first: list[Event]) -> None:
+        """The first events, through aiohttp (the head goes with them). Nothing of
+        them is kept afterwards: a stalled stream holds only what its socket does."""
+        arrived = self._loop.time()
+        payload, failure = self._batch(first)
+        first.clear()  # the caller's list too
+        if payload:
+            self._relay_overhead.observe(self._loop.time() - arrived)
+            await self._send(payload)
+        if failure is not None:
+            raise failure
 
     async def _pushed(self) -> None:
         """Events now flow in ``on_events``; wait for the end, draining a slow client."""

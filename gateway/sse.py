@@ -142,8 +142,8 @@ class SSEParser:
             else:
                 self._field(buf[pos:line_end])
             pos = next_pos
-        if start:
-            del buf[:start]
+        if start:  # a fresh buffer, not a trimmed one: a trimmed one keeps its capacity
+            self._buf = buf = bytearray(buf[start:]) if start < len(buf) else bytearray()
         self._scan = pos - start
         if len(buf) > self._max:
             self._too_big(events)

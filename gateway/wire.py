@@ -31,6 +31,7 @@ from .config import UpstreamSettings
 from .egress import DIRECT, Proxy, open_tunnel, parse_proxy
 
 _MAX_IDLE = 256  # idle connections kept; the rest are closed
+READ_BYTES = 32 * 1024  # the most one read from the upstream brings
 _DNS_TTL_S = 10.0
 _KEEP_ALIVE_TIMEOUT = re.compile(r"(?i)\btimeout\s*=\s*(\d+)")
 
@@ -64,8 +65,14 @@ class BodySink(Protocol):
         """The body is complete (``None``) or broken off."""
 
 
-class Connection(asyncio.Protocol):
-    """One upstream connection; one request at a time."""
+class Connection(asyncio.BufferedProtocol):
+    """One upstream connection; one request at a time.
+
+    A buffered protocol: the loop reads into the pool's one read buffer
+    (``READ_BYTES``), which is parsed at once, so what one read brings (and a
+    stalled client can hold) is bounded by that size, not by the loop's own
+    read size (256 KiB), and idle connections hold no buffer at all.
+    """
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
@@ -91,7 +98,13 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._pool.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._pool.read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._head is None:  # bytes nobody asked for, on an idle connection
             if self.transport is not None:
                 self.transport.close()
@@ -301,6 +314,8 @@ class Pool:
         self.proxy_authorization = self.proxy.authorization if plain_proxy and self.proxy else None
         self.reconfigure(settings)
         self._ssl = _tls_context(settings.ca_file) if self.https else None
+        # Every connection reads into this and it is parsed before the next read.
+        self.read_buffer = memoryview(bytearray(READ_BYTES))
         self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._open: set[Connection] = set()
