@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak bench-observability load bench
+.PHONY: run test lint install clean soak stalled bench-observability load bench
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -34,6 +34,10 @@ clean:
 ## make soak: 10,000 streams with faults and hang-ups through a real gateway (a few minutes).
 soak: $(STAMP)
 	$(BIN)/python -m loadtest.soak
+
+## make stalled: 2,000 clients that stop reading 10 MB replies: memory each, CPU while stalled.
+stalled: $(STAMP)
+	$(BIN)/python -m loadtest.stalled $(ARGS)
 
 ## make bench-observability: relay throughput with metrics and logging on vs off.
 bench-observability: $(STAMP)

@@ -122,7 +122,7 @@ async def drain(app: web.Application, grace_s: float, hurry: asyncio.Event | Non
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     """One pool of upstream connections for the app's whole life."""
     settings = app[SETTINGS].current.upstream
-    pool = Pool(settings)
+    pool = Pool(settings, on_wait=app[METRICS].upstream_pool_wait.observe)
     app[UPSTREAM] = Upstream(settings, pool, app[METRICS], app[BREAKERS], app[LOG])
     preflight = asyncio.create_task(_preflight(pool, app[LOG]))
     yield

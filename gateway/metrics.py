@@ -133,6 +133,12 @@ class Metrics:
             Counter, "circuit_transitions", "Circuit breaker transitions, by bot and new state.",
             ["bot", "to"],
         )  # fmt: skip
+        self.upstream_pool_wait = make(
+            Histogram,
+            "upstream_pool_wait_seconds",
+            "Time a request waited for an upstream connection slot (upstream.max_connections).",
+            buckets=OVERHEAD_BUCKETS + LATENCY_BUCKETS[6:],
+        )
         self.upstream_resends = make(
             Counter,
             "upstream_resends",

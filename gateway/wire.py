@@ -22,6 +22,7 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
@@ -297,7 +298,10 @@ async def read_body(conn: Connection, limit: int) -> bytes:
 class Pool:
     """Keep-alive connections to one origin, at most ``max_connections`` open."""
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(
+        self, settings: UpstreamSettings, on_wait: Callable[[float], None] = lambda s: None
+    ) -> None:
+        self._on_wait = on_wait  # seconds a request waited for a connection slot
         parts = urlsplit(settings.url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -318,6 +322,7 @@ class Pool:
         self.read_buffer = memoryview(bytearray(READ_BYTES))
         self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(settings.max_connections)
+        self._waiting = 0  # requests waiting for a slot
         self._open: set[Connection] = set()
         self._addresses: tuple[list[str], float] | None = None  # resolved, and until when
 
@@ -337,10 +342,16 @@ class Pool:
             conn = self._idle.pop()
             if self._reusable(conn, now):
                 conn.reused = True
+                self._on_wait(0.0)
                 return conn
             if conn.transport is not None:
                 conn.transport.close()
-        await self._slots.acquire()
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        self._on_wait(loop.time() - now)
         try:
             async with asyncio.timeout(connect_timeout_s):
                 conn = await self._connect(loop)
@@ -427,7 +438,9 @@ class Pool:
 
     def put(self, conn: Connection) -> None:
         now = asyncio.get_running_loop().time()
-        if len(self._idle) >= _MAX_IDLE or now - conn.created >= self.max_age_s:
+        # Closed rather than kept when requests wait for a slot: its slot is theirs.
+        full = len(self._idle) >= _MAX_IDLE or self._waiting
+        if full or now - conn.created >= self.max_age_s:
             assert conn.transport is not None
             conn.transport.close()
             return
