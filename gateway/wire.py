@@ -21,8 +21,8 @@ import math
 import re
 import socket
 import ssl
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
