@@ -71,6 +71,7 @@ def start_gateway(
     tenant_key: str,
     api_key: str | None = None,
     extra_args: Sequence[str] = (),
+    prefix: Sequence[str] = (),  # a command to run it under, e.g. prlimit
     **tables: Any,  # TOML tables: server={...}, upstream={...}
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """A gateway with one unlimited tenant; ``tables`` add settings (server={...}, ...).
@@ -99,7 +100,7 @@ def start_gateway(
     if api_key:
         env["CHATIQ_API_KEY"] = api_key
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config), *extra_args],
+        [*prefix, sys.executable, "-m", "gateway", "--config", str(config), *extra_args],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,

@@ -16,7 +16,8 @@ from pathlib import Path
 import aiohttp
 
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
+from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory, read_stream
 from tests.test_drain import open_streams
 
 NEW_KEY = "new-tenant-key-8c41"
@@ -186,3 +187,42 @@ async def test_connections_beyond_the_cap_are_refused_cleanly(
     )
     assert gw.log().count("connections_refused") == 1  # at most once a second
     assert await status_with(stack.session, gw, ACME_KEY) == 200
+
+
+async def test_a_low_open_files_limit_lowers_the_connection_cap_instead_of_failing(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    """Under a 200-file limit, 300 clients at once: every one gets an answer (200
+    or a clean 503), none a reset, and the gateway says what to raise."""
+    stack = await make_stack(record=False)
+    port = free_port()
+    assert stack.emulator.port is not None
+    process, log = start_gateway(
+        tmp_path, port, stack.emulator.port, ACME_KEY, CHATIQ_KEY,
+        prefix=["prlimit", "--nofile=200:200"],
+        admission={"max_streams": 50, "max_queue": 50},
+    )  # fmt: skip
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}/healthz")
+        warning = json.loads(
+            next(line for line in log.read_text().splitlines() if "open_files_limit_low" in line)
+        )
+        assert warning["limit"] == 200 and warning["max_connections"] == 200 - 50 - 64
+        assert "ulimit" in warning["fix"]
+        held = []
+        statuses = []
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.settimeout(5)
+            statuses.append(sock.recv(4096).split(b" ", 2)[1])
+            held.append(sock)
+        assert set(statuses) == {b"200", b"503"}
+        assert statuses.count(b"200") == 200 - 50 - 64
+        for sock in held:
+            sock.close()
+        await asyncio.sleep(0.2)
+        assert await status_with(stack.session, GatewayProcess(process, port, log), ACME_KEY) == 200
+        assert "Too many open files" not in log.read_text()
+    finally:
+        stop(process)

@@ -232,3 +232,22 @@ async def test_a_taken_port_is_one_clear_line(tmp_path: Path) -> None:
             assert "Traceback" not in text, text
             lines = [line for line in text.splitlines() if "cannot serve" in line]
             assert len(lines) == 1 and "in use" in lines[0], text
+
+
+async def test_sighup_to_the_supervisor_reloads_every_worker(
+    tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process, log, port = await start_supervised(tmp_path, make_stack, monkeypatch)
+    try:
+        config = log.with_suffix(".toml")
+        config.write_text(
+            config.read_text().replace("[[tenants]]", '[logging]\nlevel = "debug"\n\n[[tenants]]')
+        )
+        process.send_signal(signal.SIGHUP)
+        await eventually_true(
+            lambda: log.read_text().count('"event": "config_reloaded"') == 2, 10, "two reloads"
+        )
+        assert process.poll() is None
+        assert await metric_total(port, 'chatiq_gateway_config_reloads_total{result="ok"}') == 2
+    finally:
+        stop(process)
