@@ -139,7 +139,7 @@ class Stack:
     """The emulator and the three proxies in front of it, for one level."""
 
     def __init__(
-        self, workdir: Path, emulator_args: list[str], gateway_tables: dict[str, dict[str, Any]]
+        self, workdir: Path, emulator_args: list[str], gateway_tables: dict[str, Any]
     ) -> None:
         self.workdir = workdir
         self.ports = {name: free_port() for name in ("emulator", "gateway", "nginx", "naive")}

@@ -297,7 +297,7 @@ async def gateway_process(
 ) -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
     started: list[GatewayProcess] = []
 
-    async def start(emulator: TestServer, **tables: dict[str, Any]) -> GatewayProcess:
+    async def start(emulator: TestServer, **tables: Any) -> GatewayProcess:
         """The gateway in front of ``emulator``, with tenant "load" (key ACME_KEY)."""
         port = free_port()
         assert emulator.port is not None
