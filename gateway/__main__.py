@@ -52,6 +52,25 @@ async def serve(
         lingering_time=LINGER_S,
     )  # fmt: skip
     await runner.setup()
+    # Signals are handled before the port opens: a reload or a stop sent as soon
+    # as the gateway answers must not meet the default action (which kills it).
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_stop() -> None:
+        if stop.is_set():  # the second one: no more waiting for live streams
+            log.warning("stopping_now", live_streams=len(app[LIFECYCLE].streams))
+            hurry.set()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    if shared_port:  # a worker: never outlive the supervisor
+        orphaned = loop.create_task(watch_parent(lambda: on_orphaned(log, stop)))
+    if config_path is not None:
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: stop.is_set() or reload_settings(app, config_path)
+        )
     metrics = app[METRICS]
     site = GatewaySite(
         runner, server.host, server.port, backlog=server.backlog,
@@ -70,23 +89,6 @@ async def serve(
             metrics_runner, m.host, m.port, reuse_address=True, reuse_port=shared_port
         ).start()
         runners.append(metrics_runner)
-    stop, hurry = asyncio.Event(), asyncio.Event()
-
-    def on_stop() -> None:
-        if stop.is_set():  # the second one: no more waiting for live streams
-            log.warning("stopping_now", live_streams=len(app[LIFECYCLE].streams))
-            hurry.set()
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    if shared_port:  # a worker: never outlive the supervisor
-        orphaned = loop.create_task(watch_parent(lambda: on_orphaned(log, stop)))
-    if config_path is not None:
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: stop.is_set() or reload_settings(app, config_path)
-        )
     log.info(
         "listening",
         url=f"http://{settings.server.host}:{settings.server.port}",

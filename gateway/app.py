@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import frontend, handlers
+from . import handlers, page
 from .admission import Admission
 from .auth import FailedKeyThrottle, TenantDirectory
 from .breaker import Breakers, OnTransition, State
 from .config import Settings, named_bots
 from .exchange import add_request_id, make_middleware
+from .frontends import Frontend, load_frontends
 from .logs import Logger, make_logger
 from .metrics import Metrics
 from .state import (
@@ -44,9 +45,10 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     for result in ("ok", "invalid"):
         metrics.config_reloads.labels(result)
 
+    frontend_of_route: dict[str, Frontend] = {}  # filled as the frontends mount, below
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[make_middleware(metrics, log)],
+        middlewares=[make_middleware(metrics, log, frontend_of_route)],
     )
     app[SETTINGS] = LiveSettings(settings)
     app[METRICS] = metrics
@@ -61,13 +63,17 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     if metrics.multiprocess:
         app.cleanup_ctx.append(_publish_queue_depth)
 
-    app.router.add_post("/api/chatbot", handlers.chatbot)
+    for frontend in load_frontends(settings):
+        for route in frontend.routes():
+            assert isinstance(route, web.RouteDef)
+            app.router.add_routes([route])
+            frontend_of_route[route.path] = frontend
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/openapi.json", handlers.openapi)
     if settings.metrics.port == 0:
         app.router.add_get("/metrics", handlers.prometheus_metrics)
-    frontend.add_routes(app, settings)
+    page.add_routes(app, settings, chat_routes=list(frontend_of_route))
     return app
 
 

@@ -132,6 +132,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FrontendSettings:
+    """One ``[frontends.<name>]`` table: a wire format, mounted under ``prefix``."""
+
+    name: str
+    prefix: str | None  # None: the frontend's own default
+    enabled: bool = True
+    # Whatever else the table holds, for the frontend itself (a plugin's own keys).
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+# The built-in frontends and where they mount by default (the contract's routes).
+BUILT_IN_FRONTENDS = {"chatiq": "/api", "openai": "/v1"}
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     key_sha256: str
@@ -152,6 +167,9 @@ class Settings:
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     tenants: tuple[Tenant, ...] = ()
+    frontends: tuple[FrontendSettings, ...] = tuple(
+        FrontendSettings(name, prefix) for name, prefix in BUILT_IN_FRONTENDS.items()
+    )
 
 
 def named_bots(settings: Settings) -> frozenset[str]:
@@ -192,12 +210,13 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
 
 
 def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
-    unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - {"tenants"})
+    unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - {"tenants", "frontends"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key")
     tables = {name: _build(cls, raw.get(name, {}), name) for name, cls in _FILE_ONLY_TABLES.items()}
     tenants = _tenants(raw.get("tenants", []))
-    settings = Settings(tenants=tenants, **tables)
+    frontends = _frontends(raw.get("frontends", {}))
+    settings = Settings(tenants=tenants, frontends=frontends, **tables)
     settings = _apply_environment(settings, environ)
     _validate(settings)
     return settings
@@ -301,6 +320,29 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
     return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[hint]
+
+
+def _frontends(raw: object) -> tuple[FrontendSettings, ...]:
+    """The built-ins with their defaults, as each ``[frontends.<name>]`` table
+    changes them, and any other name there (a plugin's entry point)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("frontends: must be a table of [frontends.<name>] tables")
+    tables: dict[str, Any] = {name: {} for name in BUILT_IN_FRONTENDS} | raw
+    frontends = []
+    for name, table in tables.items():
+        where = f"frontends.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        table = dict(table)
+        prefix = table.pop("prefix", BUILT_IN_FRONTENDS.get(name))
+        enabled = table.pop("enabled", True)
+        path = re.compile(r"(/[A-Za-z0-9._~-]+)*")
+        if prefix is not None and (not isinstance(prefix, str) or not path.fullmatch(prefix)):
+            raise ConfigError(f'{where}.prefix: must be a path like /v1 (or "" for the root)')
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{where}.enabled: must be true or false")
+        frontends.append(FrontendSettings(name, prefix, enabled, tuple(sorted(table.items()))))
+    return tuple(frontends)
 
 
 def _tenants(raw: object) -> tuple[Tenant, ...]:

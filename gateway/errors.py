@@ -53,6 +53,11 @@ class Forbidden(GatewayError):
     code = "FORBIDDEN"
 
 
+class UnknownBot(Forbidden):
+    """A bot neither this key nor the configuration names (403 on the native
+    route, like any bot the key may not use; 404 where a frontend says so)."""
+
+
 class NotFound(GatewayError):
     status = 404
     code = "NOT_FOUND"

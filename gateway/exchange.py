@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -17,8 +19,16 @@ from .logs import Logger
 from .metrics import Metrics
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-CHAT_ROUTE = "/api/chatbot"
 NO_TENANT = "-"
+
+
+class ErrorRenderer(Protocol):
+    """A frontend as the middleware sees it: a name, and its own error shape."""
+
+    @property
+    def name(self) -> str: ...
+
+    def error_response(self, err: GatewayError) -> web.Response: ...
 
 
 @dataclass(slots=True)
@@ -27,6 +37,7 @@ class Exchange:
     route: str
     started: float
     tenant: str = NO_TENANT
+    frontend: str = "-"  # the route's frontend, for the log line
     bot: str | None = None
     bot_label: str = "-"  # bounded: see Metrics.bot_label
     status: int = 0
@@ -72,7 +83,13 @@ def _from_http_exception(e: web.HTTPException, method: str) -> GatewayError:
     return err
 
 
-def make_middleware(metrics: Metrics, log: Logger) -> Middleware:
+def make_middleware(
+    metrics: Metrics, log: Logger, frontends: Mapping[str, ErrorRenderer] | None = None
+) -> Middleware:
+    """``frontends``: each frontend route's frontend (filled as they are mounted),
+    which renders that route's errors in its own shape."""
+    routes = {} if frontends is None else frontends
+
     @web.middleware
     async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -84,25 +101,29 @@ def make_middleware(metrics: Metrics, log: Logger) -> Middleware:
             started=loop.time(),
         )
         request[EXCHANGE] = ex
+        frontend = routes.get(ex.route)
+        if frontend is not None:
+            ex.frontend = frontend.name
+        render = error_response if frontend is None else frontend.error_response
         try:
             response = await handler(request)
         except GatewayError as e:
             ex.error = e
-            response = error_response(e)
+            response = render(e)
         except web.HTTPException as e:
             ex.error = _from_http_exception(e, request.method)
-            response = error_response(ex.error)
+            response = render(ex.error)
         except asyncio.CancelledError:
             ex.outcome = "client_disconnect"
             ex.status = 200 if ex.streamed else 499  # nginx's "client closed request"
-            _finish(ex, loop.time(), metrics, log)
+            _finish(ex, loop.time(), metrics, log, chat=frontend is not None)
             raise
         except Exception as e:
             log.error("unhandled_error", request_id=ex.request_id, error=type(e).__name__)
             ex.error = GatewayError("internal error")
-            response = error_response(ex.error)
+            response = render(ex.error)
         ex.status = response.status
-        _finish(ex, loop.time(), metrics, log)
+        _finish(ex, loop.time(), metrics, log, chat=frontend is not None)
         request_finished(request)
         return response
 
@@ -116,7 +137,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers["X-Request-Id"] = ex.request_id
 
 
-def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger) -> None:
+def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bool) -> None:
     metrics.requests.labels(ex.route, ex.tenant, str(ex.status)).inc()
     err = ex.error
     if err is not None:
@@ -130,13 +151,14 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger) -> None:
     if ex.streamed:
         metrics.stream_duration.labels(ex.tenant, ex.bot_label).observe(duration)
         metrics.stream_events.labels(ex.tenant, ex.bot_label).inc(ex.events)
-    if ex.route != CHAT_ROUTE:
+    if not chat:
         log.debug("request", request_id=ex.request_id, route=ex.route, status=ex.status)
         return
     log.info(
         "request",
         request_id=ex.request_id,
         route=ex.route,
+        frontend=ex.frontend,
         tenant=ex.tenant,
         bot=ex.bot,
         status=ex.status,

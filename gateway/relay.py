@@ -12,6 +12,7 @@ stream with one ChatIQ-style error event and ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -26,6 +27,7 @@ from .errors import (
     UpstreamProtocolError,
 )
 from .exchange import Exchange
+from .frontends.base import StreamEncoder
 from .metrics import Metrics
 from .sse import DONE_DATA, DONE_EVENT, Event, format_event
 from .state import LIFECYCLE, LOG, METRICS, SETTINGS, Lifecycle
@@ -50,8 +52,8 @@ class SlowClient(Exception):
     """The client read nothing for ``client_write_timeout_s``."""
 
 
-def is_content_chunk(data: str) -> bool:
-    """Check one event's JSON; True for a content chunk. Raises on malformed data.
+def event_payload(data: str) -> dict[str, Any]:
+    """One event's JSON, checked to be an object; ``UpstreamProtocolError`` if not.
 
     orjson, not json: every event is parsed, and json.loads is three Python
     calls around its C scanner (orjson is one C call, ~5x faster here). It is
@@ -63,7 +65,7 @@ def is_content_chunk(data: str) -> bool:
         raise UpstreamProtocolError("the chat service sent a malformed event") from None
     if not isinstance(payload, dict):
         raise UpstreamProtocolError("the chat service sent an event that is not an object")
-    return "choices" in payload
+    return payload
 
 
 class Relay:
@@ -79,9 +81,15 @@ class Relay:
     """
 
     def __init__(
-        self, request: web.Request, source: EventSource, exchange: Exchange, deadline: float
+        self,
+        request: web.Request,
+        source: EventSource,
+        exchange: Exchange,
+        deadline: float,
+        encoder: StreamEncoder | None = None,
     ) -> None:
         app = request.app
+        self._encoder = encoder  # None: the upstream's own bytes (the native frontend)
         self._request = request
         self._source = source
         self._ex = exchange
@@ -92,7 +100,8 @@ class Relay:
         self._log = app[LOG]
         self._relay_overhead = self._metrics.overhead.labels("relay")
         self._loop = asyncio.get_running_loop()
-        self._response = web.StreamResponse(headers=SSE_HEADERS)
+        headers = SSE_HEADERS if encoder is None else {**SSE_HEADERS, **encoder.headers}
+        self._response = web.StreamResponse(headers=headers)
         self._transport: asyncio.Transport | None = None
         self._chunked = True
         self._high_water = _ROOM
@@ -217,6 +226,8 @@ class Relay:
 
     def _batch(self, events: list[Event]) -> tuple[bytes, UpstreamError | None]:
         """The bytes of the whole events to send, up to ``[DONE]`` or a bad event."""
+        if self._encoder is not None:
+            return self._encoded_batch(events, self._encoder)
         ex = self._ex
         raws: list[bytes] = []
         failure: UpstreamError | None = None
@@ -229,16 +240,48 @@ class Relay:
                     self._done = True
                     break
                 try:
-                    content = is_content_chunk(event.data) or content
+                    content = "choices" in event_payload(event.data) or content
                 except UpstreamError as e:
                     failure = e
                     break
                 ex.events += 1
             raws.append(event.raw)
         if content and ex.ttft is None:
-            ex.ttft = self._loop.time() - ex.started
-            self._metrics.time_to_first_token.labels(ex.tenant, ex.bot_label).observe(ex.ttft)
+            self._first_token()
         return (raws[0] if len(raws) == 1 else b"".join(raws)), failure
+
+    def _encoded_batch(
+        self, events: list[Event], encoder: StreamEncoder
+    ) -> tuple[bytes, UpstreamError | None]:
+        """The same, in another frontend's wire format (comments are not passed on)."""
+        ex = self._ex
+        out: list[bytes] = []
+        failure: UpstreamError | None = None
+        content = False
+        for event in events:
+            if event.data is None:
+                continue
+            if event.data == DONE_DATA:
+                out.append(encoder.done())
+                ex.events += 1
+                self._done = True
+                break
+            try:
+                payload = event_payload(event.data)
+            except UpstreamError as e:
+                failure = e
+                break
+            content = "choices" in payload or content
+            ex.events += 1
+            out.append(encoder.event(payload))
+        if content and ex.ttft is None:
+            self._first_token()
+        return b"".join(out), failure
+
+    def _first_token(self) -> None:
+        ex = self._ex
+        ex.ttft = self._loop.time() - ex.started
+        self._metrics.time_to_first_token.labels(ex.tenant, ex.bot_label).observe(ex.ttft)
 
     def _finish(self, outcome: BaseException | None) -> None:
         """The stream ends: stop pushing, and wake the handler's task to end it."""
@@ -335,7 +378,10 @@ class Relay:
     async def _end_with_error(self, err: GatewayError) -> None:
         self._ex.error = err
         try:
-            await self._send(format_event(err.body_json()) + DONE_EVENT)
+            if self._encoder is None:
+                await self._send(format_event(err.body_json()) + DONE_EVENT)
+            else:
+                await self._send(self._encoder.error(err))
         except (ConnectionError, SlowClient):
             self._ex.outcome = "client_disconnect"
 

@@ -42,6 +42,7 @@ from prometheus_client import multiprocess
 from .logs import Logger
 from .metrics import MULTIPROCESS_DIR
 
+SUPERVISOR_PID = "CHATIQ_GATEWAY_SUPERVISOR_PID"  # how a worker knows its supervisor
 MAX_DEATHS = 5
 DEATH_WINDOW_S = 60.0
 
@@ -61,7 +62,7 @@ def port_is_free(host: str, port: int) -> OSError | None:
 class Supervisor:
     def __init__(self, config: str, workers: int, log: Logger, folder: str) -> None:
         self._command = [sys.executable, "-m", "gateway", "--config", config, "--worker"]
-        self._env = {**os.environ, MULTIPROCESS_DIR: folder}
+        self._env = {**os.environ, MULTIPROCESS_DIR: folder, SUPERVISOR_PID: str(os.getpid())}
         self._folder = folder
         self._size = workers
         self._log = log
@@ -87,7 +88,11 @@ class Supervisor:
     def _spawn(self) -> int:
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only,
         # which passes it on once (twice would mean "stop at once").
-        child = subprocess.Popen(self._command, env=self._env, start_new_session=True)
+        # SIGHUP ignored until the worker handles it: a reload while it starts
+        # would otherwise kill it (an ignored signal stays ignored across exec).
+        child = subprocess.Popen(
+            self._command, env=self._env, start_new_session=True, preexec_fn=_ignore_hup
+        )
         self._workers[child.pid] = child
         return child.pid
 
@@ -145,10 +150,16 @@ def supervise(config: str, workers: int, host: str, port: int, log: Logger) -> i
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _ignore_hup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 async def watch_parent(on_orphaned: Callable[[], None], every_s: float = 0.5) -> None:
     """In a worker: call ``on_orphaned`` once the supervisor is gone (this
-    process was handed to another parent), so no worker outlives it."""
-    supervisor = os.getppid()
+    process was handed to another parent), so no worker outlives it. The
+    supervisor's pid comes from the environment: one that died while this
+    worker was starting is noticed too."""
+    supervisor = int(os.environ.get(SUPERVISOR_PID) or os.getppid())
     while os.getppid() == supervisor:
         await asyncio.sleep(every_s)
     on_orphaned()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
@@ -125,16 +126,16 @@ async def test_a_gateway_bug_mid_stream_still_ends_with_an_error_event(
     # Paced, so that the first two events went out in batches of their own.
     stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=50, reply_tokens=10))
     calls = 0
-    real = relay_module.is_content_chunk
+    real = relay_module.event_payload
 
-    def breaks_on_the_third_event(data: str) -> bool:
+    def breaks_on_the_third_event(data: str) -> dict[str, Any]:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise RuntimeError("injected")
         return real(data)
 
-    monkeypatch.setattr(relay_module, "is_content_chunk", breaks_on_the_third_event)
+    monkeypatch.setattr(relay_module, "event_payload", breaks_on_the_third_event)
     _, events = await stream_of(stack, "demo")
     assert len(events) == 4
     assert error_code(events[-2]) == "INTERNAL_ERROR"

@@ -239,6 +239,9 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(
 ) -> None:
     process, log, port = await start_supervised(tmp_path, make_stack, monkeypatch)
     try:
+        await eventually_true(  # both workers handle signals once they listen
+            lambda: log.read_text().count('"event": "listening"') == 2, 10, "two workers up"
+        )
         config = log.with_suffix(".toml")
         config.write_text(
             config.read_text().replace("[[tenants]]", '[logging]\nlevel = "debug"\n\n[[tenants]]')

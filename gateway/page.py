@@ -22,8 +22,9 @@ def static_dir(settings: Settings) -> Path:
     return Path(settings.server.static_dir) if settings.server.static_dir else BUNDLED_PAGE
 
 
-def add_routes(app: web.Application, settings: Settings) -> None:
-    """``/`` is the folder's index.html; its other files are under ``/static/``."""
+def add_routes(app: web.Application, settings: Settings, chat_routes: list[str]) -> None:
+    """``/`` is the folder's index.html; its other files are under ``/static/``.
+    CORS preflights are answered on ``/api/bots`` and every frontend route."""
     folder = static_dir(settings)
     index = folder / "index.html"
 
@@ -33,7 +34,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_get("/", page)
     app.router.add_static("/static/", folder)
     app.router.add_get("/api/bots", bots)
-    for path in ("/api/chatbot", "/api/bots"):
+    for path in ("/api/bots", *chat_routes):
         app.router.add_route("OPTIONS", path, preflight)
     app.on_response_prepare.append(add_browser_headers)
 

@@ -1,0 +1,41 @@
+"""The frontends: built-in wire formats, and third-party ones found through the
+entry-point group ``chatiq_gateway.frontends`` (see docs/frontends.md)."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from ..config import ConfigError, Settings
+from .base import Frontend, StreamEncoder
+from .chatiq import ChatIQFrontend
+from .openai import OpenAIFrontend
+
+ENTRY_POINT_GROUP = "chatiq_gateway.frontends"
+BUILT_IN: dict[str, type[Frontend]] = {cls.name: cls for cls in (ChatIQFrontend, OpenAIFrontend)}
+
+__all__ = ["ENTRY_POINT_GROUP", "Frontend", "StreamEncoder", "frontend_class", "load_frontends"]
+
+
+def frontend_class(name: str) -> type[Frontend]:
+    """A built-in frontend, or the one a package registered under ``name``."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
+    for entry in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        try:
+            cls = entry.load()
+        except Exception as e:  # a broken plugin: say which and why, in one line
+            raise ConfigError(f"frontends.{name}: cannot load {entry.value} ({e})") from None
+        if not (isinstance(cls, type) and issubclass(cls, Frontend)):
+            raise ConfigError(f"frontends.{name}: {entry.value} is not a Frontend subclass")
+        return cls
+    known = sorted({*BUILT_IN, *(e.name for e in entry_points(group=ENTRY_POINT_GROUP))})
+    raise ConfigError(f"frontends.{name}: no such frontend (known: {', '.join(known)})")
+
+
+def load_frontends(settings: Settings) -> list[Frontend]:
+    """The enabled frontends, configured; ``ConfigError`` names a bad one."""
+    return [
+        frontend_class(fs.name)(fs.prefix, dict(fs.options))
+        for fs in settings.frontends
+        if fs.enabled
+    ]

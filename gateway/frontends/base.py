@@ -1,0 +1,74 @@
+"""What a frontend is: a wire format, and nothing else.
+
+A frontend turns its own request body into the gateway's one neutral
+``ChatRequest`` (message, history, bot, conversation id, stream flag), and
+the upstream's events, answers and the gateway's errors into its own wire
+format. Everything else (auth, tenant and bot checks, admission and quotas,
+retries, the breaker, timeouts, backpressure, metrics, logs, drain,
+cancellation when the client leaves) is the shared pipeline's
+(``gateway.pipeline.serve_chat``), the same for every frontend.
+
+Third-party frontends subclass ``Frontend`` and register in the entry-point
+group ``chatiq_gateway.frontends`` (see docs/frontends.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Protocol
+
+from aiohttp import web
+
+from ..chat import ChatRequest
+from ..config import Settings
+from ..errors import GatewayError
+from ..exchange import Exchange
+
+
+class StreamEncoder(Protocol):
+    """One stream's events, in a frontend's wire format. Each method returns the
+    bytes to send (``b""``: nothing). Called from the relay's hot path: keep it
+    to one ``dumps`` per event."""
+
+    headers: Mapping[str, str]  # extra response headers (the stream's head)
+
+    def event(self, payload: dict[str, Any]) -> bytes:
+        """One upstream event (its JSON, already checked to be an object)."""
+
+    def done(self) -> bytes:
+        """The upstream's ``[DONE]``: the frontend's own ending."""
+
+    def error(self, err: GatewayError) -> bytes:
+        """A failure after the stream started: an error the client's library
+        raises, and the ending. Never a silent truncation."""
+
+
+class Frontend:
+    """A wire format, mounted under ``prefix``. Subclass and override."""
+
+    name: ClassVar[str]
+    default_prefix: ClassVar[str] = ""
+
+    def __init__(self, prefix: str | None = None, options: Mapping[str, Any] | None = None) -> None:
+        self.prefix = self.default_prefix if prefix is None else prefix
+        self.options = dict(options or {})
+
+    def routes(self) -> Iterable[web.RouteDef]:
+        """Its routes; a chat route's handler calls ``pipeline.serve_chat(request, self)``."""
+        raise NotImplementedError
+
+    def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
+        """The request body, as the neutral chat request; ``InvalidRequest`` if bad."""
+        raise NotImplementedError
+
+    def encoder(self, chat: ChatRequest, ex: Exchange) -> StreamEncoder | None:
+        """How a stream goes out; None: the upstream's own bytes, untouched."""
+        raise NotImplementedError
+
+    def completion(self, body: bytes, chat: ChatRequest, ex: Exchange) -> web.Response:
+        """A non-streaming answer, from ChatIQ's JSON (``response``, ``conversationId``)."""
+        raise NotImplementedError
+
+    def error_response(self, err: GatewayError) -> web.Response:
+        """An error before the stream started, in the frontend's own shape."""
+        raise NotImplementedError

@@ -1,0 +1,79 @@
+"""The native frontend: ChatIQ's own shape, ``POST {prefix}/chatbot`` (the
+contract's route). A stream's bytes are the upstream's, untouched."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from ..chat import ChatRequest, check_bot, check_conversation_id, check_history, check_message
+from ..config import Settings
+from ..errors import GatewayError, InvalidRequest
+from ..exchange import Exchange, error_response
+from .base import Frontend, StreamEncoder
+
+_FIELDS = frozenset({"message", "conversation_id", "bot", "stream", "history", "private_mode"})
+
+
+class ChatIQFrontend(Frontend):
+    name = "chatiq"
+    default_prefix = "/api"
+
+    def routes(self) -> Iterable[web.RouteDef]:
+        from ..pipeline import serve_chat
+
+        async def chatbot(request: web.Request) -> web.StreamResponse:
+            return await serve_chat(request, self)
+
+        return [web.post(f"{self.prefix}/chatbot", chatbot)]
+
+    def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
+        return parse_chat_request(raw, settings)
+
+    def encoder(self, chat: ChatRequest, ex: Exchange) -> StreamEncoder | None:
+        return None
+
+    def completion(self, body: bytes, chat: ChatRequest, ex: Exchange) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    def error_response(self, err: GatewayError) -> web.Response:
+        return error_response(err)
+
+
+def parse_chat_request(raw: bytes, settings: Settings) -> ChatRequest:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}")
+    limits = settings.server
+    message = check_message(body.get("message"), limits)
+    bot = check_bot(body.get("bot"), settings.upstream.bot_slug)
+    conversation_id = check_conversation_id(body.get("conversation_id"))
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be true or false")
+    private_mode = body.get("private_mode")
+    if private_mode is not None and not isinstance(private_mode, bool):
+        raise InvalidRequest("'private_mode' must be true or false")
+    history = body.get("history")
+    if history is not None:
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise InvalidRequest("'history' must be a list of objects")
+        check_history(history, limits)
+    return ChatRequest(
+        message=message,
+        bot=bot,
+        stream=stream,
+        conversation_id=conversation_id,
+        history=history,
+        private_mode=private_mode,
+    )

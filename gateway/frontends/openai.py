@@ -1,0 +1,311 @@
+"""OpenAI's chat completions, for the tools that speak it (the ``openai`` SDKs,
+LangChain's ``ChatOpenAI``, Open WebUI...): ``POST {prefix}/chat/completions``
+and ``GET {prefix}/models``.
+
+- ``model`` is the bot slug; the last message (a user's) is the message, the
+  ones before it the history (``{"role", "content"}`` each, text only).
+- ``conversation_id`` may be passed as an extra body field; ChatIQ's
+  ``conversationId`` comes back as ``conversation_id`` on the last chunk (and
+  on a non-streaming completion), and as the ``X-Conversation-Id`` header
+  when it is known before the answer (the request named one; or always, when
+  not streaming).
+- ChatIQ's other events are not lost: ``responses`` (further messages) and
+  ``attachments`` (as Markdown links) become content, after a blank line,
+  and every such chunk carries the event itself as ``chatiq`` (an extra
+  field the SDKs keep: ``chunk.model_extra["chatiq"]``); ``suggestions``
+  only as ``chatiq``.
+- ChatIQ reports no token counts: ``usage`` (with
+  ``stream_options.include_usage``, or on a completion) is all zeros.
+- Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
+  before a stream and as its last event after it started, which the SDKs raise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..auth import authenticate
+from ..chat import ChatRequest, check_bot, check_conversation_id, check_history, check_message
+from ..config import ANY_BOT, Settings
+from ..errors import GatewayError, InvalidRequest, UnknownBot
+from ..exchange import Exchange, exchange_of
+from ..sse import DONE_EVENT
+from ..state import FAILED_KEYS, SETTINGS, TENANTS
+from .base import Frontend, StreamEncoder
+
+_ROLES = frozenset({"system", "developer", "user", "assistant"})
+_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_denied",
+    404: "invalid_request_error",
+    408: "timeout",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(err: GatewayError) -> tuple[int, dict[str, Any]]:
+    """OpenAI's status and error object for a gateway error."""
+    if isinstance(err, UnknownBot):
+        return 404, {
+            "message": err.message, "type": "invalid_request_error", "param": "model",
+            "code": "model_not_found",
+        }  # fmt: skip
+    code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(err.status, err.code.lower())
+    kind = _TYPES.get(err.status, "server_error")
+    return err.status, {"message": err.message, "type": kind, "param": None, "code": code}
+
+
+class OpenAIFrontend(Frontend):
+    name = "openai"
+    default_prefix = "/v1"
+
+    def routes(self) -> Iterable[web.RouteDef]:
+        from ..pipeline import serve_chat
+
+        async def completions(request: web.Request) -> web.StreamResponse:
+            return await serve_chat(request, self)
+
+        return [
+            web.post(f"{self.prefix}/chat/completions", completions),
+            web.get(f"{self.prefix}/models", list_models),
+            web.get(f"{self.prefix}/models/{{model}}", get_model),
+        ]
+
+    def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InvalidRequest("the body is not valid JSON") from None
+        except RecursionError:
+            raise InvalidRequest("the body is nested too deeply") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        if body.get("model") is None:
+            raise InvalidRequest("'model' is required: a bot slug (GET /v1/models lists them)")
+        bot = check_bot(body["model"], settings.upstream.bot_slug, name="model")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("'messages' must be a non-empty list")
+        turns = [_turn(i, m) for i, m in enumerate(messages)]
+        role, text = turns[-1]
+        if role != "user":
+            raise InvalidRequest("the last of 'messages' must be the user's")
+        limits = settings.server
+        message = check_message(text, limits, name="messages[-1].content")
+        history = [{"role": r, "content": t} for r, t in turns[:-1]]
+        check_history(history, limits, name="messages")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise InvalidRequest("'stream' must be true or false")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise InvalidRequest("'stream_options' must be an object")
+        return ChatRequest(
+            message=message,
+            bot=bot,
+            stream=stream,
+            conversation_id=check_conversation_id(body.get("conversation_id")),
+            history=history or None,
+            extras={"include_usage": options.get("include_usage") is True},
+        )
+
+    def encoder(self, chat: ChatRequest, ex: Exchange) -> StreamEncoder:
+        return ChunkEncoder(chat, ex)
+
+    def completion(self, body: bytes, chat: ChatRequest, ex: Exchange) -> web.Response:
+        answer = orjson.loads(body)  # the upstream client checked it is a JSON object
+        text = answer.get("response")
+        text = text if isinstance(text, str) else ""
+        conversation_id = answer.get("conversationId")
+        completion: dict[str, Any] = {
+            "id": f"chatcmpl-{ex.request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.bot,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": _USAGE,
+            "conversation_id": conversation_id,
+        }
+        extra = {k: v for k, v in answer.items() if k not in ("response", "conversationId")}
+        if extra:
+            completion["chatiq"] = extra
+        headers = {"X-Conversation-Id": conversation_id} if isinstance(conversation_id, str) else {}
+        return web.Response(
+            body=orjson.dumps(completion), content_type="application/json", headers=headers
+        )
+
+    def error_response(self, err: GatewayError) -> web.Response:
+        status, error = error_body(err)
+        response = web.json_response({"error": error}, status=status, headers=err.headers)
+        if err.closes_connection:
+            response.force_close()
+        return response
+
+
+def _turn(index: int, message: object) -> tuple[str, str]:
+    """A message's role and text (string content, or its text parts joined)."""
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"'{where}' must be an object")
+    role = message.get("role")
+    if role not in _ROLES:
+        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}")
+    content = message.get("content")
+    if isinstance(content, str):
+        return role, content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise InvalidRequest(f"'{where}.content': only text parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"'{where}.content': a text part needs a 'text' string")
+            texts.append(part["text"])
+        return role, "\n".join(texts)
+    if content is None and role == "assistant":
+        return role, ""
+    raise InvalidRequest(f"'{where}.content' must be a string or a list of text parts")
+
+
+class ChunkEncoder:
+    """ChatIQ's events as ``chat.completion.chunk`` events."""
+
+    def __init__(self, chat: ChatRequest, ex: Exchange) -> None:
+        self._head = {
+            "id": f"chatcmpl-{ex.request_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": chat.bot,
+        }
+        self._include_usage = bool(chat.extras and chat.extras.get("include_usage"))
+        self._conversation_id = chat.conversation_id
+        self._role_sent = False
+        self._failed = False
+        self.headers: Mapping[str, str] = (
+            {"X-Conversation-Id": chat.conversation_id} if chat.conversation_id else {}
+        )
+
+    def event(self, payload: dict[str, Any]) -> bytes:
+        if "choices" in payload:
+            return self._content(_delta_content(payload), None)
+        if "conversationId" in payload:
+            self._conversation_id = payload["conversationId"]
+            return b""
+        if "error" in payload:  # ChatIQ's own mid-stream error
+            error = payload["error"] if isinstance(payload["error"], dict) else {}
+            self._failed = True
+            return _error_event(
+                str(error.get("message") or "the chat service failed"),
+                "server_error",
+                str(error.get("code") or "upstream_error").lower(),
+            )
+        return self._content(_readable(payload), payload)
+
+    def done(self) -> bytes:
+        if self._failed:
+            return DONE_EVENT
+        last = self._chunk({"index": 0, "delta": {}, "finish_reason": "stop"})
+        last["conversation_id"] = self._conversation_id
+        out = _data(last)
+        if self._include_usage:
+            out += _data({**self._head, "choices": [], "usage": _USAGE})
+        return out + DONE_EVENT
+
+    def error(self, err: GatewayError) -> bytes:
+        _, error = error_body(err)
+        return _error_event(error["message"], error["type"], error["code"]) + DONE_EVENT
+
+    def _content(self, text: str | None, chatiq: dict[str, Any] | None) -> bytes:
+        delta: dict[str, Any] = {}
+        if not self._role_sent:
+            delta["role"] = "assistant"
+            self._role_sent = True
+        if text:
+            delta["content"] = text
+        if not delta and chatiq is None:
+            return b""
+        chunk = self._chunk({"index": 0, "delta": delta, "finish_reason": None})
+        if chatiq is not None:
+            chunk["chatiq"] = chatiq
+        return _data(chunk)
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        return {**self._head, "choices": [choice]}
+
+
+def _delta_content(payload: dict[str, Any]) -> str | None:
+    try:
+        content = payload["choices"][0]["delta"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def _readable(payload: dict[str, Any]) -> str | None:
+    """What an OpenAI client can show of ChatIQ's other events: further
+    messages, and attachments as Markdown links, each after a blank line."""
+    parts: list[str] = []
+    responses = payload.get("responses")
+    if isinstance(responses, list):
+        parts += [r for r in responses if isinstance(r, str)]
+    attachments = payload.get("attachments")
+    if isinstance(attachments, list):
+        for a in attachments:
+            if isinstance(a, dict) and isinstance(a.get("url"), str):
+                label = str(a.get("name") or a.get("type") or "attachment")
+                bang = "!" if a.get("type") == "image" else ""
+                parts.append(f"{bang}[{label}]({a['url']})")
+    return "".join(f"\n\n{p}" for p in parts) or None
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _error_event(message: str, kind: str, code: str) -> bytes:
+    return _data({"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+def _models(request: web.Request) -> list[str]:
+    """The bots the caller's key may use (``"*"``: the ones the configuration names)."""
+    app = request.app
+    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
+    exchange_of(request).tenant = tenant.name
+    settings = app[SETTINGS].current
+    default = settings.upstream.bot_slug
+    named = [b for b in tenant.bots if b != ANY_BOT]
+    if ANY_BOT not in tenant.bots:
+        return named
+    others = sorted({b for t in settings.tenants for b in t.bots if b not in (ANY_BOT, default)})
+    return [default, *others]
+
+
+def _model(bot: str) -> dict[str, Any]:
+    return {"id": bot, "object": "model", "created": 0, "owned_by": "chatiq"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model(b) for b in _models(request)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    bot = request.match_info["model"]
+    if bot not in _models(request):
+        raise UnknownBot(f"no model {bot!r} for this key")
+    return web.json_response(_model(bot))

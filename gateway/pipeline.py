@@ -1,0 +1,85 @@
+"""The one path every chat request takes, whatever its frontend:
+
+    client -> auth -> frontend.parse -> bot check -> admission -> upstream -> relay -> client
+
+Auth, the bot check, admission and quotas, retries and the breaker (in the
+upstream client), timeouts, backpressure, drain and cancellation are the
+same for every frontend; the frontend only reads its body and writes its
+own answers (``gateway.frontends.base``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from .auth import authenticate
+from .config import ANY_BOT, named_bots
+from .errors import (
+    Draining,
+    Forbidden,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnknownBot,
+    UnsupportedMediaType,
+)
+from .exchange import exchange_of
+from .frontends.base import Frontend
+from .relay import Relay
+from .state import ADMISSION, FAILED_KEYS, LIFECYCLE, METRICS, SETTINGS, TENANTS, UPSTREAM
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's JSON body, within ``server.body_timeout_s`` and ``max_body_bytes``."""
+    server = request.app[SETTINGS].current.server
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("send the body as 'Content-Type: application/json'")
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {server.body_timeout_s:g} s"
+        ) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the body is larger than {server.max_body_bytes} bytes") from None
+
+
+async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS].current
+    lifecycle = app[LIFECYCLE]
+    ex = exchange_of(request)
+
+    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
+    ex.tenant = tenant.name
+    chat = frontend.parse(await read_body(request), settings)
+    metrics = app[METRICS]
+    ex.bot, ex.bot_label = chat.bot, metrics.bot_label(chat.bot)
+    if not tenant.may_use(chat.bot):
+        if ANY_BOT not in tenant.bots and chat.bot not in named_bots(settings):
+            raise UnknownBot(f"no bot {chat.bot!r} for this key")
+        raise Forbidden(f"this key may not use the bot {chat.bot!r}")
+    if lifecycle.draining:
+        raise Draining("the gateway is restarting; please retry", retry_after=1)
+
+    deadline = ex.started + settings.upstream.total_timeout_s
+    # The gateway's own time before the upstream call; the queue wait is not ours.
+    metrics.overhead.labels("pre_upstream").observe(asyncio.get_running_loop().time() - ex.started)
+    async with app[ADMISSION].slot(tenant.name):
+        if not chat.stream:
+            body = await app[UPSTREAM].complete(chat, ex.request_id, deadline)
+            return frontend.completion(body, chat, ex)
+        source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
+        relay = Relay(request, source, ex, deadline, frontend.encoder(chat, ex))
+        live = metrics.active_streams.labels(tenant.name, ex.bot_label)
+        task = asyncio.current_task()
+        assert task is not None
+        live.inc()
+        lifecycle.streams.add(task)
+        try:
+            return await relay.run(first)
+        finally:
+            lifecycle.streams.discard(task)
+            live.dec()
