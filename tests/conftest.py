@@ -190,6 +190,7 @@ async def make_stack(
         circuit: CircuitSettings | None = None,
         server: ServerSettings | None = None,
         record: bool = True,
+        tenants: tuple[Tenant, ...] | None = None,
         **upstream: Any,
     ) -> Stack:
         emulator_settings = emulator or EmulatorSettings(ttft_s=0, tokens_per_s=0)
@@ -198,6 +199,8 @@ async def make_stack(
         gw_settings = settings or gateway_settings(
             str(emu.make_url("/api/chat")), admission, circuit, server, **upstream
         )
+        if tenants is not None:
+            gw_settings = replace(gw_settings, tenants=tenants)
         logs = io.StringIO()
         log_audit.in_memory.append(logs)
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))

@@ -149,10 +149,10 @@ async def scripted(make_stack: StackFactory) -> AsyncIterator[ScriptedFactory]:
         close_after: bool = False,
         tls: ssl.SSLContext | None = None,
         host: str = "127.0.0.1",
-        idle_timeout_s: float | None = None,
+        server_idle_s: float | None = None,  # the server closes idle connections after this
         **settings: Any,
     ) -> tuple[Stack, ScriptedUpstream]:
-        upstream = ScriptedUpstream(answer, close_after, tls, idle_timeout_s)
+        upstream = ScriptedUpstream(answer, close_after, tls, server_idle_s)
         servers.append(await upstream.start())
         scheme = "https" if tls else "http"
         url = f"{scheme}://{host}:{upstream.port}/api/chat"

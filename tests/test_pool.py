@@ -38,7 +38,7 @@ STALE_UPSTREAMS: dict[str, dict[str, Any]] = {
     # closes after every answer, without saying "Connection: close"
     "closes-after-each-answer": {"answer": ok_answer, "close_after": True},
     # a short keep-alive timeout, not announced, and clients about that far apart
-    "short-keep-alive": {"answer": ok_answer, "idle_timeout_s": 0.2},
+    "short-keep-alive": {"answer": ok_answer, "server_idle_s": 0.2},
 }
 
 
@@ -93,7 +93,7 @@ async def test_the_servers_keep_alive_timeout_shortens_the_idle_limit(
         head, _, rest = ok_answer(request).partition(b"\r\n")
         return head + b"\r\nKeep-Alive: timeout=2, max=100\r\n" + rest
 
-    stack, server = await scripted(answer, idle_timeout_s=2.0)
+    stack, server = await scripted(answer, server_idle_s=2.0)
     assert (await chat(stack, True))[0] == 200
     await asyncio.sleep(1.2)  # under pool_idle_s (4 s), over the server's 2 s less a second
     assert (await chat(stack, True))[0] == 200

@@ -60,7 +60,8 @@ def error_body(err: GatewayError) -> tuple[int, dict[str, Any]]:
             "message": err.message, "type": "invalid_request_error", "param": "model",
             "code": "model_not_found",
         }  # fmt: skip
-    code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(err.status, err.code.lower())
+    codes = {401: "invalid_api_key", 403: "permission_denied", 429: "rate_limit_exceeded"}
+    code = codes.get(err.status, err.code.lower())
     kind = _TYPES.get(err.status, "server_error")
     return err.status, {"message": err.message, "type": kind, "param": None, "code": code}
 

@@ -1,0 +1,215 @@
+"""The OpenAI frontend, driven by the official ``openai`` SDK (no hand-written
+parsing): streaming and not, models, every error class our statuses raise,
+mid-stream failures raised, ChatIQ's extra events kept."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
+
+from gateway.auth import hash_key
+from gateway.config import Tenant
+from gateway.sse import SSEParser
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import ACME_KEY, LIMITED_KEY, TENANTS, TINY_KEY, Stack, StackFactory
+from tests.scripted import SSE_HEAD, ScriptedFactory, chunked
+
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+
+
+def client_for(stack: Stack, key: str = ACME_KEY) -> AsyncOpenAI:
+    # No retries: the SDK would otherwise retry our 429s and 5xx on its own.
+    return AsyncOpenAI(
+        base_url=str(stack.gateway.make_url("/v1")), api_key=key, max_retries=0, timeout=10
+    )
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[AsyncOpenAI]:
+    async with client_for(stack) as c:
+        yield c
+
+
+def emulator_text(stack: Stack, request_id: str) -> str:
+    """The content the emulator sent for one request, read back from its own bytes."""
+    parser = SSEParser()
+    text = []
+    for event in parser.feed(bytes(stack.transcript(request_id).sent)):
+        if event.data and event.data != "[DONE]":
+            payload = json.loads(event.data)
+            if "choices" in payload:
+                text.append(payload["choices"][0]["delta"]["content"])
+    return "".join(text)
+
+
+async def test_a_streamed_completion_arrives_whole_with_its_conversation_id(
+    stack: Stack, client: AsyncOpenAI
+) -> None:
+    stream = await client.chat.completions.create(
+        model="demo", messages=USER, stream=True, extra_headers={"X-Request-Id": "oa-stream"}
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == emulator_text(stack, "oa-stream") and text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    conversation_id = (chunks[-1].model_extra or {})["conversation_id"]
+    assert conversation_id and conversation_id.startswith("conv")
+    assert {c.id for c in chunks} == {"chatcmpl-oa-stream"} and chunks[0].model == "demo"
+
+    # The next turn names it, and hears it back in a header before the answer.
+    raw = await client.chat.completions.with_raw_response.create(
+        model="demo", messages=USER, stream=True, extra_body={"conversation_id": conversation_id}
+    )
+    assert raw.headers["X-Conversation-Id"] == conversation_id
+    async for _ in raw.parse():
+        pass
+
+
+async def test_a_completion_without_streaming(stack: Stack, client: AsyncOpenAI) -> None:
+    raw = await client.chat.completions.with_raw_response.create(
+        model="demo",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "an answer"},
+            {"role": "user", "content": [{"type": "text", "text": "and now?"}]},
+        ],
+        extra_headers={"X-Request-Id": "oa-once"},
+        temperature=0.2,  # options ChatIQ has no use for are accepted and ignored
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    text = completion.choices[0].message.content
+    assert text and completion.choices[0].finish_reason == "stop"
+    conversation_id = (completion.model_extra or {})["conversation_id"]
+    assert raw.headers["X-Conversation-Id"] == conversation_id
+    assert completion.usage is not None and completion.usage.total_tokens == 0
+    sent = stack.transcript("oa-once").body
+    assert sent["message"] == "and now?" and sent["bot_slug"] == "demo"
+    assert sent["history"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "an answer"},
+    ]
+
+
+async def test_models_are_the_bots_the_key_may_use(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    async with client_for(stack) as client:
+        assert [m.id async for m in client.models.list()] == ["demo"]
+        assert (await client.models.retrieve("demo")).owned_by == "chatiq"
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("nope")
+
+
+async def test_usage_is_reported_when_asked_for(client: AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model="demo", messages=USER, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 0  # ChatIQ reports no token counts
+
+
+async def test_chatiq_s_other_events_reach_an_openai_client(client: AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(model="rich", messages=USER, stream=True)
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "\n\nHere is a second message.\n\nAnd a third." in text
+    assert "\n\n![image](https://www.chatiq.io/logo.png)" in text
+    extras = [(c.model_extra or {}).get("chatiq") for c in chunks]
+    assert {"suggestions": [{"label": "Tell me more"}, {"label": "Thanks!"}]} in extras
+
+
+@pytest.mark.parametrize(
+    ("key", "fields", "error", "status", "code"),
+    [
+        ("wrong-key", {}, openai.AuthenticationError, 401, "invalid_api_key"),
+        (LIMITED_KEY, {"model": "rich"}, openai.PermissionDeniedError, 403, "permission_denied"),
+        (LIMITED_KEY, {"model": "unheard-of"}, openai.NotFoundError, 404, "model_not_found"),
+        (ACME_KEY, {"messages": [{"role": "assistant", "content": "x"}]}, openai.BadRequestError,
+         400, "invalid_request"),
+        (ACME_KEY, {"model": "fault-500"}, openai.InternalServerError, 502, "upstream_error"),
+        (ACME_KEY, {"model": "fault-stall-first"}, openai.InternalServerError, 504,
+         "upstream_timeout"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("stream", [True, False])
+async def test_every_status_raises_the_sdk_s_own_error_class(
+    make_stack: StackFactory,
+    key: str,
+    fields: dict[str, Any],
+    error: type[openai.APIStatusError],
+    status: int,
+    code: str,
+    stream: bool,
+) -> None:
+    other = Tenant("other", hash_key("other-key-1"), ("rich",))  # names the bot "rich"
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=0, stall_s=3),
+        max_retries=0,
+        tenants=(*TENANTS, other),
+    )
+    async with client_for(stack, key) as client:
+        with pytest.raises(error) as caught:
+            result = await client.chat.completions.create(
+                **{"model": "demo", "messages": USER, "stream": stream, **fields}
+            )
+            if stream:
+                async for _ in result:
+                    pass
+    assert caught.value.status_code == status
+    assert isinstance(caught.value.body, dict) and caught.value.body["code"] == code
+
+
+async def test_a_tenant_over_its_rate_gets_a_rate_limit_error_with_retry_after(
+    stack: Stack,
+) -> None:
+    async with client_for(stack, TINY_KEY) as client:
+        for _ in range(3):
+            await client.chat.completions.create(model="demo", messages=USER)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model="demo", messages=USER)
+    assert int(caught.value.response.headers["Retry-After"]) >= 1
+    assert caught.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("bot", "code"), [("fault-drop-mid", "upstream_error"),
+                                           ("fault-error-mid", "rate_limit")])  # fmt: skip
+async def test_a_failure_mid_stream_raises_in_the_sdk_after_the_text_so_far(
+    client: AsyncOpenAI, bot: str, code: str
+) -> None:
+    stream = await client.chat.completions.create(model=bot, messages=USER, stream=True)
+    text = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            text.append(chunk.choices[0].delta.content or "")
+    assert "".join(text)  # the text before the failure arrived
+    assert caught.value.code == code
+
+
+async def test_multibyte_text_split_across_reads_arrives_exactly(
+    scripted: ScriptedFactory,
+) -> None:
+    text = "Grüße, 日本語 and 🙂 — naïve"
+    events = [
+        b'data: {"choices":[{"delta":{"content":' + json.dumps(t).encode() + b"}}]}\n\n"
+        for t in (text[:9], text[9:])
+    ]
+    body = b"".join(events) + b'data: {"conversationId":"c-9"}\n\ndata: [DONE]\n\n'
+    # Cut every few bytes, inside the multi-byte characters too; each cut a read of its own.
+    head, framed = chunked(SSE_HEAD, body).split(b"\r\n\r\n", 1)
+    pieces = [head + b"\r\n\r\n"] + [framed[i : i + 7] for i in range(0, len(framed), 7)]
+    stack, _ = await scripted(pieces, idle_timeout_s=5.0)  # a read every 50 ms: slow events
+    async with client_for(stack) as client:
+        stream = await client.chat.completions.create(model="demo", messages=USER, stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert (chunks[-1].model_extra or {})["conversation_id"] == "c-9"
