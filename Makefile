@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak stalled bench-observability load bench
+.PHONY: run test lint install clean soak stalled bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -20,8 +20,19 @@ run: $(STAMP)
 	$(BIN)/python -m loadtest.stack --config config/gateway.toml
 
 ## make test: lint, types, then the whole suite.
-test: $(STAMP) lint
+test: $(STAMP) lint node-deps
 	$(BIN)/python -m pytest
+
+# The Vercel AI SDK (npm package "ai") that the ai-sdk frontend's tests drive,
+# when Node is there (without it those tests say so and skip, except in CI).
+NODE_STAMP := tests/node/node_modules/.installed-stamp
+$(NODE_STAMP): tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --silent
+	touch $(NODE_STAMP)
+
+node-deps:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(NODE_STAMP); \
+	else echo "node-deps: no npm here; the ai-sdk tests will skip"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -29,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis tests/node/node_modules
 
 ## make soak: 10,000 streams with faults and hang-ups through a real gateway (a few minutes).
 soak: $(STAMP)

@@ -143,7 +143,7 @@ class FrontendSettings:
 
 
 # The built-in frontends and where they mount by default (the contract's routes).
-BUILT_IN_FRONTENDS = {"chatiq": "/api", "openai": "/v1"}
+BUILT_IN_FRONTENDS = {"chatiq": "/api", "openai": "/v1", "ai-sdk": "/api/ui"}
 
 
 @dataclass(frozen=True, slots=True)

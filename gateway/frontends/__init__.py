@@ -6,12 +6,15 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from ..config import ConfigError, Settings
+from .ai_sdk import AISDKFrontend
 from .base import Frontend, StreamEncoder
 from .chatiq import ChatIQFrontend
 from .openai import OpenAIFrontend
 
 ENTRY_POINT_GROUP = "chatiq_gateway.frontends"
-BUILT_IN: dict[str, type[Frontend]] = {cls.name: cls for cls in (ChatIQFrontend, OpenAIFrontend)}
+BUILT_IN: dict[str, type[Frontend]] = {
+    cls.name: cls for cls in (ChatIQFrontend, OpenAIFrontend, AISDKFrontend)
+}
 
 __all__ = ["ENTRY_POINT_GROUP", "Frontend", "StreamEncoder", "frontend_class", "load_frontends"]
 

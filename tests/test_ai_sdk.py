@@ -1,0 +1,111 @@
+"""The ai-sdk frontend, driven by the Vercel AI SDK's own client code in Node
+(``DefaultChatTransport``, what ``useChat`` uses, and ``readUIMessageStream``):
+the assistant's message it rebuilds holds exactly the text the emulator sent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ACME_KEY, LIMITED_KEY, Stack
+from tests.scripted import SSE_HEAD, ScriptedFactory, chunked
+from tests.test_openai import emulator_text
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+def node() -> str:
+    found = shutil.which("node")
+    if found is None or not (NODE_DIR / "node_modules" / "ai").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("Node or the ai package is missing: .ci/run installs them (tests/node)")
+        pytest.skip("needs Node and `npm ci` in tests/node (CI installs both)")
+    return found
+
+
+async def ui_chat(
+    stack: Stack, text: str, bot: str = "", key: str = ACME_KEY, conversation_id: str = ""
+) -> dict[str, Any]:
+    """One turn through DefaultChatTransport; the message readUIMessageStream rebuilt."""
+    api = str(stack.gateway.make_url("/api/ui/chat"))
+    process = await asyncio.create_subprocess_exec(
+        node(), str(NODE_DIR / "ui_chat.mjs"), api, key, bot, text, conversation_id,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def texts(message: dict[str, Any]) -> list[str]:
+    return [p["text"] for p in message["parts"] if p["type"] == "text"]
+
+
+async def test_use_chat_s_transport_rebuilds_the_text_the_emulator_sent(stack: Stack) -> None:
+    result = await ui_chat(stack, "hi")
+    message = result["message"]
+    assert result["errors"] == []
+    assert message["role"] == "assistant" and message["id"].startswith("msg-")
+    request_id = message["id"].removeprefix("msg-")
+    assert texts(message) == [emulator_text(stack, request_id)]
+    conversation_id = message["metadata"]["conversationId"]
+    assert conversation_id
+
+    # The next turn sends that message back, as useChat keeps it: same conversation.
+    again = await ui_chat(stack, "and again?", conversation_id=conversation_id)
+    request_id = again["message"]["id"].removeprefix("msg-")
+    sent = stack.transcript(request_id).body
+    assert sent["conversation_id"] == conversation_id and sent["message"] == "and again?"
+    assert sent["history"] == [
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "content": "an earlier answer"},
+    ]
+
+
+async def test_chatiq_s_other_events_become_parts(stack: Stack) -> None:
+    message = (await ui_chat(stack, "hi", bot="rich"))["message"]
+    assert texts(message)[1:] == ["Here is a second message.", "And a third."]
+    files = [p for p in message["parts"] if p["type"] == "file"]
+    assert files == [
+        {"type": "file", "url": "https://www.chatiq.io/logo.png", "mediaType": "image/png"}
+    ]
+    data = [p for p in message["parts"] if p["type"] == "data-suggestions"]
+    assert data[0]["data"] == [{"label": "Tell me more"}, {"label": "Thanks!"}]
+
+
+@pytest.mark.parametrize("bot", ["fault-drop-mid", "fault-error-mid"])
+async def test_a_failure_mid_stream_is_an_error_the_sdk_reports(stack: Stack, bot: str) -> None:
+    result = await ui_chat(stack, "hi", bot=bot)
+    assert texts(result["message"])[0]  # the text before the failure
+    assert len(result["errors"]) == 1 and result["errors"][0]
+
+
+async def test_errors_before_the_stream_are_thrown_by_the_transport(stack: Stack) -> None:
+    thrown = (await ui_chat(stack, "hi", bot="rich", key=LIMITED_KEY))["thrown"]
+    assert json.loads(thrown)["error"]["code"] == "FORBIDDEN"
+    thrown = (await ui_chat(stack, "hi", key="wrong"))["thrown"]
+    assert json.loads(thrown)["error"]["code"] == "UNAUTHORIZED"
+
+
+async def test_multibyte_text_split_across_reads_arrives_exactly(
+    scripted: ScriptedFactory,
+) -> None:
+    text = "Grüße, 日本語 and 🙂 — naïve"
+    events = [
+        b'data: {"choices":[{"delta":{"content":' + json.dumps(t).encode() + b"}}]}\n\n"
+        for t in (text[:9], text[9:])
+    ]
+    body = b"".join(events) + b'data: {"conversationId":"c-9"}\n\ndata: [DONE]\n\n'
+    head, framed = chunked(SSE_HEAD, body).split(b"\r\n\r\n", 1)
+    pieces = [head + b"\r\n\r\n"] + [framed[i : i + 7] for i in range(0, len(framed), 7)]
+    stack, _ = await scripted(pieces, idle_timeout_s=5.0)
+    message = (await ui_chat(stack, "hi"))["message"]
+    assert texts(message) == [text]
+    assert message["metadata"] == {"conversationId": "c-9"}
