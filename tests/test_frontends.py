@@ -1,0 +1,187 @@
+"""What every chat route does the same way, whatever its frontend: quotas and
+overload with Retry-After, cancellation when the client hangs up, drain,
+backpressure on a slow client, and (after each test) nothing left behind.
+One test each, parametrized over the frontends, each speaking its own format."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from gateway import upstream as upstream_module
+from gateway.config import AdmissionSettings
+from gateway.sse import SSEParser
+from loadtest.emulator import LIVE, EmulatorSettings
+from tests.conftest import (
+    ACME_KEY,
+    TINY_KEY,
+    GatewayProcess,
+    Stack,
+    StackFactory,
+    assert_all_released,
+    eventually,
+)
+from tests.test_wire import dechunk
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    body: Callable[[str, str], dict[str, Any]]  # bot, message -> the frontend's request body
+
+    def error_code(self, data: str) -> str | None:
+        """The gateway's error code in one event's data, in any frontend's shape."""
+        payload = json.loads(data)
+        if payload.get("type") == "error":  # ai-sdk: the ChatIQ error as errorText
+            payload = json.loads(payload["errorText"])
+        error = payload.get("error")
+        return str(error["code"]).upper() if isinstance(error, dict) else None
+
+
+ROUTES = {
+    "chatiq": Route("/api/chatbot", lambda bot, m: {"message": m, "bot": bot}),
+    "openai": Route(
+        "/v1/chat/completions",
+        lambda bot, m: {"model": bot, "messages": [{"role": "user", "content": m}], "stream": True},
+    ),
+    "ai-sdk": Route(
+        "/api/ui/chat",
+        lambda bot, m: {
+            "bot": bot,
+            "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": m}]}],
+        },
+    ),
+}
+FRONTENDS = pytest.mark.parametrize("frontend", list(ROUTES))
+SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=200)
+
+
+async def post(stack: Stack, frontend: str, bot: str = "demo", key: str = ACME_KEY) -> Any:
+    route = ROUTES[frontend]
+    return await stack.session.post(
+        stack.gateway.make_url(route.path),
+        json=route.body(bot, "hi"),
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+
+def events_of(body: bytes) -> list[str]:
+    return [e.data for e in SSEParser().feed(body) if e.data is not None]
+
+
+@FRONTENDS
+async def test_a_tenant_over_its_rate_gets_429_with_retry_after(
+    stack: Stack, frontend: str
+) -> None:
+    for _ in range(3):
+        async with await post(stack, frontend, key=TINY_KEY) as r:
+            assert r.status == 200
+            assert events_of(await r.read())[-1] == "[DONE]"
+    async with await post(stack, frontend, key=TINY_KEY) as r:
+        assert r.status == 429
+        assert int(r.headers["Retry-After"]) >= 1
+    assert await stack.metric("chatiq_gateway_rejected_total", reason="rate_limit") == 1
+
+
+@FRONTENDS
+async def test_past_capacity_a_request_gets_503_with_retry_after(
+    make_stack: StackFactory, frontend: str
+) -> None:
+    stack = await make_stack(
+        SLOW, admission=AdmissionSettings(max_streams=1, max_queue=0, queue_timeout_s=1)
+    )
+    first = await post(stack, frontend)
+    await first.content.readline()  # streaming: it holds the one slot
+    async with await post(stack, frontend) as r:
+        assert r.status == 503
+        assert r.headers["Retry-After"] == "1"
+    first.close()
+
+
+@FRONTENDS
+async def test_a_hang_up_cancels_the_upstream_call_within_100_ms(
+    make_stack: StackFactory, frontend: str
+) -> None:
+    stack = await make_stack(SLOW)
+    r = await post(stack, frontend)
+    await r.content.readline()
+    assert stack.emulator.app[LIVE].handlers == 1
+    r.close()
+    took = await eventually(lambda: stack.emulator.app[LIVE].handlers == 0)
+    assert took < 0.1, f"the upstream call lived {took * 1000:.0f} ms after the hang-up"
+    assert await stack.metric("chatiq_gateway_client_disconnects_total", tenant="acme") == 1
+    await assert_all_released(stack)
+
+
+@FRONTENDS
+async def test_a_slow_reader_pauses_the_upstream_and_the_stream_still_ends_whole(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, frontend: str
+) -> None:
+    pauses = 0
+    real_pause = upstream_module.EventSource.pause
+
+    def counted_pause(self: upstream_module.EventSource) -> None:
+        nonlocal pauses
+        pauses += 1
+        real_pause(self)
+
+    monkeypatch.setattr(upstream_module.EventSource, "pause", counted_pause)
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=60_000),  # ~3 MB
+        client_write_timeout_s=10.0,
+        total_timeout_s=60.0,
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (stack.gateway.host, stack.gateway.port))
+    route = ROUTES[frontend]
+    body = json.dumps(route.body("demo", "hi")).encode()
+    await loop.sock_sendall(
+        sock,
+        f"POST {route.path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {ACME_KEY}\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    received = bytearray()
+    while chunk := await loop.sock_recv(sock, 16384):
+        received += chunk
+        await asyncio.sleep(0.001)
+    sock.close()
+    assert pauses > 0
+    head, _, framed = bytes(received).partition(b"\r\n\r\n")
+    events = events_of(dechunk(framed))
+    assert head.startswith(b"HTTP/1.1 200") and len(events) > 20_000
+    assert events[-1] == "[DONE]" and all(route.error_code(e) is None for e in events[:-1])
+
+
+@FRONTENDS
+async def test_drain_ends_live_streams_in_the_frontend_s_own_error_shape(
+    make_stack: StackFactory,
+    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    frontend: str,
+) -> None:
+    stack = await make_stack(SLOW, record=False)
+    gw = await gateway_process(stack.emulator, server={"shutdown_grace_s": 0.5})
+    route = ROUTES[frontend]
+    async with stack.session.post(
+        f"http://127.0.0.1:{gw.port}{route.path}",
+        json=route.body("demo", "hi"),
+        headers={"Authorization": f"Bearer {ACME_KEY}"},
+    ) as r:
+        assert r.status == 200
+        await r.content.readline()
+        gw.process.send_signal(signal.SIGTERM)
+        events = events_of(await r.read())
+    assert route.error_code(events[-2]) == "DRAINING"
+    assert events[-1] == "[DONE]"
+    assert await asyncio.to_thread(gw.process.wait, 30) == 0
