@@ -86,7 +86,7 @@ def start_gateway(
         **tables.pop("upstream", {}),
     }
     toml = "".join(
-        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
         for name, values in {"server": server, "upstream": upstream, **tables}.items()
     )
     config = config_dir / f"gateway-{port}.toml"
@@ -106,6 +106,14 @@ def start_gateway(
         env=env,
     )
     return process, log
+
+
+def _toml(value: Any) -> str:
+    """A TOML value: JSON's form for strings, numbers, booleans and lists; an
+    inline table for a dict."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
 
 
 def stop(*processes: subprocess.Popen[bytes]) -> None:

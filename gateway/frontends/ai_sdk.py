@@ -42,12 +42,7 @@ class AISDKFrontend(Frontend):
     default_prefix = "/api/ui"
 
     def routes(self) -> Iterable[web.RouteDef]:
-        from ..pipeline import serve_chat
-
-        async def chat(request: web.Request) -> web.StreamResponse:
-            return await serve_chat(request, self)
-
-        return [web.post(f"{self.prefix}/chat", chat)]
+        return [self.chat_route("/chat")]
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
         try:

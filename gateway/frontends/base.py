@@ -54,8 +54,17 @@ class Frontend:
         self.options = dict(options or {})
 
     def routes(self) -> Iterable[web.RouteDef]:
-        """Its routes; a chat route's handler calls ``pipeline.serve_chat(request, self)``."""
+        """Its routes: ``self.chat_route(path)`` for each chat route, and any others."""
         raise NotImplementedError
+
+    def chat_route(self, path: str) -> web.RouteDef:
+        """``POST {prefix}{path}``, served by the shared pipeline with this frontend."""
+        from ..pipeline import serve_chat  # the pipeline imports the frontends' base
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await serve_chat(request, self)
+
+        return web.post(f"{self.prefix}{path}", handler)
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
         """The request body, as the neutral chat request; ``InvalidRequest`` if bad."""

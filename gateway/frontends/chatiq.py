@@ -22,12 +22,7 @@ class ChatIQFrontend(Frontend):
     default_prefix = "/api"
 
     def routes(self) -> Iterable[web.RouteDef]:
-        from ..pipeline import serve_chat
-
-        async def chatbot(request: web.Request) -> web.StreamResponse:
-            return await serve_chat(request, self)
-
-        return [web.post(f"{self.prefix}/chatbot", chatbot)]
+        return [self.chat_route("/chatbot")]
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
         return parse_chat_request(raw, settings)

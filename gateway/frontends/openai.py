@@ -71,13 +71,8 @@ class OpenAIFrontend(Frontend):
     default_prefix = "/v1"
 
     def routes(self) -> Iterable[web.RouteDef]:
-        from ..pipeline import serve_chat
-
-        async def completions(request: web.Request) -> web.StreamResponse:
-            return await serve_chat(request, self)
-
         return [
-            web.post(f"{self.prefix}/chat/completions", completions),
+            self.chat_route("/chat/completions"),
             web.get(f"{self.prefix}/models", list_models),
             web.get(f"{self.prefix}/models/{{model}}", get_model),
         ]
