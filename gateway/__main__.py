@@ -19,6 +19,7 @@ from .auth import hash_key
 from .config import ConfigError, Settings, load_settings
 from .edge import GatewaySite
 from .egress import proxy_display
+from .frontends import load_frontends
 from .logs import Logger, make_logger
 from .metrics import Metrics
 from .reload import reload_settings
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
+        load_frontends(settings)  # a plugin that is missing or broken: one line, now
     except ConfigError as e:
         print(f"chatiq-gateway: config error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from .errors import InvalidRequest
 
 _BOT_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_CONVERSATION_ID_CHARS = 200
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,14 @@ class ChatRequest:
         if self.private_mode is not None:
             body["private_mode"] = self.private_mode
         return body
+
+
+def conversation_header(conversation_id: object) -> dict[str, str]:
+    """``X-Conversation-Id`` for a response, when the id can go in a header as it
+    is (visible ASCII and spaces; anything else stays in the body only)."""
+    if isinstance(conversation_id, str) and _HEADER_SAFE.fullmatch(conversation_id):
+        return {"X-Conversation-Id": conversation_id}
+    return {}
 
 
 def check_text(name: str, value: str) -> None:

@@ -54,10 +54,14 @@ def reload_settings(app: web.Application, path: str | Path) -> bool:
         log.error("config_reload_failed", error=str(e), kept="the running configuration")
         return False
     held = [key for key in RESTART_ONLY if _get(new, key) != _get(old, key)]
+    if new.frontends != old.frontends:  # routes are mounted once
+        held.append("frontends")
+        new = dataclasses.replace(new, frontends=old.frontends)
     if held:
         log.warning("config_reload_needs_restart", keys=held)
         for key in held:
-            new = _put(new, key, _get(old, key))
+            if key != "frontends":
+                new = _put(new, key, _get(old, key))
     # Said before it applies: the new log level may be quieter than info.
     log.info("config_reloaded", changed=_changed_keys(old, new), tenants=len(new.tenants))
     apply_settings(app, new)
@@ -94,9 +98,9 @@ def _changed_keys(old: Settings, new: Settings) -> list[str]:
     changed = []
     for table in dataclasses.fields(Settings):
         before, after = getattr(old, table.name), getattr(new, table.name)
-        if table.name == "tenants" or before == after:
+        if table.name in ("tenants", "frontends") or before == after:
             if before != after:
-                changed.append("tenants")
+                changed.append(table.name)
             continue
         changed += [
             f"{table.name}.{f.name}"

@@ -27,7 +27,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..chat import ChatRequest, check_bot, check_conversation_id, check_history, check_message
+from ..chat import (
+    ChatRequest,
+    check_bot,
+    check_conversation_id,
+    check_history,
+    check_message,
+    conversation_header,
+)
 from ..config import Settings
 from ..errors import GatewayError, InvalidRequest
 from ..exchange import Exchange, error_response
@@ -91,7 +98,7 @@ def _turn(index: int, message: object) -> tuple[str, str, str | None]:
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{where}' must be an object")
     role = message.get("role")
-    if role not in ("system", "user", "assistant"):
+    if not isinstance(role, str) or role not in ("system", "user", "assistant"):
         raise InvalidRequest(f"'{where}.role' must be system, user or assistant")
     parts = message.get("parts")
     if not isinstance(parts, list):
@@ -114,11 +121,7 @@ class UIMessageEncoder:
         self._texts = 0
         self._started = False
         self._failed = False
-        self.headers: Mapping[str, str] = (
-            {**HEADER, "X-Conversation-Id": chat.conversation_id}
-            if chat.conversation_id
-            else HEADER
-        )
+        self.headers: Mapping[str, str] = {**HEADER, **conversation_header(chat.conversation_id)}
 
     def event(self, payload: dict[str, Any]) -> bytes:
         out = self._start()

@@ -31,7 +31,14 @@ import orjson
 from aiohttp import web
 
 from ..auth import authenticate
-from ..chat import ChatRequest, check_bot, check_conversation_id, check_history, check_message
+from ..chat import (
+    ChatRequest,
+    check_bot,
+    check_conversation_id,
+    check_history,
+    check_message,
+    conversation_header,
+)
 from ..config import ANY_BOT, Settings
 from ..errors import GatewayError, InvalidRequest, UnknownBot
 from ..exchange import Exchange, exchange_of
@@ -141,9 +148,10 @@ class OpenAIFrontend(Frontend):
         extra = {k: v for k, v in answer.items() if k not in ("response", "conversationId")}
         if extra:
             completion["chatiq"] = extra
-        headers = {"X-Conversation-Id": conversation_id} if isinstance(conversation_id, str) else {}
         return web.Response(
-            body=orjson.dumps(completion), content_type="application/json", headers=headers
+            body=orjson.dumps(completion),
+            content_type="application/json",
+            headers=conversation_header(conversation_id),
         )
 
     def error_response(self, err: GatewayError) -> web.Response:
@@ -160,7 +168,7 @@ def _turn(index: int, message: object) -> tuple[str, str]:
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{where}' must be an object")
     role = message.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}")
     content = message.get("content")
     if isinstance(content, str):
@@ -193,9 +201,7 @@ class ChunkEncoder:
         self._conversation_id = chat.conversation_id
         self._role_sent = False
         self._failed = False
-        self.headers: Mapping[str, str] = (
-            {"X-Conversation-Id": chat.conversation_id} if chat.conversation_id else {}
-        )
+        self.headers: Mapping[str, str] = conversation_header(chat.conversation_id)
 
     def event(self, payload: dict[str, Any]) -> bytes:
         if "choices" in payload:
