@@ -5,6 +5,9 @@ reply on stdout, diagnostics on stderr, and exits non-zero on any error.
 Interactive (no question, stdin a terminal, or ``-i``): a prompt with history;
 ``/new`` starts a new conversation, ``/bot NAME`` picks a bot, ``/quit`` ends;
 Ctrl-C during a reply stops that reply, not the program.
+
+``--api openai`` talks to the gateway's OpenAI-compatible route
+(``/v1/chat/completions``) instead of the native one, as any OpenAI client would.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Session:
     stream: bool = True
     raw_json: bool = False
     stats: bool = False
+    api: str = "chatiq"  # or "openai": the gateway's OpenAI-compatible route
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
 
@@ -62,6 +66,43 @@ class Stats:
 
 async def ask(session: Session, message: str) -> None:
     """Send one message and print the reply as it arrives; raise ChatError on failure."""
+    headers = {"Authorization": f"Bearer {session.key}"}
+    stats = Stats()
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        try:
+            path, body = await _request(http, session, message, headers)
+            async with http.post(f"{session.url}{path}", json=body, headers=headers) as response:
+                if response.status != 200:
+                    raise ChatError(await _describe_error(response))
+                if session.stream:
+                    await _print_stream(session, response, stats)
+                else:
+                    answer = await response.json()
+                    _print_answer(session, answer)
+        except aiohttp.ClientError as e:
+            raise ChatError(f"cannot reach the gateway at {session.url}: {e}") from None
+    if session.stats:
+        print(stats.report(), file=session.err)
+
+
+async def _request(
+    http: aiohttp.ClientSession, session: Session, message: str, headers: dict[str, str]
+) -> tuple[str, dict[str, object]]:
+    """The route and body for one message, in the API chosen."""
+    if session.api == "openai":
+        model = session.bot
+        if not model:  # OpenAI's API names a model: the first the key may use
+            async with http.get(f"{session.url}/v1/models", headers=headers) as r:
+                if r.status != 200:
+                    raise ChatError(await _describe_error(r))
+                model = (await r.json())["data"][0]["id"]
+        return "/v1/chat/completions", {
+            "model": model,
+            "messages": [{"role": "user", "content": message}],
+            "stream": session.stream,
+            "conversation_id": session.conversation_id,
+        }
     body: dict[str, object] = {
         "message": message,
         "stream": session.stream,
@@ -69,29 +110,21 @@ async def ask(session: Session, message: str) -> None:
     }
     if session.bot:
         body["bot"] = session.bot
-    headers = {"Authorization": f"Bearer {session.key}"}
-    stats = Stats()
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
-        try:
-            async with http.post(
-                f"{session.url}/api/chatbot", json=body, headers=headers
-            ) as response:
-                if response.status != 200:
-                    raise ChatError(await _describe_error(response))
-                if session.stream:
-                    await _print_stream(session, response, stats)
-                else:
-                    answer = await response.json()
-                    session.conversation_id = answer.get("conversationId", session.conversation_id)
-                    if session.raw_json:
-                        print(json.dumps(answer, ensure_ascii=False), file=session.out)
-                    else:
-                        print(answer.get("response", ""), file=session.out)
-        except aiohttp.ClientError as e:
-            raise ChatError(f"cannot reach the gateway at {session.url}: {e}") from None
-    if session.stats:
-        print(stats.report(), file=session.err)
+    return "/api/chatbot", body
+
+
+def _print_answer(session: Session, answer: dict[str, Any]) -> None:
+    """A whole (non-streamed) answer, native or OpenAI's."""
+    if session.api == "openai":
+        text = answer["choices"][0]["message"]["content"]
+        conversation_id = answer.get("conversation_id")
+    else:
+        text, conversation_id = answer.get("response", ""), answer.get("conversationId")
+    session.conversation_id = conversation_id or session.conversation_id
+    if session.raw_json:
+        print(json.dumps(answer, ensure_ascii=False), file=session.out)
+    else:
+        print(text, file=session.out)
 
 
 async def _print_stream(session: Session, response: aiohttp.ClientResponse, stats: Stats) -> None:
@@ -141,8 +174,9 @@ def _show(session: Session, payload: dict[str, Any], stats: Stats) -> str | None
         labels = " | ".join(str(s.get("label", s)) if isinstance(s, dict) else str(s)
                             for s in suggestions)  # fmt: skip
         print(f"\n(suggestions: {labels})", end="", file=session.out, flush=True)
-    if isinstance(payload.get("conversationId"), str):
-        session.conversation_id = payload["conversationId"]
+    for name in ("conversationId", "conversation_id"):  # native, OpenAI's last chunk
+        if isinstance(payload.get(name), str):
+            session.conversation_id = payload[name]
     error = payload.get("error")
     if isinstance(error, dict):
         return f"{error.get('code', 'ERROR')}: {error.get('message', '')}"
@@ -208,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         help="your gateway key (env CHATIQ_GATEWAY_KEY)",
     )
     parser.add_argument("--bot", help="the bot to ask (default: the gateway's)")
+    parser.add_argument(
+        "--api", choices=["chatiq", "openai"], default="chatiq",
+        help="the gateway's native route, or its OpenAI-compatible one (default %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--conversation", metavar="ID", help="continue this conversation")
     parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
     parser.add_argument("--json", action="store_true", help="print the raw events (JSON)")
@@ -224,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=not args.no_stream,
         raw_json=args.json,
         stats=args.stats,
+        api=args.api,
     )
     if args.interactive or (args.question is None and sys.stdin.isatty()):
         return interactive(session)

@@ -149,3 +149,17 @@ async def test_ctrl_c_stops_the_reply_not_the_program(
     async with stack.session.get(f"http://127.0.0.1:{gw.port}/metrics") as r:
         assert "chatiq_gateway_client_disconnects_total" in await r.text()
     assert await gw.metric(stack.session, "chatiq_gateway_client_disconnects_total") == 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_openai_route_gives_the_same_reply_and_conversation(
+    cli: Callable[..., Awaitable[Run]], stream: bool
+) -> None:
+    flags = ["--api", "openai"] + ([] if stream else ["--no-stream"])
+    first = await cli(*flags, "my name is Ada")
+    assert (first.code, first.out) == (0, reply("my name is Ada") + "\n")
+    conversation = first.err.split("conversation: ")[1].strip()
+    second = await cli(*flags, "--conversation", conversation, "who am I?")
+    assert second.out == reply("who am I?", ["my name is Ada"]) + "\n"
+    failed = await cli("--api", "openai", "--bot", "fault-500", "hi")
+    assert failed.code == 1 and "502 upstream_error" in failed.err
