@@ -1,11 +1,13 @@
 """``make bench``: the gateway side by side with direct, nginx and a naive proxy.
 
 In one run, against one emulator per concurrency level, the load generator
-(``loadtest/loadgen.py``) streams through four paths in turn:
+(``loadtest/loadgen.py``) streams through five paths in turn:
 
 - ``direct``: straight to the emulator, the baseline;
 - ``gateway``: one ``chatiq-gateway`` process, its shipped defaults but limits
   raised for the load, logging at info (one line per stream);
+- ``openai``: the same gateway process, through its OpenAI-compatible
+  frontend (every event re-encoded as a ``chat.completion.chunk``);
 - ``nginx``: one nginx worker configured as an SSE proxy (``loadtest/nginx.py``);
 - ``naive``: the Flask proxy people write from ChatIQ's example
   (``loadtest/naive_proxy.py``).
@@ -51,7 +53,7 @@ from loadtest.loadgen import Target, hold_streams, run_streams
 from loadtest.nginx import start_nginx
 
 KEY = "bench-key"
-PATHS = ("direct", "gateway", "nginx", "naive")
+PATHS = ("direct", "gateway", "openai", "nginx", "naive")
 TOKENS = 20  # content events per reply, by default
 TTFT_MS = 100  # the emulator's own time to first token
 EVENTS_PER_S = 6_000  # across all streams: keeps the emulator and the load generator light
@@ -170,11 +172,17 @@ class Stack:
             port = self.ports["emulator" if path == "direct" else "nginx"]
             body = {"message": message, "bot_slug": "demo", "stream": True}
             return Target("127.0.0.1", port, "/api/chat", body)
+        if path == "openai":  # the gateway's OpenAI-compatible frontend
+            chat = {"model": "demo", "messages": [{"role": "user", "content": message}]}
+            body = {**chat, "stream": True}
+            port = self.ports["gateway"]
+            return Target("127.0.0.1", port, "/v1/chat/completions", body, key=KEY)
         body = {"message": message, "bot": "demo", "stream": True}  # the gateway's API
         return Target("127.0.0.1", self.ports[path], "/api/chatbot", body, key=KEY)
 
     def proxy_pid(self, path: str) -> int | None:
-        proxy = {"gateway": self.gateway, "nginx": self.nginx, "naive": self.naive}.get(path)
+        proxies = {"gateway": self.gateway, "openai": self.gateway, "nginx": self.nginx}
+        proxy = {**proxies, "naive": self.naive}.get(path)
         return proxy.pid if proxy is not None else None
 
     def stop(self) -> None:

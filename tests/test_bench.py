@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.bench import PATHS
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.loadgen import Target, hold_streams, stream_once
 from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory
@@ -81,7 +82,7 @@ async def test_make_bench_writes_the_side_by_side_table(tmp_path: Path) -> None:
         if line.startswith("| 1 ") or line.startswith("| 5 ")
     ]
     assert sorted((r[1].strip(), r[2].strip()) for r in rows) == sorted(
-        (level, path) for level in ("1", "5") for path in ("direct", "gateway", "nginx", "naive")
+        (level, path) for level in ("1", "5") for path in PATHS
     ), table
     for r in rows:
         assert r[4].strip() == "0", table  # no errors on any path
