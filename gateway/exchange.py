@@ -138,7 +138,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 
 
 def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bool) -> None:
-    metrics.requests.labels(ex.route, ex.tenant, str(ex.status)).inc()
+    metrics.requests.labels(ex.route, ex.frontend, ex.tenant, str(ex.status)).inc()
     err = ex.error
     if err is not None:
         if ex.outcome == "ok":

@@ -86,7 +86,10 @@ class Metrics:
             return cls(name, doc, list(labels), namespace=ns, registry=r, **kw)
 
         self.requests = make(
-            Counter, "requests", "Finished requests.", ["route", "tenant", "status"]
+            Counter,
+            "requests",
+            "Finished requests (frontend: the route's wire format; - for other routes).",
+            ["route", "frontend", "tenant", "status"],
         )
         self.active_streams = make(
             Gauge, "active_streams", "Streams being relayed now.", ["tenant", "bot"]

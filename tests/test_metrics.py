@@ -76,7 +76,14 @@ async def test_every_metric_after_scripted_traffic_with_faults(make_stack: Stack
     }
     for (tenant, code), n in status.items():
         assert (
-            await m("chatiq_gateway_requests_total", route=ROUTE, tenant=tenant, status=code) == n
+            await m(
+                "chatiq_gateway_requests_total",
+                route=ROUTE,
+                frontend="chatiq",
+                tenant=tenant,
+                status=code,
+            )
+            == n
         )
 
     assert await m("chatiq_gateway_stream_events_total", tenant="acme", bot="demo") == (

@@ -62,7 +62,7 @@ async def test_two_workers_share_the_port_and_their_metrics(
             return sum(float(v) for v in re.findall(pattern, text, re.M))
 
         assert len(worker_pids()) == 2, sorted(f.name for f in folder.iterdir())
-        assert total(r'chatiq_gateway_requests_total\{route="/api/chatbot"[^}]*\}') == sent
+        assert total(r'chatiq_gateway_requests_total\{[^}]*route="/api/chatbot"[^}]*\}') == sent
         per_stream = len(compose_reply("hi", [], 5)) + 2
         assert total("chatiq_gateway_stream_events_total") == sent * per_stream
         assert total("chatiq_gateway_time_to_first_token_seconds_count") == sent
@@ -162,7 +162,7 @@ async def test_a_killed_worker_is_replaced_and_metrics_still_add_up(
         )
         await chat_on_new_connections(port, 20)  # served by whichever worker the kernel picks
         assert time.monotonic() - killed < 10
-        route = r'chatiq_gateway_requests_total\{route="/api/chatbot"[^}]*\}'
+        route = r'chatiq_gateway_requests_total\{[^}]*route="/api/chatbot"[^}]*\}'
         assert await metric_total(port, route) == 40  # the dead worker's counts are kept
         assert await metric_total(port, "chatiq_gateway_active_streams") == 0
         text = log.read_text()
