@@ -5,6 +5,11 @@ behind a bounded FIFO queue.
 taken is given back in one place whatever ends the block (success, error,
 cancellation, timeout). A freed slot is handed straight to the oldest waiter,
 so the queue is fair and never starves.
+
+Tenant quotas are this process's own, unless a fleet shares them through
+Redis (``share``, ``gateway.fleet``): then Redis decides, and while it does
+not answer, ``redis.on_error`` does: ``local`` quotas (each limit divided by
+``redis.expected_replicas``) or ``reject`` (503).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from .config import AdmissionSettings, Tenant
-from .errors import QueueFull, QueueTimeout, RateLimited, TenantBusy
+from .config import AdmissionSettings, RedisSettings, Tenant
+from .errors import QueueFull, QueueTimeout, QuotaUnavailable, RateLimited, TenantBusy
+from .fleet import RedisDown, SharedQuotas
 
 
 @dataclass(slots=True)
@@ -40,7 +46,16 @@ class Admission:
         self._active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._tenants: dict[str, _TenantState] = {}
+        self._shared: SharedQuotas | None = None
+        self._redis = RedisSettings()
+        self._on_fallback: Callable[[str], None] = lambda mode: None
         self.reconfigure(settings, tenants)
+
+    def share(
+        self, shared: SharedQuotas, settings: RedisSettings, on_fallback: Callable[[str], None]
+    ) -> None:
+        """From now on, tenant quotas are the fleet's (through Redis)."""
+        self._shared, self._redis, self._on_fallback = shared, settings, on_fallback
 
     def reconfigure(self, settings: AdmissionSettings, tenants: tuple[Tenant, ...]) -> None:
         """New limits for new requests (a reload). Streams in flight keep their
@@ -84,11 +99,7 @@ class Admission:
     @asynccontextmanager
     async def slot(self, tenant: str) -> AsyncIterator[None]:
         quota = self._tenants[tenant]
-        self._take_token(quota)
-        if quota.max_streams and quota.active >= quota.max_streams:
-            raise TenantBusy(
-                f"this key already has {quota.max_streams} streams open", retry_after=1
-            )
+        lease = await self._tenant_quota(quota, tenant)
         quota.active += 1
         try:
             await self._acquire()
@@ -98,18 +109,41 @@ class Admission:
                 self._release()
         finally:
             quota.active -= 1
+            if lease is not None and self._shared is not None:
+                self._shared.release(lease)
 
-    def _take_token(self, quota: _TenantState) -> None:
+    async def _tenant_quota(self, quota: _TenantState, tenant: str) -> str | None:
+        """Let the tenant in (a fleet lease id, if any) or raise 429 (or 503)."""
+        per_minute, max_streams = quota.per_minute, quota.max_streams
+        if self._shared is not None:
+            try:
+                return await self._shared.acquire(tenant, per_minute, max_streams)
+            except RedisDown:
+                self._on_fallback(self._redis.on_error)
+                if self._redis.on_error == "reject":
+                    raise QuotaUnavailable(
+                        "tenant quotas cannot be checked just now; retry shortly", retry_after=1
+                    ) from None
+                # This process's share of the fleet's limits, until Redis is back.
+                replicas = self._redis.expected_replicas
+                per_minute = -(-per_minute // replicas)
+                max_streams = -(-max_streams // replicas)
+        self._take_token(quota, per_minute)
+        if max_streams and quota.active >= max_streams:
+            raise TenantBusy(f"this key already has {max_streams} streams open", retry_after=1)
+        return None
+
+    def _take_token(self, quota: _TenantState, per_minute: int) -> None:
         """Token bucket: ``per_minute`` tokens, refilled evenly over a minute."""
-        if not quota.per_minute:
+        if not per_minute:
             return
         now = self._clock()
-        rate = quota.per_minute / 60.0
-        quota.tokens = min(float(quota.per_minute), quota.tokens + (now - quota.updated) * rate)
+        rate = per_minute / 60.0
+        quota.tokens = min(float(per_minute), quota.tokens + (now - quota.updated) * rate)
         quota.updated = now
         if quota.tokens < 1.0:
             raise RateLimited(
-                f"this key may make {quota.per_minute} requests a minute",
+                f"this key may make {per_minute} requests a minute",
                 retry_after=(1.0 - quota.tokens) / rate,
             )
         quota.tokens -= 1.0

@@ -13,6 +13,7 @@ from .auth import FailedKeyThrottle, TenantDirectory
 from .breaker import Breakers, OnTransition, State
 from .config import Settings, named_bots
 from .exchange import add_request_id, make_middleware
+from .fleet import SharedQuotas
 from .frontends import Frontend, load_frontends
 from .logs import Logger, make_logger
 from .metrics import Metrics
@@ -60,6 +61,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[LOG] = log
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_upstream_client)
+    app.cleanup_ctx.append(_fleet_quotas)
     if metrics.multiprocess:
         app.cleanup_ctx.append(_publish_queue_depth)
 
@@ -135,6 +137,20 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     preflight.cancel()
     pool.close()
     app[BREAKERS].close()
+
+
+async def _fleet_quotas(app: web.Application) -> AsyncIterator[None]:
+    """With ``[redis] url``: tenant quotas shared by the fleet, for the app's life."""
+    settings = app[SETTINGS].current.redis
+    if not settings.url:
+        yield
+        return
+    metrics = app[METRICS]
+    shared = SharedQuotas(settings, metrics, app[LOG])
+    shared.start()
+    app[ADMISSION].share(shared, settings, lambda mode: metrics.quota_fallbacks.labels(mode).inc())
+    yield
+    await shared.close()
 
 
 async def _preflight(pool: Pool, log: Logger) -> None:

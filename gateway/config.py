@@ -118,6 +118,22 @@ class CircuitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """``[redis]``: with a ``url``, tenant quotas are shared by every replica."""
+
+    url: str = field(
+        default="", repr=False
+    )  # redis://[:password@]host:6379/0 (may hold a password)
+    key_prefix: str = "chatiq-gateway"
+    timeout_s: float = 0.25  # each round trip; slower counts as Redis being down
+    lease_ttl_s: float = 15.0  # a dead replica's streams free their tenants' slots by then
+    # Redis down: "local" quotas (each limit / expected_replicas, per process) or "reject" (503).
+    on_error: str = "local"
+    expected_replicas: int = 1
+    warn_every_s: float = 30.0  # "Redis is down" at most this often in the log
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsSettings:
     enabled: bool = True
     port: int = 0  # 0: /metrics on the main port; else only on this port
@@ -164,6 +180,7 @@ class Settings:
     upstream: UpstreamSettings = UpstreamSettings()
     admission: AdmissionSettings = AdmissionSettings()
     circuit: CircuitSettings = CircuitSettings()
+    redis: RedisSettings = RedisSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     tenants: tuple[Tenant, ...] = ()
@@ -185,6 +202,7 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "upstream": UpstreamSettings,
     "admission": AdmissionSettings,
     "circuit": CircuitSettings,
+    "redis": RedisSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }
@@ -239,6 +257,9 @@ def _read_secret(name: str, path: str) -> str:
 def _apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settings:
     upstream: dict[str, Any] = {}
     server: dict[str, Any] = {}
+    redis: dict[str, Any] = {}
+    if environ.get("GATEWAY_REDIS_URL"):
+        redis["url"] = environ["GATEWAY_REDIS_URL"]
     if "CHATIQ_API_URL" in environ:
         upstream["url"] = environ["CHATIQ_API_URL"]
     if environ.get("CHATIQ_API_KEY"):
@@ -261,6 +282,7 @@ def _apply_environment(settings: Settings, environ: Mapping[str, str]) -> Settin
         settings,
         upstream=dataclasses.replace(settings.upstream, **upstream),
         server=dataclasses.replace(settings.server, **server),
+        redis=dataclasses.replace(settings.redis, **redis),
     )
 
 
@@ -464,6 +486,14 @@ def _validate(s: Settings) -> None:
     for key, value in not_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must not be negative")
+    if s.redis.url and urlsplit(s.redis.url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis.url: must be a redis://, rediss:// or unix:// URL")
+    if s.redis.on_error not in ("local", "reject"):
+        raise ConfigError("redis.on_error: must be local or reject")
+    if s.redis.expected_replicas < 1 or s.redis.timeout_s <= 0 or s.redis.lease_ttl_s <= 0:
+        raise ConfigError(
+            "redis: expected_replicas must be at least 1, timeout_s and lease_ttl_s above 0"
+        )
     if s.admission.max_streams > s.upstream.max_connections:
         # Each admitted stream needs an upstream connection: the rest would wait
         # on the pool, unseen by the admission queue and its limits.

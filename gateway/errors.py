@@ -110,6 +110,12 @@ class Overloaded(GatewayError):
     code = "OVERLOADED"
 
 
+class QuotaUnavailable(Overloaded):
+    """The fleet's quota store (Redis) is down and ``redis.on_error`` is reject."""
+
+    reject_reason = "quota_unavailable"
+
+
 class QueueFull(Overloaded):
     reject_reason = "overload"
 

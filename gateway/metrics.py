@@ -148,6 +148,24 @@ class Metrics:
             "Requests re-sent at once on a new connection after a reused one was "
             "found closed before any answer (not retries).",
         )
+        self.quota_backend_up = make(
+            Gauge, "quota_backend_up",
+            "1 while the shared quota store (Redis) answers; 0 while quotas fall back.",
+            multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.redis_seconds = make(
+            Histogram, "redis_seconds", "Redis round trips, by operation.", ["op"],
+            buckets=OVERHEAD_BUCKETS,
+        )  # fmt: skip
+        self.redis_errors = make(
+            Counter, "redis_errors", "Redis failures, by kind (timeout, connection, error).",
+            ["kind"],
+        )  # fmt: skip
+        self.quota_fallbacks = make(
+            Counter, "quota_fallbacks",
+            "Quota checks made without Redis while it was down, by on_error (local, reject).",
+            ["mode"],
+        )  # fmt: skip
         self.config_reloads = make(
             Counter, "config_reloads", "Configuration reloads (SIGHUP), by result.", ["result"]
         )

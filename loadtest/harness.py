@@ -72,6 +72,7 @@ def start_gateway(
     api_key: str | None = None,
     extra_args: Sequence[str] = (),
     prefix: Sequence[str] = (),  # a command to run it under, e.g. prlimit
+    tenant_limits: tuple[int, int] = (0, 0),  # the tenant's max_streams, requests_per_minute
     **tables: Any,  # TOML tables: server={...}, upstream={...}
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """A gateway with one unlimited tenant; ``tables`` add settings (server={...}, ...).
@@ -93,7 +94,8 @@ def start_gateway(
     config.write_text(
         toml + '[[tenants]]\nname = "load"\n'
         f'key_sha256 = "{hashlib.sha256(tenant_key.encode()).hexdigest()}"\n'
-        'bots = ["*"]\nmax_streams = 0\nrequests_per_minute = 0\n'
+        f'bots = ["*"]\nmax_streams = {tenant_limits[0]}\n'
+        f"requests_per_minute = {tenant_limits[1]}\n"
     )
     log = config_dir / f"gateway-{port}.log"
     env = {k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"}

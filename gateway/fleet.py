@@ -1,0 +1,247 @@
+"""Tenant quotas shared by a fleet of gateways through Redis (``[redis] url``).
+
+One Lua script per quota check, so that it is one round trip and atomic
+(redis-py's ``register_script``):
+
+- **Requests per minute: GCRA** (the generic cell rate algorithm). Each
+  tenant has one key, its "theoretical arrival time". A request is let in
+  when that time, less a tolerance of one minute's quota, is not in the
+  future; then the time moves on by 60 s / quota. It lets a burst of up to
+  the quota through at once, then one request every 60 s / quota: what a
+  sliding window allows, in one number per tenant, with an exact
+  ``Retry-After``, and never the 2x a fixed window lets through at its edge.
+- **Concurrent streams: leases.** Each stream holds a lease, a member of the
+  tenant's sorted set scored by its expiry. This process renews its leases
+  every third of ``lease_ttl_s`` while their streams live; a replica that
+  dies (kill -9) stops renewing, and its tenants' slots come back within
+  ``lease_ttl_s``, with nobody cleaning up.
+
+Keys carry a hash tag (``{prefix:tenant}``) so that both keys of a tenant
+are in one Redis Cluster slot, and expire on their own.
+
+When Redis does not answer, ``RedisDown`` tells the caller to follow
+``on_error``; a probe in the background notices when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from redis import asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config import RedisSettings
+from .errors import RateLimited, TenantBusy
+from .logs import Logger
+from .metrics import Metrics
+
+# Time is Redis's own (TIME), so that replicas' clocks need not agree.
+_NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+# KEYS: the tenant's rate key, its lease set.
+# ARGV: (unused), requests per minute (0: none), max streams (0: none), lease id,
+#       lease ttl (ms).
+# Returns {0, 0} (let in; the lease is held), {1, ms} (rate: retry after ms),
+#         {2, ms} (concurrency: retry after ms).
+CHECK = (
+    _NOW
+    + """
+local per_minute = tonumber(ARGV[2])
+local max_streams = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[5])
+if max_streams > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= max_streams then
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {2, math.max(1, math.min(1000, tonumber(first[2]) - now))}
+  end
+end
+if per_minute > 0 then
+  local interval = 60000 / per_minute
+  local tolerance = 60000 - interval
+  local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+  if tat < now then tat = now end
+  if tat - tolerance > now then
+    return {1, math.ceil(tat - tolerance - now)}
+  end
+  local next_tat = tat + interval
+  redis.call('SET', KEYS[1], tostring(next_tat), 'PX', math.ceil(next_tat - now) + 1000)
+end
+if max_streams > 0 then
+  redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ttl * 2)
+end
+return {0, 0}
+"""
+)
+# KEYS: one tenant's lease set; ARGV: lease ttl (ms), then the lease ids to renew.
+RENEW = (
+    _NOW
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return #ARGV - 1
+"""
+)
+
+
+class RedisDown(Exception):
+    """Redis did not answer in time (or at all): follow ``on_error``."""
+
+
+class SharedQuotas:
+    def __init__(self, settings: RedisSettings, metrics: Metrics, log: Logger) -> None:
+        self._s = settings
+        self._metrics = metrics
+        self._log = log
+        self._client = aioredis.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.timeout_s,
+            socket_connect_timeout=settings.timeout_s,
+            retry_on_timeout=False,
+        )
+        self._check = self._client.register_script(CHECK)
+        self._renew_script = self._client.register_script(RENEW)
+        self._leases: dict[str, str] = {}  # lease id -> its tenant's lease set
+        self.up = True
+        self._down_said = 0.0  # when "Redis is down" was last logged
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        metrics.quota_backend_up.set(1)
+
+    def start(self) -> None:
+        self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        for task in list(self._tasks):
+            await asyncio.wait([task], timeout=1)
+        if self._leases and self.up:  # this process is stopping: give its slots back now
+            with contextlib.suppress(RedisDown):
+                await self._call(self._release_all, what="release")
+        await self._client.aclose()
+
+    def _keys(self, tenant: str) -> tuple[str, str]:
+        tag = f"{{{self._s.key_prefix}:{tenant}}}"
+        return f"{tag}:rate", f"{tag}:leases"
+
+    async def acquire(self, tenant: str, per_minute: int, max_streams: int) -> str | None:
+        """Let a request in (a lease id while it has a concurrency limit), or raise
+        ``RateLimited`` / ``TenantBusy``; ``RedisDown`` if Redis does not answer."""
+        if not self.up:
+            raise RedisDown
+        lease = uuid.uuid4().hex if max_streams else ""
+        rate_key, leases_key = self._keys(tenant)
+        ttl_ms = int(self._s.lease_ttl_s * 1000)
+        result = await self._call(
+            lambda: self._check(
+                keys=[rate_key, leases_key], args=[0, per_minute, max_streams, lease, ttl_ms]
+            ),
+            what="check",
+        )
+        verdict, wait_ms = int(result[0]), int(result[1])
+        if verdict == 1:
+            raise RateLimited(
+                f"this key may make {per_minute} requests a minute", retry_after=wait_ms / 1000
+            )
+        if verdict == 2:
+            raise TenantBusy(
+                f"this key already has {max_streams} streams open", retry_after=wait_ms / 1000
+            )
+        if not lease:
+            return None
+        self._leases[lease] = leases_key
+        return lease
+
+    def release(self, lease: str) -> None:
+        """Give a lease back (in the background; if Redis is away, it expires)."""
+        key = self._leases.pop(lease, None)
+        if key is None or not self.up:
+            return
+        task = asyncio.get_running_loop().create_task(self._release(key, lease))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, key: str, lease: str) -> None:
+        with contextlib.suppress(RedisDown):
+            await self._call(lambda: self._client.zrem(key, lease), what="release")
+
+    async def _release_all(self) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for lease, key in self._leases.items():
+                pipe.zrem(key, lease)
+            await pipe.execute()
+        self._leases.clear()
+
+    async def _renew_forever(self) -> None:
+        """Every third of the lease's life: renew this process's leases, or (while
+        Redis is down) see whether it is back."""
+        every = self._s.lease_ttl_s / 3
+        while True:
+            await asyncio.sleep(every if self.up else min(every, 1.0))
+            try:
+                if not self.up:
+                    await self._call(self._client.ping, what="probe")
+                elif self._leases:
+                    await self._call(self._renew, what="renew")
+            except RedisDown:
+                continue
+
+    async def _renew(self) -> None:
+        """One script a tenant (its leases share a key, so this works on a Cluster too)."""
+        by_key: dict[str, list[str]] = {}
+        for lease, key in self._leases.items():
+            by_key.setdefault(key, []).append(lease)
+        ttl_ms = int(self._s.lease_ttl_s * 1000)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key, leases in by_key.items():
+                await self._renew_script(keys=[key], args=[ttl_ms, *leases], client=pipe)
+            await pipe.execute()
+
+    async def _call(self, op: Callable[[], Any], what: str) -> Any:
+        """One round trip, timed; a failure marks Redis down and raises ``RedisDown``."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._s.timeout_s):
+                result = op()
+                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                    result = await result
+        except (RedisError, OSError, TimeoutError) as e:
+            self._failed(e, what)
+            raise RedisDown from None
+        self._metrics.redis_seconds.labels(what).observe(time.perf_counter() - started)
+        if not self.up:
+            self.up = True
+            self._metrics.quota_backend_up.set(1)
+            self._log.warning("quota_backend_back", backend="redis")
+        return result
+
+    def _failed(self, error: BaseException, what: str) -> None:
+        kind = (
+            "timeout"
+            if isinstance(error, RedisTimeoutError | TimeoutError)
+            else "connection"
+            if isinstance(error, RedisConnectionError | OSError)
+            else "error"
+        )
+        self._metrics.redis_errors.labels(kind).inc()
+        if self.up:
+            self.up = False
+            self._metrics.quota_backend_up.set(0)
+        now = time.monotonic()
+        if now - self._down_said >= self._s.warn_every_s:
+            self._down_said = now
+            self._log.warning(
+                "quota_backend_down", backend="redis", op=what, kind=kind,
+                on_error=self._s.on_error,
+            )  # fmt: skip

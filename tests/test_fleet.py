@@ -1,0 +1,262 @@
+"""Tenant quotas shared by a fleet through a real Redis (started here on a free
+port), with real gateway processes: exact concurrency and rate across two
+replicas, a killed replica's leases freed by their expiry, and Redis going
+away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from loadtest.emulator import EmulatorSettings
+from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from tests.conftest import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
+
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+
+
+@dataclass
+class RedisServer:
+    port: int
+    folder: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(200):
+            if self.cli("PING") == "PONG":
+                return
+            time.sleep(0.02)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True
+        )
+        return done.stdout.strip()
+
+    def leases(self) -> int:
+        """Leases held in Redis (not yet expired), over every tenant."""
+        seconds, micros = self.cli("TIME").split()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        keys = [k for k in self.cli("--scan", "--pattern", "*:leases").splitlines() if k]
+        return sum(int(self.cli("ZCOUNT", k, str(now_ms), "+inf")) for k in keys)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: .ci/run installs Debian's redis-server")
+        pytest.skip("redis-server is not installed (apt-get install redis-server); CI requires it")
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Replica:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/chatbot"
+
+
+@pytest.fixture
+async def fleet(
+    make_stack: StackFactory, redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[Any]:
+    """Start replicas of the gateway sharing Redis, in front of one slow emulator."""
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=100), record=False
+    )
+    replicas: list[Replica] = []
+
+    async def start(
+        limits: tuple[int, int], n: int = 2, **redis: Any
+    ) -> tuple[list[Replica], aiohttp.ClientSession]:
+        for _ in range(n):
+            port = free_port()
+            assert stack.emulator.port is not None
+            process, log = start_gateway(
+                tmp_path, port, stack.emulator.port, ACME_KEY, CHATIQ_KEY,
+                tenant_limits=limits, redis={"url": redis_server.url, **redis},
+            )  # fmt: skip
+            replicas.append(Replica(process, port, log))
+        for replica in replicas:
+            await wait_ready(f"http://127.0.0.1:{replica.port}/healthz")
+        return replicas, stack.session
+
+    yield start
+    # The release check's fleet part: once every stream has ended (or its replica
+    # died and its lease ran out), Redis holds no lease.
+    if redis_server.process is not None:
+        until = time.monotonic() + 20
+        while redis_server.leases() and time.monotonic() < until:
+            await asyncio.sleep(0.1)
+        assert redis_server.leases() == 0, "leases left in Redis"
+    for replica in replicas:
+        stop(replica.process)
+
+
+async def open_stream(session: aiohttp.ClientSession, replica: Replica) -> aiohttp.ClientResponse:
+    r = await session.post(replica.url, json={"message": "hi"}, headers=AUTH)
+    if r.status == 200:
+        await r.content.readline()  # live: its lease is held
+    return r
+
+
+async def metric(session: aiohttp.ClientSession, replica: Replica, name: str) -> float:
+    async with session.get(f"http://127.0.0.1:{replica.port}/metrics") as r:
+        text = await r.text()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
+
+
+async def test_a_tenant_gets_exactly_its_streams_across_the_fleet(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    (a, b), session = await fleet(limits=(10, 0))
+    held = [await open_stream(session, replica) for replica in (a, b) * 5]
+    assert [r.status for r in held] == [200] * 10
+    assert redis_server.leases() == 10
+    for replica in (a, b):
+        extra = await open_stream(session, replica)
+        assert extra.status == 429
+        assert int(extra.headers["Retry-After"]) >= 1
+        assert (await extra.json())["error"]["code"] == "RATE_LIMIT"
+        extra.close()
+    held[0].close()  # one ends: its slot is free for either replica
+    await asyncio.sleep(0.3)
+    again = await open_stream(session, b)
+    assert again.status == 200
+    for r in [*held[1:], again]:
+        r.close()
+    for _ in range(100):
+        if redis_server.leases() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert redis_server.leases() == 0  # every lease given back
+
+
+async def test_requests_per_minute_hold_across_the_fleet(fleet: Any) -> None:
+    (a, b), session = await fleet(limits=(0, 20))
+    statuses = []
+    for i in range(30):
+        async with session.post(
+            (a, b)[i % 2].url, json={"message": "hi", "stream": False}, headers=AUTH
+        ) as r:
+            statuses.append(r.status)
+            if r.status == 429:
+                assert float(r.headers["Retry-After"]) >= 1
+    # A burst of the whole minute's quota, then one more every 3 s at most.
+    assert 20 <= statuses.count(200) <= 21, statuses
+
+
+async def test_a_killed_replica_frees_its_tenants_slots_within_the_lease_ttl(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    (a, b), session = await fleet(limits=(10, 0), lease_ttl_s=2.0)
+    held = [await open_stream(session, replica) for replica in (a, b) * 5]
+    assert [r.status for r in held] == [200] * 10
+    a.process.send_signal(signal.SIGKILL)
+    a.process.wait()
+    killed = time.monotonic()
+    extra = await open_stream(session, b)
+    assert extra.status == 429  # its leases live on until they expire
+    extra.close()
+    freed: list[aiohttp.ClientResponse] = []
+    while len(freed) < 5:
+        assert time.monotonic() - killed < 2.0 + 1.5, "the dead replica's slots never came back"
+        r = await open_stream(session, b)
+        if r.status == 200:
+            freed.append(r)
+        else:
+            r.close()
+            await asyncio.sleep(0.1)
+    late = await open_stream(session, b)
+    assert late.status == 429  # exactly its 5, no more
+    late.close()
+    for r in held + freed:
+        r.close()
+
+
+async def test_with_redis_gone_streams_go_on_and_quotas_fall_back_then_share_again(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    (a, b), session = await fleet(
+        limits=(4, 0), expected_replicas=2, lease_ttl_s=3.0, warn_every_s=60.0
+    )
+    live = await open_stream(session, a)
+    assert live.status == 200
+    redis_server.stop()
+    # New requests: this replica's share of the limit (4 / 2 replicas), counted locally.
+    fallback = [await open_stream(session, b) for _ in range(3)]
+    assert [r.status for r in fallback] == [200, 200, 429]
+    assert await metric(session, b, "chatiq_gateway_quota_backend_up") == 0
+    assert await metric(session, b, "chatiq_gateway_quota_fallbacks_total") >= 3
+    async with session.get(f"http://127.0.0.1:{b.port}/readyz") as r:
+        assert r.status == 200
+    _, events = await read_stream(live)  # the stream that was live goes on to the end
+    assert events[-1] == "[DONE]"
+    for r in fallback:
+        r.close()
+    assert b.log.read_text().count("quota_backend_down") == 1  # said once, not per request
+
+    redis_server.start()  # back, empty: shared limits hold again, with no restart
+    for replica in (a, b):  # each notices within a second (its probe), by itself
+        for _ in range(60):
+            if await metric(session, replica, "chatiq_gateway_quota_backend_up") == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert await metric(session, replica, "chatiq_gateway_quota_backend_up") == 1
+    held = [await open_stream(session, replica) for replica in (a, b, a, b, a)]
+    assert [r.status for r in held] == [200, 200, 200, 200, 429]
+    for r in held:
+        r.close()
+
+
+async def test_on_error_reject_answers_503_while_redis_is_down(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    (a,), session = await fleet(limits=(4, 0), n=1, on_error="reject")
+    redis_server.stop()
+    async with session.post(a.url, json={"message": "hi"}, headers=AUTH) as r:
+        assert r.status == 503
+        assert r.headers["Retry-After"] == "1"
+    async with session.get(f"http://127.0.0.1:{a.port}/readyz") as r:
+        assert r.status == 200
