@@ -95,6 +95,7 @@ async def serve(
         url=f"http://{settings.server.host}:{settings.server.port}",
         upstream=settings.upstream.url,
         proxy=proxy_display(settings.upstream.proxy_url),
+        quotas="redis" if settings.redis.url else "local",
         tenants=len(settings.tenants),
     )
     try:
