@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak stalled bench-observability load bench node-deps
+.PHONY: run test lint install clean soak stalled fleet bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -45,6 +45,10 @@ clean:
 ## make soak: 10,000 streams with faults and hang-ups through a real gateway (a few minutes).
 soak: $(STAMP)
 	$(BIN)/python -m loadtest.soak
+
+## make fleet: Redis, the emulator, two gateway replicas and HAProxy on :8080, until Ctrl-C.
+fleet: $(STAMP)
+	$(BIN)/python -m loadtest.fleet $(ARGS)
 
 ## make stalled: 2,000 clients that stop reading 10 MB replies: memory each, CPU while stalled.
 stalled: $(STAMP)
