@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.fleet import start_redis
 from loadtest.harness import (
     cpu_seconds,
     free_port,
@@ -141,14 +142,26 @@ class Stack:
     """The emulator and the three proxies in front of it, for one level."""
 
     def __init__(
-        self, workdir: Path, emulator_args: list[str], gateway_tables: dict[str, Any]
+        self,
+        workdir: Path,
+        emulator_args: list[str],
+        gateway_tables: dict[str, Any],
+        redis: bool = False,
     ) -> None:
         self.workdir = workdir
         self.ports = {name: free_port() for name in ("emulator", "gateway", "nginx", "naive")}
         self.emulator = start_emulator(self.ports["emulator"], *emulator_args)
+        self.redis: subprocess.Popen[bytes] | None = None
+        limits = (0, 0)
+        if redis:  # quotas in Redis, with limits so high they never bite but are checked
+            redis_port = free_port()
+            self.redis = start_redis(workdir, redis_port)
+            gateway_tables = {**gateway_tables, "redis": {"url": f"redis://127.0.0.1:{redis_port}"}}
+            limits = (1_000_000, 100_000_000)
         self.gateway, _ = start_gateway(
-            workdir, self.ports["gateway"], self.ports["emulator"], KEY, None, (), **gateway_tables
-        )
+            workdir, self.ports["gateway"], self.ports["emulator"], KEY, None, (),
+            tenant_limits=limits, **gateway_tables,
+        )  # fmt: skip
         self.nginx = start_nginx(
             workdir / f"nginx-{self.ports['nginx']}", self.ports["nginx"], self.ports["emulator"],
             open_files_limit(),
@@ -187,6 +200,8 @@ class Stack:
 
     def stop(self) -> None:
         stop(self.gateway, self.naive, self.nginx, self.emulator)
+        if self.redis is not None:
+            stop(self.redis)
 
 
 GATEWAY_TABLES: dict[str, dict[str, Any]] = {
@@ -197,8 +212,10 @@ GATEWAY_TABLES: dict[str, dict[str, Any]] = {
 
 
 @contextmanager
-def stack(workdir: Path, emulator_args: list[str], workers: int = 1) -> Iterator[Stack]:
-    s = Stack(workdir, emulator_args, {**GATEWAY_TABLES, "server": {"workers": workers}})
+def stack(
+    workdir: Path, emulator_args: list[str], workers: int = 1, redis: bool = False
+) -> Iterator[Stack]:
+    s = Stack(workdir, emulator_args, {**GATEWAY_TABLES, "server": {"workers": workers}}, redis)
     try:
         yield s
     finally:
@@ -237,13 +254,13 @@ async def measure_path(s: Stack, path: str, plan: Plan) -> PathResult:
 
 
 async def run_level(
-    workdir: Path, plan: Plan, paths: tuple[str, ...], workers: int
+    workdir: Path, plan: Plan, paths: tuple[str, ...], workers: int, redis: bool = False
 ) -> list[PathResult]:
     emulator_args = [
         "--ttft-ms", str(TTFT_MS), "--tokens-per-s", str(plan.tokens_per_s),
         "--reply-tokens", str(plan.tokens),
     ]  # fmt: skip
-    with stack(workdir, emulator_args, workers) as s:
+    with stack(workdir, emulator_args, workers, redis) as s:
         await s.ready()
         out = []
         for path in paths:
@@ -416,7 +433,8 @@ async def main_async(args: argparse.Namespace) -> int:
         results = []
         for c in levels:
             plan = Plan.for_level(c, args.tokens, args.min_duration)
-            results.append((plan, await run_level(workdir, plan, paths, args.workers)))
+            levels_run = await run_level(workdir, plan, paths, args.workers, args.redis)
+            results.append((plan, levels_run))
         capacity = await run_capacity(workdir, args.hold, args.hold_seconds) if args.hold else None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -444,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="gateway worker processes (the gateway rows)"
     )
+    parser.add_argument(
+        "--redis", action="store_true",
+        help="the gateway's tenant quotas in a local redis-server (checked, never biting)",
+    )  # fmt: skip
     parser.add_argument("--out", default="results/bench")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
