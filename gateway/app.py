@@ -70,6 +70,8 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
             assert isinstance(route, web.RouteDef)
             app.router.add_routes([route])
             frontend_of_route[route.path] = frontend
+    chat_routes = [(path, fe.name) for path, fe in frontend_of_route.items()]
+    metrics.export_known([t.name for t in settings.tenants], chat_routes)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/openapi.json", handlers.openapi)

@@ -50,6 +50,17 @@ OVERHEAD_BUCKETS = (
 )  # fmt: skip
 
 
+# The label values known before any request, exported at 0 from the start so
+# that rate() and increase() see their first increment.
+REJECT_REASONS = (
+    "overload", "queue_timeout", "rate_limit", "tenant_concurrency", "draining",
+    "header_timeout", "body_timeout", "connections", "quota_unavailable",
+)  # fmt: skip
+ERROR_KINDS = ("connect", "first_byte_timeout", "idle_timeout", "http_5xx", "http_429", "protocol")
+RETRY_REASONS = ("connect", "first_byte_timeout", "http_429", "http_502", "http_503", "http_504")
+DOCUMENTED_STATUSES = (200, 400, 401, 403, 404, 408, 413, 415, 429, 502, 503, 504)
+
+
 def version() -> str:
     try:
         return metadata.version("chatiq-gateway")
@@ -73,6 +84,7 @@ class Metrics:
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR))
         self.registry = CollectorRegistry(auto_describe=True)
         self._bots = frozenset(bots)
+        self._chat_routes: list[tuple[str, str]] = []
         r = self.registry
         ns = NAMESPACE
 
@@ -194,6 +206,42 @@ class Metrics:
             )
             ProcessCollector(registry=r)  # process_resident_memory_bytes, _cpu_seconds, fds
             PlatformCollector(registry=r)
+
+    def export_known(
+        self, tenants: Iterable[str], chat_routes: Iterable[tuple[str, str]] | None = None
+    ) -> None:
+        """Every series whose labels are known in advance, at 0: reasons, kinds,
+        and per tenant its bots and, per frontend route (the ones given before,
+        if None), the documented statuses."""
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for kind in ERROR_KINDS:
+            self.upstream_errors.labels(kind)
+        for reason in RETRY_REASONS:
+            self.upstream_retries.labels(reason)
+        for kind in ("timeout", "connection", "error"):
+            self.redis_errors.labels(kind)
+        for mode in ("local", "reject"):
+            self.quota_fallbacks.labels(mode)
+        for phase in ("pre_upstream", "relay"):
+            self.overhead.labels(phase)
+        for op in ("check", "renew", "release", "probe"):
+            self.redis_seconds.labels(op)
+        if chat_routes is not None:
+            self._chat_routes = list(chat_routes)
+        routes = self._chat_routes
+        bots = sorted(self._bots | {OTHER_BOT})
+        for tenant in tenants:
+            self.client_disconnects.labels(tenant)
+            for bot in bots:
+                self.stream_events.labels(tenant, bot)
+                self.time_to_first_token.labels(tenant, bot)
+                self.stream_duration.labels(tenant, bot)
+                if not self.multiprocess:  # a livesum gauge would pin a dead worker's file
+                    self.active_streams.labels(tenant, bot).set(0)
+            for route, frontend in routes:
+                for status in DOCUMENTED_STATUSES:
+                    self.requests.labels(route, frontend, tenant, str(status))
 
     def name_bots(self, bots: Iterable[str]) -> None:
         """The bots that get a label of their own (a reload may name more)."""

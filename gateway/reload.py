@@ -82,6 +82,7 @@ def apply_settings(app: web.Application, new: Settings) -> None:
     app[ADMISSION].reconfigure(new.admission, new.tenants)
     bots = named_bots(new)
     app[METRICS].name_bots(bots)
+    app[METRICS].export_known([t.name for t in new.tenants])  # a new tenant's series at 0
     export_breaker_series(app[METRICS], app[BREAKERS].reconfigure(new.circuit, bots))
     app[UPSTREAM].reconfigure(new.upstream)
     set_level(app[LOG], new.logging.level)

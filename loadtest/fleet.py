@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  Logs: {folder}\n\nPress Ctrl-C to stop them all.\n",
         flush=True,
     )
+    # Ctrl-C or SIGTERM stops them all, also when started in the background
+    # (where a shell hands SIGINT over ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
         while all(p.poll() is None for p in [*fleet.others, *(r for r, _, _ in fleet.replicas)]):

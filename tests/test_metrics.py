@@ -10,7 +10,14 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from gateway.metrics import Metrics, version
+from gateway.metrics import (
+    DOCUMENTED_STATUSES,
+    ERROR_KINDS,
+    REJECT_REASONS,
+    RETRY_REASONS,
+    Metrics,
+    version,
+)
 from gateway.state import ADMISSION
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port
@@ -197,3 +204,32 @@ def test_metrics_switched_off_record_nothing() -> None:
 @pytest.mark.parametrize("bot", [None, "demo", "nope"])
 def test_bot_labels_are_bounded_by_the_configuration(bot: str | None) -> None:
     assert Metrics(["demo"]).bot_label(bot) == {None: "-", "demo": "demo", "nope": "other"}[bot]
+
+
+async def test_every_known_series_is_exported_at_zero_right_after_start(stack: Stack) -> None:
+    """So that rate() and increase() see the first burst of each status, reason,
+    kind and tenant (a series that appears at its first increment is missed)."""
+    async with stack.session.get(stack.gateway.make_url("/metrics")) as r:
+        text = await r.text()  # (stack.metric would read an absent series as 0 too)
+    for reason in REJECT_REASONS:
+        assert f'chatiq_gateway_rejected_total{{reason="{reason}"}} 0.0' in text
+    for kind in ERROR_KINDS:
+        assert f'chatiq_gateway_upstream_errors_total{{kind="{kind}"}} 0.0' in text
+    for tenant in ("acme", "limited", "tiny"):
+        for route, frontend in (
+            ("/api/chatbot", "chatiq"),
+            ("/v1/chat/completions", "openai"),
+            ("/api/ui/chat", "ai-sdk"),
+        ):
+            for status in DOCUMENTED_STATUSES:
+                sample = (
+                    f'chatiq_gateway_requests_total{{frontend="{frontend}",route="{route}",'
+                    f'status="{status}",tenant="{tenant}"}} 0.0'
+                )
+                assert sample in text, sample
+        assert f'chatiq_gateway_client_disconnects_total{{tenant="{tenant}"}} 0.0' in text
+        for bot in ("demo", "other"):
+            ttft = "chatiq_gateway_time_to_first_token_seconds_count"
+            assert f'{ttft}{{bot="{bot}",tenant="{tenant}"}} 0.0' in text
+    for reason in RETRY_REASONS:
+        assert f'chatiq_gateway_upstream_retries_total{{reason="{reason}"}} 0.0' in text
