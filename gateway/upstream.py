@@ -296,7 +296,7 @@ class Upstream:
         self._log.warning(
             "upstream_failed", request_id=request_id, attempt=attempt,
             error=type(error).__name__, kind=error.kind, status=error.status,
-            detail=error.detail,
+            upstream_status=getattr(error, "upstream_status", None), detail=error.detail,
         )  # fmt: skip
         if error.kind is not None:
             self._metrics.upstream_errors.labels(error.kind).inc()

@@ -100,6 +100,8 @@ async def test_a_failing_bot_opens_its_own_circuit_while_another_keeps_streaming
     assert status == 200  # a replica with an open circuit stays in the balancer
     assert ready["circuits"] == {"other": "open"}
 
+    failed = [line for line in stack.log_lines() if line["event"] == "upstream_failed"]
+    assert (failed[0]["status"], failed[0]["upstream_status"]) == (502, 500)  # both said
     opened = [line for line in stack.log_lines() if line["event"] == "circuit_open"]
     assert len(opened) == 1
     assert opened[0]["bot"] == "other" and opened[0]["reason"] == "failure_rate"

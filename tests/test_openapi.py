@@ -21,6 +21,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic_core import SchemaValidator, core_schema
 from schemathesis.checks import positive_data_acceptance
 
 from gateway.handlers import OPENAPI
@@ -128,3 +129,32 @@ def test_random_headers_and_bodies_get_a_clear_answer(
     if status != 200:
         error = json.loads(payload)["error"]
         assert error["code"] and error["message"]
+
+
+def test_the_document_suits_client_and_model_generators() -> None:
+    """openapi-python-client reads a 200's first content type (JSON first, then
+    the stream); datamodel-code-generator's models validate patterns with
+    pydantic-core's Rust regex engine (no backtracking, no lone surrogates);
+    the server URL is the one the document was fetched from."""
+    document = json.loads(Path(OPENAPI).read_text())
+    assert document["servers"] == [
+        {"url": "/", "description": document["servers"][0]["description"]}
+    ]
+
+    def patterns(node: object) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+            return found + [p for v in node.values() for p in patterns(v)]
+        if isinstance(node, list):
+            return [p for v in node for p in patterns(v)]
+        return []
+
+    found = patterns(document)
+    assert len(found) > 10
+    for pattern in found:  # raises SchemaError if the Rust engine cannot compile it
+        SchemaValidator(core_schema.str_schema(pattern=pattern, regex_engine="rust-regex"))
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            content = operation["responses"].get("200", {}).get("content", {})
+            if "application/json" in content:
+                assert next(iter(content)) == "application/json", f"{method} {path}"

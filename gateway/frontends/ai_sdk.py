@@ -101,8 +101,10 @@ def _turn(index: int, message: object) -> tuple[str, str, str | None]:
     if not isinstance(role, str) or role not in ("system", "user", "assistant"):
         raise InvalidRequest(f"'{where}.role' must be system, user or assistant")
     parts = message.get("parts")
-    if not isinstance(parts, list):
-        raise InvalidRequest(f"'{where}.parts' must be a list")
+    if not isinstance(parts, list) or not all(
+        isinstance(p, dict) and isinstance(p.get("type"), str) for p in parts
+    ):
+        raise InvalidRequest(f"'{where}.parts' must be a list of parts, each with a 'type'")
     texts = [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == "text"]
     if not all(isinstance(t, str) for t in texts):
         raise InvalidRequest(f"'{where}.parts': a text part needs a 'text' string")

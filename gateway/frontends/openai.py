@@ -113,6 +113,8 @@ class OpenAIFrontend(Frontend):
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise InvalidRequest("'stream_options' must be an object")
+        if not isinstance(options.get("include_usage", False), bool):
+            raise InvalidRequest("'stream_options.include_usage' must be true or false")
         return ChatRequest(
             message=message,
             bot=bot,
