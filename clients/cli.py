@@ -3,8 +3,9 @@
 One-shot: ``chatiq-chat "question"`` (or the question on stdin) prints the
 reply on stdout, diagnostics on stderr, and exits non-zero on any error.
 Interactive (no question, stdin a terminal, or ``-i``): a prompt with history;
-``/new`` starts a new conversation, ``/bot NAME`` picks a bot, ``/quit`` ends;
-Ctrl-C during a reply stops that reply, not the program.
+replies come after ``bot> ``; ``/help`` lists the commands (``/new``, ``/bot``,
+``/quit``); Ctrl-C during a reply stops that reply, not the program; what is
+typed during a reply is not echoed into it, and waits for the next prompt.
 
 ``--api openai`` talks to the gateway's OpenAI-compatible route
 (``/v1/chat/completions``) instead of the native one, as any OpenAI client would.
@@ -19,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -44,6 +46,7 @@ class Session:
     raw_json: bool = False
     stats: bool = False
     api: str = "chatiq"  # or "openai": the gateway's OpenAI-compatible route
+    prefix: str = ""  # before each reply (the prompt's "bot> ")
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
 
@@ -75,6 +78,8 @@ async def ask(session: Session, message: str) -> None:
             async with http.post(f"{session.url}{path}", json=body, headers=headers) as response:
                 if response.status != 200:
                     raise ChatError(await _describe_error(response))
+                if session.prefix and not session.raw_json:
+                    print(session.prefix, end="", file=session.out, flush=True)
                 if session.stream:
                     await _print_stream(session, response, stats)
                 else:
@@ -194,11 +199,43 @@ async def _describe_error(response: aiohttp.ClientResponse) -> str:
     return text
 
 
+HELP = """\
+  /new        start a new conversation
+  /bot NAME   talk to another bot (a new conversation); /bot alone: the default bot
+  /quit       leave (also Ctrl-D)
+  /help       this list
+Anything else is sent to the bot. Ctrl-C during a reply stops that reply."""
+
+
+@contextlib.contextmanager
+def _no_echo(stream: TextIO) -> Iterator[None]:
+    """While a reply streams, keystrokes are not echoed into it; they stay in the
+    terminal's input and reach the next prompt."""
+    try:
+        import termios
+    except ImportError:  # not on every platform
+        yield
+        return
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError, ValueError, AttributeError):  # not a terminal
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def interactive(session: Session) -> int:
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401  (arrow keys and history for input())
-    print("chatiq-chat: /new for a new conversation, /bot NAME to pick a bot, /quit to leave",
-          file=session.err)  # fmt: skip
+    session.prefix = "bot> "
+    print("chatiq-chat: /help for the commands, /quit to leave", file=session.err)
     while True:
         try:
             line = input("you> ").strip()
@@ -218,10 +255,18 @@ def interactive(session: Session) -> int:
             continue
         if line.startswith("/bot"):
             session.bot = line.removeprefix("/bot").strip() or None
-            print(f"(bot: {session.bot or 'the default'})", file=session.err)
+            session.conversation_id = None  # a conversation belongs to its bot
+            print(f"(bot: {session.bot or 'the default'}; new conversation)", file=session.err)
+            continue
+        if line in ("/help", "/?"):
+            print(HELP, file=session.err)
+            continue
+        if line.startswith("/") and " " not in line:
+            print(f"(unknown command {line}: /help lists them)", file=session.err)
             continue
         try:
-            asyncio.run(ask(session, line))
+            with _no_echo(sys.stdin):
+                asyncio.run(ask(session, line))
         except KeyboardInterrupt:
             print("\n(stopped)", file=session.err)
         except ChatError as e:

@@ -112,13 +112,21 @@ async def test_usage_errors_exit_2(cli: Callable[..., Awaitable[Run]]) -> None:
 
 
 async def test_interactive_commands(cli: Callable[..., Awaitable[Run]]) -> None:
-    script = "my name is Ada\nwho am I?\n/new\nand now?\n/bot rich\nhi\n/quit\n"
+    script = (
+        "/help\nmy name is Ada\nwho am I?\n/new\nand now?\n/bot rich\nhi\n/bot demo\n"
+        "who am I?\n/nope\n/quit\n"
+    )
     run = await cli("-i", stdin=script)
     assert run.code == 0
-    assert reply("who am I?", ["my name is Ada"]) in run.out
-    assert reply("and now?") in run.out  # /new forgot the conversation
+    assert "/bot NAME" in run.err and "/help" in run.err  # /help is not sent as a question
+    assert f"bot> {reply('who am I?', ['my name is Ada'])}\n" in run.out  # each reply prefixed
+    assert f"bot> {reply('and now?')}\n" in run.out  # /new forgot the conversation
     assert "(suggestions: Tell me more | Thanks!)" in run.out  # /bot rich
-    assert "(new conversation)" in run.err and "(bot: rich)" in run.err
+    assert "(new conversation)" in run.err and "(bot: rich; new conversation)" in run.err
+    # Back on demo, the conversation of "rich" is not carried over.
+    assert run.out.count(f"bot> {reply('who am I?')}\n") == 1
+    assert "(unknown command /nope: /help lists them)" in run.err
+    assert "/help" not in run.out and "nope" not in run.out
 
 
 async def test_ctrl_c_stops_the_reply_not_the_program(
