@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print=None,
         access_log=None,
         backlog=4096,  # a burst of new connections waits in the queue instead of being refused
+        shutdown_timeout=1.0,  # a stalled reply is a fault to inject, not one to wait out
     )
     return 0
 

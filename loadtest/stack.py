@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             "Press Ctrl-C to stop both.\n",
             flush=True,
         )
+        # Ctrl-C or SIGTERM stops both, also when started in the background
+        # (where a shell hands SIGINT over ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         while all(p.poll() is None for p in procs):
             time.sleep(0.2)
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for p in reversed(procs):
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.terminate()  # SIGTERM: a SIGINT the shell had them ignore would do nothing
         for p in reversed(procs):
             try:
                 p.wait(timeout=10)

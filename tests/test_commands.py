@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -87,3 +88,41 @@ def test_the_emulator_command_serves_the_chat_api() -> None:
     finally:
         emulator.send_signal(signal.SIGINT)
         assert emulator.wait(timeout=30) == 0
+
+
+def test_a_backgrounded_dev_stack_stops_on_sigint_quickly_even_mid_stall(
+    tmp_path: Path,
+) -> None:
+    """A shell starts a background job with SIGINT ignored; `kill -INT` must still
+    stop it cleanly (exit 0), and a stalled reply must not hold the emulator up."""
+    emulator_port, gateway_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CHATIQ_API_URL": f"http://127.0.0.1:{emulator_port}/api/chat",
+        "GATEWAY_PORT": str(gateway_port),
+    }
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.stack", "--config", "config/gateway.toml"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
+        stalled = socket.create_connection(("127.0.0.1", gateway_port))
+        body = json.dumps({"message": "hi", "bot": "fault-stall-first"}).encode()
+        stalled.sendall(
+            b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer demo-key\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(0.5)  # the emulator is now stalling that reply
+        started = time.monotonic()
+        stack.send_signal(signal.SIGINT)
+        assert stack.wait(timeout=30) == 0
+        assert time.monotonic() - started < 10
+        stalled.close()
+    finally:
+        if stack.poll() is None:
+            stack.kill()
+    assert is_closed(emulator_port) and is_closed(gateway_port)
