@@ -66,6 +66,9 @@ class ServerSettings:
 class UpstreamSettings:
     url: str = ""
     bot_slug: str = "default"
+    # Bots offered to keys allowed every bot ("*"), in the page's picker and
+    # /v1/models, beside the default; any other slug still works when named.
+    bots: tuple[str, ...] = ()
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 30.0
     idle_timeout_s: float = 30.0
@@ -191,7 +194,7 @@ class Settings:
 
 def named_bots(settings: Settings) -> frozenset[str]:
     """Every bot the configuration names: the metrics' bounded set of bot labels."""
-    named = {settings.upstream.bot_slug}
+    named = {settings.upstream.bot_slug, *settings.upstream.bots}
     for tenant in settings.tenants:
         named.update(b for b in tenant.bots if b != ANY_BOT)
     return frozenset(named)
@@ -419,6 +422,9 @@ def _validate(s: Settings) -> None:
             raise ConfigError("upstream.proxy_url: spaces and control characters are not allowed")
     if s.upstream.ca_file and not Path(s.upstream.ca_file).is_file():
         raise ConfigError(f"upstream.ca_file: no such file {s.upstream.ca_file!r}")
+    for bot in s.upstream.bots:
+        if not _BOT_SLUG.match(bot):
+            raise ConfigError(f"upstream.bots: {bot!r} is not a valid bot slug")
     if not _BOT_SLUG.match(s.upstream.bot_slug):
         raise ConfigError("upstream.bot_slug: not a valid bot slug")
     if not 0 <= s.server.port <= 65535:

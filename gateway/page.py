@@ -43,10 +43,14 @@ async def bots(request: web.Request) -> web.Response:
     """The bots this key may pick from (``"*"`` tenants: those the config names)."""
     app = request.app
     tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
-    default = app[SETTINGS].current.upstream.bot_slug
+    upstream = app[SETTINGS].current.upstream
+    default = upstream.bot_slug
     named = [b for b in tenant.bots if b != ANY_BOT]
+    offered = [*named, *upstream.bots]  # "*" keys: the bots the configuration offers them
     choices = (
-        named if ANY_BOT not in tenant.bots else [default, *(b for b in named if b != default)]
+        named
+        if ANY_BOT not in tenant.bots
+        else [default, *dict.fromkeys(b for b in offered if b != default)]
     )
     return web.json_response({"tenant": tenant.name, "bots": choices, "default": default})
 

@@ -199,7 +199,10 @@ async def test_a_spent_quota_shows_the_wait(browser: Browser, stack: Stack) -> N
     await page.wait_for_selector(".bubble.error")
     error = await page.locator(".bubble.error").inner_text()
     assert "Too many requests" in error and "Try again in" in error
-    assert await page.locator("#status").inner_text() == error
+    assert await page.locator("#status").inner_text() == ""  # one place for an error
+    await page.reload()  # and the failed question keeps its answer
+    bubbles = await page.locator("#messages .bubble").all_text_contents()
+    assert bubbles[-2:] == ["one more", error]
 
 
 async def test_rich_replies_render_bubbles_images_and_suggestion_chips(
@@ -267,3 +270,53 @@ async def test_the_page_is_accessible_and_fits_a_phone(browser: Browser, stack: 
     await wait_idle(page)
     assert await page.evaluate("document.documentElement.scrollWidth") <= 360
     await eventually(lambda: True)
+
+
+async def test_enter_while_a_reply_streams_keeps_the_message(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=30))
+    page = await open_chat(browser, stack)
+    await send(page, "first question")
+    await until_true(page, "document.querySelector('.bubble.assistant')?.textContent.length > 5")
+    await send(page, "second question")  # Enter while the first reply streams
+    assert await page.get_by_label("Message").input_value() == "second question"
+    assert "still coming" in await page.locator("#status").inner_text()
+    await wait_idle(page)
+    await page.get_by_label("Message").press("Enter")
+    await wait_idle(page)
+    users = await page.locator("#messages .bubble.user").all_text_contents()
+    assert users == ["first question", "second question"]
+
+
+async def test_a_reply_cut_by_an_error_event_is_marked_interrupted(
+    browser: Browser, stack: Stack
+) -> None:
+    page = await open_chat(browser, stack)
+    await page.evaluate(
+        "localStorage.setItem('chatiq.conversation', JSON.stringify("
+        "{id: null, bot: 'fault-error-mid', messages: []}))"
+    )
+    await page.reload()
+    await send(page, "hi")
+    await wait_idle(page)
+    bubble = page.locator(".bubble.assistant")
+    assert await bubble.get_attribute("data-note") == "interrupted"
+    await page.reload()  # still marked after a reload
+    assert await page.locator(".bubble.assistant").get_attribute("data-note") == "interrupted"
+    assert await page.locator(".bubble.error").count() == 1
+
+
+async def test_a_key_for_every_bot_can_pick_the_offered_bots(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    stack = await make_stack(bots=("rich", "fault-500"))
+    page = await open_chat(browser, stack)  # ACME_KEY may use "*"
+    picker = page.get_by_label("Bot")
+    await until_true(page, "document.querySelectorAll('#bot option').length === 3")
+    assert await picker.is_visible() and await picker.input_value() == "demo"
+    assert await page.locator("#bot option").all_text_contents() == ["demo", "rich", "fault-500"]
+    await picker.select_option("rich")
+    await send(page, "hi")
+    await wait_idle(page)
+    assert await page.locator(".suggestions button").count() == 2  # rich's suggestion chips

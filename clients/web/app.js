@@ -86,9 +86,11 @@ function say(text) {
   ui.status.textContent = text;
 }
 
+// One place for an error: a bubble in the conversation, kept across reloads
+// (so a failed question is never left without its answer).
 function showError(text) {
-  show({ role: "error", text });
-  say(text);
+  record({ role: "error", text });
+  say("");
 }
 
 // --- talking to the gateway ------------------------------------------------
@@ -162,7 +164,10 @@ async function ask(text) {
       record({ role: "assistant", suggestions: event.suggestions.map((s) => String(s.label ?? s)) });
     }
     if (typeof event.conversationId === "string") conversation.id = event.conversationId;
-    if (event.error) showError(`The chat service reported an error: ${event.error.message ?? event.error.code}`);
+    if (event.error) {
+      markIncomplete(node, reply, "interrupted");  // what came before it is only part of a reply
+      showError(`The chat service reported an error: ${event.error.message ?? event.error.code}`);
+    }
   };
 
   try {
@@ -240,13 +245,18 @@ async function loadBots() {
   const { bots, default: fallback } = await response.json();
   ui.bot.replaceChildren(...bots.map((bot) => element("option", "", bot)));
   ui.bot.value = conversation.bot ?? (bots.includes(fallback) ? fallback : bots[0]);
-  ui.bot.hidden = ui.botLabel.hidden = bots.length < 2;
+  ui.bot.hidden = ui.botLabel.hidden = false;  // the bot in use is always shown
+  ui.bot.disabled = bots.length < 2;
 }
 
 // --- wiring ------------------------------------------------------------------
 
 ui.chat.addEventListener("submit", (event) => {
   event.preventDefault();
+  if (streaming) {  // keep what was typed: it goes when the reply is done
+    say("A reply is still coming; send this when it is done (or Stop it).");
+    return;
+  }
   const text = ui.input.value;
   ui.input.value = "";
   ask(text);
@@ -277,6 +287,11 @@ ui.fresh.addEventListener("click", () => {
   ui.input.focus();
 });
 ui.bot.addEventListener("change", () => {
+  // A conversation belongs to its bot: another bot starts a new one.
+  if (conversation.id && conversation.bot !== ui.bot.value) {
+    conversation = newConversation();
+    ui.messages.replaceChildren();
+  }
   conversation.bot = ui.bot.value;
   save();
 });

@@ -296,8 +296,8 @@ def _models(request: web.Request) -> list[str]:
     named = [b for b in tenant.bots if b != ANY_BOT]
     if ANY_BOT not in tenant.bots:
         return named
-    others = sorted({b for t in settings.tenants for b in t.bots if b not in (ANY_BOT, default)})
-    return [default, *others]
+    offered = {*settings.upstream.bots, *(b for t in settings.tenants for b in t.bots)}
+    return [default, *sorted(offered - {ANY_BOT, default})]
 
 
 def _model(bot: str) -> dict[str, Any]:
