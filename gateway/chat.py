@@ -3,6 +3,7 @@ parser applies to its parts (so that each refuses the same things the same way).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,19 @@ class ChatRequest:
         if self.private_mode is not None:
             body["private_mode"] = self.private_mode
         return body
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; ``InvalidRequest`` says why not."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
 
 
 def conversation_header(conversation_id: object) -> dict[str, str]:

@@ -41,6 +41,19 @@ def json_answer(body: bytes = JSON_BODY, status: str = "200 OK", extra: bytes = 
 
 
 SSE_ANSWER = chunked(SSE_HEAD, *EVENTS)
+MULTIBYTE_TEXT = "Grüße, 日本語 and 🙂 — naïve"
+
+
+def multibyte_pieces() -> list[bytes]:
+    """MULTIBYTE_TEXT streamed (conversation c-9), cut every 7 bytes, inside the
+    multi-byte characters too; each piece a read of its own."""
+    events = [
+        b'data: {"choices":[{"delta":{"content":' + json.dumps(t).encode() + b"}}]}\n\n"
+        for t in (MULTIBYTE_TEXT[:9], MULTIBYTE_TEXT[9:])
+    ]
+    body = b"".join(events) + b'data: {"conversationId":"c-9"}\n\ndata: [DONE]\n\n'
+    head, framed = chunked(SSE_HEAD, body).split(b"\r\n\r\n", 1)
+    return [head + b"\r\n\r\n"] + [framed[i : i + 7] for i in range(0, len(framed), 7)]
 
 
 def ok_answer(request: ScriptedRequest) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ACME_KEY, LIMITED_KEY, Stack
-from tests.scripted import SSE_HEAD, ScriptedFactory, chunked
+from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 from tests.test_openai import emulator_text
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -97,14 +97,7 @@ async def test_errors_before_the_stream_are_thrown_by_the_transport(stack: Stack
 async def test_multibyte_text_split_across_reads_arrives_exactly(
     scripted: ScriptedFactory,
 ) -> None:
-    text = "Grüße, 日本語 and 🙂 — naïve"
-    events = [
-        b'data: {"choices":[{"delta":{"content":' + json.dumps(t).encode() + b"}}]}\n\n"
-        for t in (text[:9], text[9:])
-    ]
-    body = b"".join(events) + b'data: {"conversationId":"c-9"}\n\ndata: [DONE]\n\n'
-    head, framed = chunked(SSE_HEAD, body).split(b"\r\n\r\n", 1)
-    pieces = [head + b"\r\n\r\n"] + [framed[i : i + 7] for i in range(0, len(framed), 7)]
+    text, pieces = MULTIBYTE_TEXT, multibyte_pieces()
     stack, _ = await scripted(pieces, idle_timeout_s=5.0)
     message = (await ui_chat(stack, "hi"))["message"]
     assert texts(message) == [text]

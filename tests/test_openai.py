@@ -18,7 +18,7 @@ from gateway.config import Tenant
 from gateway.sse import SSEParser
 from loadtest.emulator import EmulatorSettings
 from tests.conftest import ACME_KEY, LIMITED_KEY, TENANTS, TINY_KEY, Stack, StackFactory
-from tests.scripted import SSE_HEAD, ScriptedFactory, chunked
+from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
@@ -198,15 +198,7 @@ async def test_a_failure_mid_stream_raises_in_the_sdk_after_the_text_so_far(
 async def test_multibyte_text_split_across_reads_arrives_exactly(
     scripted: ScriptedFactory,
 ) -> None:
-    text = "Grüße, 日本語 and 🙂 — naïve"
-    events = [
-        b'data: {"choices":[{"delta":{"content":' + json.dumps(t).encode() + b"}}]}\n\n"
-        for t in (text[:9], text[9:])
-    ]
-    body = b"".join(events) + b'data: {"conversationId":"c-9"}\n\ndata: [DONE]\n\n'
-    # Cut every few bytes, inside the multi-byte characters too; each cut a read of its own.
-    head, framed = chunked(SSE_HEAD, body).split(b"\r\n\r\n", 1)
-    pieces = [head + b"\r\n\r\n"] + [framed[i : i + 7] for i in range(0, len(framed), 7)]
+    text, pieces = MULTIBYTE_TEXT, multibyte_pieces()
     stack, _ = await scripted(pieces, idle_timeout_s=5.0)  # a read every 50 ms: slow events
     async with client_for(stack) as client:
         stream = await client.chat.completions.create(model="demo", messages=USER, stream=True)

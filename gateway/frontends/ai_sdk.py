@@ -19,7 +19,6 @@ speaks: ``POST {prefix}/chat``, answered with ``x-vercel-ai-ui-message-stream: v
 
 from __future__ import annotations
 
-import json
 import mimetypes
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,6 +33,7 @@ from ..chat import (
     check_history,
     check_message,
     conversation_header,
+    json_object,
 )
 from ..config import Settings
 from ..errors import GatewayError, InvalidRequest
@@ -52,14 +52,7 @@ class AISDKFrontend(Frontend):
         return [self.chat_route("/chat")]
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InvalidRequest("the body is not valid JSON") from None
-        except RecursionError:
-            raise InvalidRequest("the body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("the body must be a JSON object")
+        body = json_object(raw)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty list")

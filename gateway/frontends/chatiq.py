@@ -3,12 +3,18 @@ contract's route). A stream's bytes are the upstream's, untouched."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
 from aiohttp import web
 
-from ..chat import ChatRequest, check_bot, check_conversation_id, check_history, check_message
+from ..chat import (
+    ChatRequest,
+    check_bot,
+    check_conversation_id,
+    check_history,
+    check_message,
+    json_object,
+)
 from ..config import Settings
 from ..errors import GatewayError, InvalidRequest
 from ..exchange import Exchange, error_response
@@ -38,14 +44,7 @@ class ChatIQFrontend(Frontend):
 
 
 def parse_chat_request(raw: bytes, settings: Settings) -> ChatRequest:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidRequest("the body is not valid JSON") from None
-    except RecursionError:
-        raise InvalidRequest("the body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
+    body = json_object(raw)
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown field {unknown[0]!r}")

@@ -22,7 +22,6 @@ and ``GET {prefix}/models``.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -38,6 +37,7 @@ from ..chat import (
     check_history,
     check_message,
     conversation_header,
+    json_object,
 )
 from ..config import ANY_BOT, Settings
 from ..errors import GatewayError, InvalidRequest, UnknownBot
@@ -85,14 +85,7 @@ class OpenAIFrontend(Frontend):
         ]
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InvalidRequest("the body is not valid JSON") from None
-        except RecursionError:
-            raise InvalidRequest("the body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("the body must be a JSON object")
+        body = json_object(raw)
         if body.get("model") is None:
             raise InvalidRequest("'model' is required: a bot slug (GET /v1/models lists them)")
         bot = check_bot(body["model"], settings.upstream.bot_slug, name="model")
