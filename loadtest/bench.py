@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.chart import terminal_table, write_chart
 from loadtest.fleet import start_redis
 from loadtest.harness import (
     cpu_seconds,
@@ -253,8 +254,34 @@ async def measure_path(s: Stack, path: str, plan: Plan) -> PathResult:
     )
 
 
+class Progress:
+    """One line a step, with what is left: the run's plan, known from the start."""
+
+    SETUP_S = 4.0  # starting a level's processes, and the pauses between paths
+
+    def __init__(self, plans: list[Plan], paths: int, hold_s: float) -> None:
+        self.steps = len(plans) * paths
+        self.left_s = sum((p.duration_s + self.SETUP_S) * paths for p in plans) + hold_s
+        self.done = 0
+
+    def step(self, plan: Plan, path: str) -> None:
+        self.done += 1
+        minutes, seconds = divmod(int(self.left_s), 60)
+        print(
+            f"bench: [{self.done}/{self.steps}] {plan.concurrency:,} streams via {path} for "
+            f"{plan.duration_s:.0f} s; about {minutes}:{seconds:02d} left",
+            flush=True,
+        )
+        self.left_s -= plan.duration_s + self.SETUP_S
+
+
 async def run_level(
-    workdir: Path, plan: Plan, paths: tuple[str, ...], workers: int, redis: bool = False
+    workdir: Path,
+    plan: Plan,
+    paths: tuple[str, ...],
+    workers: int,
+    redis: bool = False,
+    progress: Progress | None = None,
 ) -> list[PathResult]:
     emulator_args = [
         "--ttft-ms", str(TTFT_MS), "--tokens-per-s", str(plan.tokens_per_s),
@@ -264,10 +291,8 @@ async def run_level(
         await s.ready()
         out = []
         for path in paths:
-            print(
-                f"bench: {plan.concurrency} streams via {path} for {plan.duration_s:.0f} s",
-                flush=True,
-            )
+            if progress is not None:
+                progress.step(plan, path)
             out.append(await measure_path(s, path, plan))
             await asyncio.sleep(1)  # let sockets close before the next path
         return out
@@ -429,11 +454,12 @@ async def main_async(args: argparse.Namespace) -> int:
     levels = [int(x) for x in args.levels.split(",") if x]
     paths = tuple(p for p in args.paths.split(",") if p)
     workdir = Path(tempfile.mkdtemp(prefix="chatiq-bench-"))
+    plans = [Plan.for_level(c, args.tokens, args.min_duration) for c in levels]
+    progress = Progress(plans, len(paths), args.hold_seconds + 20 if args.hold else 0)
     try:
         results = []
-        for c in levels:
-            plan = Plan.for_level(c, args.tokens, args.min_duration)
-            levels_run = await run_level(workdir, plan, paths, args.workers, args.redis)
+        for plan in plans:
+            levels_run = await run_level(workdir, plan, paths, args.workers, args.redis, progress)
             results.append((plan, levels_run))
         capacity = await run_capacity(workdir, args.hold, args.hold_seconds) if args.hold else None
     finally:
@@ -446,15 +472,27 @@ async def main_async(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"{stamp}.md").write_text(text)
     (out / "latest.md").write_text(text)
-    print(text)
-    print(f"bench: written to {out / (stamp + '.md')} and {out / 'latest.md'}")
+    by_level = [(plan.concurrency, level) for plan, level in results]
+    chart = out / f"{stamp}.png"
+    write_chart(by_level, chart, machine())
+    shutil.copyfile(chart, out / "latest.png")
+    print(terminal_table(by_level))
+    for line in text.splitlines():  # the verdicts below the full table
+        if line.startswith(("The emulator", "Open streams", "Warning")):
+            print(line)
+    print(
+        f"bench: the full table in {out / (stamp + '.md')} (and latest.md), "
+        f"the chart in {chart} (and latest.png)"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,100,1000,5000", help="concurrent streams")
-    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument(
+        "--paths", default=",".join(PATHS), help="comma-separated, of: " + ", ".join(PATHS)
+    )
     parser.add_argument("--tokens", type=int, default=TOKENS, help="content events a reply")
     parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")
     parser.add_argument("--hold", type=int, default=10_000, help="open streams to hold (0: skip)")
@@ -466,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "--redis", action="store_true",
         help="the gateway's tenant quotas in a local redis-server (checked, never biting)",
     )  # fmt: skip
-    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--out", default="results/bench", help="where the table and chart go")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.raw = argv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import sys
 from collections.abc import Awaitable, Callable
@@ -88,6 +89,13 @@ async def test_make_bench_writes_the_side_by_side_table(tmp_path: Path) -> None:
         assert r[4].strip() == "0", table  # no errors on any path
         assert int(r[3].strip()) > 0, table  # and streams completed
     assert "Open streams held by one gateway process: **30** of 30" in table, table
+    printed = out.decode()
+    assert "bench: [1/10] 1 streams via direct" in printed and "left" in printed  # progress
+    assert "+TTFT p50/p99 ms" in printed  # the terminal's narrow table
+    narrow = [line for line in printed.splitlines() if re.match(r"^ +[\d,]+  [a-z]", line)]
+    assert len(narrow) == 10 and max(len(line) for line in narrow) <= 80, narrow
+    chart = (tmp_path / "latest.png").read_bytes()
+    assert chart.startswith(b"\x89PNG") and len(chart) > 10_000
 
 
 async def test_the_gateway_runs_on_uvloop_unless_told_otherwise(
