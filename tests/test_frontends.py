@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from gateway import upstream as upstream_module
 from gateway.config import AdmissionSettings
 from gateway.sse import SSEParser
 from loadtest.emulator import LIVE, EmulatorSettings
@@ -28,7 +26,7 @@ from tests.conftest import (
     assert_all_released,
     eventually,
 )
-from tests.test_wire import dechunk
+from tests.test_wire import count_pauses, dechunk, read_slowly
 
 
 @dataclass(frozen=True)
@@ -124,41 +122,16 @@ async def test_a_hang_up_cancels_the_upstream_call_within_100_ms(
 async def test_a_slow_reader_pauses_the_upstream_and_the_stream_still_ends_whole(
     make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, frontend: str
 ) -> None:
-    pauses = 0
-    real_pause = upstream_module.EventSource.pause
-
-    def counted_pause(self: upstream_module.EventSource) -> None:
-        nonlocal pauses
-        pauses += 1
-        real_pause(self)
-
-    monkeypatch.setattr(upstream_module.EventSource, "pause", counted_pause)
+    pauses = count_pauses(monkeypatch)
     stack = await make_stack(
         EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=60_000),  # ~3 MB
         client_write_timeout_s=10.0,
         total_timeout_s=60.0,
     )
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (stack.gateway.host, stack.gateway.port))
     route = ROUTES[frontend]
-    body = json.dumps(route.body("demo", "hi")).encode()
-    await loop.sock_sendall(
-        sock,
-        f"POST {route.path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {ACME_KEY}\r\nConnection: close\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body,
-    )
-    received = bytearray()
-    while chunk := await loop.sock_recv(sock, 16384):
-        received += chunk
-        await asyncio.sleep(0.001)
-    sock.close()
-    assert pauses > 0
-    head, _, framed = bytes(received).partition(b"\r\n\r\n")
+    received = await read_slowly(stack, route.path, json.dumps(route.body("demo", "hi")).encode())
+    assert pauses() > 0
+    head, _, framed = received.partition(b"\r\n\r\n")
     events = events_of(dechunk(framed))
     assert head.startswith(b"HTTP/1.1 200") and len(events) > 20_000
     assert events[-1] == "[DONE]" and all(route.error_code(e) is None for e in events[:-1])

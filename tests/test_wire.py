@@ -7,6 +7,7 @@ import asyncio
 import socket
 import ssl
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -130,11 +131,8 @@ async def test_a_garbled_or_compressed_upstream_answer_is_a_clean_error(
     assert says in error["message"]
 
 
-async def test_a_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
-    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """~3 MB through a client that reads 16 kB at a time, with pauses: the relay
-    holds the upstream while the client's buffer is full, and loses nothing."""
+def count_pauses(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How often, from now on, a relay pauses its upstream for a slow client."""
     pauses = 0
     real_pause = upstream_module.EventSource.pause
 
@@ -144,22 +142,22 @@ async def test_a_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
         real_pause(self)
 
     monkeypatch.setattr(upstream_module.EventSource, "pause", counted_pause)
-    stack = await make_stack(
-        EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=60_000),
-        client_write_timeout_s=10.0,
-        total_timeout_s=60.0,
-    )
+    return lambda: pauses
+
+
+async def read_slowly(stack: Stack, path: str, body: bytes, request_id: str = "slow") -> bytes:
+    """The whole answer, read by a client with a 4 KiB socket buffer, 16 KiB at a
+    time with a pause between reads."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, (stack.gateway.host, stack.gateway.port))
-    body = b'{"message": "hi"}'
     await loop.sock_sendall(
         sock,
-        b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"X-Request-Id: slow-reader\r\nConnection: close\r\n"
-        + f"Authorization: Bearer {ACME_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"X-Request-Id: {request_id}\r\nConnection: close\r\n"
+        f"Authorization: Bearer {ACME_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body,
     )
     received = bytearray()
@@ -167,11 +165,26 @@ async def test_a_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
         received += chunk
         await asyncio.sleep(0.001)
     sock.close()
-    head, _, framed = bytes(received).partition(b"\r\n\r\n")
+    return bytes(received)
+
+
+async def test_a_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """~3 MB through a client that reads 16 kB at a time, with pauses: the relay
+    holds the upstream while the client's buffer is full, and loses nothing."""
+    pauses = count_pauses(monkeypatch)
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=60_000),
+        client_write_timeout_s=10.0,
+        total_timeout_s=60.0,
+    )
+    received = await read_slowly(stack, "/api/chatbot", b'{"message": "hi"}', "slow-reader")
+    head, _, framed = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert dechunk(framed) == bytes(stack.transcript("slow-reader").sent)
     assert len(framed) > 3_000_000
-    assert pauses > 0
+    assert pauses() > 0
 
 
 @pytest.fixture(scope="module")
