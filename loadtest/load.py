@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         code = subprocess.call(command)
     finally:
         stop(*started)
-    print(f"load: reports in {out}/ (summary.md: exact percentiles; report.html, locust_*.csv)")
+    print(
+        f"load: reports in {out}/ (summary.md: exact percentiles and failures; charts.png: "
+        "TTFT and inter-token histograms, streams ended each second; report.html, locust_*.csv)"
+    )
     return code
 
 

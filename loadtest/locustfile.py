@@ -19,6 +19,7 @@ code from those exact figures.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import random
@@ -29,27 +30,33 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import gevent  # type: ignore[import-untyped]
 from locust import HttpUser, between, events, task
 from locust.env import Environment
 from locust.runners import WorkerRunner
+from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
 from gateway.sse import SSEParser
 from loadtest.harness import percentile
 
 SCENARIO = Path(__file__).with_name("scenario.toml")
 KINDS = ("TTFT", "ITL", "STREAM")
+PROGRESS_EVERY_S = 5.0
 
 
 class Samples:
-    """Raw measurements in milliseconds, and failures, by kind."""
+    """Raw measurements in milliseconds, failures by reason, and when each stream
+    ended (for the timeline). A stream's samples are kept only once it has
+    ended, so every count here is of finished streams, as Locust's are."""
 
     def __init__(self) -> None:
         self.values: dict[str, list[float]] = defaultdict(list)
         self.failures: dict[str, int] = defaultdict(int)
+        self.ends: list[tuple[float, bool]] = []  # (wall time, succeeded)
 
     def drain(self) -> dict[str, Any]:
-        out = {"values": dict(self.values), "failures": dict(self.failures)}
-        self.values, self.failures = defaultdict(list), defaultdict(int)
+        out = {"values": dict(self.values), "failures": dict(self.failures), "ends": self.ends}
+        self.values, self.failures, self.ends = defaultdict(list), defaultdict(int), []
         return out
 
     def merge(self, data: dict[str, Any]) -> None:
@@ -57,6 +64,11 @@ class Samples:
             self.values[kind].extend(values)
         for reason, n in data["failures"].items():
             self.failures[reason] += n
+        self.ends.extend(tuple(e) for e in data.get("ends", []))
+
+    @property
+    def streams(self) -> int:
+        return len(self.values["STREAM"]) + sum(self.failures.values())
 
 
 SAMPLES = Samples()  # one per Locust process: the suite's own bookkeeping
@@ -82,7 +94,7 @@ def _summarise(environment: Environment, **kwargs: Any) -> None:
     if isinstance(environment.runner, WorkerRunner):
         return
     options = environment.parsed_options
-    streams = len(SAMPLES.values["STREAM"]) + SAMPLES.failures["stream"]
+    streams = SAMPLES.streams
     rows = [
         "| measure | count | p50 ms | p90 ms | p99 ms | max ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -94,15 +106,18 @@ def _summarise(environment: Environment, **kwargs: Any) -> None:
                 f"| {kind} | {len(v)} | {statistics.median(v):.1f} | {percentile(v, 0.9):.1f} "
                 f"| {percentile(v, 0.99):.1f} | {max(v):.1f} |"
             )
-    failures = SAMPLES.failures["stream"]
+    failures = sum(SAMPLES.failures.values())
     ratio = failures / streams if streams else 0.0
+    failed = ["| failed streams: reason | count |", "| --- | ---: |"] + [
+        f"| {reason} | {n} |" for reason, n in sorted(SAMPLES.failures.items())
+    ]
     text = "\n".join(
         [
             f"## Load: {streams} streams, {failures} failed ({ratio:.2%})",
             "",
             *rows,
             "",
-            "Failures by reason: " + (json.dumps(dict(SAMPLES.failures)) or "{}"),
+            *(failed if failures else ["No stream failed."]),
         ]
     )
     print(text)
@@ -110,6 +125,9 @@ def _summarise(environment: Environment, **kwargs: Any) -> None:
         out = Path(options.chatiq_results)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.md").write_text(text + "\n")
+        _charts(out / "charts.png")
+        if options.csv_prefix:
+            _final_stats_csv(environment, options.csv_prefix)
         p99 = percentile(SAMPLES.values["TTFT"], 0.99) if SAMPLES.values["TTFT"] else 0.0
         crossed = []
         if options.max_ttft_p99_ms and p99 > options.max_ttft_p99_ms:
@@ -122,6 +140,72 @@ def _summarise(environment: Environment, **kwargs: Any) -> None:
             print("THRESHOLD CROSSED: " + "; ".join(crossed))
         # The thresholds decide, not Locust's default (exit 1 on any failure at all).
         environment.process_exit_code = 1 if crossed else 0
+
+
+def _final_stats_csv(environment: Environment, prefix: str) -> None:
+    """Locust writes its CSV once a second, so its last write can miss the run's
+    last second: write the stats table again now that every stream has ended,
+    so that it counts what summary.md counts."""
+    table = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    with open(f"{prefix}_stats.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(table.requests_csv_columns)
+        table._requests_data_rows(writer)  # Locust's own row format
+
+
+def _charts(path: Path) -> None:
+    """TTFT and inter-token histograms, and streams finished and failed each second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (ttft, itl, timeline) = plt.subplots(1, 3, figsize=(14, 4))
+    ttft.hist(SAMPLES.values["TTFT"] or [0], bins=40)
+    ttft.set(title="Time to first token", xlabel="ms", ylabel="streams")
+    itl.hist(SAMPLES.values["ITL"] or [0], bins=40)
+    itl.set(title="Gap between tokens", xlabel="ms", ylabel="gaps")
+    itl.set_yscale("log")
+    if SAMPLES.ends:
+        start = min(t for t, _ in SAMPLES.ends)
+        seconds = int(max(t for t, _ in SAMPLES.ends) - start) + 1
+        ok, bad = [0] * seconds, [0] * seconds
+        for t, succeeded in SAMPLES.ends:
+            (ok if succeeded else bad)[int(t - start)] += 1
+        timeline.bar(range(seconds), ok, label="finished", color="tab:green")
+        timeline.bar(range(seconds), bad, bottom=ok, label="failed", color="tab:red")
+        timeline.legend()
+    timeline.set(title="Streams ended each second", xlabel="s", ylabel="streams")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _progress(environment: Environment, **kwargs: Any) -> None:
+    """Every few seconds while it runs: users, streams so far, failures, TTFT."""
+    if isinstance(environment.runner, WorkerRunner):
+        return
+
+    def report() -> None:
+        started = time.monotonic()
+        while True:
+            gevent.sleep(PROGRESS_EVERY_S)
+            runner = environment.runner
+            users = runner.user_count if runner is not None else 0
+            ttft = SAMPLES.values["TTFT"]
+            so_far = (
+                f"TTFT p50 {percentile(ttft, 0.5):.0f} / p99 {percentile(ttft, 0.99):.0f} ms"
+                if ttft
+                else "no token yet"
+            )
+            print(
+                f"load: {time.monotonic() - started:.0f} s, {users} users, "
+                f"{SAMPLES.streams} streams done, {sum(SAMPLES.failures.values())} failed, "
+                f"{so_far}",
+                flush=True,
+            )
+
+    gevent.spawn(report)
 
 
 class ChatUser(HttpUser):
@@ -154,14 +238,16 @@ class ChatUser(HttpUser):
         headers = {"Authorization": f"Bearer {self.profile['key']}"}
         started = time.perf_counter()
         last_token: float | None = None
-        done = failed = False
+        done = False
+        failure: str | None = None
+        tokens: list[tuple[str, float]] = []  # kept until the stream ends
         with self.client.post(
             "/api/chatbot", json=body, headers=headers, stream=True, name=name,
             catch_response=True,
         ) as response:  # fmt: skip
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
-                self._fail(name, started, f"http_{response.status_code}")
+                self._fail(name, started, f"HTTP {response.status_code}")
                 return conversation_id
             response.success()
             parser = SSEParser()
@@ -176,17 +262,21 @@ class ChatUser(HttpUser):
                     payload = json.loads(event.data)
                     if "choices" in payload:
                         if last_token is None:
-                            self._record("TTFT", name, (now - started) * 1000)
+                            tokens.append(("TTFT", (now - started) * 1000))
                         else:
-                            self._record("ITL", name, (now - last_token) * 1000)
+                            tokens.append(("ITL", (now - last_token) * 1000))
                         last_token = now
                     elif "error" in payload:
-                        failed = True
+                        code = (payload["error"] or {}).get("code", "?")
+                        failure = f"error event {code}"
                     conversation_id = payload.get("conversationId", conversation_id)
-        if failed or not done:
-            self._fail(name, started, "error_event" if failed else "no_done")
+        for kind, ms in tokens:  # the stream ended: now its samples count
+            self._record(kind, name, ms)
+        if failure or not done:
+            self._fail(name, started, failure or "ended without [DONE]")
         else:
             self._record("STREAM", name, (time.perf_counter() - started) * 1000)
+            SAMPLES.ends.append((time.time(), True))
         return conversation_id
 
     def _record(self, kind: str, name: str, ms: float) -> None:
@@ -197,8 +287,8 @@ class ChatUser(HttpUser):
         )  # fmt: skip
 
     def _fail(self, name: str, started: float, reason: str) -> None:
-        SAMPLES.failures["stream"] += 1
         SAMPLES.failures[reason] += 1
+        SAMPLES.ends.append((time.time(), False))
         self.environment.events.request.fire(
             request_type="STREAM", name=name,
             response_time=(time.perf_counter() - started) * 1000, response_length=0,
@@ -210,6 +300,7 @@ for hook, listener in (
     (events.init_command_line_parser, _options),
     (events.report_to_master, _send_samples),
     (events.worker_report, _collect_samples),
+    (events.test_start, _progress),
     (events.quitting, _summarise),
 ):
     hook.add_listener(listener)  # type: ignore[no-untyped-call]
