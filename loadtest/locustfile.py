@@ -24,6 +24,7 @@ import itertools
 import json
 import random
 import statistics
+import sys
 import time
 import tomllib
 from collections import defaultdict
@@ -120,7 +121,7 @@ def _summarise(environment: Environment, **kwargs: Any) -> None:
             *(failed if failures else ["No stream failed."]),
         ]
     )
-    print(text)
+    print(text, file=sys.stderr)  # stderr: make load keeps Locust's own tables in a file
     if options is not None:
         out = Path(options.chatiq_results)
         out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ def _summarise(environment: Environment, **kwargs: Any) -> None:
         if not streams:
             crossed.append("no stream completed")
         if crossed:
-            print("THRESHOLD CROSSED: " + "; ".join(crossed))
+            print("THRESHOLD CROSSED: " + "; ".join(crossed), file=sys.stderr)
         # The thresholds decide, not Locust's default (exit 1 on any failure at all).
         environment.process_exit_code = 1 if crossed else 0
 
@@ -202,6 +203,7 @@ def _progress(environment: Environment, **kwargs: Any) -> None:
                 f"load: {time.monotonic() - started:.0f} s, {users} users, "
                 f"{SAMPLES.streams} streams done, {sum(SAMPLES.failures.values())} failed, "
                 f"{so_far}",
+                file=sys.stderr,
                 flush=True,
             )
 
