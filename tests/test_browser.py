@@ -320,3 +320,19 @@ async def test_a_key_for_every_bot_can_pick_the_offered_bots(
     await send(page, "hi")
     await wait_idle(page)
     assert await page.locator(".suggestions button").count() == 2  # rich's suggestion chips
+
+
+async def test_the_message_placeholder_fits_a_360_px_screen(browser: Browser, stack: Stack) -> None:
+    page = await open_chat(browser, stack, width=360)
+    fits = await page.evaluate(
+        """() => {
+            const box = document.getElementById("message");
+            const style = getComputedStyle(box);
+            const context = document.createElement("canvas").getContext("2d");
+            context.font = `${style.fontSize} ${style.fontFamily}`;
+            const room = box.clientWidth - parseFloat(style.paddingLeft)
+                - parseFloat(style.paddingRight);
+            return context.measureText(box.placeholder).width <= room;
+        }"""
+    )
+    assert fits
