@@ -312,10 +312,11 @@ async def test_a_key_for_every_bot_can_pick_the_offered_bots(
 ) -> None:
     stack = await make_stack(bots=("rich", "fault-500"))
     page = await open_chat(browser, stack)  # ACME_KEY may use "*"
-    picker = page.get_by_label("Bot")
-    await until_true(page, "document.querySelectorAll('#bot option').length === 3")
+    picker = page.get_by_label("Bot", exact=True)
+    await until_true(page, "document.querySelectorAll('#bot option').length === 4")
     assert await picker.is_visible() and await picker.input_value() == "demo"
-    assert await page.locator("#bot option").all_text_contents() == ["demo", "rich", "fault-500"]
+    options = ["demo", "rich", "fault-500", "other…"]
+    assert await page.locator("#bot option").all_text_contents() == options
     await picker.select_option("rich")
     await send(page, "hi")
     await wait_idle(page)
@@ -336,3 +337,18 @@ async def test_the_message_placeholder_fits_a_360_px_screen(browser: Browser, st
         }"""
     )
     assert fits
+
+
+async def test_any_bot_can_be_typed_in(browser: Browser, stack: Stack) -> None:
+    page = await open_chat(browser, stack)
+    await until_true(page, "document.querySelectorAll('#bot option').length === 2")
+    await page.get_by_label("Bot", exact=True).select_option("other…")
+    other = page.get_by_label("Other bot")
+    await other.fill("fault-500")
+    await other.press("Enter")
+    assert await page.get_by_label("Bot", exact=True).input_value() == "fault-500"
+    await send(page, "hi")
+    await page.wait_for_selector(".bubble.error")
+    assert "502" in await page.locator(".bubble.error").inner_text()  # that bot was asked
+    await page.reload()  # and it is still the one in use
+    await until_true(page, "document.querySelector('#bot').value === 'fault-500'")

@@ -12,7 +12,9 @@ const ui = {
   messages: $("messages"), status: $("status"), chat: $("chat-form"), input: $("message"),
   send: $("send"), stop: $("stop"), bot: $("bot"), botLabel: $("bot-label"),
   keyForm: $("key-form"), key: $("key"), forget: $("forget-key"), fresh: $("new-conversation"),
+  botOther: $("bot-other"),
 };
+const OTHER = "other…";  // the picker's last entry: type any bot's slug
 
 // The conversation survives reloads: its id and its finished messages.
 let conversation = loadConversation();
@@ -243,10 +245,10 @@ async function loadBots() {
     return;
   }
   const { bots, default: fallback } = await response.json();
-  ui.bot.replaceChildren(...bots.map((bot) => element("option", "", bot)));
+  const choices = conversation.bot && !bots.includes(conversation.bot) ? [...bots, conversation.bot] : bots;
+  ui.bot.replaceChildren(...choices.map((bot) => element("option", "", bot)), element("option", "", OTHER));
   ui.bot.value = conversation.bot ?? (bots.includes(fallback) ? fallback : bots[0]);
   ui.bot.hidden = ui.botLabel.hidden = false;  // the bot in use is always shown
-  ui.bot.disabled = bots.length < 2;
 }
 
 // --- wiring ------------------------------------------------------------------
@@ -286,14 +288,42 @@ ui.fresh.addEventListener("click", () => {
   say("");
   ui.input.focus();
 });
-ui.bot.addEventListener("change", () => {
+function useBot(bot) {
   // A conversation belongs to its bot: another bot starts a new one.
-  if (conversation.id && conversation.bot !== ui.bot.value) {
+  if (conversation.id && conversation.bot !== bot) {
     conversation = newConversation();
     ui.messages.replaceChildren();
   }
-  conversation.bot = ui.bot.value;
+  conversation.bot = bot;
   save();
+}
+
+ui.bot.addEventListener("change", () => {
+  if (ui.bot.value === OTHER) {  // free entry: a bot the list does not name
+    ui.botOther.hidden = false;
+    ui.botOther.focus();
+    return;
+  }
+  ui.botOther.hidden = true;
+  useBot(ui.bot.value);
+});
+ui.botOther.addEventListener("keydown", (event) => {
+  if (event.key !== "Enter") return;
+  event.preventDefault();
+  const bot = ui.botOther.value.trim();
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(bot)) {
+    say("A bot's slug: letters, digits, '.', '_' and '-'.");
+    return;
+  }
+  if (![...ui.bot.options].some((option) => option.value === bot)) {
+    ui.bot.insertBefore(element("option", "", bot), ui.bot.lastElementChild);
+  }
+  ui.bot.value = bot;
+  ui.botOther.hidden = true;
+  ui.botOther.value = "";
+  say("");
+  useBot(bot);
+  ui.input.focus();
 });
 
 conversation.messages.forEach(show);
