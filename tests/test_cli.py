@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pty
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -171,3 +173,58 @@ async def test_the_openai_route_gives_the_same_reply_and_conversation(
     assert second.out == reply("who am I?", ["my name is Ada"]) + "\n"
     failed = await cli("--api", "openai", "--bot", "fault-500", "hi")
     assert failed.code == 1 and "502 upstream_error" in failed.err
+
+
+async def test_keys_typed_during_a_reply_wait_for_the_next_prompt(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    """On a real terminal (a pty), what is typed while a reply streams is not
+    echoed into it; it is the next question."""
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=30))
+    gw = await gateway_process(stack.emulator)
+    env = {**os.environ, "CHATIQ_GATEWAY_URL": f"http://127.0.0.1:{gw.port}",
+           "CHATIQ_GATEWAY_KEY": ACME_KEY, "TERM": "dumb"}  # fmt: skip
+    leader, follower = pty.openpty()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clients.cli",
+        stdin=follower, stdout=follower, stderr=follower, cwd=ROOT, env=env,
+    )  # fmt: skip
+    os.close(follower)
+    seen = bytearray()
+    arrived = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            seen.extend(os.read(leader, 4096))
+        except OSError:  # the child closed the terminal
+            loop.remove_reader(leader)
+        arrived.set()
+
+    loop.add_reader(leader, readable)
+
+    async def read_until(marker: bytes, timeout_s: float = 30) -> None:
+        until = loop.time() + timeout_s
+        while marker not in seen:
+            assert loop.time() < until, bytes(seen)
+            arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), 1)
+
+    try:
+        await read_until(b"you> ")
+        os.write(leader, b"first question\r")
+        await read_until(b"You asked")  # the reply is streaming
+        os.write(leader, b"typed meanwhile\r")
+        await read_until(b"typed meanwhile")
+        await read_until(b"you> ", timeout_s=30)
+        text = bytes(seen).decode(errors="replace")
+        reply = text[text.index("bot> ") : text.index("typed meanwhile")]
+        assert "you> " in reply  # the typed line shows only after the reply, at the prompt
+        os.write(leader, b"/quit\r")
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        loop.remove_reader(leader)
+        if process.returncode is None:
+            process.kill()
+        os.close(leader)
