@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak stalled fleet bench-observability load bench node-deps
+.PHONY: run test lint install clean soak stalled fleet screenshot bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -49,6 +49,10 @@ soak: $(STAMP)
 ## make fleet: Redis, the emulator, two gateway replicas and HAProxy on :8080, until Ctrl-C.
 fleet: $(STAMP)
 	$(BIN)/python -m loadtest.fleet $(ARGS)
+
+## make screenshot: the README's picture of the chat page (needs Chromium and the Noto fonts).
+screenshot: $(STAMP)
+	$(BIN)/python -m loadtest.screenshot $(ARGS)
 
 ## make stalled: 2,000 clients that stop reading 10 MB replies: memory each, CPU while stalled.
 stalled: $(STAMP)

@@ -69,6 +69,7 @@ class EmulatorSettings:
     retry_after_s: int = 1
     record: bool = False  # keep what each request sent and received (tests)
     redirect_to: str = REDIRECT_TO  # where bot fault-redirect sends the caller
+    image_url: str = "https://www.chatiq.io/logo.png"  # bot rich's attachment
 
 
 @dataclass(slots=True)
@@ -328,11 +329,7 @@ async def _play(
     else:
         if bot == RICH_BOT:
             await send(_event({"responses": ["Here is a second message.", "And a third."]}))
-            await send(
-                _event(
-                    {"attachments": [{"type": "image", "url": "https://www.chatiq.io/logo.png"}]}
-                )
-            )
+            await send(_event({"attachments": [{"type": "image", "url": settings.image_url}]}))
             await send(_event({"suggestions": [{"label": "Tell me more"}, {"label": "Thanks!"}]}))
         await send(_event({"conversationId": conversation_id}))
         await send(DONE)
@@ -359,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         "--stall-s", type=float, default=d.stall_s, help="how long a stall fault lasts"
     )
     parser.add_argument(
+        "--image-url", default=d.image_url,
+        help="bot rich's image attachment (a data: URL works offline)",
+    )  # fmt: skip
+    parser.add_argument(
         "--api-key-env",
         default="CHATIQ_API_KEY",
         help="require the key in this environment variable, when it is set (default: %(default)s)",
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         stall_s=args.stall_s,
         api_key=os.environ.get(args.api_key_env) or None,
+        image_url=args.image_url,
     )
     print(f"chatiq-emulator on http://{args.host}:{args.port}/api/chat", flush=True)
     web.run_app(

@@ -82,6 +82,15 @@ async def test_the_upstream_request_carries_key_bot_conversation_and_request_id(
     }
 
 
+async def test_the_emulators_image_can_be_a_local_data_url(make_stack: StackFactory) -> None:
+    image = "data:image/svg+xml;base64,PHN2Zy8+"  # what make screenshot uses: no network
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, image_url=image))
+    async with await stack.chat({"message": "hi", "bot": "rich"}) as r:
+        _, events = await read_stream(r)
+    attachments = [json.loads(e)["attachments"] for e in events if '"attachments"' in e]
+    assert attachments == [[{"type": "image", "url": image}]]
+
+
 async def test_a_client_request_id_is_kept_and_a_bad_one_replaced(stack: Stack) -> None:
     async with await stack.chat(headers={"X-Request-Id": "abc-123"}) as r:
         await r.read()
