@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,3 +112,24 @@ def check_conversation_id(conversation_id: object) -> str | None:
 def check_history(history: list[Any], limits: ServerSettings, name: str = "history") -> None:
     if len(history) > limits.max_history_items:
         raise InvalidRequest(f"'{name}' has more than {limits.max_history_items} items")
+
+
+def split_messages(
+    messages: object,
+    turn: Callable[[int, object], tuple[str, str]],
+    limits: ServerSettings,
+    content: str,
+) -> tuple[str, list[dict[str, str]]]:
+    """A chat-style ``messages`` list as ChatIQ takes it: the last one (a user's)
+    is the message, the ones before it the history. ``turn`` reads one message's
+    role and text; ``content`` names the field the text came from, for errors."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list")
+    turns = [turn(i, m) for i, m in enumerate(messages)]
+    role, text = turns[-1]
+    if role != "user":
+        raise InvalidRequest("the last of 'messages' must be the user's")
+    message = check_message(text, limits, name=f"messages[-1].{content}")
+    history = [{"role": r, "content": t} for r, t in turns[:-1]]
+    check_history(history, limits, name="messages")
+    return message, history

@@ -30,10 +30,9 @@ from ..chat import (
     ChatRequest,
     check_bot,
     check_conversation_id,
-    check_history,
-    check_message,
     conversation_header,
     json_object,
+    split_messages,
 )
 from ..config import Settings
 from ..errors import GatewayError, InvalidRequest
@@ -53,18 +52,9 @@ class AISDKFrontend(Frontend):
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
         body = json_object(raw)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("'messages' must be a non-empty list")
-        turns = [_turn(i, m) for i, m in enumerate(messages)]
-        role, text, _ = turns[-1]
-        if role != "user":
-            raise InvalidRequest("the last of 'messages' must be the user's")
-        limits = settings.server
-        message = check_message(text, limits, name="messages[-1].parts")
-        history = [{"role": r, "content": t} for r, t, _ in turns[:-1]]
-        check_history(history, limits, name="messages")
-        remembered = [c for _, _, c in turns[:-1] if c is not None]
+        message, history = split_messages(body.get("messages"), _turn, settings.server, "parts")
+        earlier = body["messages"][:-1]  # split_messages checked: a list of objects
+        remembered = [c for c in map(_remembered, earlier) if c is not None]
         conversation_id = body.get("conversation_id") or (remembered[-1] if remembered else None)
         return ChatRequest(
             message=message,
@@ -85,8 +75,8 @@ class AISDKFrontend(Frontend):
         return error_response(err)
 
 
-def _turn(index: int, message: object) -> tuple[str, str, str | None]:
-    """A UI message's role, its text parts joined, and the conversation id in its metadata."""
+def _turn(index: int, message: object) -> tuple[str, str]:
+    """A UI message's role and its text parts joined."""
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{where}' must be an object")
@@ -101,9 +91,14 @@ def _turn(index: int, message: object) -> tuple[str, str, str | None]:
     texts = [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == "text"]
     if not all(isinstance(t, str) for t in texts):
         raise InvalidRequest(f"'{where}.parts': a text part needs a 'text' string")
+    return role, "".join(texts)
+
+
+def _remembered(message: dict[str, Any]) -> str | None:
+    """The conversation id in a message's metadata (useChat keeps it on its assistant messages)."""
     metadata = message.get("metadata")
     remembered = metadata.get("conversationId") if isinstance(metadata, dict) else None
-    return role, "".join(texts), remembered if isinstance(remembered, str) else None
+    return remembered if isinstance(remembered, str) else None
 
 
 class UIMessageEncoder:

@@ -34,10 +34,9 @@ from ..chat import (
     ChatRequest,
     check_bot,
     check_conversation_id,
-    check_history,
-    check_message,
     conversation_header,
     json_object,
+    split_messages,
 )
 from ..config import ANY_BOT, Settings
 from ..errors import GatewayError, InvalidRequest, UnknownBot
@@ -89,17 +88,7 @@ class OpenAIFrontend(Frontend):
         if body.get("model") is None:
             raise InvalidRequest("'model' is required: a bot slug (GET /v1/models lists them)")
         bot = check_bot(body["model"], settings.upstream.bot_slug, name="model")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("'messages' must be a non-empty list")
-        turns = [_turn(i, m) for i, m in enumerate(messages)]
-        role, text = turns[-1]
-        if role != "user":
-            raise InvalidRequest("the last of 'messages' must be the user's")
-        limits = settings.server
-        message = check_message(text, limits, name="messages[-1].content")
-        history = [{"role": r, "content": t} for r, t in turns[:-1]]
-        check_history(history, limits, name="messages")
+        message, history = split_messages(body.get("messages"), _turn, settings.server, "content")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be true or false")
