@@ -57,6 +57,20 @@ async def wait_ready(url: str, timeout_s: float = 15.0) -> None:
     raise SystemExit(f"{url} never answered")
 
 
+async def metric_total(
+    session: aiohttp.ClientSession, port: int, name: str, containing: str = ""
+) -> float:
+    """The sum of a metric's samples on the gateway at ``port``'s /metrics: those
+    named ``name`` (which may go on into its labels) and holding ``containing``."""
+    async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{")) and containing in line
+    )
+
+
 def start_emulator(port: int, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "loadtest.emulator", "--port", str(port), *args],

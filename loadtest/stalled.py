@@ -21,6 +21,7 @@ import aiohttp
 from .harness import (
     cpu_seconds,
     free_port,
+    metric_total,
     rss_mib,
     start_emulator,
     start_gateway,
@@ -51,16 +52,6 @@ async def stall(port: int, n: int) -> list[socket.socket]:
     return sockets
 
 
-async def active_streams(session: aiohttp.ClientSession, port: int) -> float:
-    async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
-        text = await r.text()
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith("chatiq_gateway_active_streams{")
-    )
-
-
 async def run(args: argparse.Namespace) -> int:
     emulator_port, port = free_port(), free_port()
     emulator = start_emulator(  # ~10 MB a reply for the bulk bot
@@ -84,7 +75,8 @@ async def run(args: argparse.Namespace) -> int:
         sockets = await stall(port, args.streams)
         async with aiohttp.ClientSession() as session:
             until = time.monotonic() + 120
-            while await active_streams(session, port) < args.streams:
+            active = "chatiq_gateway_active_streams"
+            while await metric_total(session, port, active) < args.streams:
                 if time.monotonic() > until:
                     raise SystemExit("the stalled streams never all started")
                 await asyncio.sleep(0.2)

@@ -33,7 +33,7 @@ from gateway.logs import make_logger
 from gateway.sse import SSEParser
 from gateway.state import ADMISSION
 from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings, Transcript, create_emulator_app
-from loadtest.harness import free_port, start_gateway, wait_ready
+from loadtest.harness import free_port, metric_total, start_gateway, wait_ready
 
 pytest_plugins = ["tests.scripted"]  # the scripted upstream's fixture
 
@@ -285,13 +285,7 @@ class GatewayProcess:
 
     async def metric(self, session: aiohttp.ClientSession, name: str) -> float:
         """The sum of a metric's samples (over all labels) on /metrics."""
-        async with session.get(f"http://127.0.0.1:{self.port}/metrics") as r:
-            text = await r.text()
-        return sum(
-            float(line.rpartition(" ")[2])
-            for line in text.splitlines()
-            if line.startswith((name + " ", name + "{"))
-        )
+        return await metric_total(session, self.port, name)
 
 
 @pytest.fixture

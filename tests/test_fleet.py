@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from loadtest.emulator import EmulatorSettings
-from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
@@ -137,16 +137,6 @@ async def open_stream(session: aiohttp.ClientSession, replica: Replica) -> aioht
     return r
 
 
-async def metric(session: aiohttp.ClientSession, replica: Replica, name: str) -> float:
-    async with session.get(f"http://127.0.0.1:{replica.port}/metrics") as r:
-        text = await r.text()
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith((name + " ", name + "{"))
-    )
-
-
 async def test_a_tenant_gets_exactly_its_streams_across_the_fleet(
     fleet: Any, redis_server: RedisServer
 ) -> None:
@@ -227,8 +217,8 @@ async def test_with_redis_gone_streams_go_on_and_quotas_fall_back_then_share_aga
     # New requests: this replica's share of the limit (4 / 2 replicas), counted locally.
     fallback = [await open_stream(session, b) for _ in range(3)]
     assert [r.status for r in fallback] == [200, 200, 429]
-    assert await metric(session, b, "chatiq_gateway_quota_backend_up") == 0
-    assert await metric(session, b, "chatiq_gateway_quota_fallbacks_total") >= 3
+    assert await metric_total(session, b.port, "chatiq_gateway_quota_backend_up") == 0
+    assert await metric_total(session, b.port, "chatiq_gateway_quota_fallbacks_total") >= 3
     async with session.get(f"http://127.0.0.1:{b.port}/readyz") as r:
         assert r.status == 200
     _, events = await read_stream(live)  # the stream that was live goes on to the end
@@ -240,10 +230,10 @@ async def test_with_redis_gone_streams_go_on_and_quotas_fall_back_then_share_aga
     redis_server.start()  # back, empty: shared limits hold again, with no restart
     for replica in (a, b):  # each notices within a second (its probe), by itself
         for _ in range(60):
-            if await metric(session, replica, "chatiq_gateway_quota_backend_up") == 1:
+            if await metric_total(session, replica.port, "chatiq_gateway_quota_backend_up") == 1:
                 break
             await asyncio.sleep(0.1)
-        assert await metric(session, replica, "chatiq_gateway_quota_backend_up") == 1
+        assert await metric_total(session, replica.port, "chatiq_gateway_quota_backend_up") == 1
     held = [await open_stream(session, replica) for replica in (a, b, a, b, a)]
     assert [r.status for r in held] == [200, 200, 200, 200, 429]
     for r in held:

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from loadtest.fleet import Fleet, haproxy_binary, start_fleet
-from loadtest.harness import free_port
+from loadtest.harness import free_port, metric_total
 from tests.conftest import ACME_KEY, read_stream
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
@@ -40,12 +40,8 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 async def served(session: aiohttp.ClientSession, port: int) -> float:
     """Chat requests a replica answered, from its own /metrics."""
-    async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
-        text = await r.text()
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith("chatiq_gateway_requests_total{") and 'route="/api/chatbot"' in line
+    return await metric_total(
+        session, port, "chatiq_gateway_requests_total", 'route="/api/chatbot"'
     )
 
 
