@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 
 from loadtest.emulator import EmulatorSettings
-from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
-from tests.conftest import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
+from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory, read_stream
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 
@@ -82,17 +82,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-@dataclass
-class Replica:
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/chatbot"
-
-
 @pytest.fixture
 async def fleet(
     make_stack: StackFactory, redis_server: RedisServer, tmp_path: Path
@@ -101,11 +90,11 @@ async def fleet(
     stack = await make_stack(
         EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=100), record=False
     )
-    replicas: list[Replica] = []
+    replicas: list[GatewayProcess] = []
 
     async def start(
         limits: tuple[int, int], n: int = 2, **redis: Any
-    ) -> tuple[list[Replica], aiohttp.ClientSession]:
+    ) -> tuple[list[GatewayProcess], aiohttp.ClientSession]:
         for _ in range(n):
             port = free_port()
             assert stack.emulator.port is not None
@@ -113,7 +102,7 @@ async def fleet(
                 tmp_path, port, stack.emulator.port, ACME_KEY, CHATIQ_KEY,
                 tenant_limits=limits, redis={"url": redis_server.url, **redis},
             )  # fmt: skip
-            replicas.append(Replica(process, port, log))
+            replicas.append(GatewayProcess(process, port, log))
         for replica in replicas:
             await wait_ready(f"http://127.0.0.1:{replica.port}/healthz")
         return replicas, stack.session
@@ -130,7 +119,9 @@ async def fleet(
         stop(replica.process)
 
 
-async def open_stream(session: aiohttp.ClientSession, replica: Replica) -> aiohttp.ClientResponse:
+async def open_stream(
+    session: aiohttp.ClientSession, replica: GatewayProcess
+) -> aiohttp.ClientResponse:
     r = await session.post(replica.url, json={"message": "hi"}, headers=AUTH)
     if r.status == 200:
         await r.content.readline()  # live: its lease is held
@@ -217,23 +208,23 @@ async def test_with_redis_gone_streams_go_on_and_quotas_fall_back_then_share_aga
     # New requests: this replica's share of the limit (4 / 2 replicas), counted locally.
     fallback = [await open_stream(session, b) for _ in range(3)]
     assert [r.status for r in fallback] == [200, 200, 429]
-    assert await metric_total(session, b.port, "chatiq_gateway_quota_backend_up") == 0
-    assert await metric_total(session, b.port, "chatiq_gateway_quota_fallbacks_total") >= 3
+    assert await b.metric(session, "chatiq_gateway_quota_backend_up") == 0
+    assert await b.metric(session, "chatiq_gateway_quota_fallbacks_total") >= 3
     async with session.get(f"http://127.0.0.1:{b.port}/readyz") as r:
         assert r.status == 200
     _, events = await read_stream(live)  # the stream that was live goes on to the end
     assert events[-1] == "[DONE]"
     for r in fallback:
         r.close()
-    assert b.log.read_text().count("quota_backend_down") == 1  # said once, not per request
+    assert b.log().count("quota_backend_down") == 1  # said once, not per request
 
     redis_server.start()  # back, empty: shared limits hold again, with no restart
     for replica in (a, b):  # each notices within a second (its probe), by itself
         for _ in range(60):
-            if await metric_total(session, replica.port, "chatiq_gateway_quota_backend_up") == 1:
+            if await replica.metric(session, "chatiq_gateway_quota_backend_up") == 1:
                 break
             await asyncio.sleep(0.1)
-        assert await metric_total(session, replica.port, "chatiq_gateway_quota_backend_up") == 1
+        assert await replica.metric(session, "chatiq_gateway_quota_backend_up") == 1
     held = [await open_stream(session, replica) for replica in (a, b, a, b, a)]
     assert [r.status for r in held] == [200, 200, 200, 200, 429]
     for r in held:
