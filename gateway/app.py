@@ -15,8 +15,12 @@ from .config import Settings, named_bots
 from .exchange import add_request_id, make_middleware
 from .fleet import SharedQuotas
 from .frontends import Frontend, load_frontends
+from .frontends.chatiq import ChatIQFrontend
 from .logs import Logger, make_logger
 from .metrics import Metrics
+from .resume.redis_log import RedisStreams
+from .resume.serve import resume_stream
+from .resume.streams import ResumableStreams
 from .state import (
     ADMISSION,
     BREAKERS,
@@ -24,6 +28,7 @@ from .state import (
     LIFECYCLE,
     LOG,
     METRICS,
+    RESUMABLE,
     SETTINGS,
     TENANTS,
     UPSTREAM,
@@ -70,6 +75,8 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
             assert isinstance(route, web.RouteDef)
             app.router.add_routes([route])
             frontend_of_route[route.path] = frontend
+    if settings.resume.enabled:
+        _mount_resume(app, frontend_of_route)
     chat_routes = [(path, fe.name) for path, fe in frontend_of_route.items()]
     metrics.export_known([t.name for t in settings.tenants], chat_routes)
     app.router.add_get("/healthz", handlers.healthz)
@@ -79,6 +86,19 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
         app.router.add_get("/metrics", handlers.prometheus_metrics)
     page.add_routes(app, settings, chat_routes=list(frontend_of_route))
     return app
+
+
+def _mount_resume(app: web.Application, frontend_of_route: dict[str, Frontend]) -> None:
+    """``GET {native prefix}/chatbot/streams/{stream_id}`` and the streams it serves."""
+    by_name = {fe.name: fe for fe in frontend_of_route.values()}
+    settings = app[SETTINGS].current
+    app[RESUMABLE] = ResumableStreams(settings.resume, app[METRICS], app[LOG], by_name)
+    native = by_name.get("chatiq")
+    prefix = native.prefix if native is not None else "/api"
+    path = f"{prefix}/chatbot/streams/{{stream_id}}"
+    app.router.add_get(path, resume_stream, allow_head=False)
+    frontend_of_route[path] = native if native is not None else ChatIQFrontend(prefix)
+    app.cleanup_ctx.append(_resumable_streams)
 
 
 def create_metrics_app(app: web.Application) -> web.Application:
@@ -116,6 +136,8 @@ async def drain(app: web.Application, grace_s: float, hurry: asyncio.Event | Non
     lifecycle = app[LIFECYCLE]
     lifecycle.draining = True
     log = app[LOG]
+    if RESUMABLE in app and app[RESUMABLE].remote is not None:
+        app[RESUMABLE].hand_over()  # their clients resume on other replicas
     log.info("draining", live_streams=len(lifecycle.streams), grace_s=grace_s)
     loop = asyncio.get_running_loop()
     until = loop.time() + grace_s
@@ -153,6 +175,19 @@ async def _fleet_quotas(app: web.Application) -> AsyncIterator[None]:
     app[ADMISSION].share(shared, settings, lambda mode: metrics.quota_fallbacks.labels(mode).inc())
     yield
     await shared.close()
+
+
+async def _resumable_streams(app: web.Application) -> AsyncIterator[None]:
+    """With ``[redis] url``, streams resume on any replica (their events in Redis)."""
+    streams, settings = app[RESUMABLE], app[SETTINGS].current
+    if settings.redis.url:
+        streams.remote = RedisStreams(
+            settings.redis, settings.resume, settings.upstream.total_timeout_s, app[LOG]
+        )
+    yield
+    streams.close()
+    if streams.remote is not None:
+        await streams.remote.close()
 
 
 async def _preflight(pool: Pool, log: Logger) -> None:

@@ -137,6 +137,21 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeSettings:
+    """``[resume]``: streams that outlive their connection, resumed with ``Last-Event-ID``."""
+
+    # Streams may be resumable, and the resume route is mounted. Which streams
+    # are: a tenant's with ``resumable = true``, and any request's with the
+    # header ``X-Resumable: 1`` (``X-Resumable: 0`` opts out).
+    enabled: bool = False
+    detach_grace_s: float = 30.0  # nobody reading: the upstream is read this long, then cancelled
+    retain_s: float = 60.0  # a finished stream can still be resumed this long
+    max_stream_bytes: int = 256 * 1024  # events kept per stream; beyond, the oldest are let go
+    max_retained: int = 1000  # finished streams kept at most (the oldest go first)
+    retry_ms: int = 1000  # the ``retry:`` hint sent with a hand-over on shutdown
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsSettings:
     enabled: bool = True
     port: int = 0  # 0: /metrics on the main port; else only on this port
@@ -172,6 +187,7 @@ class Tenant:
     bots: tuple[str, ...]
     max_streams: int | None = None  # None: admission.tenant_max_streams
     requests_per_minute: int | None = None  # None: admission.tenant_requests_per_minute
+    resumable: bool = False  # its streams are resumable (with [resume] enabled)
 
     def may_use(self, bot: str) -> bool:
         return ANY_BOT in self.bots or bot in self.bots
@@ -184,6 +200,7 @@ class Settings:
     admission: AdmissionSettings = AdmissionSettings()
     circuit: CircuitSettings = CircuitSettings()
     redis: RedisSettings = RedisSettings()
+    resume: ResumeSettings = ResumeSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     tenants: tuple[Tenant, ...] = ()
@@ -206,6 +223,7 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "admission": AdmissionSettings,
     "circuit": CircuitSettings,
     "redis": RedisSettings,
+    "resume": ResumeSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }
@@ -492,6 +510,13 @@ def _validate(s: Settings) -> None:
     for key, value in not_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must not be negative")
+    r = s.resume
+    if min(r.detach_grace_s, r.retain_s) <= 0 or min(r.max_stream_bytes, r.retry_ms) <= 0:
+        raise ConfigError(
+            "resume: detach_grace_s, retain_s, max_stream_bytes and retry_ms must be above 0"
+        )
+    if r.max_retained < 0:
+        raise ConfigError("resume.max_retained: must be 0 or more")
     if s.redis.url and urlsplit(s.redis.url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis.url: must be a redis://, rediss:// or unix:// URL")
     if s.redis.on_error not in ("local", "reject"):

@@ -63,6 +63,21 @@ class NotFound(GatewayError):
     code = "NOT_FOUND"
 
 
+class StreamNotFound(NotFound):
+    """A resume of a stream this key cannot have: unknown, expired, another
+    tenant's, or its missed events no longer kept (all alike, on purpose)."""
+
+    code = "STREAM_NOT_FOUND"
+
+
+class StreamInterrupted(GatewayError):
+    """A resumed stream could not go on: the replica that read its upstream
+    stopped writing it, or its store stopped answering."""
+
+    status = 502
+    code = "STREAM_INTERRUPTED"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     code = "METHOD_NOT_ALLOWED"

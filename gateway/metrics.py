@@ -181,6 +181,24 @@ class Metrics:
         self.config_reloads = make(
             Counter, "config_reloads", "Configuration reloads (SIGHUP), by result.", ["result"]
         )
+        self.streams_detached = make(
+            Counter, "streams_detached",
+            "Resumable streams whose last client left before the end (the upstream read on).",
+            ["tenant"],
+        )  # fmt: skip
+        self.streams_resumed = make(
+            Counter, "streams_resumed", "Resumable streams picked up again (resume requests).",
+            ["tenant"],
+        )  # fmt: skip
+        self.streams_expired = make(
+            Counter, "streams_expired",
+            "Detached streams nobody resumed within resume.detach_grace_s (upstream cancelled).",
+            ["tenant"],
+        )  # fmt: skip
+        self.events_replayed = make(
+            Counter, "events_replayed",
+            "Events sent by resume requests (the missed ones, then the live ones).", ["tenant"],
+        )  # fmt: skip
         self.overhead = make(
             Histogram,
             "overhead_seconds",
@@ -233,6 +251,11 @@ class Metrics:
         bots = sorted(self._bots | {OTHER_BOT})
         for tenant in tenants:
             self.client_disconnects.labels(tenant)
+            for resume_counter in (
+                self.streams_detached, self.streams_resumed, self.streams_expired,
+                self.events_replayed,
+            ):  # fmt: skip
+                resume_counter.labels(tenant)
             for bot in bots:
                 self.stream_events.labels(tenant, bot)
                 self.time_to_first_token.labels(tenant, bot)

@@ -27,6 +27,7 @@ from .errors import (
 from .exchange import exchange_of
 from .frontends.base import Frontend
 from .relay import Relay
+from .resume.serve import serve_resumable, wants_resumable
 from .state import ADMISSION, FAILED_KEYS, LIFECYCLE, METRICS, SETTINGS, TENANTS, UPSTREAM
 
 
@@ -67,6 +68,8 @@ async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResp
     deadline = ex.started + settings.upstream.total_timeout_s
     # The gateway's own time before the upstream call; the queue wait is not ours.
     metrics.overhead.labels("pre_upstream").observe(asyncio.get_running_loop().time() - ex.started)
+    if chat.stream and wants_resumable(request, tenant, frontend, settings):
+        return await serve_resumable(request, frontend, chat, ex, deadline)
     async with app[ADMISSION].slot(tenant.name):
         if not chat.stream:
             body = await app[UPSTREAM].complete(chat, ex.request_id, deadline)

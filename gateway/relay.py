@@ -12,7 +12,7 @@ stream with one ChatIQ-style error event and ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -66,6 +66,44 @@ def event_payload(data: str) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise UpstreamProtocolError("the chat service sent an event that is not an object")
     return payload
+
+
+class Translated(NamedTuple):
+    pieces: list[bytes]  # the wire bytes, one piece per upstream event (comments too, natively)
+    failure: UpstreamError | None  # a malformed event: nothing from it on goes out
+    done: bool  # ``[DONE]`` is among them (and nothing after it)
+    content: bool  # a content chunk is among them (the first token, if none came before)
+    events: int  # data events among them
+
+
+def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
+    """Upstream events as the client's wire bytes: the upstream's own (``encoder``
+    None, the native frontend), or a frontend's encoding (comments dropped).
+    Stops after ``[DONE]``, or before an event that is not a JSON object."""
+    pieces: list[bytes] = []
+    failure: UpstreamError | None = None
+    done = content = False
+    count = 0
+    for event in events:
+        data = event.data
+        if data is None:
+            if encoder is None:
+                pieces.append(event.raw)
+            continue
+        count += 1
+        if data == DONE_DATA:
+            pieces.append(event.raw if encoder is None else encoder.done())
+            done = True
+            break
+        try:
+            payload = event_payload(data)
+        except UpstreamError as e:
+            failure = e
+            count -= 1
+            break
+        content = content or "choices" in payload
+        pieces.append(event.raw if encoder is None else encoder.event(payload))
+    return Translated(pieces, failure, done, content, count)
 
 
 class Relay:
@@ -226,57 +264,14 @@ class Relay:
 
     def _batch(self, events: list[Event]) -> tuple[bytes, UpstreamError | None]:
         """The bytes of the whole events to send, up to ``[DONE]`` or a bad event."""
-        if self._encoder is not None:
-            return self._encoded_batch(events, self._encoder)
-        ex = self._ex
-        raws: list[bytes] = []
-        failure: UpstreamError | None = None
-        content = False
-        for event in events:
-            if event.data is not None:
-                if event.data == DONE_DATA:
-                    raws.append(event.raw)
-                    ex.events += 1
-                    self._done = True
-                    break
-                try:
-                    content = "choices" in event_payload(event.data) or content
-                except UpstreamError as e:
-                    failure = e
-                    break
-                ex.events += 1
-            raws.append(event.raw)
-        if content and ex.ttft is None:
+        out = translate(events, self._encoder)
+        self._ex.events += out.events
+        if out.done:
+            self._done = True
+        if out.content and self._ex.ttft is None:
             self._first_token()
-        return (raws[0] if len(raws) == 1 else b"".join(raws)), failure
-
-    def _encoded_batch(
-        self, events: list[Event], encoder: StreamEncoder
-    ) -> tuple[bytes, UpstreamError | None]:
-        """The same, in another frontend's wire format (comments are not passed on)."""
-        ex = self._ex
-        out: list[bytes] = []
-        failure: UpstreamError | None = None
-        content = False
-        for event in events:
-            if event.data is None:
-                continue
-            if event.data == DONE_DATA:
-                out.append(encoder.done())
-                ex.events += 1
-                self._done = True
-                break
-            try:
-                payload = event_payload(event.data)
-            except UpstreamError as e:
-                failure = e
-                break
-            content = "choices" in payload or content
-            ex.events += 1
-            out.append(encoder.event(payload))
-        if content and ex.ttft is None:
-            self._first_token()
-        return b"".join(out), failure
+        pieces = out.pieces
+        return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), out.failure
 
     def _first_token(self) -> None:
         ex = self._ex

@@ -20,7 +20,17 @@ from aiohttp import web
 from .app import export_breaker_series
 from .config import ConfigError, Settings, load_settings, named_bots
 from .logs import set_level
-from .state import ADMISSION, BREAKERS, FAILED_KEYS, LOG, METRICS, SETTINGS, TENANTS, UPSTREAM
+from .state import (
+    ADMISSION,
+    BREAKERS,
+    FAILED_KEYS,
+    LOG,
+    METRICS,
+    RESUMABLE,
+    SETTINGS,
+    TENANTS,
+    UPSTREAM,
+)
 
 RESTART_ONLY = (
     "server.host",
@@ -42,6 +52,7 @@ RESTART_ONLY = (
     "redis.lease_ttl_s",
     "redis.on_error",
     "redis.expected_replicas",
+    "resume.enabled",
     "metrics.enabled",
     "metrics.port",
     "metrics.host",
@@ -86,6 +97,8 @@ def apply_settings(app: web.Application, new: Settings) -> None:
     export_breaker_series(app[METRICS], app[BREAKERS].reconfigure(new.circuit, bots))
     app[UPSTREAM].reconfigure(new.upstream)
     set_level(app[LOG], new.logging.level)
+    if RESUMABLE in app:
+        app[RESUMABLE].settings = new.resume
 
 
 def _get(settings: Settings, key: str) -> Any:

@@ -12,6 +12,7 @@ from .breaker import Breakers
 from .config import Settings
 from .logs import Logger
 from .metrics import Metrics
+from .resume.streams import ResumableStreams
 from .upstream import Upstream
 
 
@@ -42,3 +43,4 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 BREAKERS = web.AppKey("breakers", Breakers)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 LOG = web.AppKey("log", Logger)
+RESUMABLE = web.AppKey("resumable", ResumableStreams)

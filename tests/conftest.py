@@ -24,6 +24,7 @@ from gateway.config import (
     AdmissionSettings,
     CircuitSettings,
     LoggingSettings,
+    ResumeSettings,
     ServerSettings,
     Settings,
     Tenant,
@@ -191,6 +192,7 @@ async def make_stack(
         server: ServerSettings | None = None,
         record: bool = True,
         tenants: tuple[Tenant, ...] | None = None,
+        resume: ResumeSettings | None = None,
         **upstream: Any,
     ) -> Stack:
         emulator_settings = emulator or EmulatorSettings(ttft_s=0, tokens_per_s=0)
@@ -201,6 +203,8 @@ async def make_stack(
         )
         if tenants is not None:
             gw_settings = replace(gw_settings, tenants=tenants)
+        if resume is not None:
+            gw_settings = replace(gw_settings, resume=resume)
         logs = io.StringIO()
         log_audit.in_memory.append(logs)
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))

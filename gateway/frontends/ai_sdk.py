@@ -45,6 +45,7 @@ HEADER = {"x-vercel-ai-ui-message-stream": "v1"}
 
 class AISDKFrontend(Frontend):
     name = "ai-sdk"
+    resumable = True
     default_prefix = "/api/ui"
 
     def routes(self) -> Iterable[web.RouteDef]:

@@ -48,6 +48,9 @@ class Frontend:
 
     name: ClassVar[str]
     default_prefix: ClassVar[str] = ""
+    # Its streams may be resumable ([resume]): its clients can reconnect with
+    # Last-Event-ID, and its encoding has no state a resumed reader would miss.
+    resumable: ClassVar[bool] = False
 
     def __init__(self, prefix: str | None = None, options: Mapping[str, Any] | None = None) -> None:
         self.prefix = self.default_prefix if prefix is None else prefix

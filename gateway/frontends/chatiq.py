@@ -25,6 +25,7 @@ _FIELDS = frozenset({"message", "conversation_id", "bot", "stream", "history", "
 
 class ChatIQFrontend(Frontend):
     name = "chatiq"
+    resumable = True
     default_prefix = "/api"
 
     def routes(self) -> Iterable[web.RouteDef]:

@@ -1,0 +1,122 @@
+"""One resumable stream's events, numbered from 1, kept for whoever reads them.
+
+The recorder appends the events the client is to get (already in the
+frontend's wire format, one SSE event each); each reader reads those after
+the last id it has. Bounded: past ``max_bytes`` the oldest events are let
+go, and a reader that still needed them is told so (``Gone``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Protocol
+
+
+class Gone(Exception):
+    """The events after that id are no longer kept."""
+
+
+class EventLog(Protocol):
+    """Where a reader reads a stream from: this process's journal, or Redis."""
+
+    async def read(self, after: int, wait_s: float) -> tuple[list[bytes], bool]:
+        """The events after id ``after`` (waiting up to ``wait_s`` for one), and
+        whether the stream ends with the last of them (or ended before)."""
+        ...
+
+
+def frame(first_id: int, events: list[bytes]) -> bytes:
+    """The events as they go out: each with its ``id:`` line first, the
+    event's own bytes unchanged after it."""
+    return b"".join(b"id: %d\n%b" % (i, e) for i, e in enumerate(events, first_id))
+
+
+def split_events(chunk: bytes) -> list[bytes]:
+    """A frontend's encoded bytes as single events (they end in a blank line)."""
+    events, start = [], 0
+    while (end := chunk.find(b"\n\n", start)) != -1:
+        events.append(chunk[start : end + 2])
+        start = end + 2
+    if start < len(chunk):
+        events.append(chunk[start:])
+    return events
+
+
+class Journal:
+    """A stream's events in this process: what every local reader and the
+    Redis mirror read from. Appended from the upstream's ``data_received``."""
+
+    def __init__(self, stream_id: str, tenant: str, frontend: str, max_bytes: int) -> None:
+        self.id = stream_id
+        self.tenant = tenant
+        self.frontend = frontend
+        self.finished = False
+        self.headers: dict[str, str] = {}  # its response head (the frontend's)
+        self.readers = 0  # clients reading it now (the Redis mirror is not one)
+        self.producer: asyncio.Task[None] | None = None  # reads the upstream into it
+        self._events: deque[bytes] = deque()
+        self._first = 1  # the id of _events[0]
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._changed: asyncio.Future[None] | None = None
+
+    @property
+    def last_id(self) -> int:
+        return self._first + len(self._events) - 1
+
+    @property
+    def first_id(self) -> int:
+        return self._first
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+    def append(self, events: list[bytes], *, final: bool = False) -> None:
+        if self.finished:
+            return
+        for event in events:
+            self._events.append(event)
+            self._bytes += len(event)
+        while self._bytes > self._max_bytes and len(self._events) > 1:
+            self._bytes -= len(self._events.popleft())
+            self._first += 1
+        if final:
+            self.finished = True
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake every reader waiting (new events, the end, or a shutdown's hand-over)."""
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            if not changed.done():
+                changed.set_result(None)
+
+    def events_after(self, after: int) -> list[bytes]:
+        if after + 1 < self._first:
+            raise Gone(f"the events after {after} are no longer kept")
+        start = after + 1 - self._first
+        if start >= len(self._events):
+            return []
+        if start == 0:
+            return list(self._events)
+        return [self._events[i] for i in range(start, len(self._events))]
+
+    async def read(self, after: int, wait_s: float) -> tuple[list[bytes], bool]:
+        events = self.events_after(after)
+        if not events and not self.finished:
+            await self.wait(wait_s)
+            events = self.events_after(after)
+        return events, self.finished and after + len(events) >= self.last_id
+
+    async def wait(self, wait_s: float) -> None:
+        """Until the journal changes (or ``poke``), at most ``wait_s``."""
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(wait_s):
+                await asyncio.shield(self._changed)
+        except TimeoutError:
+            pass

@@ -1,0 +1,124 @@
+"""An opened upstream stream, read into its journal whoever is reading it.
+
+The same events the relay would send (``gateway.relay.translate``), one SSE
+event per journal entry, appended from inside the upstream connection's
+``data_received``. The upstream is never paused for a reader: the journal is
+bounded instead. The idle gap and the total deadline are watched as the
+relay watches them; any failure, or the end of a drain's grace, ends the
+journal with one error event and ``[DONE]``, so every reader ends the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from ..config import UpstreamSettings
+from ..errors import GatewayError, IdleTimeout, TotalTimeout, UpstreamError
+from ..frontends.base import StreamEncoder
+from ..relay import translate
+from ..sse import DONE_EVENT, Event, format_event
+from ..upstream import EventSource
+from .journal import Journal, split_events
+
+
+def ending(err: GatewayError, encoder: StreamEncoder | None) -> list[bytes]:
+    """A failure's last events, in the stream's wire format."""
+    if encoder is None:
+        return [format_event(err.body_json()), DONE_EVENT]
+    return split_events(encoder.error(err))
+
+
+class Recorder:
+    def __init__(
+        self,
+        source: EventSource,
+        journal: Journal,
+        encoder: StreamEncoder | None,
+        settings: UpstreamSettings,
+        deadline: float,
+        on_content: Callable[[], None],
+        on_failure: Callable[[UpstreamError], None],
+    ) -> None:
+        self._source = source
+        self._journal = journal
+        self._encoder = encoder
+        self._settings = settings
+        self._deadline = deadline
+        self._on_content: Callable[[], None] | None = on_content  # once, at the first token
+        self._on_failure = on_failure
+        self._loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        self._done = False
+        self._last_event = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def run(self, first: list[Event]) -> None:
+        """Until the stream ends; cancelled, the journal ends with ``cancelled_by``."""
+        try:
+            self.on_events(first)
+            first.clear()
+            if not self._ended.done():
+                self._arm()
+                self._source.attach(self)
+            await asyncio.shield(self._ended)
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._source.close(done=self._done)
+
+    def end_with(self, err: GatewayError) -> None:
+        """End the journal early (a drain's grace ran out, say)."""
+        self._journal.append(ending(err, self._encoder), final=True)
+        self._stop()
+
+    # EventConsumer: called from the upstream connection's data_received
+
+    def on_events(self, events: list[Event]) -> None:
+        if self._ended.done():
+            return
+        self._last_event = self._loop.time()
+        out = translate([e for e in events if e.data is not None], self._encoder)
+        if self._encoder is None:
+            entries = out.pieces
+        else:
+            entries = [event for piece in out.pieces for event in split_events(piece)]
+        if out.content and self._on_content is not None:
+            self._on_content()
+            self._on_content = None
+        if out.failure is not None:
+            self._journal.append(entries)
+            self.on_failure(out.failure)
+        elif out.done:
+            self._done = True
+            self._journal.append(entries, final=True)
+            self._stop()
+        elif entries:
+            self._journal.append(entries)
+
+    def on_failure(self, failure: UpstreamError) -> None:
+        if not self._ended.done():
+            self._on_failure(failure)
+            self.end_with(failure)
+
+    # the timer
+
+    def _stop(self) -> None:
+        if not self._ended.done():
+            self._ended.set_result(None)
+
+    def _arm(self) -> None:
+        when = min(self._deadline, self._last_event + self._settings.idle_timeout_s)
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._ended.done():
+            return
+        now = self._loop.time()
+        if now >= self._deadline:
+            self.on_failure(TotalTimeout("the stream ran past its time limit"))
+        elif now >= self._last_event + self._settings.idle_timeout_s:
+            self.on_failure(IdleTimeout("the chat service stopped sending"))
+        else:
+            self._arm()

@@ -1,0 +1,295 @@
+"""Resumable streams on the wire: the producer, the readers, the resume route.
+
+A resumable stream is two tasks instead of one. The *producer* holds the
+admission slot and reads the upstream into the stream's journal; it lives on
+when the client leaves (for ``resume.detach_grace_s``). A *reader* (the
+request that started the stream, then each resume) sends the journal's
+events to its client, each with an SSE ``id:`` line, from the event after
+``Last-Event-ID``, then the live ones, then ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from ..auth import authenticate
+from ..chat import ChatRequest
+from ..config import Settings, Tenant
+from ..errors import (
+    Draining,
+    GatewayError,
+    InvalidRequest,
+    StreamInterrupted,
+    StreamNotFound,
+    UpstreamError,
+)
+from ..exchange import Exchange, exchange_of
+from ..frontends.base import Frontend, StreamEncoder
+from ..relay import PING, SSE_HEADERS, SlowClient
+from ..state import (
+    ADMISSION,
+    FAILED_KEYS,
+    LIFECYCLE,
+    LOG,
+    METRICS,
+    RESUMABLE,
+    SETTINGS,
+    TENANTS,
+    UPSTREAM,
+)
+from .journal import EventLog, Gone, Journal, frame
+from .recorder import Recorder, ending
+
+RESUMABLE_HEADER = "X-Resumable"
+STREAM_ID_HEADER = "X-Stream-Id"
+_EVENT_ID = re.compile(r"^[0-9]{1,18}$")
+# A reader gives up on a stream whose producer went silent this long past the
+# upstream's own idle timeout (the producer would have ended it by then).
+_SILENCE_SLACK_S = 5.0
+
+
+def wants_resumable(request: web.Request, tenant: Tenant, frontend: Frontend, s: Settings) -> bool:
+    """``[resume]`` on, a frontend that can carry ids, and the tenant's choice
+    unless the request makes its own (``X-Resumable: 1`` or ``0``)."""
+    if not (s.resume.enabled and frontend.resumable):
+        return False
+    asked = request.headers.get(RESUMABLE_HEADER)
+    if asked is None:
+        return tenant.resumable
+    return asked.strip().lower() in ("1", "true", "yes")
+
+
+async def serve_resumable(
+    request: web.Request, frontend: Frontend, chat: ChatRequest, ex: Exchange, deadline: float
+) -> web.StreamResponse:
+    """Start the producer; once the upstream answered, read the stream from its start."""
+    app = request.app
+    streams = app[RESUMABLE]
+    journal = streams.open(ex.tenant, frontend.name)
+    encoder = frontend.encoder(chat, ex)
+    journal.headers = {**SSE_HEADERS, **(encoder.headers if encoder is not None else {})}
+    opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    producer = asyncio.create_task(_produce(app, chat, ex, journal, encoder, deadline, opened))
+    journal.producer = producer
+    try:
+        await asyncio.shield(opened)
+    except BaseException:
+        producer.cancel()  # failed or the client left before anything was promised
+        streams.forget(journal.id)
+        raise
+    streams.reader_joined(journal)
+    try:
+        return await follow(request, journal, journal.id, 0, ex, journal.headers)
+    finally:
+        streams.reader_left(journal)
+
+
+async def _produce(
+    app: web.Application,
+    chat: ChatRequest,
+    ex: Exchange,
+    journal: Journal,
+    encoder: StreamEncoder | None,
+    deadline: float,
+    opened: asyncio.Future[None],
+) -> None:
+    streams, lifecycle, metrics = app[RESUMABLE], app[LIFECYCLE], app[METRICS]
+    settings = app[SETTINGS].current.upstream
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    lifecycle.streams.add(task)
+    recorder: Recorder | None = None
+    mirror: asyncio.Task[None] | None = None
+
+    def first_token() -> None:
+        if ex.ttft is None:
+            ex.ttft = loop.time() - ex.started
+            metrics.time_to_first_token.labels(ex.tenant, ex.bot_label).observe(ex.ttft)
+
+    def failed(e: UpstreamError) -> None:
+        if e.kind is not None:
+            metrics.upstream_errors.labels(e.kind).inc()
+        app[LOG].warning("stream_failed", request_id=ex.request_id, error=type(e).__name__,
+                         kind=e.kind, resumable=True)  # fmt: skip
+
+    try:
+        async with app[ADMISSION].slot(ex.tenant):
+            source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
+            if streams.remote is not None and await streams.remote.announce(journal):
+                mirror = streams.remote.mirror(journal)
+            opened.set_result(None)
+            live = metrics.active_streams.labels(ex.tenant, ex.bot_label)
+            live.inc()
+            recorder = Recorder(source, journal, encoder, settings, deadline, first_token, failed)
+            try:
+                await recorder.run(first)
+            finally:
+                live.dec()
+    except BaseException as e:
+        if not opened.done():
+            if isinstance(e, asyncio.CancelledError):
+                opened.cancel()
+            else:
+                opened.set_exception(e)
+        elif not isinstance(e, asyncio.CancelledError):
+            raise
+    finally:
+        lifecycle.streams.discard(task)
+        if recorder is not None and not journal.finished:  # cancelled, or a bug
+            recorder.end_with(
+                Draining("the gateway is restarting; please retry")
+                if lifecycle.draining
+                else StreamInterrupted("the stream was cancelled")
+            )
+        if opened.done() and not opened.cancelled() and opened.exception() is None:
+            streams.finished(journal)
+        if mirror is not None:  # what the readers elsewhere still need
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(mirror), timeout=5)
+
+
+async def follow(
+    request: web.Request,
+    log: EventLog,
+    stream_id: str,
+    after: int,
+    ex: Exchange,
+    headers: dict[str, str],
+    *,
+    resumed: bool = False,
+) -> web.StreamResponse:
+    """Send the stream's events after id ``after`` to this client, to the end."""
+    app = request.app
+    streams = app[RESUMABLE]
+    settings = app[SETTINGS].current.upstream
+    replayed = app[METRICS].events_replayed.labels(ex.tenant)
+    response = web.StreamResponse(headers={**headers, STREAM_ID_HEADER: stream_id})
+    await response.prepare(request)
+    ex.streamed = True
+    loop = asyncio.get_running_loop()
+    heard = loop.time()
+    position = after
+
+    async def send(payload: bytes) -> None:
+        try:
+            async with asyncio.timeout(settings.client_write_timeout_s):
+                await response.write(payload)
+        except TimeoutError:
+            raise SlowClient from None
+        ex.bytes_out += len(payload)
+
+    try:
+        while True:
+            if streams.handing_over:
+                await _hand_over(request, response, stream_id, position)
+                ex.outcome = "handed_over"
+                return response
+            try:
+                events, ended = await log.read(position, settings.keepalive_s)
+            except Gone:
+                raise StreamInterrupted(
+                    "the client fell further behind than the gateway keeps a stream"
+                ) from None
+            except (RedisError, OSError):
+                raise StreamInterrupted("the stream's store stopped answering") from None
+            now = loop.time()
+            if events:
+                await send(frame(position + 1, events))
+                position += len(events)
+                ex.events += len(events)
+                if resumed:
+                    replayed.inc(len(events))
+                heard = now
+            elif not ended:
+                if now - heard > settings.idle_timeout_s + _SILENCE_SLACK_S:
+                    raise StreamInterrupted("the stream stopped: its gateway replica went away")
+                await send(PING)
+            if ended:
+                return response
+    except StreamInterrupted as e:
+        ex.error = e
+        with contextlib.suppress(ConnectionError, SlowClient):
+            await send(b"".join(_ending(app, log, stream_id, e)))
+    except (ConnectionError, SlowClient) as e:
+        ex.outcome = "slow_client" if isinstance(e, SlowClient) else "client_disconnect"
+        if request.transport is not None:
+            request.transport.close()
+    return response
+
+
+def _ending(app: web.Application, log: EventLog, stream_id: str, err: GatewayError) -> list[bytes]:
+    """An error and the ending, in the stream's own wire format."""
+    frontend = app[RESUMABLE].frontends.get(getattr(log, "frontend", "chatiq"))
+    if frontend is None:
+        return ending(err, None)
+    blank = Exchange(request_id=stream_id, route="-", started=0.0)
+    return ending(err, frontend.encoder(ChatRequest(message="", bot=""), blank))
+
+
+async def _hand_over(
+    request: web.Request, response: web.StreamResponse, stream_id: str, position: int
+) -> None:
+    """Shutdown with Redis: once Redis holds what this client has, end its
+    connection with a ``retry:`` hint; it resumes on another replica."""
+    streams = request.app[RESUMABLE]
+    if streams.remote is not None:
+        await streams.remote.copied_up_to(stream_id, position, timeout_s=2.0)
+    await response.write(b"retry: %d\n\n" % streams.settings.retry_ms)
+    response.force_close()
+
+
+# the resume route
+
+
+def last_event_id(request: web.Request) -> int:
+    """``Last-Event-ID`` (the header, else ``?last_event_id=``); none: from the start."""
+    raw = request.headers.get("Last-Event-ID", request.query.get("last_event_id", "")).strip()
+    if not raw:
+        return 0
+    if not _EVENT_ID.match(raw):
+        raise InvalidRequest("Last-Event-ID must be the id of an event of this stream")
+    return int(raw)
+
+
+async def resume_stream(request: web.Request) -> web.StreamResponse:
+    """``GET {prefix}/chatbot/streams/{stream_id}``: the events after ``Last-Event-ID``."""
+    app = request.app
+    ex = exchange_of(request)
+    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
+    ex.tenant = tenant.name
+    stream_id = request.match_info["stream_id"]
+    after = last_event_id(request)
+    streams = app[RESUMABLE]
+    if app[LIFECYCLE].draining and streams.remote is not None:
+        raise Draining("this replica is shutting down; resume on another", retry_after=0)
+    journal = streams.find(stream_id, tenant.name)
+    if journal is not None:
+        if after > journal.last_id:
+            raise InvalidRequest(f"this stream has no event {after} yet")
+        try:
+            journal.events_after(after)
+        except Gone:
+            raise StreamNotFound("the events after that id are no longer kept") from None
+        app[METRICS].streams_resumed.labels(tenant.name).inc()
+        streams.reader_joined(journal)
+        try:
+            return await follow(request, journal, stream_id, after, ex, journal.headers,
+                                resumed=True)  # fmt: skip
+        finally:
+            streams.reader_left(journal)
+    if streams.remote is not None:
+        try:
+            remote = await streams.remote.find(stream_id, tenant.name)
+        except (RedisError, OSError):
+            raise StreamInterrupted("the resumable streams' store is not answering") from None
+        if remote is not None:
+            app[METRICS].streams_resumed.labels(tenant.name).inc()
+            return await follow(request, remote, stream_id, after, ex, remote.headers,
+                                resumed=True)  # fmt: skip
+    raise StreamNotFound("no resumable stream with that id for this key (it may have expired)")
