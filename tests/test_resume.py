@@ -273,7 +273,7 @@ async def test_a_resume_from_before_what_is_kept_is_refused(
     stack = await resumable_stack(
         make_stack,
         emulator=EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=33),
-        resume=ResumeSettings(enabled=True, max_stream_bytes=2000),
+        resume=ResumeSettings(enabled=True, max_stream_bytes=800),
     )
     response = await start(stack, {"X-Resumable": "1"})
     stream_id = response.headers["X-Stream-Id"]
