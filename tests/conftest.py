@@ -36,7 +36,7 @@ from gateway.state import ADMISSION
 from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings, Transcript, create_emulator_app
 from loadtest.harness import free_port, metric_total, start_gateway, wait_ready
 
-pytest_plugins = ["tests.scripted"]  # the scripted upstream's fixture
+pytest_plugins = ["tests.scripted", "tests.redis_server"]  # the scripted upstream, redis-server
 
 CHATIQ_KEY = "sk-chatiq-test-3f9c2e7a5b1d"
 ACME_KEY = "acme-key-7d1e"

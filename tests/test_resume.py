@@ -18,7 +18,7 @@ from loadtest.emulator import LIVE, EmulatorSettings
 from tests.conftest import ACME_KEY, LIMITED_KEY, TENANTS, Stack, StackFactory, eventually
 
 RESUME = ResumeSettings(enabled=True, detach_grace_s=5.0, retain_s=30.0)
-SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=400, reply_tokens=33)  # 40 data events, [DONE] included
+SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=400, reply_tokens=33)  # 40 events with [DONE]
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 _ID_LINE = re.compile(rb"^id: [0-9]+\n", re.M)
 
@@ -210,7 +210,7 @@ async def test_a_resume_within_the_grace_keeps_the_upstream(make_stack: StackFac
     )
     response = await start(stack, {"X-Resumable": "1"})
     stream_id, request_id = response.headers["X-Stream-Id"], response.headers["X-Request-Id"]
-    head, got = await read_events(response, limit=5)
+    head, _got = await read_events(response, limit=5)
     await asyncio.sleep(0.3)
     tail, _ = await read_events(await resume(stack, stream_id, 5))
     assert without_ids(head + tail) == upstream_events(stack, request_id)
@@ -229,7 +229,10 @@ async def test_a_thousand_streams_dropped_and_resumed_at_random_moments(
     async def one(i: int) -> None:
         async with limit:
             response = await start(stack, {"X-Resumable": "1"})
-            stream_id, request_id = response.headers["X-Stream-Id"], response.headers["X-Request-Id"]
+            stream_id, request_id = (
+                response.headers["X-Stream-Id"],
+                response.headers["X-Request-Id"],
+            )
             body, events = await read_events(response, limit=rng.randint(1, 40))
             drops = 0
             while events[-1].data != "[DONE]":
@@ -251,13 +254,16 @@ async def test_a_thousand_streams_dropped_and_resumed_at_random_moments(
 
 async def test_the_ai_sdk_stream_resumes_in_its_own_format(make_stack: StackFactory) -> None:
     stack = await resumable_stack(make_stack)
-    body = {"id": "chat-1", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}]}
+    body = {
+        "id": "chat-1",
+        "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+    }
     response = await stack.session.post(
         stack.gateway.make_url("/api/ui/chat"), json=body, headers={**AUTH, "X-Resumable": "1"}
     )
     assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
     stream_id = response.headers["X-Stream-Id"]
-    head, got = await read_events(response, limit=6)
+    head, _got = await read_events(response, limit=6)
     again = await resume(stack, stream_id, 6)
     assert again.headers["x-vercel-ai-ui-message-stream"] == "v1"
     tail, rest = await read_events(again)
@@ -281,5 +287,5 @@ async def test_a_resume_from_before_what_is_kept_is_refused(
     late = await resume(stack, stream_id, cut_after)
     assert late.status == 404  # the events after it were let go: nothing could be complete
     assert (await late.json())["error"]["code"] == "STREAM_NOT_FOUND"
-    recent, events = await read_events(await resume(stack, stream_id, 38))
+    _recent, events = await read_events(await resume(stack, stream_id, 38))
     assert [e.id for e in events] == ["39", "40"]

@@ -50,7 +50,7 @@ STREAM_ID_HEADER = "X-Stream-Id"
 _EVENT_ID = re.compile(r"^[0-9]{1,18}$")
 # A reader gives up on a stream whose producer went silent this long past the
 # upstream's own idle timeout (the producer would have ended it by then).
-_SILENCE_SLACK_S = 5.0
+_SILENCE_SLACK_S = 2.0
 
 
 def wants_resumable(request: web.Request, tenant: Tenant, frontend: Frontend, s: Settings) -> bool:

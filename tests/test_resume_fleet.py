@@ -1,0 +1,183 @@
+"""Resumable streams across replicas sharing a real redis-server: a client
+resumes on any replica, and a replica that shuts down hands its clients over
+(through HAProxy, as ``make fleet`` runs it) without losing a byte."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.sse import Event
+from loadtest.emulator import EmulatorSettings
+from loadtest.fleet import Fleet, haproxy_binary, start_fleet
+from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
+from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, Stack, StackFactory
+from tests.redis_server import RedisServer
+from tests.test_resume import read_events, upstream_events, without_ids
+
+AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
+RESUMABLE = {**AUTH, "X-Resumable": "1"}
+
+Replicas = Callable[..., Awaitable[list[GatewayProcess]]]
+
+
+@pytest.fixture
+async def replicas(
+    redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[list[GatewayProcess]]]]:
+    started: list[GatewayProcess] = []
+
+    async def start(stack: Stack, n: int = 2, **tables: Any) -> list[GatewayProcess]:
+        assert stack.emulator.port is not None
+        tables.setdefault("resume", {"enabled": True, "detach_grace_s": 5.0})
+        for _ in range(n):
+            port = free_port()
+            process, log = start_gateway(
+                tmp_path, port, stack.emulator.port, ACME_KEY, CHATIQ_KEY,
+                redis={"url": redis_server.url}, **tables,
+            )  # fmt: skip
+            started.append(GatewayProcess(process, port, log))
+        for gw in started[-n:]:
+            await wait_ready(f"http://127.0.0.1:{gw.port}/healthz")
+        return started[-n:]
+
+    yield start
+    stop(*(gw.process for gw in started))
+
+
+def stream_url(gw: GatewayProcess, stream_id: str) -> str:
+    return f"http://127.0.0.1:{gw.port}/api/chatbot/streams/{stream_id}"
+
+
+async def test_a_stream_dropped_on_one_replica_resumes_on_the_other(
+    make_stack: StackFactory, replicas: Replicas
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=100, reply_tokens=33))
+    a, b = await replicas(stack)
+    session = stack.session
+    first = await session.post(a.url, json={"message": "tell me everything"}, headers=RESUMABLE)
+    stream_id, request_id = first.headers["X-Stream-Id"], first.headers["X-Request-Id"]
+    head, _got = await read_events(first, limit=10)
+    rest = await session.get(stream_url(b, stream_id), headers={**AUTH, "Last-Event-ID": "10"})
+    assert rest.headers["X-Stream-Id"] == stream_id
+    tail, resumed = await read_events(rest)
+    assert [e.id for e in resumed] == [str(i) for i in range(11, 41)]
+    assert resumed[-1].data == "[DONE]"
+    assert without_ids(head + tail) == upstream_events(stack, request_id)
+    # Finished, and still kept: the whole stream again from B, byte for byte.
+    whole, _ = await read_events(await session.get(stream_url(b, stream_id), headers=AUTH))
+    assert whole == head + tail
+    assert await b.metric(session, "chatiq_gateway_streams_resumed_total") == 2
+    assert await b.metric(session, "chatiq_gateway_events_replayed_total") == 70
+    # Another key's resume of it, on either replica: as if it did not exist.
+    other = await session.get(stream_url(b, "x" + stream_id[1:]), headers=AUTH)
+    assert other.status == 404
+
+
+async def test_a_detached_stream_read_elsewhere_outlives_its_grace(
+    make_stack: StackFactory, replicas: Replicas
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=43))
+    a, b = await replicas(stack, resume={"enabled": True, "detach_grace_s": 0.5})
+    session = stack.session
+    first = await session.post(a.url, json={"message": "tell me everything"}, headers=RESUMABLE)
+    stream_id, request_id = first.headers["X-Stream-Id"], first.headers["X-Request-Id"]
+    head, _ = await read_events(first, limit=3)
+    rest = await session.get(stream_url(b, stream_id), headers={**AUTH, "Last-Event-ID": "3"})
+    tail, events = await read_events(rest)  # about 2 s: four times the grace
+    assert events[-1].data == "[DONE]" and '"error"' not in (events[-2].data or "")
+    assert without_ids(head + tail) == upstream_events(stack, request_id)
+    assert await a.metric(session, "chatiq_gateway_streams_expired_total") == 0
+
+
+async def test_a_resume_whose_replica_died_ends_with_an_error_and_done(
+    make_stack: StackFactory, replicas: Replicas
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=100))
+    a, b = await replicas(stack, upstream={"idle_timeout_s": 1.0, "keepalive_s": 0.5})
+    session = stack.session
+    first = await session.post(a.url, json={"message": "tell me everything"}, headers=RESUMABLE)
+    stream_id = first.headers["X-Stream-Id"]
+    await read_events(first, limit=3)
+    rest = await session.get(stream_url(b, stream_id), headers={**AUTH, "Last-Event-ID": "3"})
+    assert rest.status == 200
+    a.process.kill()  # no drain, no last event: B must notice the silence
+    _, events = await read_events(rest)
+    assert events[-1].data == "[DONE]"
+    assert '"STREAM_INTERRUPTED"' in (events[-2].data or "")
+
+
+@pytest.fixture
+def resumable_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    if haproxy_binary() is None or shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy or redis-server is missing: .ci/run installs both")
+        pytest.skip("needs haproxy and redis-server (apt-get install haproxy redis-server)")
+    started = start_fleet(
+        tmp_path, free_port(), replicas=2, key=ACME_KEY,
+        emulator_args=("--ttft-ms", "20", "--tokens-per-s", "25", "--reply-tokens", "60"),
+        server={"shutdown_grace_s": 20.0}, resume={"enabled": True},
+    )  # fmt: skip
+    yield started
+    started.stop()
+
+
+def text(events: list[Event]) -> str:
+    """The answer's content, as a reader would put it together."""
+    return "".join(e.data for e in events if e.data and '"choices"' in e.data)
+
+
+async def resumed_to_the_end(session: aiohttp.ClientSession, fleet: Fleet) -> list[Event]:
+    """A client that resumes, as the page does, whenever a stream ends before [DONE]."""
+    response = await session.post(
+        f"{fleet.url}/api/chatbot", json={"message": "tell me everything"}, headers=RESUMABLE
+    )
+    stream_id = response.headers["X-Stream-Id"]
+    _, events = await read_events(response)
+    for _ in range(5):
+        if events and events[-1].data == "[DONE]":
+            break
+        await asyncio.sleep(0.1)
+        last = events[-1].id if events else "0"
+        response = await session.get(
+            f"{fleet.url}/api/chatbot/streams/{stream_id}",
+            headers={**AUTH, "Last-Event-ID": last or "0"},
+        )
+        events += (await read_events(response))[1]
+    return events
+
+
+async def test_a_replica_shut_down_mid_stream_hands_its_clients_over(
+    resumable_fleet: Fleet,
+) -> None:
+    fleet = resumable_fleet
+    (leaving, _, log), (_, staying_port, _) = fleet.replicas
+    connector = aiohttp.TCPConnector(force_close=True, limit=200)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        clients = [asyncio.ensure_future(resumed_to_the_end(session, fleet)) for _ in range(100)]
+        await asyncio.sleep(1.0)  # every stream live, each replica with about half
+        leaving.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*clients)
+        reference = await session.post(
+            f"{fleet.url}/api/chatbot", json={"message": "tell me everything"}, headers=AUTH
+        )
+        _, uninterrupted = await read_events(reference)
+        taken_over = await metric_total(
+            session, staying_port, "chatiq_gateway_streams_resumed_total"
+        )
+    for events in results:
+        assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
+        assert events[-1].data == "[DONE]"
+        assert not any('"error"' in (e.data or "") for e in events)
+        assert text(events) == text(uninterrupted)  # every word once, in order
+    assert leaving.wait(timeout=30) == 0
+    handed_over = log.read_text().count('"outcome": "handed_over"')
+    assert 20 < handed_over == taken_over, (handed_over, taken_over)
