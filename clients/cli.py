@@ -30,6 +30,7 @@ from gateway.sse import SSEParser
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+RESUME_FOR_S = 30.0  # a cut stream is resumed for this long (the gateway's detach grace)
 
 
 class ChatError(Exception):
@@ -68,27 +69,91 @@ class Stats:
 
 
 async def ask(session: Session, message: str) -> None:
-    """Send one message and print the reply as it arrives; raise ChatError on failure."""
+    """Send one message and print the reply as it arrives; raise ChatError on failure.
+
+    A native stream is asked to be resumable: when the connection drops before
+    ``[DONE]``, the reply is resumed after the last event received (the gateway
+    sends each event once), for up to ``RESUME_FOR_S``."""
     headers = {"Authorization": f"Bearer {session.key}"}
     stats = Stats()
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         try:
             path, body = await _request(http, session, message, headers)
-            async with http.post(f"{session.url}{path}", json=body, headers=headers) as response:
+            ask_headers = {**headers, "X-Resumable": "1"} if session.stream else headers
+            async with http.post(
+                f"{session.url}{path}", json=body, headers=ask_headers
+            ) as response:
                 if response.status != 200:
                     raise ChatError(await _describe_error(response))
                 if session.prefix and not session.raw_json:
                     print(session.prefix, end="", file=session.out, flush=True)
+                reading = Reading(response.headers.get("X-Stream-Id"), done=not session.stream)
                 if session.stream:
-                    await _print_stream(session, response, stats)
+                    await _print_stream(session, response, stats, reading)
                 else:
-                    answer = await response.json()
-                    _print_answer(session, answer)
+                    _print_answer(session, await response.json())
+            while not reading.done:
+                response = await _resume(http, session, reading, headers)
+                async with response:
+                    await _print_stream(session, response, stats, reading)
+            if session.stream:
+                _end_stream(session, reading)
         except aiohttp.ClientError as e:
             raise ChatError(f"cannot reach the gateway at {session.url}: {e}") from None
+    _report(session, stats)
+
+
+def _report(session: Session, stats: Stats) -> None:
     if session.stats:
         print(stats.report(), file=session.err)
+
+
+@dataclass
+class Reading:
+    """Where a stream is: its id (None: not resumable), its last event's id."""
+
+    stream_id: str | None
+    last_event_id: str = ""
+    done: bool = False
+    failure: str | None = None
+    retry_ms: int = 500  # the gateway's retry: hint, if it sent one
+
+
+async def _resume(
+    http: aiohttp.ClientSession, session: Session, reading: Reading, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    """The stream again, after the last event received; ChatError once it cannot be."""
+    if reading.stream_id is None:
+        _end_stream(session, reading)  # raises: the stream was cut, and is not resumable
+    url = f"{session.url}/api/chatbot/streams/{reading.stream_id}"
+    wait_s, until = reading.retry_ms / 1000, time.monotonic() + RESUME_FOR_S
+    print("\n(reconnecting...)", file=session.err, flush=True)
+    while True:
+        await asyncio.sleep(wait_s)
+        try:
+            response = await http.get(
+                url, headers={**headers, "Last-Event-ID": reading.last_event_id}
+            )
+        except aiohttp.ClientError:
+            response = None
+        if response is not None and response.status == 200:
+            return response
+        if response is not None and response.status not in (502, 503, 504):
+            raise ChatError(f"the reply was cut off and cannot be resumed: "
+                            f"{await _describe_error(response)}")  # fmt: skip
+        if time.monotonic() + wait_s > until:
+            raise ChatError("the reply was cut off and the gateway could not be reached again")
+        wait_s = min(wait_s * 2, 4.0)
+
+
+def _end_stream(session: Session, reading: Reading) -> None:
+    if not session.raw_json:
+        print(file=session.out, flush=True)
+    if reading.failure:
+        raise ChatError(reading.failure)
+    if not reading.done:
+        raise ChatError("the stream ended before [DONE]")
 
 
 async def _request(
@@ -132,27 +197,30 @@ def _print_answer(session: Session, answer: dict[str, Any]) -> None:
         print(text, file=session.out)
 
 
-async def _print_stream(session: Session, response: aiohttp.ClientResponse, stats: Stats) -> None:
-    parser = SSEParser()
-    done = False
-    failure: str | None = None
-    async for chunk in response.content.iter_any():
-        for event in parser.feed(chunk):
-            if event.data is None:
-                continue
-            if session.raw_json:
-                print(event.data, file=session.out, flush=True)
-            if event.data == "[DONE]":
-                done = True
-                continue
-            payload = json.loads(event.data)
-            failure = _show(session, payload, stats) or failure
-    if not session.raw_json:
-        print(file=session.out, flush=True)
-    if failure:
-        raise ChatError(failure)
-    if not done:
-        raise ChatError("the stream ended before [DONE]")
+async def _print_stream(
+    session: Session, response: aiohttp.ClientResponse, stats: Stats, reading: Reading
+) -> None:
+    """Print events until the stream ends, or its connection breaks."""
+    parser = SSEParser()  # a fresh one per connection: a cut event is sent again whole
+    try:
+        async for chunk in response.content.iter_any():
+            for event in parser.feed(chunk):
+                if event.retry is not None:
+                    reading.retry_ms = event.retry
+                if event.data is None:
+                    continue
+                if event.id is not None:
+                    reading.last_event_id = event.id
+                if session.raw_json:
+                    print(event.data, file=session.out, flush=True)
+                if event.data == "[DONE]":
+                    reading.done = True
+                    continue
+                payload = json.loads(event.data)
+                reading.failure = _show(session, payload, stats) or reading.failure
+    except aiohttp.ClientPayloadError:
+        if reading.stream_id is None:
+            raise ChatError("the connection broke before [DONE]") from None
 
 
 def _show(session: Session, payload: dict[str, Any], stats: Stats) -> str | None:

@@ -17,6 +17,7 @@ import pytest
 
 from loadtest.emulator import EmulatorSettings, compose_reply
 from tests.conftest import ACME_KEY, GatewayProcess, StackFactory
+from tests.cutting_proxy import CuttingProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,3 +229,25 @@ async def test_keys_typed_during_a_reply_wait_for_the_next_prompt(
         if process.returncode is None:
             process.kill()
         os.close(leader)
+
+
+async def test_a_reply_cut_off_mid_stream_is_resumed_without_a_gap_or_a_repeat(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=30))
+    gw = await gateway_process(stack.emulator, resume={"enabled": True})
+    proxy = await CuttingProxy(gw.port).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATIQ_GATEWAY")}
+    env.update(CHATIQ_GATEWAY_URL=proxy.url, CHATIQ_GATEWAY_KEY=ACME_KEY)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clients.cli", "tell me a long story",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+    )  # fmt: skip
+    await asyncio.sleep(0.6)
+    assert proxy.cut() >= 2  # the client's connection and the gateway's side of it
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    await proxy.close()
+    assert process.returncode == 0, err.decode()
+    assert "(reconnecting...)" in err.decode()
+    words = "".join(compose_reply("tell me a long story", [], 30))
+    assert out.decode() == words + "\n"
