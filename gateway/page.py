@@ -12,7 +12,7 @@ from .errors import Forbidden
 from .state import FAILED_KEYS, SETTINGS, TENANTS
 
 BUNDLED_PAGE = Path(__file__).resolve().parent.parent / "clients" / "web"
-CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
+CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Resumable, Last-Event-ID"
 # On every response: no MIME sniffing (a reply is never run as a script), and
 # no Referer carrying the page's URL to the images a reply links to.
 SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -81,5 +81,5 @@ async def add_browser_headers(request: web.Request, response: web.StreamResponse
     origin = request.headers.get("Origin")
     if origin is not None and origin in server.cors_origins:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id"
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id, X-Stream-Id"
         response.headers["Vary"] = "Origin"

@@ -12,7 +12,9 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from loadtest.emulator import EmulatorSettings, compose_reply
+from gateway.config import ResumeSettings
 from tests.conftest import ACME_KEY, TINY_KEY, Stack, StackFactory, eventually
+from tests.cutting_proxy import CuttingProxy
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "results" / "screenshots"
@@ -34,10 +36,12 @@ async def browser() -> AsyncIterator[Browser]:
         await browser.close()
 
 
-async def open_chat(browser: Browser, stack: Stack, key: str = ACME_KEY, width: int = 800) -> Page:
+async def open_chat(
+    browser: Browser, stack: Stack, key: str = ACME_KEY, width: int = 800, url: str | None = None
+) -> Page:
     page = await browser.new_page(viewport={"width": width, "height": 800})
     page.on("pageerror", lambda error: pytest.fail(f"error in the page: {error}"))
-    await page.goto(str(stack.gateway.make_url("/")))
+    await page.goto(url or str(stack.gateway.make_url("/")))
     await page.get_by_label("Your gateway key").fill(key)
     await page.get_by_role("button", name="Use this key").click()
     return page
@@ -352,3 +356,36 @@ async def test_any_bot_can_be_typed_in(browser: Browser, stack: Stack) -> None:
     assert "502" in await page.locator(".bubble.error").inner_text()  # that bot was asked
     await page.reload()  # and it is still the one in use
     await until_true(page, "document.querySelector('#bot').value === 'fault-500'")
+
+
+async def test_a_connection_cut_mid_answer_is_resumed_without_a_gap_or_a_repeat(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=25, reply_tokens=40),
+        resume=ResumeSettings(enabled=True),
+    )
+    assert stack.gateway.port is not None
+    proxy = await CuttingProxy(stack.gateway.port).start()
+    try:
+        page = await open_chat(browser, stack, url=f"{proxy.url}/")
+        statuses: list[str] = []
+        await page.expose_function("sawStatus", lambda text: statuses.append(text))
+        await page.evaluate(
+            """() => new MutationObserver(() => window.sawStatus(
+                document.querySelector('#status').textContent)).observe(
+                document.querySelector('#status'), {childList: true, characterData: true,
+                subtree: true})"""
+        )
+        await send(page, "Tell me a long story")
+        await until_true(
+            page, "document.querySelector('.bubble.assistant')?.textContent.length > 20"
+        )
+        assert proxy.cut() >= 2  # the page's connection, and the proxy's to the gateway
+        await wait_idle(page)
+        assert await replies(page) == [expected_reply("Tell me a long story", tokens=40)]
+        assert await page.locator(".incomplete, .bubble.error, .reconnecting").count() == 0
+        assert "Reconnecting…" in statuses
+        assert await stack.metric("chatiq_gateway_streams_resumed_total", tenant="acme") == 1
+    finally:
+        await proxy.close()

@@ -173,9 +173,9 @@ async function ask(text) {
   };
 
   try {
-    const response = await fetch("/api/chatbot", {
+    let response = await fetch("/api/chatbot", {
       method: "POST",
-      headers: headers(),
+      headers: { ...headers(), "X-Resumable": "1" },
       body: JSON.stringify({ message: text, conversation_id: conversation.id, bot: conversation.bot ?? undefined }),
       signal: controller.signal,
     });
@@ -184,14 +184,30 @@ async function ask(text) {
       showError(await httpError(response));
       return;
     }
-    const parser = new SSEParser();
-    const reader = response.body.getReader();
+    // A resumable stream (the gateway's [resume] on) survives a dropped
+    // connection: it is asked again after the last event received.
+    const streamId = response.headers.get("X-Stream-Id");
+    let parser = new SSEParser();
     for (;;) {
-      const { done: ended, value } = await reader.read();
-      if (ended) break;
-      parser.feed(value).forEach(handle);
+      const cut = await read(response, parser, handle);
+      if (done || !streamId || controller.signal.aborted) {
+        if (cut) throw cut;
+        break;
+      }
+      node.classList.add("reconnecting");
+      say("Reconnecting…");
+      response = await resume(streamId, parser, controller.signal);
+      node.classList.remove("reconnecting");
+      if (!response.ok) {
+        markIncomplete(node, reply, "interrupted");
+        showError(response.status === 404
+          ? "The reply was cut off, and the gateway no longer has the rest."
+          : await httpError(response));
+        return;
+      }
+      say("");
+      parser = new SSEParser(parser.lastEventId);  // a new connection: nothing half-read carries over
     }
-    parser.close().forEach(handle);
     if (!done) {
       markIncomplete(node, reply, "interrupted");
       showError("The reply was cut off before it finished.");
@@ -211,6 +227,47 @@ async function ask(text) {
     }
     save();
     setStreaming(null);
+  }
+}
+
+// Reads a stream to its end; returns the error that cut it, if one did.
+async function read(response, parser, handle) {
+  const reader = response.body.getReader();
+  try {
+    for (;;) {
+      const { done: ended, value } = await reader.read();
+      if (ended) break;
+      parser.feed(value).forEach(handle);
+    }
+    parser.close().forEach(handle);
+    return null;
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    return error;
+  }
+}
+
+// The stream again, after the last event this page has: tried for a while
+// with growing pauses (the server's retry: hint first) while the network is away.
+const RESUME_FOR_MS = 30_000;
+async function resume(streamId, parser, signal) {
+  const until = Date.now() + RESUME_FOR_MS;
+  let wait = parser.retry ?? 500;
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, wait));
+    if (signal.aborted) throw new DOMException("stopped", "AbortError");
+    try {
+      const response = await fetch(`/api/chatbot/streams/${encodeURIComponent(streamId)}`, {
+        headers: { ...headers(), "Last-Event-ID": parser.lastEventId },
+        signal,
+      });
+      if (response.ok || ![502, 503, 504].includes(response.status) || Date.now() + wait > until) {
+        return response;
+      }
+    } catch (error) {
+      if (error.name === "AbortError" || Date.now() + wait > until) throw error;
+    }
+    wait = Math.min(wait * 2, 4000);
   }
 }
 

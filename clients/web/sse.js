@@ -8,11 +8,15 @@
 "use strict";
 
 export class SSEParser {
-  constructor() {
+  // lastEventId: where a stream resumed on a new connection had got to.
+  constructor(lastEventId = "") {
     this.decoder = new TextDecoder("utf-8");
     this.buffer = "";        // text not yet split into whole lines
     this.data = null;        // data lines of the event being read
     this.skipLF = false;     // the last chunk ended in "\r": a "\n" next belongs to it
+    this.idBuffer = lastEventId;
+    this.lastEventId = lastEventId;  // the id of the last whole event (as EventSource keeps it)
+    this.retry = null;       // the server's reconnection hint, in ms
   }
 
   // Feed bytes (Uint8Array); returns the data of each event completed by them.
@@ -47,7 +51,8 @@ export class SSEParser {
   }
 
   #line(line, events) {
-    if (line === "") {
+    if (line === "") {  // an event ends: only now does its id count
+      this.lastEventId = this.idBuffer;
       if (this.data !== null) events.push(this.data.join("\n"));
       this.data = null;
       return;
@@ -58,5 +63,7 @@ export class SSEParser {
     let value = colon < 0 ? "" : line.slice(colon + 1);
     if (value.startsWith(" ")) value = value.slice(1);
     if (field === "data") (this.data ??= []).push(value);
+    else if (field === "id" && !value.includes("\0")) this.idBuffer = value;
+    else if (field === "retry" && /^[0-9]+$/.test(value)) this.retry = Number(value);
   }
 }
