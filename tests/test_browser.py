@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from loadtest.emulator import EmulatorSettings, compose_reply
 from gateway.config import ResumeSettings
+from loadtest.emulator import EmulatorSettings, compose_reply
 from tests.conftest import ACME_KEY, TINY_KEY, Stack, StackFactory, eventually
 from tests.cutting_proxy import CuttingProxy
 
