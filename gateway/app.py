@@ -19,7 +19,7 @@ from .frontends.chatiq import ChatIQFrontend
 from .logs import Logger, make_logger
 from .metrics import Metrics
 from .resume.redis_log import RedisStreams
-from .resume.serve import resume_stream
+from .resume.serve import resume_chat_route, resume_stream
 from .resume.streams import ResumableStreams
 from .state import (
     ADMISSION,
@@ -98,6 +98,11 @@ def _mount_resume(app: web.Application, frontend_of_route: dict[str, Frontend]) 
     path = f"{prefix}/chatbot/streams/{{stream_id}}"
     app.router.add_get(path, resume_stream, allow_head=False)
     frontend_of_route[path] = native if native is not None else ChatIQFrontend(prefix)
+    for frontend in by_name.values():
+        if frontend.resumable and frontend.resume_path is not None:
+            route = resume_chat_route(frontend)
+            app.router.add_routes([route])
+            frontend_of_route[route.path] = frontend
     app.cleanup_ctx.append(_resumable_streams)
 
 

@@ -27,6 +27,9 @@ class ChatRequest:
     private_mode: bool | None = None
     # The frontend's own options for its answer (never sent upstream).
     extras: dict[str, Any] | None = None
+    # The client's own id for the chat (the AI SDK's ``id``): its latest
+    # resumable stream can be resumed by it (never sent upstream).
+    chat_id: str | None = None
 
     def upstream_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {

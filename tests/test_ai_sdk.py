@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ACME_KEY, LIMITED_KEY, Stack
+from gateway.config import ResumeSettings
+from loadtest.emulator import EmulatorSettings
+from tests.conftest import ACME_KEY, LIMITED_KEY, Stack, StackFactory
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 from tests.test_openai import emulator_text
 
@@ -102,3 +104,47 @@ async def test_multibyte_text_split_across_reads_arrives_exactly(
     message = (await ui_chat(stack, "hi"))["message"]
     assert texts(message) == [text]
     assert message["metadata"] == {"conversationId": "c-9"}
+
+
+async def ui_resume(stack: Stack, chat_id: str, key: str = ACME_KEY) -> dict[str, Any]:
+    """useChat's resume hook (reconnectToStream), as the AI SDK's own code calls it."""
+    api = str(stack.gateway.make_url("/api/ui/chat"))
+    process = await asyncio.create_subprocess_exec(
+        node(), str(NODE_DIR / "ui_resume.mjs"), api, key, chat_id,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def test_use_chat_s_resume_hook_replays_the_chat_s_active_stream(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=40),
+        resume=ResumeSettings(enabled=True),
+    )
+    body = {
+        "id": "chat-r1",
+        "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+    }
+    headers = {"Authorization": f"Bearer {ACME_KEY}", "X-Resumable": "1"}
+    response = await stack.session.post(
+        stack.gateway.make_url("/api/ui/chat"), json=body, headers=headers
+    )
+    request_id = response.headers["X-Request-Id"]
+    async for _ in response.content.iter_any():
+        break  # the page reloads: its connection is gone after the first bytes
+    response.close()
+
+    assert await ui_resume(stack, "chat-r1", key=LIMITED_KEY) == {"none": True}  # not its chat
+    resumed = await ui_resume(stack, "chat-r1")
+    assert resumed["errors"] == []
+    assert texts(resumed["message"]) == [emulator_text(stack, request_id)]
+    assert resumed["message"]["metadata"]["conversationId"]
+    # Finished: nothing to resume (204), as for a chat that never streamed or another key's.
+    assert await ui_resume(stack, "chat-r1") == {"none": True}
+    assert await ui_resume(stack, "chat-unknown") == {"none": True}
+    assert await stack.metric("chatiq_gateway_streams_resumed_total", tenant="acme") == 1

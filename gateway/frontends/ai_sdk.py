@@ -46,6 +46,9 @@ HEADER = {"x-vercel-ai-ui-message-stream": "v1"}
 class AISDKFrontend(Frontend):
     name = "ai-sdk"
     resumable = True
+    # useChat's resume hook (``resume: true``): GET {api}/{chat id}/stream, 204 if
+    # nothing is streaming, else the stream replayed from its start.
+    resume_path = "/chat/{chat_id}/stream"
     default_prefix = "/api/ui"
 
     def routes(self) -> Iterable[web.RouteDef]:
@@ -63,6 +66,7 @@ class AISDKFrontend(Frontend):
             stream=True,  # useChat always streams
             conversation_id=check_conversation_id(conversation_id),
             history=history or None,
+            chat_id=_chat_id(body.get("id")),
         )
 
     def encoder(self, chat: ChatRequest, ex: Exchange) -> StreamEncoder:
@@ -93,6 +97,13 @@ def _turn(index: int, message: object) -> tuple[str, str]:
     if not all(isinstance(t, str) for t in texts):
         raise InvalidRequest(f"'{where}.parts': a text part needs a 'text' string")
     return role, "".join(texts)
+
+
+def _chat_id(chat_id: object) -> str | None:
+    """useChat's chat id, under which a resumable stream is resumed (else none)."""
+    if isinstance(chat_id, str) and 0 < len(chat_id) <= 200 and chat_id.isprintable():
+        return chat_id
+    return None
 
 
 def _remembered(message: dict[str, Any]) -> str | None:

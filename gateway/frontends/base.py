@@ -51,6 +51,9 @@ class Frontend:
     # Its streams may be resumable ([resume]): its clients can reconnect with
     # Last-Event-ID, and its encoding has no state a resumed reader would miss.
     resumable: ClassVar[bool] = False
+    # Where its clients resume a chat's latest stream by the chat's own id
+    # (under its prefix, with a {chat_id}); None: only by stream id.
+    resume_path: ClassVar[str | None] = None
 
     def __init__(self, prefix: str | None = None, options: Mapping[str, Any] | None = None) -> None:
         self.prefix = self.default_prefix if prefix is None else prefix

@@ -53,6 +53,7 @@ class Journal:
         self.frontend = frontend
         self.finished = False
         self.headers: dict[str, str] = {}  # its response head (the frontend's)
+        self.chat_key: tuple[str, str, str] | None = None  # see ResumableStreams.name_chat
         self.readers = 0  # clients reading it now (the Redis mirror is not one)
         self.producer: asyncio.Task[None] | None = None  # reads the upstream into it
         self._events: deque[bytes] = deque()

@@ -61,10 +61,15 @@ class RedisStreams:
 
     # the producing replica
 
+    def _chat_key(self, frontend: str, tenant: str, chat_id: str) -> str:
+        return f"{{{self._prefix}:resume-chat}}:{frontend}:{tenant}:{chat_id}"
+
     async def announce(self, journal: Journal) -> bool:
         """Make the stream known to every replica (before its id is given out)."""
         ttl = round((self._max_life_s + self._resume.retain_s) * 1000)
         try:
+            if journal.chat_key is not None:
+                await self._client.set(self._chat_key(*journal.chat_key), journal.id, px=ttl)
             await self._client.hset(
                 self._key(journal.id, "meta"),
                 mapping={
@@ -148,6 +153,14 @@ class RedisStreams:
 
     # a replica serving a resume
 
+    async def chat_stream(self, frontend: str, tenant: str, chat_id: str) -> RemoteLog | None:
+        """A chat's latest stream, if it is still streaming."""
+        stream_id: bytes | None = await self._client.get(self._chat_key(frontend, tenant, chat_id))  # type: ignore[assignment]
+        if stream_id is None:
+            return None
+        remote = await self.find(stream_id.decode(), tenant)
+        return None if remote is None or await remote.finished() else remote
+
     async def find(self, stream_id: str, tenant: str) -> RemoteLog | None:
         """The stream's events in Redis, if it is this tenant's and still kept."""
         meta: dict[bytes, bytes] = await self._client.hgetall(self._key(stream_id, "meta"))  # type: ignore[assignment]
@@ -155,7 +168,7 @@ class RedisStreams:
             return None
         frontend = meta.get(b"frontend", b"chatiq").decode()
         headers = orjson.loads(meta.get(b"headers", b"{}"))
-        return RemoteLog(self._client, self._key(stream_id, "events"),
+        return RemoteLog(self._client, stream_id, self._key(stream_id, "events"),
                          self._key(stream_id, "reader"), frontend, headers)  # fmt: skip
 
 
@@ -170,12 +183,14 @@ class RemoteLog:
     def __init__(
         self,
         client: aioredis.Redis,
+        stream_id: str,
         key: str,
         reader_key: str,
         frontend: str,
         headers: dict[str, str],
     ) -> None:
         self._client = client
+        self.stream_id = stream_id
         self._key = key
         self._reader_key = reader_key
         self.frontend = frontend
@@ -199,6 +214,10 @@ class RemoteLog:
             raise Gone(f"the events after {after} are no longer kept")
         self._ended = any(b"end" in fields for _, fields in rows)
         return [fields[b"d"] for _, fields in rows], self._ended
+
+    async def finished(self) -> bool:
+        last: Any = await self._client.xrevrange(self._key, count=1)
+        return bool(last) and b"end" in last[0][1]
 
     async def _mark_reading(self) -> None:
         """Tell the producing replica that this stream is being read."""

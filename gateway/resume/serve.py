@@ -44,6 +44,7 @@ from ..state import (
 )
 from .journal import EventLog, Gone, Journal, frame
 from .recorder import Recorder, ending
+from .redis_log import RemoteLog
 
 RESUMABLE_HEADER = "X-Resumable"
 STREAM_ID_HEADER = "X-Stream-Id"
@@ -71,6 +72,8 @@ async def serve_resumable(
     app = request.app
     streams = app[RESUMABLE]
     journal = streams.open(ex.tenant, frontend.name)
+    if chat.chat_id is not None:
+        streams.name_chat(journal, chat.chat_id)
     encoder = frontend.encoder(chat, ex)
     journal.headers = {**SSE_HEADERS, **(encoder.headers if encoder is not None else {})}
     opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -276,20 +279,59 @@ async def resume_stream(request: web.Request) -> web.StreamResponse:
             journal.events_after(after)
         except Gone:
             raise StreamNotFound("the events after that id are no longer kept") from None
-        app[METRICS].streams_resumed.labels(tenant.name).inc()
-        streams.reader_joined(journal)
-        try:
-            return await follow(request, journal, stream_id, after, ex, journal.headers,
-                                resumed=True)  # fmt: skip
-        finally:
-            streams.reader_left(journal)
+        return await _resume_here(request, journal, after)
     if streams.remote is not None:
         try:
             remote = await streams.remote.find(stream_id, tenant.name)
         except (RedisError, OSError):
             raise StreamInterrupted("the resumable streams' store is not answering") from None
         if remote is not None:
-            app[METRICS].streams_resumed.labels(tenant.name).inc()
-            return await follow(request, remote, stream_id, after, ex, remote.headers,
-                                resumed=True)  # fmt: skip
+            return await _resume_from_redis(request, remote, after)
     raise StreamNotFound("no resumable stream with that id for this key (it may have expired)")
+
+
+def resume_chat_route(frontend: Frontend) -> web.RouteDef:
+    """``GET {prefix}{resume_path}``: a chat's latest stream, by the chat's own id,
+    replayed from its start while it is streaming; 204 when none is."""
+    assert frontend.resume_path is not None
+
+    async def resume_chat(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
+        exchange_of(request).tenant = tenant.name
+        chat_id = request.match_info["chat_id"]
+        streams = app[RESUMABLE]
+        if app[LIFECYCLE].draining and streams.remote is not None:
+            raise Draining("this replica is shutting down; resume on another", retry_after=0)
+        journal = streams.chat_stream(frontend.name, tenant.name, chat_id)
+        if journal is not None and not journal.finished:
+            return await _resume_here(request, journal, 0)
+        if journal is None and streams.remote is not None:
+            try:
+                remote = await streams.remote.chat_stream(frontend.name, tenant.name, chat_id)
+            except (RedisError, OSError):
+                raise StreamInterrupted("the resumable streams' store is not answering") from None
+            if remote is not None:
+                return await _resume_from_redis(request, remote, 0)
+        return web.Response(status=204)
+
+    return web.get(f"{frontend.prefix}{frontend.resume_path}", resume_chat, allow_head=False)
+
+
+async def _resume_here(request: web.Request, journal: Journal, after: int) -> web.StreamResponse:
+    app, ex = request.app, exchange_of(request)
+    streams = app[RESUMABLE]
+    app[METRICS].streams_resumed.labels(journal.tenant).inc()
+    streams.reader_joined(journal)
+    try:
+        return await follow(request, journal, journal.id, after, ex, journal.headers, resumed=True)
+    finally:
+        streams.reader_left(journal)
+
+
+async def _resume_from_redis(
+    request: web.Request, remote: RemoteLog, after: int
+) -> web.StreamResponse:
+    ex = exchange_of(request)
+    request.app[METRICS].streams_resumed.labels(ex.tenant).inc()
+    return await follow(request, remote, remote.stream_id, after, ex, remote.headers, resumed=True)

@@ -48,6 +48,8 @@ class ResumableStreams:
         self._retained: OrderedDict[str, asyncio.TimerHandle] = OrderedDict()
         self._graces: dict[str, asyncio.TimerHandle] = {}
         self._checks: set[asyncio.Task[None]] = set()
+        # (frontend, tenant, the client's chat id) -> that chat's latest stream
+        self._chats: dict[tuple[str, str, str], str] = {}
         self.handing_over = False  # draining with Redis: readers end, clients resume elsewhere
 
     def __len__(self) -> int:
@@ -65,6 +67,16 @@ class ResumableStreams:
         """Its journal in this process; another tenant's stream is nobody's."""
         journal = self._journals.get(stream_id)
         return journal if journal is not None and journal.tenant == tenant else None
+
+    def name_chat(self, journal: Journal, chat_id: str) -> None:
+        """The stream is its chat's latest: resumable by the chat's id too."""
+        journal.chat_key = (journal.frontend, journal.tenant, chat_id)
+        self._chats[journal.chat_key] = journal.id
+
+    def chat_stream(self, frontend: str, tenant: str, chat_id: str) -> Journal | None:
+        """A chat's latest stream in this process."""
+        stream_id = self._chats.get((frontend, tenant, chat_id))
+        return None if stream_id is None else self.find(stream_id, tenant)
 
     def reader_joined(self, journal: Journal) -> None:
         journal.readers += 1
@@ -94,7 +106,10 @@ class ResumableStreams:
             self.forget(oldest)
 
     def forget(self, stream_id: str) -> None:
-        self._journals.pop(stream_id, None)
+        journal = self._journals.pop(stream_id, None)
+        key = journal.chat_key if journal is not None else None
+        if key is not None and self._chats.get(key) == stream_id:
+            del self._chats[key]
         for timers in (self._retained, self._graces):
             timer = timers.pop(stream_id, None)
             if timer is not None:
