@@ -41,7 +41,7 @@ from gateway.sse import SSEParser
 from loadtest.harness import percentile
 
 SCENARIO = Path(__file__).with_name("scenario.toml")
-KINDS = ("TTFT", "ITL", "STREAM")
+KINDS = ("TTFT", "ITL", "STREAM", "RESUME")
 PROGRESS_EVERY_S = 5.0
 
 
@@ -54,10 +54,13 @@ class Samples:
         self.values: dict[str, list[float]] = defaultdict(list)
         self.failures: dict[str, int] = defaultdict(int)
         self.ends: list[tuple[float, bool]] = []  # (wall time, succeeded)
+        self.resumed: dict[int, int] = defaultdict(int)  # streams by how often they resumed
 
     def drain(self) -> dict[str, Any]:
-        out = {"values": dict(self.values), "failures": dict(self.failures), "ends": self.ends}
+        out = {"values": dict(self.values), "failures": dict(self.failures), "ends": self.ends,
+               "resumed": dict(self.resumed)}  # fmt: skip
         self.values, self.failures, self.ends = defaultdict(list), defaultdict(int), []
+        self.resumed = defaultdict(int)
         return out
 
     def merge(self, data: dict[str, Any]) -> None:
@@ -66,6 +69,8 @@ class Samples:
         for reason, n in data["failures"].items():
             self.failures[reason] += n
         self.ends.extend(tuple(e) for e in data.get("ends", []))
+        for times, n in data.get("resumed", {}).items():
+            self.resumed[int(times)] += n
 
     @property
     def streams(self) -> int:
@@ -80,6 +85,15 @@ def _options(parser: Any) -> None:
     parser.add_argument("--max-failure-ratio", type=float, default=1.0, help="fail above")
     parser.add_argument("--chatiq-results", default="results/load", help="summary.md goes here")
     parser.add_argument("--chatiq-scenario", default=str(SCENARIO), help="profiles and think time")
+    parser.add_argument(
+        "--chatiq-resumable", action="store_true",
+        help="ask for resumable streams (X-Resumable: 1), resumed when cut",
+    )  # fmt: skip
+    parser.add_argument(
+        "--chatiq-drop-ratio", type=float, default=0.0,
+        help="share of streams whose client drops its connection mid-answer and resumes "
+        "(implies --chatiq-resumable; needs [resume] on)",
+    )  # fmt: skip
 
 
 def _send_samples(client_id: str, data: dict[str, Any]) -> None:
@@ -119,6 +133,8 @@ def _summarise(environment: Environment, **kwargs: Any) -> None:
             *rows,
             "",
             *(failed if failures else ["No stream failed."]),
+            "",
+            _resumes_line(),
         ]
     )
     print(text, file=sys.stderr)  # stderr: make load keeps Locust's own tables in a file
@@ -141,6 +157,14 @@ def _summarise(environment: Environment, **kwargs: Any) -> None:
             print("THRESHOLD CROSSED: " + "; ".join(crossed), file=sys.stderr)
         # The thresholds decide, not Locust's default (exit 1 on any failure at all).
         environment.process_exit_code = 1 if crossed else 0
+
+
+def _resumes_line() -> str:
+    resumed = SAMPLES.resumed
+    if not resumed:
+        return "No stream was resumed."
+    streams, times = sum(resumed.values()), sum(k * n for k, n in resumed.items())
+    return f"Resumed: {streams} streams, {times} resumes (RESUME: resume asked to its first event)."
 
 
 def _final_stats_csv(environment: Environment, prefix: str) -> None:
@@ -210,6 +234,66 @@ def _progress(environment: Environment, **kwargs: Any) -> None:
     gevent.spawn(report)
 
 
+MAX_RESUMES = 5  # a stream cut more often than this counts as failed
+
+
+class Reading:
+    """One answer as a client reads it, over one connection or several
+    (resumed after a cut): its samples, kept until it ends."""
+
+    def __init__(self, started: float, conversation_id: str | None) -> None:
+        self.started = started
+        self.conversation_id = conversation_id
+        self.samples: list[tuple[str, float]] = []
+        self.last_token: float | None = None
+        self.last_event_id = ""
+        self.done = False
+        self.failure: str | None = None
+        self.drop_after: int | None = None  # events, then this client drops its connection
+        self.events = 0
+        self.resumes = 0
+        self.resumed_at: float | None = None  # a resume was asked: its first event is timed
+
+    def read(self, response: Any) -> None:
+        """Events until the stream ends, its connection breaks, or the client drops it."""
+        parser = SSEParser()  # a fresh one per connection: a cut event comes again whole
+        try:
+            for chunk in response.iter_content(chunk_size=None):
+                now = time.perf_counter()
+                for event in parser.feed(chunk):
+                    if event.data is not None:
+                        self._event(event.data, event.id, now)
+                if self.drop_after is not None and self.events >= self.drop_after:
+                    self.drop_after = None
+                    response.close()
+                    return
+        except OSError:  # requests' ChunkedEncodingError, a reset: resumed if it can be
+            pass
+
+    def _event(self, data: str, event_id: str | None, now: float) -> None:
+        self.events += 1
+        if event_id is not None:
+            self.last_event_id = event_id
+        if self.resumed_at is not None:
+            self.samples.append(("RESUME", (now - self.resumed_at) * 1000))
+            self.resumed_at = None
+            self.last_token = None if self.last_token is None else now  # no gap across a cut
+        if data == "[DONE]":
+            self.done = True
+            return
+        payload = json.loads(data)
+        if "choices" in payload:
+            if self.last_token is None and not any(k == "TTFT" for k, _ in self.samples):
+                self.samples.append(("TTFT", (now - self.started) * 1000))
+            elif self.last_token is not None:
+                self.samples.append(("ITL", (now - self.last_token) * 1000))
+            self.last_token = now
+        elif "error" in payload:
+            code = (payload["error"] or {}).get("code", "?")
+            self.failure = f"error event {code}"
+        self.conversation_id = payload.get("conversationId", self.conversation_id)
+
+
 class ChatUser(HttpUser):
     """Holds multi-turn conversations, streaming every reply."""
 
@@ -237,49 +321,49 @@ class ChatUser(HttpUser):
     def ask(self, message: str, conversation_id: str | None) -> str | None:
         name = f"{self.profile['name']}/{self.profile['bot']}"
         body = {"message": message, "bot": self.profile["bot"], "conversation_id": conversation_id}
-        headers = {"Authorization": f"Bearer {self.profile['key']}"}
-        started = time.perf_counter()
-        last_token: float | None = None
-        done = False
-        failure: str | None = None
-        tokens: list[tuple[str, float]] = []  # kept until the stream ends
+        auth = {"Authorization": f"Bearer {self.profile['key']}"}
+        options = self.environment.parsed_options
+        drop_ratio = options.chatiq_drop_ratio if options is not None else 0.0
+        resumable = drop_ratio > 0 or (options is not None and options.chatiq_resumable)
+        stream = Reading(time.perf_counter(), conversation_id)
+        if random.random() < drop_ratio:  # this client will lose its connection mid-answer
+            stream.drop_after = random.randint(1, 30)
         with self.client.post(
-            "/api/chatbot", json=body, headers=headers, stream=True, name=name,
-            catch_response=True,
+            "/api/chatbot", json=body, stream=True, name=name, catch_response=True,
+            headers={**auth, "X-Resumable": "1"} if resumable else auth,
         ) as response:  # fmt: skip
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}")
-                self._fail(name, started, f"HTTP {response.status_code}")
+                self._fail(name, stream.started, f"HTTP {response.status_code}")
                 return conversation_id
             response.success()
-            parser = SSEParser()
-            for chunk in response.iter_content(chunk_size=None):
-                now = time.perf_counter()
-                for event in parser.feed(chunk):
-                    if event.data is None:
-                        continue
-                    if event.data == "[DONE]":
-                        done = True
-                        continue
-                    payload = json.loads(event.data)
-                    if "choices" in payload:
-                        if last_token is None:
-                            tokens.append(("TTFT", (now - started) * 1000))
-                        else:
-                            tokens.append(("ITL", (now - last_token) * 1000))
-                        last_token = now
-                    elif "error" in payload:
-                        code = (payload["error"] or {}).get("code", "?")
-                        failure = f"error event {code}"
-                    conversation_id = payload.get("conversationId", conversation_id)
-        for kind, ms in tokens:  # the stream ended: now its samples count
+            stream_id = response.headers.get("X-Stream-Id")
+            stream.read(response)
+        while not stream.done and stream_id and stream.resumes < MAX_RESUMES:
+            # Cut off (on purpose or not): resume after the last event received.
+            stream.resumes += 1
+            asked = time.perf_counter()
+            with self.client.get(
+                f"/api/chatbot/streams/{stream_id}", stream=True, name="resume",
+                headers={**auth, "Last-Event-ID": stream.last_event_id}, catch_response=True,
+            ) as response:  # fmt: skip
+                if response.status_code != 200:
+                    response.failure(f"HTTP {response.status_code}")
+                    stream.failure = f"resume HTTP {response.status_code}"
+                    break
+                response.success()
+                stream.resumed_at = asked
+                stream.read(response)
+        for kind, ms in stream.samples:  # the stream ended: now its samples count
             self._record(kind, name, ms)
-        if failure or not done:
-            self._fail(name, started, failure or "ended without [DONE]")
+        if stream.resumes:
+            SAMPLES.resumed[stream.resumes] += 1
+        if stream.failure or not stream.done:
+            self._fail(name, stream.started, stream.failure or "ended without [DONE]")
         else:
-            self._record("STREAM", name, (time.perf_counter() - started) * 1000)
+            self._record("STREAM", name, (time.perf_counter() - stream.started) * 1000)
             SAMPLES.ends.append((time.time(), True))
-        return conversation_id
+        return stream.conversation_id
 
     def _record(self, kind: str, name: str, ms: float) -> None:
         SAMPLES.values[kind].append(ms)

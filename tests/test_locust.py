@@ -93,3 +93,29 @@ async def test_locust_reports_exact_streaming_percentiles_and_stream_failures(
     )  # fmt: skip
     assert code == 1, out
     assert "THRESHOLD CROSSED: TTFT p99" in out and "failure ratio" in out, out
+
+
+async def test_locust_counts_resumes_of_streams_its_users_drop(
+    tmp_path: Path,
+    make_stack: StackFactory,
+    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0.02, tokens_per_s=200, reply_tokens=30))
+    gw = await gateway_process(stack.emulator, resume={"enabled": True})
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(SCENARIO.split('[[profiles]]\nname = "broken"')[0])
+    host = f"http://127.0.0.1:{gw.port}"
+    code, out = await run_locust(
+        tmp_path, host, "--chatiq-scenario", str(scenario), "--chatiq-drop-ratio", "0.5",
+        "--max-failure-ratio", "0",
+    )  # fmt: skip
+    summary = (tmp_path / "summary.md").read_text()
+    assert code == 0, out
+    assert "No stream failed." in summary, summary
+    resumed = re.search(r"Resumed: (\d+) streams, (\d+) resumes", summary)
+    assert resumed is not None and int(resumed.group(1)) >= 5, summary
+    rows = {line.split("|")[1].strip(): line for line in summary.splitlines() if "|" in line}
+    assert int(rows["RESUME"].split("|")[2]) == int(resumed.group(2))
+    # The gateway saw each of them (and maybe those of streams cut by the run's end).
+    seen = await gw.metric(stack.session, "chatiq_gateway_streams_resumed_total")
+    assert seen >= int(resumed.group(2))
