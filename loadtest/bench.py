@@ -6,6 +6,9 @@ In one run, against one emulator per concurrency level, the load generator
 - ``direct``: straight to the emulator, the baseline;
 - ``gateway``: one ``chatiq-gateway`` process, its shipped defaults but limits
   raised for the load, logging at info (one line per stream);
+- ``resumable``: the same gateway process, each stream resumable
+  (``X-Resumable: 1``: an id line per event, read into a journal by a task
+  of its own, the client served from the journal);
 - ``openai``: the same gateway process, through its OpenAI-compatible
   frontend (every event re-encoded as a ``chat.completion.chunk``);
 - ``nginx``: one nginx worker configured as an SSE proxy (``loadtest/nginx.py``);
@@ -55,7 +58,7 @@ from loadtest.loadgen import Target, hold_streams, run_streams
 from loadtest.nginx import start_nginx
 
 KEY = "bench-key"
-PATHS = ("direct", "gateway", "openai", "nginx", "naive")
+PATHS = ("direct", "gateway", "resumable", "openai", "nginx", "naive")
 TOKENS = 20  # content events per reply, by default
 TTFT_MS = 100  # the emulator's own time to first token
 EVENTS_PER_S = 6_000  # across all streams: keeps the emulator and the load generator light
@@ -192,10 +195,14 @@ class Stack:
             port = self.ports["gateway"]
             return Target("127.0.0.1", port, "/v1/chat/completions", body, key=KEY)
         body = {"message": message, "bot": "demo", "stream": True}  # the gateway's API
+        if path == "resumable":
+            port, resumable = self.ports["gateway"], (("X-Resumable", "1"),)
+            return Target("127.0.0.1", port, "/api/chatbot", body, key=KEY, headers=resumable)
         return Target("127.0.0.1", self.ports[path], "/api/chatbot", body, key=KEY)
 
     def proxy_pid(self, path: str) -> int | None:
-        proxies = {"gateway": self.gateway, "openai": self.gateway, "nginx": self.nginx}
+        gateway = self.gateway
+        proxies = {"gateway": gateway, "resumable": gateway, "openai": gateway, "nginx": self.nginx}
         proxy = {**proxies, "naive": self.naive}.get(path)
         return proxy.pid if proxy is not None else None
 
@@ -209,6 +216,7 @@ GATEWAY_TABLES: dict[str, dict[str, Any]] = {
     "admission": {"max_streams": 12_000, "max_queue": 2_000, "tenant_max_streams": 0},
     "upstream": {"max_connections": 12_000},
     "logging": {"format": "json"},
+    "resume": {"enabled": True},  # only the resumable path's streams ask for it
 }
 
 

@@ -28,10 +28,12 @@ class Target:
     path: str
     body: dict[str, object]
     key: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
     def request(self) -> bytes:
         body = json.dumps(self.body).encode()
         auth = f"Authorization: Bearer {self.key}\r\n" if self.key else ""
+        auth += "".join(f"{name}: {value}\r\n" for name, value in self.headers)
         return (
             f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"

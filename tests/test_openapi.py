@@ -49,6 +49,7 @@ def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         # refused as such (400) before the body's size limit (413) is reached.
         server={"max_auth_failures_per_minute": 0, "max_body_bytes": 1 << 20},
         admission={"tenant_requests_per_minute": 0, "tenant_max_streams": 0},
+        resume={"enabled": True},
     )  # fmt: skip
     processes: list[subprocess.Popen[bytes]] = [emulator, gateway]
     try:

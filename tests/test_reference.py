@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.config import Settings, Tenant
+from gateway.config import ResumeSettings, Settings, Tenant
 from gateway.handlers import OPENAPI
 from gateway.metrics import Metrics
 from tests.conftest import gateway_settings
@@ -31,7 +32,8 @@ def section(title: str) -> str:
 
 
 def test_every_mounted_route_is_in_the_api_section() -> None:
-    app: web.Application = create_app(gateway_settings("http://127.0.0.1:9/api/chat"))
+    settings = gateway_settings("http://127.0.0.1:9/api/chat")
+    app: web.Application = create_app(replace(settings, resume=ResumeSettings(enabled=True)))
     routes = {
         r.resource.canonical
         for r in app.router.routes()

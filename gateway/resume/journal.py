@@ -10,20 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Protocol
+from collections.abc import Callable
 
 
 class Gone(Exception):
     """The events after that id are no longer kept."""
-
-
-class EventLog(Protocol):
-    """Where a reader reads a stream from: this process's journal, or Redis."""
-
-    async def read(self, after: int, wait_s: float) -> tuple[list[bytes], bool]:
-        """The events after id ``after`` (waiting up to ``wait_s`` for one), and
-        whether the stream ends with the last of them (or ended before)."""
-        ...
 
 
 def frame(first_id: int, events: list[bytes]) -> bytes:
@@ -54,6 +45,8 @@ class Journal:
         self.finished = False
         self.headers: dict[str, str] = {}  # its response head (the frontend's)
         self.chat_key: tuple[str, str, str] | None = None  # see ResumableStreams.name_chat
+        # Told of every change (the Redis writer, which copies it for other replicas).
+        self.listener: Callable[[Journal], None] | None = None
         self.readers = 0  # clients reading it now (the Redis mirror is not one)
         self.producer: asyncio.Task[None] | None = None  # reads the upstream into it
         self._events: deque[bytes] = deque()
@@ -75,7 +68,7 @@ class Journal:
         return self._bytes
 
     def append(self, events: list[bytes], *, final: bool = False) -> None:
-        if self.finished:
+        if self.finished or not (events or final):
             return
         for event in events:
             self._events.append(event)
@@ -86,6 +79,14 @@ class Journal:
         if final:
             self.finished = True
         self.poke()
+        if self.listener is not None:
+            self.listener(self)
+
+    def start_at(self, first_id: int) -> None:
+        """An empty journal's first event will have this id (a replica of a
+        stream whose earliest events were let go)."""
+        assert not self._events
+        self._first = first_id
 
     def poke(self) -> None:
         """Wake every reader waiting (new events, the end, or a shutdown's hand-over)."""

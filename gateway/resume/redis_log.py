@@ -1,36 +1,51 @@
 """Resumable streams on any replica: each stream's events in a Redis Stream.
 
-The replica that reads the upstream keeps the journal in its memory (its own
-readers read it there) and copies every event to a Redis Stream, with
-explicit ids ``0-<event id>`` so that Redis's order is the stream's. Another
-replica serves a resume from Redis: ``XRANGE`` for what was missed, then
-``XREAD BLOCK`` for what comes. The last event carries ``end``. Keys (a hash
-tag per stream, so a Cluster keeps them in one slot) expire ``retain_s``
-after the end, or after the longest a stream may last if its replica dies:
+The replica that reads the upstream keeps the stream's journal in its memory
+(its own readers read it there), and one writer task copies every journal's
+new events to Redis, all of them in one pipeline per round: explicit ids
+``0-<event id>``, so that Redis's order is the stream's; the last event
+carries ``end``. Another replica serves a resume from a *replica journal*:
+filled from Redis (``XRANGE``), then kept up to date by one feed task: each
+writer round publishes the ids of the streams it wrote to, and the feed
+fetches the new events of those it follows (one pipeline of ``XRANGE``), and
+of all of them once a second in case a notice was lost. Readers read a
+replica journal as they read a local one. A few connections per process,
+however many streams.
 
-- ``{prefix:resume:<id>}:meta``: the tenant and the frontend;
+Keys (a hash tag per stream, so that a Cluster keeps them in one slot)
+expire ``retain_s`` after the end, or after the longest a stream may last if
+its replica dies:
+
+- ``{prefix:resume:<id>}:meta``: the tenant, the frontend, the response head;
 - ``{prefix:resume:<id>}:events``: the events, trimmed as the journal is;
-- ``{prefix:resume:<id>}:reader``: set while a replica serves a resume, so
-  that the producing replica does not cancel a detached stream someone reads.
+- ``{prefix:resume:<id>}:reader``: set while another replica serves the
+  stream, so that the producing replica does not cancel it as detached;
+- ``{prefix:resume-chat}:<frontend>:<tenant>:<chat id>``: a chat's latest stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import orjson
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..config import RedisSettings, ResumeSettings
 from ..logs import Logger
 from .journal import Gone, Journal
 
-_BATCH = 512  # events per XRANGE / XREAD
-_READER_TTL_MS = 5000
-_MAX_BLOCK_S = 1.0  # a remote reader looks up at least this often (a hand-over, its key)
+_BATCH = 512  # events per XREAD round and stream
+_CONNECTIONS = 16  # to Redis for the writer, resumes and the feed's fetches
+_POLL_S = 1.0
+# A round (the writer's copy, the feed's fetch) at most this often: under load
+# the cost is per round, not per event; an event crosses replicas this much later.
+_ROUND_S = 0.01  # every followed stream is looked at this often, notice or not
+_READER_TTL_MS = 5000  # a reader key lives this long unless renewed (each poll)
+_RETRY_S = 0.5  # after Redis failed, the writer and the feed wait this long
 
 
 class RedisStreams:
@@ -41,109 +56,153 @@ class RedisStreams:
         self._resume = resume
         self._max_life_s = max_life_s  # a stream's total timeout: its keys outlive it
         self._log = log
-        # Its own connections: a blocking XREAD may take a second, the quotas'
-        # round trips must not wait behind it.
-        self._client = aioredis.Redis.from_url(
-            redis.url,
-            socket_timeout=_MAX_BLOCK_S + max(1.0, redis.timeout_s * 4),
-            socket_connect_timeout=max(1.0, redis.timeout_s * 4),
-            retry_on_timeout=False,
+        timeouts: dict[str, Any] = {
+            "socket_timeout": max(1.0, redis.timeout_s * 4),
+            "socket_connect_timeout": max(1.0, redis.timeout_s * 4),
+            "retry_on_timeout": False,
+        }
+        # A few connections, reused: a burst of resumes waits for one rather
+        # than opening hundreds (each a handshake).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis.url, max_connections=_CONNECTIONS, timeout=max(1.0, redis.timeout_s * 4),
+            **timeouts,
+        )  # fmt: skip
+        self._client = aioredis.Redis(connection_pool=pool)
+        # The feed's subscription has a connection of its own (no read timeout:
+        # it waits for notices).
+        self._feed_client = aioredis.Redis.from_url(
+            redis.url, **{**timeouts, "socket_timeout": None}
         )
-        self._mirrors: set[asyncio.Task[None]] = set()
+        self._changes = f"{{{self._prefix}:resume}}:changed"  # the writers' notices
+        # the producing side: what each announced journal has copied so far
+        self._copied: dict[str, int] = {}
+        self._dirty: dict[str, Journal] = {}
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()  # set after each round the writer wrote
+        # the reading side: streams of other replicas followed here
+        self._replicas: dict[str, Journal] = {}
+        self._failed_at = 0.0
+        self._tasks = [
+            asyncio.create_task(self._write_rounds()),
+            asyncio.create_task(self._feed_rounds()),
+        ]
 
     def _key(self, stream_id: str, part: str) -> str:
         return f"{{{self._prefix}:resume:{stream_id}}}:{part}"
 
-    async def close(self) -> None:
-        if self._mirrors:
-            await asyncio.wait(self._mirrors, timeout=5)
-        await self._client.aclose()
-
-    # the producing replica
-
     def _chat_key(self, frontend: str, tenant: str, chat_id: str) -> str:
         return f"{{{self._prefix}:resume-chat}}:{frontend}:{tenant}:{chat_id}"
 
+    async def close(self) -> None:
+        """After the writer copied what it still had (a few seconds at most)."""
+        until = time.monotonic() + 5
+        while self._copied and time.monotonic() < until:
+            await asyncio.sleep(0.02)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._client.aclose()
+        await self._feed_client.aclose()
+
+    def _failed(self, op: str, e: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._failed_at > 10:  # once in a while, not once per stream
+            self._failed_at = now
+            self._log.warning("resume_redis_failed", op=op, error=type(e).__name__)
+
+    # the producing replica
+
     async def announce(self, journal: Journal) -> bool:
-        """Make the stream known to every replica (before its id is given out)."""
+        """Make the stream known to every replica (before its id is given out),
+        then copy its events as they come."""
         ttl = round((self._max_life_s + self._resume.retain_s) * 1000)
+        pipe = self._client.pipeline(transaction=False)
+        meta = self._key(journal.id, "meta")
+        pipe.hset(meta, mapping={"tenant": journal.tenant, "frontend": journal.frontend,
+                                 "headers": orjson.dumps(journal.headers)})  # fmt: skip
+        pipe.pexpire(meta, ttl)
+        if journal.chat_key is not None:
+            pipe.set(self._chat_key(*journal.chat_key), journal.id, px=ttl)
         try:
-            if journal.chat_key is not None:
-                await self._client.set(self._chat_key(*journal.chat_key), journal.id, px=ttl)
-            await self._client.hset(
-                self._key(journal.id, "meta"),
-                mapping={
-                    "tenant": journal.tenant,
-                    "frontend": journal.frontend,
-                    "headers": orjson.dumps(journal.headers),
-                },
-            )
-            await self._client.pexpire(self._key(journal.id, "meta"), ttl)
+            await pipe.execute()
         except (RedisError, OSError) as e:
-            self._log.warning("resume_redis_failed", op="announce", error=type(e).__name__)
+            self._failed("announce", e)
             return False
+        self._copied[journal.id] = 0
+        journal.listener = self._changed
+        self._changed(journal)
         return True
 
-    def mirror(self, journal: Journal) -> asyncio.Task[None]:
-        """Copy the journal's events to Redis as they come, until its end."""
-        task = asyncio.create_task(self._mirror(journal))
-        self._mirrors.add(task)
-        task.add_done_callback(self._mirrors.discard)
-        return task
+    def _changed(self, journal: Journal) -> None:
+        self._dirty[journal.id] = journal
+        self._wake.set()
 
-    async def _mirror(self, journal: Journal) -> None:
-        copied = 0
-        ttl = round((self._max_life_s + self._resume.retain_s) * 1000)
+    async def _write_rounds(self) -> None:
+        """Each round: every changed journal's new events, in one pipeline."""
         while True:
+            await self._wake.wait()
+            await asyncio.sleep(_ROUND_S)  # let this round gather what comes with it
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, {}
+            pipe = self._client.pipeline(transaction=False)
+            wrote: list[tuple[Journal, int, bool]] = []
+            for journal in dirty.values():
+                copied = self._copied.get(journal.id)
+                if copied is not None:
+                    wrote.append(self._copy(pipe, journal, copied))
+            if wrote:  # replicas following one of them fetch its new events
+                pipe.publish(self._changes, " ".join(journal.id for journal, _, _ in wrote))
             try:
-                events = journal.events_after(copied)
-            except Gone:  # the journal let them go before they were copied
-                copied = journal.last_id - 1
-                self._log.warning("resume_redis_behind", stream_events=journal.last_id)
+                results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as e:
+                self._failed("append", e)
+                for journal, _, _ in wrote:
+                    self._dirty.setdefault(journal.id, journal)
+                await asyncio.sleep(_RETRY_S)
+                self._wake.set()
                 continue
-            ended = journal.finished and copied + len(events) >= journal.last_id
-            if events:
-                try:
-                    await self._append(journal, copied, events, ended, ttl)
-                except (RedisError, OSError) as e:
-                    self._log.warning("resume_redis_failed", op="append", error=type(e).__name__)
-                    return  # resumable on this replica only, from now on
-                copied += len(events)
-            if ended:
-                return
-            if not events:
-                await journal.wait(self._max_life_s)
+            for result in results:  # a re-sent event Redis already has is no error here
+                if isinstance(result, Exception) and not isinstance(result, ResponseError):
+                    self._failed("append", result)
+            for journal, copied, ended in wrote:
+                if ended:
+                    self._copied.pop(journal.id, None)
+                    journal.listener = None
+                else:
+                    self._copied[journal.id] = copied
+            self._progress.set()
+            self._progress = asyncio.Event()
 
-    async def _append(
-        self, journal: Journal, copied: int, events: list[bytes], ended: bool, ttl_ms: int
-    ) -> None:
+    def _copy(self, pipe: Any, journal: Journal, copied: int) -> tuple[Journal, int, bool]:
+        """Queue a journal's events after ``copied``; (journal, copied after, ended)."""
         key = self._key(journal.id, "events")
-        pipe = self._client.pipeline(transaction=False)
+        try:
+            events = journal.events_after(copied)
+        except Gone:  # let go before they were copied: the copy has a gap a resume sees
+            copied = journal.first_id - 1
+            events = journal.events_after(copied)
+        ended = journal.finished and copied + len(events) >= journal.last_id
         last = len(events) - 1
         for i, event in enumerate(events):
             fields: dict[Any, Any] = {"d": event}
             if ended and i == last:
                 fields["end"] = 1
             pipe.xadd(key, fields, id=f"0-{copied + i + 1}")
-        if ended:
-            ttl_ms = round(self._resume.retain_s * 1000)
-            pipe.pexpire(self._key(journal.id, "meta"), ttl_ms)
         if journal.first_id > 1:  # trimmed as the journal is
             pipe.xtrim(key, minid=f"0-{journal.first_id}")
-        pipe.pexpire(key, ttl_ms)
-        await pipe.execute()
+        life_ms = round((self._resume.retain_s if ended else self._max_life_s) * 1000)
+        pipe.pexpire(key, life_ms)
+        if ended:
+            pipe.pexpire(self._key(journal.id, "meta"), life_ms)
+        return journal, copied + len(events), ended
 
     async def copied_up_to(self, stream_id: str, event_id: int, timeout_s: float) -> None:
-        """Wait (at most ``timeout_s``) until Redis holds the events up to ``event_id``."""
-        key = self._key(stream_id, "events")
-        loop = asyncio.get_running_loop()
-        until = loop.time() + timeout_s
-        with contextlib.suppress(RedisError, OSError):
-            while loop.time() < until:
-                last: Any = await self._client.xrevrange(key, count=1)
-                if last and _seq(last[0][0]) >= event_id:
-                    return
-                await asyncio.sleep(0.01)
+        """Wait (at most ``timeout_s``) until Redis holds this stream's events up
+        to ``event_id`` (at once if this process does not copy it)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._copied.get(stream_id, event_id) < event_id:
+                    await self._progress.wait()
 
     async def has_reader(self, stream_id: str) -> bool:
         try:
@@ -153,23 +212,99 @@ class RedisStreams:
 
     # a replica serving a resume
 
-    async def chat_stream(self, frontend: str, tenant: str, chat_id: str) -> RemoteLog | None:
-        """A chat's latest stream, if it is still streaming."""
-        stream_id: bytes | None = await self._client.get(self._chat_key(frontend, tenant, chat_id))  # type: ignore[assignment]
-        if stream_id is None:
-            return None
-        remote = await self.find(stream_id.decode(), tenant)
-        return None if remote is None or await remote.finished() else remote
-
-    async def find(self, stream_id: str, tenant: str) -> RemoteLog | None:
-        """The stream's events in Redis, if it is this tenant's and still kept."""
-        meta: dict[bytes, bytes] = await self._client.hgetall(self._key(stream_id, "meta"))  # type: ignore[assignment]
+    async def replica(self, stream_id: str, tenant: str) -> Journal | None:
+        """The stream as this replica follows it, if it is this tenant's and kept."""
+        journal = self._replicas.get(stream_id)
+        if journal is not None:
+            return journal if journal.tenant == tenant else None
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hgetall(self._key(stream_id, "meta"))
+        pipe.xrange(self._key(stream_id, "events"))
+        pipe.set(self._key(stream_id, "reader"), b"1", px=_READER_TTL_MS)  # read here now
+        meta, rows, _ = await pipe.execute()
         if meta.get(b"tenant") != tenant.encode():
             return None
         frontend = meta.get(b"frontend", b"chatiq").decode()
-        headers = orjson.loads(meta.get(b"headers", b"{}"))
-        return RemoteLog(self._client, stream_id, self._key(stream_id, "events"),
-                         self._key(stream_id, "reader"), frontend, headers)  # fmt: skip
+        journal = Journal(stream_id, tenant, frontend, self._resume.max_stream_bytes)
+        journal.headers = orjson.loads(meta.get(b"headers", b"{}"))
+        if rows:
+            journal.start_at(_seq(rows[0][0]))
+            _append(journal, rows)
+        if stream_id in self._replicas:  # another resume made it meanwhile
+            return self._replicas[stream_id]
+        if not journal.finished:
+            self._replicas[stream_id] = journal
+        return journal
+
+    async def chat_stream(self, frontend: str, tenant: str, chat_id: str) -> Journal | None:
+        """A chat's latest stream, if it is still streaming."""
+        key = self._chat_key(frontend, tenant, chat_id)
+        stream_id: bytes | None = await self._client.get(key)  # type: ignore[assignment]
+        if stream_id is None:
+            return None
+        journal = await self.replica(stream_id.decode(), tenant)
+        return None if journal is None or journal.finished else journal
+
+    def release(self, journal: Journal) -> None:
+        """Its last reader here left: stop following it."""
+        if journal.readers == 0 and self._replicas.get(journal.id) is journal:
+            del self._replicas[journal.id]
+
+    async def _feed_rounds(self) -> None:
+        """Followed streams' new events, fetched when the writers say they changed;
+        every followed stream looked at once a second anyway (a notice can be
+        lost), and its reader key renewed."""
+        pubsub = self._feed_client.pubsub()
+        polled = 0.0
+        while True:
+            try:
+                if not pubsub.subscribed:
+                    await pubsub.subscribe(self._changes)
+                changed = await self._changed_streams(pubsub)
+                if time.monotonic() - polled > _POLL_S:
+                    polled = time.monotonic()
+                    changed = set(self._replicas)
+                    await self._mark_readers()
+                await self._fetch(changed)
+                await asyncio.sleep(_ROUND_S)
+            except (RedisError, OSError) as e:
+                self._failed("read", e)
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.reset()
+                pubsub = self._feed_client.pubsub()
+                await asyncio.sleep(_RETRY_S)
+
+    async def _changed_streams(self, pubsub: Any) -> set[str]:
+        """The followed streams named in the notices that came (waiting a little)."""
+        changed: set[str] = set()
+        timeout = _POLL_S
+        while (notice := await pubsub.get_message(ignore_subscribe_messages=True,
+                                                  timeout=timeout)) is not None:  # fmt: skip
+            for stream_id in notice["data"].decode().split():
+                if stream_id in self._replicas:
+                    changed.add(stream_id)
+            timeout = 0.0  # take what else is there, then fetch
+        return changed
+
+    async def _fetch(self, stream_ids: set[str]) -> None:
+        for stream_id, journal in list(self._replicas.items()):
+            if journal.finished:
+                del self._replicas[stream_id]
+        followed = [(i, self._replicas[i]) for i in stream_ids if i in self._replicas]
+        if not followed:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for stream_id, journal in followed:
+            pipe.xrange(self._key(stream_id, "events"), min=f"0-{journal.last_id + 1}")
+        for (_, journal), rows in zip(followed, await pipe.execute(), strict=True):
+            _append(journal, rows)
+
+    async def _mark_readers(self) -> None:
+        if self._replicas:
+            pipe = self._client.pipeline(transaction=False)
+            for stream_id in self._replicas:
+                pipe.set(self._key(stream_id, "reader"), b"1", px=_READER_TTL_MS)
+            await pipe.execute()
 
 
 def _seq(entry_id: bytes) -> int:
@@ -177,51 +312,13 @@ def _seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[1])
 
 
-class RemoteLog:
-    """A stream's events in Redis, read as a journal is (``EventLog``)."""
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        stream_id: str,
-        key: str,
-        reader_key: str,
-        frontend: str,
-        headers: dict[str, str],
-    ) -> None:
-        self._client = client
-        self.stream_id = stream_id
-        self._key = key
-        self._reader_key = reader_key
-        self.frontend = frontend
-        self.headers = headers
-        self._ended = False
-        self._loop = asyncio.get_running_loop()
-        self._marked = 0.0
-
-    async def read(self, after: int, wait_s: float) -> tuple[list[bytes], bool]:
-        if self._ended:
-            return [], True
-        await self._mark_reading()
-        rows: Any = await self._client.xrange(self._key, min=f"0-{after + 1}", count=_BATCH)
-        if not rows:
-            block = round(min(wait_s, _MAX_BLOCK_S) * 1000)
-            answer: Any = await self._client.xread(
-                {self._key: f"0-{after}"}, count=_BATCH, block=block
-            )
-            rows = answer[0][1] if answer else []
-        if rows and _seq(rows[0][0]) != after + 1:
-            raise Gone(f"the events after {after} are no longer kept")
-        self._ended = any(b"end" in fields for _, fields in rows)
-        return [fields[b"d"] for _, fields in rows], self._ended
-
-    async def finished(self) -> bool:
-        last: Any = await self._client.xrevrange(self._key, count=1)
-        return bool(last) and b"end" in last[0][1]
-
-    async def _mark_reading(self) -> None:
-        """Tell the producing replica that this stream is being read."""
-        now = self._loop.time()
-        if now - self._marked > _READER_TTL_MS / 3000:
-            self._marked = now
-            await self._client.set(self._reader_key, b"1", px=_READER_TTL_MS)
+def _append(journal: Journal, rows: list[Any]) -> None:
+    """Redis entries onto a replica journal, in order, from its next id on."""
+    events: list[bytes] = []
+    ended = False
+    for entry_id, fields in rows:
+        if _seq(entry_id) != journal.last_id + len(events) + 1:
+            continue  # already held (or a gap: then its readers see it go silent)
+        events.append(fields[b"d"])
+        ended = ended or b"end" in fields
+    journal.append(events, final=ended)

@@ -42,12 +42,12 @@ from ..state import (
     TENANTS,
     UPSTREAM,
 )
-from .journal import EventLog, Gone, Journal, frame
+from .journal import Gone, Journal, frame
 from .recorder import Recorder, ending
-from .redis_log import RemoteLog
 
 RESUMABLE_HEADER = "X-Resumable"
 STREAM_ID_HEADER = "X-Stream-Id"
+_CHOICES = {"1": True, "true": True, "0": False, "false": False}
 _EVENT_ID = re.compile(r"^[0-9]{1,18}$")
 # A reader gives up on a stream whose producer went silent this long past the
 # upstream's own idle timeout (the producer would have ended it by then).
@@ -62,7 +62,10 @@ def wants_resumable(request: web.Request, tenant: Tenant, frontend: Frontend, s:
     asked = request.headers.get(RESUMABLE_HEADER)
     if asked is None:
         return tenant.resumable
-    return asked.strip().lower() in ("1", "true", "yes")
+    choice = _CHOICES.get(asked.strip().lower())
+    if choice is None:
+        raise InvalidRequest(f"{RESUMABLE_HEADER} must be 1 or 0 (true or false)")
+    return choice
 
 
 async def serve_resumable(
@@ -87,7 +90,7 @@ async def serve_resumable(
         raise
     streams.reader_joined(journal)
     try:
-        return await follow(request, journal, journal.id, 0, ex, journal.headers)
+        return await follow(request, journal, 0, ex)
     finally:
         streams.reader_left(journal)
 
@@ -108,7 +111,6 @@ async def _produce(
     assert task is not None
     lifecycle.streams.add(task)
     recorder: Recorder | None = None
-    mirror: asyncio.Task[None] | None = None
 
     def first_token() -> None:
         if ex.ttft is None:
@@ -124,8 +126,8 @@ async def _produce(
     try:
         async with app[ADMISSION].slot(ex.tenant):
             source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
-            if streams.remote is not None and await streams.remote.announce(journal):
-                mirror = streams.remote.mirror(journal)
+            if streams.remote is not None:
+                await streams.remote.announce(journal)  # else: resumable on this replica only
             opened.set_result(None)
             live = metrics.active_streams.labels(ex.tenant, ex.bot_label)
             live.inc()
@@ -152,31 +154,22 @@ async def _produce(
             )
         if opened.done() and not opened.cancelled() and opened.exception() is None:
             streams.finished(journal)
-        if mirror is not None:  # what the readers elsewhere still need
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(mirror), timeout=5)
 
 
 async def follow(
-    request: web.Request,
-    log: EventLog,
-    stream_id: str,
-    after: int,
-    ex: Exchange,
-    headers: dict[str, str],
-    *,
-    resumed: bool = False,
+    request: web.Request, journal: Journal, after: int, ex: Exchange, *, resumed: bool = False
 ) -> web.StreamResponse:
     """Send the stream's events after id ``after`` to this client, to the end."""
     app = request.app
+    stream_id = journal.id
     streams = app[RESUMABLE]
     settings = app[SETTINGS].current.upstream
     replayed = app[METRICS].events_replayed.labels(ex.tenant)
-    response = web.StreamResponse(headers={**headers, STREAM_ID_HEADER: stream_id})
+    response = web.StreamResponse(headers={**journal.headers, STREAM_ID_HEADER: stream_id})
     await response.prepare(request)
     ex.streamed = True
     loop = asyncio.get_running_loop()
-    heard = loop.time()
+    heard = wrote = loop.time()
     position = after
 
     async def send(payload: bytes) -> None:
@@ -194,13 +187,12 @@ async def follow(
                 ex.outcome = "handed_over"
                 return response
             try:
-                events, ended = await log.read(position, settings.keepalive_s)
+                wait_s = max(0.01, settings.keepalive_s - (loop.time() - wrote))
+                events, ended = await journal.read(position, wait_s)
             except Gone:
                 raise StreamInterrupted(
                     "the client fell further behind than the gateway keeps a stream"
                 ) from None
-            except (RedisError, OSError):
-                raise StreamInterrupted("the stream's store stopped answering") from None
             now = loop.time()
             if events:
                 await send(frame(position + 1, events))
@@ -208,17 +200,19 @@ async def follow(
                 ex.events += len(events)
                 if resumed:
                     replayed.inc(len(events))
-                heard = now
+                heard = wrote = now
             elif not ended:
                 if now - heard > settings.idle_timeout_s + _SILENCE_SLACK_S:
                     raise StreamInterrupted("the stream stopped: its gateway replica went away")
-                await send(PING)
+                if now - wrote >= settings.keepalive_s:  # not when woken for nothing
+                    await send(PING)
+                    wrote = now
             if ended:
                 return response
     except StreamInterrupted as e:
         ex.error = e
         with contextlib.suppress(ConnectionError, SlowClient):
-            await send(b"".join(_ending(app, log, stream_id, e)))
+            await send(b"".join(_ending(app, journal, e)))
     except (ConnectionError, SlowClient) as e:
         ex.outcome = "slow_client" if isinstance(e, SlowClient) else "client_disconnect"
         if request.transport is not None:
@@ -226,12 +220,12 @@ async def follow(
     return response
 
 
-def _ending(app: web.Application, log: EventLog, stream_id: str, err: GatewayError) -> list[bytes]:
+def _ending(app: web.Application, journal: Journal, err: GatewayError) -> list[bytes]:
     """An error and the ending, in the stream's own wire format."""
-    frontend = app[RESUMABLE].frontends.get(getattr(log, "frontend", "chatiq"))
+    frontend = app[RESUMABLE].frontends.get(journal.frontend)
     if frontend is None:
         return ending(err, None)
-    blank = Exchange(request_id=stream_id, route="-", started=0.0)
+    blank = Exchange(request_id=journal.id, route="-", started=0.0)
     return ending(err, frontend.encoder(ChatRequest(message="", bot=""), blank))
 
 
@@ -282,11 +276,15 @@ async def resume_stream(request: web.Request) -> web.StreamResponse:
         return await _resume_here(request, journal, after)
     if streams.remote is not None:
         try:
-            remote = await streams.remote.find(stream_id, tenant.name)
+            replica = await streams.remote.replica(stream_id, tenant.name)
         except (RedisError, OSError):
             raise StreamInterrupted("the resumable streams' store is not answering") from None
-        if remote is not None:
-            return await _resume_from_redis(request, remote, after)
+        if replica is not None:
+            try:
+                replica.events_after(after)
+            except Gone:
+                raise StreamNotFound("the events after that id are no longer kept") from None
+            return await _resume_from_redis(request, replica, after)
     raise StreamNotFound("no resumable stream with that id for this key (it may have expired)")
 
 
@@ -308,11 +306,11 @@ def resume_chat_route(frontend: Frontend) -> web.RouteDef:
             return await _resume_here(request, journal, 0)
         if journal is None and streams.remote is not None:
             try:
-                remote = await streams.remote.chat_stream(frontend.name, tenant.name, chat_id)
+                replica = await streams.remote.chat_stream(frontend.name, tenant.name, chat_id)
             except (RedisError, OSError):
                 raise StreamInterrupted("the resumable streams' store is not answering") from None
-            if remote is not None:
-                return await _resume_from_redis(request, remote, 0)
+            if replica is not None:
+                return await _resume_from_redis(request, replica, 0)
         return web.Response(status=204)
 
     return web.get(f"{frontend.prefix}{frontend.resume_path}", resume_chat, allow_head=False)
@@ -324,14 +322,22 @@ async def _resume_here(request: web.Request, journal: Journal, after: int) -> we
     app[METRICS].streams_resumed.labels(journal.tenant).inc()
     streams.reader_joined(journal)
     try:
-        return await follow(request, journal, journal.id, after, ex, journal.headers, resumed=True)
+        return await follow(request, journal, after, ex, resumed=True)
     finally:
         streams.reader_left(journal)
 
 
 async def _resume_from_redis(
-    request: web.Request, remote: RemoteLog, after: int
+    request: web.Request, replica: Journal, after: int
 ) -> web.StreamResponse:
+    """A stream another replica produces, read here from Redis."""
     ex = exchange_of(request)
+    remote = request.app[RESUMABLE].remote
+    assert remote is not None
     request.app[METRICS].streams_resumed.labels(ex.tenant).inc()
-    return await follow(request, remote, remote.stream_id, after, ex, remote.headers, resumed=True)
+    replica.readers += 1
+    try:
+        return await follow(request, replica, after, ex, resumed=True)
+    finally:
+        replica.readers -= 1
+        remote.release(replica)
