@@ -42,7 +42,7 @@ PING = b": ping\n\n"
 # While the client's socket buffer holds fewer bytes than this, even after the
 # write, a write cannot wait for a drain: the transports pause (and aiohttp
 # waits) only above their high-water mark, 64 KiB for asyncio and uvloop.
-_ROOM = 16 * 1024
+WRITE_ROOM = 16 * 1024
 
 
 _RUNNING = object()  # the stream has not ended yet
@@ -142,7 +142,7 @@ class Relay:
         self._response = web.StreamResponse(headers=headers)
         self._transport: asyncio.Transport | None = None
         self._chunked = True
-        self._high_water = _ROOM
+        self._high_water = WRITE_ROOM
         # How the stream ended, once it did: None ([DONE] went out) or the failure.
         self._end: BaseException | object | None = _RUNNING
         self._wake: asyncio.Future[None] | None = None  # the handler's task waits on it
@@ -359,7 +359,7 @@ class Relay:
     async def _send(self, payload: bytes) -> None:
         """Write through aiohttp (the first batch and the ending), waiting out a slow client."""
         transport = self._request.transport
-        if transport is not None and transport.get_write_buffer_size() + len(payload) < _ROOM:
+        if transport is not None and transport.get_write_buffer_size() + len(payload) < WRITE_ROOM:
             # The client keeps up: the write cannot wait for a drain, so no timer is needed.
             await self._response.write(payload)
         else:

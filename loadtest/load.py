@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-ttft-p99-ms", type=float, default=0, help="0: no threshold")
     parser.add_argument("--max-failure-ratio", type=float, default=0.01)
     parser.add_argument("--scenario", default="loadtest/scenario.toml", help="who the users are")
+    parser.add_argument(
+        "--drop-ratio", type=float, default=0.0,
+        help="share of streams whose user drops the connection mid-answer and resumes "
+        "(the gateway needs [resume] enabled)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     out = Path("results/load") / time.strftime("%Y%m%d-%H%M%S")
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "--chatiq-results", str(out), "--chatiq-scenario", args.scenario,
         "--max-ttft-p99-ms", str(args.max_ttft_p99_ms),
         "--max-failure-ratio", str(args.max_failure_ratio),
+        "--chatiq-drop-ratio", str(args.drop_ratio),
     ]  # fmt: skip
     if args.processes:
         command += ["--processes", str(args.processes)]

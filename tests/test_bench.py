@@ -90,10 +90,11 @@ async def test_make_bench_writes_the_side_by_side_table(tmp_path: Path) -> None:
         assert int(r[3].strip()) > 0, table  # and streams completed
     assert "Open streams held by one gateway process: **30** of 30" in table, table
     printed = out.decode()
-    assert "bench: [1/10] 1 streams via direct" in printed and "left" in printed  # progress
+    steps = 2 * len(PATHS)
+    assert f"bench: [1/{steps}] 1 streams via direct" in printed and "left" in printed
     assert "+TTFT p50/p99 ms" in printed  # the terminal's narrow table
     narrow = [line for line in printed.splitlines() if re.match(r"^ +[\d,]+  [a-z]", line)]
-    assert len(narrow) == 10 and max(len(line) for line in narrow) <= 80, narrow
+    assert len(narrow) == steps and max(len(line) for line in narrow) <= 80, narrow
     chart = (tmp_path / "latest.png").read_bytes()
     assert chart.startswith(b"\x89PNG") and len(chart) > 10_000
 
@@ -111,3 +112,19 @@ async def test_the_gateway_runs_on_uvloop_unless_told_otherwise(
         assert result.done and len(result.event_times) == len(compose_reply("hi", [], 5)) + 2
     assert '"name": "uvloop"' in fast.log() or "name=uvloop" in fast.log()
     assert "uvloop" not in plain.log()
+
+
+async def test_make_resumes_drops_and_resumes_streams_and_says_what_it_measured(
+    tmp_path: Path,
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.resumes", "--streams", "20", "--rate", "100",
+        "--out", str(tmp_path),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, out.decode()
+    summary = (tmp_path / "latest.md").read_text()
+    assert "- detached at once: 20" in summary, summary
+    assert "KiB per detached stream" in summary and "p99 **" in summary, summary
+    assert "**20 of 20**" in summary, summary

@@ -53,7 +53,7 @@ class Journal:
         self._first = 1  # the id of _events[0]
         self._bytes = 0
         self._max_bytes = max_bytes
-        self._changed: asyncio.Future[None] | None = None
+        self._waiting: list[asyncio.Future[None]] = []  # readers waiting for a change
 
     @property
     def last_id(self) -> int:
@@ -90,11 +90,10 @@ class Journal:
 
     def poke(self) -> None:
         """Wake every reader waiting (new events, the end, or a shutdown's hand-over)."""
-        changed = self._changed
-        if changed is not None:
-            self._changed = None
-            if not changed.done():
-                changed.set_result(None)
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def events_after(self, after: int) -> list[bytes]:
         if after + 1 < self._first:
@@ -115,10 +114,16 @@ class Journal:
 
     async def wait(self, wait_s: float) -> None:
         """Until the journal changes (or ``poke``), at most ``wait_s``."""
-        if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiting.append(waiter)
+        timer = loop.call_later(wait_s, _wake, waiter)
         try:
-            async with asyncio.timeout(wait_s):
-                await asyncio.shield(self._changed)
-        except TimeoutError:
-            pass
+            await waiter
+        finally:
+            timer.cancel()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..exchange import Exchange, exchange_of
 from ..frontends.base import Frontend, StreamEncoder
-from ..relay import PING, SSE_HEADERS, SlowClient
+from ..relay import PING, SSE_HEADERS, WRITE_ROOM, SlowClient
 from ..state import (
     ADMISSION,
     FAILED_KEYS,
@@ -173,11 +173,15 @@ async def follow(
     position = after
 
     async def send(payload: bytes) -> None:
-        try:
-            async with asyncio.timeout(settings.client_write_timeout_s):
-                await response.write(payload)
-        except TimeoutError:
-            raise SlowClient from None
+        transport = request.transport
+        if transport is not None and transport.get_write_buffer_size() + len(payload) < WRITE_ROOM:
+            await response.write(payload)  # the client keeps up: this write cannot wait
+        else:
+            try:
+                async with asyncio.timeout(settings.client_write_timeout_s):
+                    await response.write(payload)
+            except TimeoutError:
+                raise SlowClient from None
         ex.bytes_out += len(payload)
 
     try:
