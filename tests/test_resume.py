@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,7 +16,15 @@ from gateway.config import ResumeSettings, Tenant
 from gateway.sse import Event, SSEParser
 from gateway.state import RESUMABLE
 from loadtest.emulator import LIVE, EmulatorSettings
-from tests.conftest import ACME_KEY, LIMITED_KEY, TENANTS, Stack, StackFactory, eventually
+from tests.conftest import (
+    ACME_KEY,
+    LIMITED_KEY,
+    TENANTS,
+    GatewayProcess,
+    Stack,
+    StackFactory,
+    eventually,
+)
 
 RESUME = ResumeSettings(enabled=True, detach_grace_s=5.0, retain_s=30.0)
 SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=400, reply_tokens=33)  # 40 events with [DONE]
@@ -218,17 +227,20 @@ async def test_a_resume_within_the_grace_keeps_the_upstream(make_stack: StackFac
 
 
 async def test_a_thousand_streams_dropped_and_resumed_at_random_moments(
-    make_stack: StackFactory,
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
 ) -> None:
-    stack = await resumable_stack(
-        make_stack, emulator=EmulatorSettings(ttft_s=0, tokens_per_s=2000, reply_tokens=33)
-    )
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=2000, reply_tokens=33))
+    gw = await gateway_process(stack.emulator, resume={"enabled": True})
+    base = f"http://127.0.0.1:{gw.port}"
     rng = random.Random(7)
     limit = asyncio.Semaphore(100)
 
     async def one(i: int) -> None:
         async with limit:
-            response = await start(stack, {"X-Resumable": "1"})
+            response = await stack.session.post(
+                f"{base}/api/chatbot", json={"message": "tell me everything"},
+                headers={**AUTH, "X-Resumable": "1"},
+            )  # fmt: skip
             stream_id, request_id = (
                 response.headers["X-Stream-Id"],
                 response.headers["X-Request-Id"],
@@ -238,18 +250,19 @@ async def test_a_thousand_streams_dropped_and_resumed_at_random_moments(
             while events[-1].data != "[DONE]":
                 drops += 1
                 assert drops < 60
-                after = int(events[-1].id or 0)
-                more, fresh = await read_events(
-                    await resume(stack, stream_id, after), limit=rng.choice([None, 1, 5, 20])
-                )
+                headers = {**AUTH, "Last-Event-ID": events[-1].id or "0"}
+                again = await stack.session.get(f"{base}/api/chatbot/streams/{stream_id}",
+                                                headers=headers)  # fmt: skip
+                more, fresh = await read_events(again, limit=rng.choice([None, 1, 5, 20]))
                 body += more
                 events += fresh
             assert [e.id for e in events] == [str(n) for n in range(1, 41)], i
             assert without_ids(body) == upstream_events(stack, request_id), i
 
     await asyncio.gather(*(one(i) for i in range(1000)))
-    resumed = await stack.metric("chatiq_gateway_streams_resumed_total", tenant="acme")
+    resumed = await gw.metric(stack.session, "chatiq_gateway_streams_resumed_total")
     assert resumed >= 900  # all but those that happened to drop just after [DONE]
+    assert await gw.metric(stack.session, "chatiq_gateway_active_streams") == 0
 
 
 async def test_the_ai_sdk_stream_resumes_in_its_own_format(make_stack: StackFactory) -> None:
@@ -289,3 +302,21 @@ async def test_a_resume_from_before_what_is_kept_is_refused(
     assert (await late.json())["error"]["code"] == "STREAM_NOT_FOUND"
     _recent, events = await read_events(await resume(stack, stream_id, 38))
     assert [e.id for e in events] == ["39", "40"]
+
+
+async def test_a_reader_that_falls_behind_what_is_kept_gets_an_error_and_the_end(
+    make_stack: StackFactory,
+) -> None:
+    stack = await resumable_stack(
+        make_stack,
+        emulator=EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=300),
+        resume=ResumeSettings(enabled=True, max_stream_bytes=64 * 1024),
+    )
+    response = await stack.chat({"message": "hi", "bot": "bulk"}, headers={"X-Resumable": "1"})
+    assert response.status == 200
+    await asyncio.sleep(1.0)  # reads nothing: the bulk reply (~10 MB) outruns what is kept
+    body, events = await read_events(response)
+    ids = [int(e.id) for e in events if e.id is not None]
+    assert ids == list(range(1, len(ids) + 1))  # what it got, it got in order, once
+    assert '"STREAM_INTERRUPTED"' in (events[-2].data or "") and events[-1].data == "[DONE]"
+    assert events[-1].id is None  # the reader's own ending: not one of the stream's events

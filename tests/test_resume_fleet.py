@@ -181,3 +181,23 @@ async def test_a_replica_shut_down_mid_stream_hands_its_clients_over(
     assert leaving.wait(timeout=30) == 0
     handed_over = log.read_text().count('"outcome": "handed_over"')
     assert 20 < handed_over == taken_over, (handed_over, taken_over)
+
+
+async def test_with_redis_down_streams_resume_where_they_run_and_elsewhere_get_a_clear_error(
+    make_stack: StackFactory, replicas: Replicas, redis_server: RedisServer
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=100, reply_tokens=33))
+    a, b = await replicas(stack)
+    session = stack.session
+    redis_server.stop()
+    first = await session.post(a.url, json={"message": "tell me everything"}, headers=RESUMABLE)
+    stream_id, request_id = first.headers["X-Stream-Id"], first.headers["X-Request-Id"]
+    head, _ = await read_events(first, limit=10)
+    elsewhere = await session.get(stream_url(b, stream_id), headers={**AUTH, "Last-Event-ID": "10"})
+    assert elsewhere.status == 502
+    assert (await elsewhere.json())["error"]["code"] == "STREAM_INTERRUPTED"
+    here = await session.get(stream_url(a, stream_id), headers={**AUTH, "Last-Event-ID": "10"})
+    tail, events = await read_events(here)
+    assert events[-1].data == "[DONE]"
+    assert without_ids(head + tail) == upstream_events(stack, request_id)
+    redis_server.start()
