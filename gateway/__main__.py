@@ -17,6 +17,7 @@ from aiohttp import web
 from .app import create_app, create_metrics_app, drain
 from .auth import hash_key
 from .config import ConfigError, Settings, load_settings
+from .cpus import parse_workers
 from .edge import GatewaySite
 from .egress import proxy_display
 from .frontends import load_frontends
@@ -199,6 +200,13 @@ def hash_key_command(argv: list[str]) -> int:
     return 0
 
 
+def _workers(value: str) -> int:
+    try:
+        return parse_workers(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'auto', not {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["hash-key"]:
@@ -212,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default="config/gateway.toml", help="TOML file (default: %(default)s)"
     )
     parser.add_argument(
-        "--workers", type=int, default=None,
-        help="processes sharing the port (SO_REUSEPORT); default: server.workers, 1",
+        "--workers", type=_workers, default=None,
+        help="processes sharing the port (SO_REUSEPORT), or 'auto': one per core this "
+        "process may use (affinity and cgroup quota; the production setting); "
+        "default: server.workers, 1",
     )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .cpus import usable_cpus
 from .egress import DIRECT, parse_proxy, proxy_from_environment
 
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
@@ -36,7 +37,9 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     backlog: int = 2048  # pending connections the kernel queues (capped by net.core.somaxconn)
-    workers: int = 1  # processes sharing the port (SO_REUSEPORT); limits apply per process
+    # Processes sharing the port (SO_REUSEPORT); limits apply per process.
+    # "auto" in the file (or --workers auto): one per core this process may use.
+    workers: int = 1
     header_timeout_s: float = 10.0  # each request head, from its first byte, else 408
     body_timeout_s: float = 30.0  # a request body must be in by then, else 408
     keepalive_timeout_s: float = 60.0  # idle client connections are closed after this
@@ -252,6 +255,13 @@ def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) ->
     unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - {"tenants", "frontends"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key")
+    server = raw.get("server", {})
+    if isinstance(server, dict) and isinstance(server.get("workers"), str):
+        if server["workers"] != "auto":
+            raise ConfigError(
+                f'server.workers: a whole number or "auto", not {server["workers"]!r}'
+            )
+        raw = {**raw, "server": {**server, "workers": usable_cpus()}}  # one per usable core
     tables = {name: _build(cls, raw.get(name, {}), name) for name, cls in _FILE_ONLY_TABLES.items()}
     tenants = _tenants(raw.get("tenants", []))
     frontends = _frontends(raw.get("frontends", {}))

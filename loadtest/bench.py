@@ -166,10 +166,7 @@ class Stack:
             workdir, self.ports["gateway"], self.ports["emulator"], KEY, None, (),
             tenant_limits=limits, **gateway_tables,
         )  # fmt: skip
-        self.nginx = start_nginx(
-            workdir / f"nginx-{self.ports['nginx']}", self.ports["nginx"], self.ports["emulator"],
-            open_files_limit(),
-        )  # fmt: skip
+        self.nginx: subprocess.Popen[bytes] | None = None  # once the gateway's workers are known
         self.naive = subprocess.Popen(
             [
                 sys.executable, "-m", "loadtest.naive_proxy", "--port", str(self.ports["naive"]),
@@ -180,6 +177,12 @@ class Stack:
 
     async def ready(self) -> None:
         await wait_http_ready(f"http://127.0.0.1:{self.ports['gateway']}/healthz")
+        # nginx with as many workers as the gateway has (its supervisor's children)
+        workers = max(1, len(process_tree(self.gateway.pid)) - 1)
+        self.nginx = start_nginx(
+            self.workdir / f"nginx-{self.ports['nginx']}", self.ports["nginx"],
+            self.ports["emulator"], open_files_limit(), workers,
+        )  # fmt: skip
         for name in ("emulator", "nginx", "naive"):
             await wait_tcp(self.ports[name])
 
@@ -207,7 +210,7 @@ class Stack:
         return proxy.pid if proxy is not None else None
 
     def stop(self) -> None:
-        stop(self.gateway, self.naive, self.nginx, self.emulator)
+        stop(self.gateway, self.naive, *([self.nginx] if self.nginx else []), self.emulator)
         if self.redis is not None:
             stop(self.redis)
 
@@ -222,7 +225,7 @@ GATEWAY_TABLES: dict[str, dict[str, Any]] = {
 
 @contextmanager
 def stack(
-    workdir: Path, emulator_args: list[str], workers: int = 1, redis: bool = False
+    workdir: Path, emulator_args: list[str], workers: int | str = 1, redis: bool = False
 ) -> Iterator[Stack]:
     s = Stack(workdir, emulator_args, {**GATEWAY_TABLES, "server": {"workers": workers}}, redis)
     try:
@@ -287,7 +290,7 @@ async def run_level(
     workdir: Path,
     plan: Plan,
     paths: tuple[str, ...],
-    workers: int,
+    workers: int | str,
     redis: bool = False,
     progress: Progress | None = None,
 ) -> list[PathResult]:
@@ -495,6 +498,16 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(value: str) -> int | str:
+    """A count, or "auto" (the gateway decides; nginx then gets as many)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'auto', not {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,100,1000,5000", help="concurrent streams")
@@ -506,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hold", type=int, default=10_000, help="open streams to hold (0: skip)")
     parser.add_argument("--hold-seconds", type=float, default=10.0, help="how long to hold them")
     parser.add_argument(
-        "--workers", type=int, default=1, help="gateway worker processes (the gateway rows)"
-    )
+        "--workers", type=_workers, default=1,
+        help="gateway worker processes, and as many nginx workers; 'auto': one per core the "
+        "gateway may use",
+    )  # fmt: skip
     parser.add_argument(
         "--redis", action="store_true",
         help="the gateway's tenant quotas in a local redis-server (checked, never biting)",

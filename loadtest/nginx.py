@@ -2,7 +2,7 @@
 
 ``proxy_buffering off`` so that events go out as they arrive, HTTP/1.1 and a
 keep-alive pool to the upstream, no access log (as for the other proxies),
-one worker process (as one gateway process). Installed from Debian's package
+as many worker processes as the gateway has (one by default). Installed from Debian's package
 when missing.
 """
 
@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 CONF = """\
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile {nofile};
 daemon off;
 master_process on;
@@ -51,7 +51,7 @@ def ensure_nginx() -> str:
 
 
 def start_nginx(
-    prefix: Path, port: int, upstream_port: int, nofile: int
+    prefix: Path, port: int, upstream_port: int, nofile: int, workers: int = 1
 ) -> subprocess.Popen[bytes]:
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
@@ -62,6 +62,7 @@ def start_nginx(
             upstream_port=upstream_port,
             nofile=nofile,
             connections=max(1024, nofile - 64),
+            workers=workers,
         )
     )
     return subprocess.Popen(

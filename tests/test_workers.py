@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.config import ConfigError, settings_from_mapping
+from gateway.cpus import cgroup_cpu_quota, usable_cpus
 from gateway.workers import MAX_DEATHS
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
@@ -254,3 +258,62 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(
         assert await metric_total(port, 'chatiq_gateway_config_reloads_total{result="ok"}') == 2
     finally:
         stop(process)
+
+
+def test_usable_cpus_follow_the_cgroup_quota(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(v2) is None  # no limit
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(v2) == 1.5
+    assert usable_cpus(v2) == min(2, len(os.sched_getaffinity(0)))  # 1.5 cores: 2 workers
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1.parent) == 0.5
+    assert usable_cpus(v1.parent) == 1  # never fewer than one
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(v1.parent) is None
+    assert cgroup_cpu_quota(tmp_path / "none") is None
+
+
+def test_workers_auto_in_the_file_is_one_per_usable_core() -> None:
+    raw = {"upstream": {"url": "http://127.0.0.1:9/api/chat"}, "server": {"workers": "auto"}}
+    assert settings_from_mapping(raw, {}).server.workers == usable_cpus()
+    with pytest.raises(ConfigError, match=r'server\.workers: a whole number or "auto"'):
+        settings_from_mapping({**raw, "server": {"workers": "many"}}, {})
+
+
+def test_usable_cpus_follow_the_affinity_mask() -> None:
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset is not installed")
+    done = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c",
+         "from gateway.cpus import usable_cpus; print(usable_cpus())"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, check=True,
+    )  # fmt: skip
+    assert done.stdout.strip() == "1"
+
+
+async def test_workers_auto_starts_one_worker_per_usable_core(
+    tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and two cores")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=5))
+    port = free_port()
+    assert stack.emulator.port is not None
+    process, _ = start_gateway(
+        tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
+        extra_args=["--workers", "auto"], prefix=["taskset", "-c", "0,1"],
+    )  # fmt: skip
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}/healthz")
+        await eventually_true(lambda: len(children_of(process.pid)) == 2, 10, "two workers")
+        await chat_on_new_connections(port, 4)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
