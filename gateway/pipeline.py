@@ -37,6 +37,8 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_type != "application/json":
         raise UnsupportedMediaType("send the body as 'Content-Type: application/json'")
     try:
+        if request.content.is_eof():  # it came with the head (most do): no timer needed
+            return await request.read()
         async with asyncio.timeout(server.body_timeout_s):
             return await request.read()
     except TimeoutError:

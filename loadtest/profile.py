@@ -87,8 +87,8 @@ async def profile_load(name: str, tokens: int, rate: float, args: argparse.Names
     out = folder / "profile.txt"
     try:
         await wait_ready(f"http://127.0.0.1:{port}/healthz")
-        target = Target("127.0.0.1", port, "/api/chatbot",
-                        {"message": "How do I reset my password?", "stream": True}, key=KEY)  # fmt: skip
+        body = {"message": "How do I reset my password?", "stream": True}
+        target = Target("127.0.0.1", port, "/api/chatbot", body, key=KEY)
         await run_streams(target, args.streams, 2.0, 1.0, timeout_s=60)  # warm up
         spy = subprocess.Popen(
             [py_spy(), "record", "--pid", str(gateway.pid), "--duration", str(round(args.seconds)),

@@ -144,3 +144,11 @@ async def test_default_bot_is_used_when_none_is_named(stack: Stack) -> None:
     async with await stack.chat(headers={"X-Request-Id": request_id}) as r:
         await r.read()
     assert stack.transcript(request_id).body["bot_slug"] == "demo"
+
+
+async def test_a_history_with_a_huge_integer_still_reaches_the_upstream(stack: Stack) -> None:
+    history = [{"role": "user", "content": "earlier", "n": 10**30}]
+    response = await stack.chat({"message": "hi", "history": history})
+    _, events = await read_stream(response)
+    assert events[-1] == "[DONE]"
+    assert stack.transcript(response.headers["X-Request-Id"]).body["history"] == history
