@@ -138,7 +138,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 
 
 def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bool) -> None:
-    metrics.requests.labels(ex.route, ex.frontend, ex.tenant, str(ex.status)).inc()
+    metrics.request_counter(ex.route, ex.frontend, ex.tenant, ex.status).inc()
     err = ex.error
     if err is not None:
         if ex.outcome == "ok":
@@ -149,8 +149,9 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
         metrics.client_disconnects.labels(ex.tenant).inc()
     duration = now - ex.started
     if ex.streamed:
-        metrics.stream_duration.labels(ex.tenant, ex.bot_label).observe(duration)
-        metrics.stream_events.labels(ex.tenant, ex.bot_label).inc(ex.events)
+        series = metrics.stream_series(ex.tenant, ex.bot_label)
+        series.duration.observe(duration)
+        series.events.inc(ex.events)
     if not chat:
         log.debug("request", request_id=ex.request_id, route=ex.route, status=ex.status)
         return

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Iterable
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
@@ -78,6 +79,16 @@ class _Null:
         return lambda *args, **kwargs: None
 
 
+@dataclass(frozen=True, slots=True)
+class StreamSeries:
+    """The series a stream moves, for one tenant and bot."""
+
+    time_to_first_token: Any
+    duration: Any
+    events: Any
+    active: Any
+
+
 class Metrics:
     def __init__(self, bots: Iterable[str] = (), *, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -85,6 +96,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._bots = frozenset(bots)
         self._chat_routes: list[tuple[str, str]] = []
+        # Label children looked up once (a lookup is a lock and a tuple each
+        # time), keyed by their label values: bounded as the labels are.
+        self._streams: dict[tuple[str, str], StreamSeries] = {}
+        self._requests: dict[tuple[str, str, str, int], Any] = {}
         r = self.registry
         ns = NAMESPACE
 
@@ -208,6 +223,8 @@ class Metrics:
             ["phase"],
             buckets=OVERHEAD_BUCKETS,
         )
+        self.pre_upstream = self.overhead.labels("pre_upstream")
+        self.relay_overhead = self.overhead.labels("relay")
         build = {
             "version": version(),
             "python": platform.python_version(),
@@ -265,6 +282,25 @@ class Metrics:
             for route, frontend in routes:
                 for status in DOCUMENTED_STATUSES:
                     self.requests.labels(route, frontend, tenant, str(status))
+
+    def stream_series(self, tenant: str, bot_label: str) -> StreamSeries:
+        """A tenant's and bot's stream series."""
+        found = self._streams.get((tenant, bot_label))
+        if found is None:
+            found = self._streams[(tenant, bot_label)] = StreamSeries(
+                self.time_to_first_token.labels(tenant, bot_label),
+                self.stream_duration.labels(tenant, bot_label),
+                self.stream_events.labels(tenant, bot_label),
+                self.active_streams.labels(tenant, bot_label),
+            )
+        return found
+
+    def request_counter(self, route: str, frontend: str, tenant: str, status: int) -> Any:
+        key = (route, frontend, tenant, status)
+        found = self._requests.get(key)
+        if found is None:
+            found = self._requests[key] = self.requests.labels(route, frontend, tenant, str(status))
+        return found
 
     def name_bots(self, bots: Iterable[str]) -> None:
         """The bots that get a label of their own (a reload may name more)."""

@@ -69,7 +69,7 @@ async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResp
 
     deadline = ex.started + settings.upstream.total_timeout_s
     # The gateway's own time before the upstream call; the queue wait is not ours.
-    metrics.overhead.labels("pre_upstream").observe(asyncio.get_running_loop().time() - ex.started)
+    metrics.pre_upstream.observe(asyncio.get_running_loop().time() - ex.started)
     if chat.stream and wants_resumable(request, tenant, frontend, settings):
         return await serve_resumable(request, frontend, chat, ex, deadline)
     async with app[ADMISSION].slot(tenant.name):
@@ -78,7 +78,7 @@ async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResp
             return frontend.completion(body, chat, ex)
         source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
         relay = Relay(request, source, ex, deadline, frontend.encoder(chat, ex))
-        live = metrics.active_streams.labels(tenant.name, ex.bot_label)
+        live = metrics.stream_series(tenant.name, ex.bot_label).active
         task = asyncio.current_task()
         assert task is not None
         live.inc()

@@ -136,7 +136,7 @@ class Relay:
         self._metrics: Metrics = app[METRICS]
         self._lifecycle: Lifecycle = app[LIFECYCLE]
         self._log = app[LOG]
-        self._relay_overhead = self._metrics.overhead.labels("relay")
+        self._relay_overhead = self._metrics.relay_overhead
         self._loop = asyncio.get_running_loop()
         headers = SSE_HEADERS if encoder is None else {**SSE_HEADERS, **encoder.headers}
         self._response = web.StreamResponse(headers=headers)
@@ -276,7 +276,7 @@ class Relay:
     def _first_token(self) -> None:
         ex = self._ex
         ex.ttft = self._loop.time() - ex.started
-        self._metrics.time_to_first_token.labels(ex.tenant, ex.bot_label).observe(ex.ttft)
+        self._metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token.observe(ex.ttft)
 
     def _finish(self, outcome: BaseException | None) -> None:
         """The stream ends: stop pushing, and wake the handler's task to end it."""

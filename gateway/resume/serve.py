@@ -115,7 +115,7 @@ async def _produce(
     def first_token() -> None:
         if ex.ttft is None:
             ex.ttft = loop.time() - ex.started
-            metrics.time_to_first_token.labels(ex.tenant, ex.bot_label).observe(ex.ttft)
+            metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token.observe(ex.ttft)
 
     def failed(e: UpstreamError) -> None:
         if e.kind is not None:
@@ -129,7 +129,7 @@ async def _produce(
             if streams.remote is not None:
                 await streams.remote.announce(journal)  # else: resumable on this replica only
             opened.set_result(None)
-            live = metrics.active_streams.labels(ex.tenant, ex.bot_label)
+            live = metrics.stream_series(ex.tenant, ex.bot_label).active
             live.inc()
             recorder = Recorder(source, journal, encoder, settings, deadline, first_token, failed)
             try:
