@@ -7,6 +7,7 @@ the app already holds (``set_level``).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, TextIO
@@ -39,12 +40,23 @@ def set_level(log: Logger, level: str) -> None:
             processor.level = _LEVELS[level.lower()]
 
 
+# One encoder for every line: json.dumps with a ``default`` builds a new one
+# per call. Same output as json.dumps (structlog's default).
+_ENCODER = json.JSONEncoder(default=repr)
+
+
+def _json_line(event: dict[str, Any], **_: Any) -> str:
+    return _ENCODER.encode(event)
+
+
 def make_logger(settings: LoggingSettings, stream: TextIO | None = None) -> Logger:
     """JSON lines in production, a readable console format on a terminal."""
     out = sys.stderr if stream is None else stream
     console = settings.format == "console" or (settings.format == "auto" and out.isatty())
     renderer: Any = (
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer()
+        if console
+        else structlog.processors.JSONRenderer(serializer=_json_line)
     )
     return structlog.wrap_logger(
         structlog.PrintLogger(out),
