@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak stalled resumes fleet screenshot bench-observability load bench node-deps
+.PHONY: run test lint install clean soak stalled resumes profile fleet screenshot bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -57,6 +57,10 @@ screenshot: $(STAMP)
 ## make stalled: 2,000 clients that stop reading 10 MB replies: memory each, CPU while stalled.
 stalled: $(STAMP)
 	$(BIN)/python -m loadtest.stalled $(ARGS)
+
+## make profile: where one gateway process spends its CPU (py-spy), per stream and per event.
+profile: $(STAMP)
+	$(BIN)/python -m loadtest.profile $(ARGS)
 
 ## make resumes: 1,000 resumable streams dropped and resumed (ARGS="--redis": on another replica).
 resumes: $(STAMP)

@@ -216,8 +216,11 @@ class Stack:
 
 
 GATEWAY_TABLES: dict[str, dict[str, Any]] = {
-    "admission": {"max_streams": 12_000, "max_queue": 2_000, "tenant_max_streams": 0},
-    "upstream": {"max_connections": 12_000},
+    # Room for the capacity run's 9,900 streams. No more: the gateway keeps
+    # server.max_connections + upstream.max_connections within its open-files
+    # limit (20,000 here), lowering the former to fit.
+    "admission": {"max_streams": 10_000, "max_queue": 2_000, "tenant_max_streams": 0},
+    "upstream": {"max_connections": 10_000},
     "logging": {"format": "json"},
     "resume": {"enabled": True},  # only the resumable path's streams ask for it
 }

@@ -93,7 +93,7 @@ async def profile_load(name: str, tokens: int, rate: float, args: argparse.Names
         spy = subprocess.Popen(
             [py_spy(), "record", "--pid", str(gateway.pid), "--duration", str(round(args.seconds)),
              "--rate", "250", "--format", "raw", "--output", str(out), "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=(folder / "py-spy.log").open("wb"),
         )  # fmt: skip
         cpu_before = cpu_seconds(gateway.pid)
         started = time.perf_counter()
@@ -103,9 +103,12 @@ async def profile_load(name: str, tokens: int, rate: float, args: argparse.Names
         spy.wait(timeout=args.seconds + 30)
     finally:
         stop(gateway, emulator)
+    if not out.exists():
+        why = (folder / "py-spy.log").read_text().strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"profile: py-spy took no samples: {why[0]}")
     streams = sum(1 for r in results if r.done)
     events = sum(len(r.event_times) for r in results)
-    samples, own, total = top_functions(out.read_text() if out.exists() else "")
+    samples, own, total = top_functions(out.read_text())
     lines = [
         f"### {name}: {tokens}-token replies, {args.streams} concurrent streams, "
         f"{args.seconds:g} s",
