@@ -16,9 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol, TypeVar
-
-import orjson
+from typing import Protocol, TypeVar
 
 from .breaker import Breakers
 from .chat import ChatRequest
@@ -182,15 +180,6 @@ class EventSource:
             self._waiter.set_result(None)
 
 
-def _json_body(body: dict[str, Any]) -> bytes:
-    """orjson: one C call where json.dumps is several. It refuses integers past
-    64 bits (a client's history may hold one): those go through json."""
-    try:
-        return orjson.dumps(body)
-    except TypeError:
-        return json.dumps(body).encode()
-
-
 class Upstream:
     def __init__(
         self,
@@ -324,7 +313,7 @@ class Upstream:
     ) -> Connection:
         """POST the chat; return the connection of a 200 response of the expected type."""
         loop = asyncio.get_running_loop()
-        body = _json_body(chat.upstream_body())
+        body = json.dumps(chat.upstream_body()).encode()
         request_head = self._request_head(request_id, chat.stream, len(body))
         sent = loop.time()
         try:
