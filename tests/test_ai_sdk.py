@@ -36,8 +36,13 @@ async def ui_chat(
 ) -> dict[str, Any]:
     """One turn through DefaultChatTransport; the message readUIMessageStream rebuilt."""
     api = str(stack.gateway.make_url("/api/ui/chat"))
+    return await run_node("ui_chat.mjs", api, key, bot, text, conversation_id)
+
+
+async def run_node(script: str, *args: str) -> dict[str, Any]:
+    """One of tests/node's scripts; the JSON it prints."""
     process = await asyncio.create_subprocess_exec(
-        node(), str(NODE_DIR / "ui_chat.mjs"), api, key, bot, text, conversation_id,
+        node(), str(NODE_DIR / script), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), 30)
@@ -109,14 +114,7 @@ async def test_multibyte_text_split_across_reads_arrives_exactly(
 async def ui_resume(stack: Stack, chat_id: str, key: str = ACME_KEY) -> dict[str, Any]:
     """useChat's resume hook (reconnectToStream), as the AI SDK's own code calls it."""
     api = str(stack.gateway.make_url("/api/ui/chat"))
-    process = await asyncio.create_subprocess_exec(
-        node(), str(NODE_DIR / "ui_resume.mjs"), api, key, chat_id,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    result: dict[str, Any] = json.loads(out)
-    return result
+    return await run_node("ui_resume.mjs", api, key, chat_id)
 
 
 async def test_use_chat_s_resume_hook_replays_the_chat_s_active_stream(

@@ -114,16 +114,22 @@ async def test_the_gateway_runs_on_uvloop_unless_told_otherwise(
     assert "uvloop" not in plain.log()
 
 
+async def run_tool(module: str, out: Path, *args: str) -> tuple[int, str]:
+    """``python -m <module> ... --out <out>``: its exit code and what it printed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *args, "--out", str(out),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    printed, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode is not None
+    return process.returncode, printed.decode()
+
+
 async def test_make_resumes_drops_and_resumes_streams_and_says_what_it_measured(
     tmp_path: Path,
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest.resumes", "--streams", "20", "--rate", "100",
-        "--out", str(tmp_path),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode == 0, out.decode()
+    code, out = await run_tool("loadtest.resumes", tmp_path, "--streams", "20", "--rate", "100")
+    assert code == 0, out
     summary = (tmp_path / "latest.md").read_text()
     assert "- detached at once: 20" in summary, summary
     assert "KiB per detached stream" in summary and "p99 **" in summary, summary
@@ -133,15 +139,10 @@ async def test_make_resumes_drops_and_resumes_streams_and_says_what_it_measured(
 async def test_make_profile_reports_cost_per_stream_and_event_and_the_top_functions(
     tmp_path: Path,
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest.profile", "--seconds", "2", "--streams", "20",
-        "--out", str(tmp_path),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=120)
-    if process.returncode != 0 and b"ermission" in out:  # py-spy may not attach (ptrace)
-        pytest.skip(f"py-spy cannot sample here: {out.decode()[-200:]}")
-    assert process.returncode == 0, out.decode()
+    code, out = await run_tool("loadtest.profile", tmp_path, "--seconds", "2", "--streams", "20")
+    if code != 0 and "ermission" in out:  # py-spy may not attach (ptrace)
+        pytest.skip(f"py-spy cannot sample here: {out[-200:]}")
+    assert code == 0, out
     report = (tmp_path / "latest.md").read_text()
     assert report.count("us per stream") == 2 and report.count("us per event") == 2, report
     rows = [line for line in report.splitlines() if line.startswith("| `")]

@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,17 +24,23 @@ from tests.conftest import ACME_KEY, read_stream
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
+def start_test_fleet(tmp_path: Path, emulator_args: tuple[str, ...], **tables: Any) -> Fleet:
+    """``make fleet``'s fleet (Redis, emulator, two replicas, HAProxy) on free ports."""
     if haproxy_binary() is None or shutil.which("redis-server") is None:
         if os.environ.get("CI"):
             pytest.fail("haproxy or redis-server is missing: .ci/run installs both")
         pytest.skip("needs haproxy and redis-server (apt-get install haproxy redis-server)")
-    started = start_fleet(
-        tmp_path, free_port(), replicas=2, key=ACME_KEY,
-        emulator_args=("--ttft-ms", "20", "--tokens-per-s", "100", "--reply-tokens", "20"),
-        server={"shutdown_grace_s": 20.0},
+    return start_fleet(
+        tmp_path, free_port(), replicas=2, key=ACME_KEY, emulator_args=emulator_args,
+        server={"shutdown_grace_s": 20.0}, **tables,
     )  # fmt: skip
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    started = start_test_fleet(
+        tmp_path, ("--ttft-ms", "20", "--tokens-per-s", "100", "--reply-tokens", "20")
+    )
     yield started
     started.stop()
 

@@ -5,8 +5,6 @@ resumes on any replica, and a replica that shuts down hands its clients over
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,10 +15,11 @@ import pytest
 
 from gateway.sse import Event
 from loadtest.emulator import EmulatorSettings
-from loadtest.fleet import Fleet, haproxy_binary, start_fleet
+from loadtest.fleet import Fleet
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, Stack, StackFactory
 from tests.redis_server import RedisServer
+from tests.test_haproxy import start_test_fleet
 from tests.test_resume import read_events, upstream_events, without_ids
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
@@ -117,15 +116,11 @@ async def test_a_resume_whose_replica_died_ends_with_an_error_and_done(
 
 @pytest.fixture
 def resumable_fleet(tmp_path: Path) -> Iterator[Fleet]:
-    if haproxy_binary() is None or shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy or redis-server is missing: .ci/run installs both")
-        pytest.skip("needs haproxy and redis-server (apt-get install haproxy redis-server)")
-    started = start_fleet(
-        tmp_path, free_port(), replicas=2, key=ACME_KEY,
-        emulator_args=("--ttft-ms", "20", "--tokens-per-s", "25", "--reply-tokens", "60"),
-        server={"shutdown_grace_s": 20.0}, resume={"enabled": True},
-    )  # fmt: skip
+    started = start_test_fleet(
+        tmp_path,
+        ("--ttft-ms", "20", "--tokens-per-s", "25", "--reply-tokens", "60"),
+        resume={"enabled": True},
+    )
     yield started
     started.stop()
 

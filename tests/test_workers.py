@@ -136,15 +136,20 @@ async def metric_total(port: int, name: str) -> float:
 
 
 async def start_supervised(
-    tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    make_stack: StackFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: str = "2",
+    prefix: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """A gateway of two workers (``--workers``: 2, or auto on two cores)."""
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=5))
     port = free_port()
     assert stack.emulator.port is not None
     process, log = start_gateway(
         tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
-        extra_args=["--workers", "2"],
+        extra_args=["--workers", workers], prefix=prefix,
     )  # fmt: skip
     await wait_ready(f"http://127.0.0.1:{port}/healthz")
     await eventually_true(lambda: len(children_of(process.pid)) == 2, 10, "two workers")
@@ -302,17 +307,10 @@ async def test_workers_auto_starts_one_worker_per_usable_core(
 ) -> None:
     if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs taskset and two cores")
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=5))
-    port = free_port()
-    assert stack.emulator.port is not None
-    process, _ = start_gateway(
-        tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
-        extra_args=["--workers", "auto"], prefix=["taskset", "-c", "0,1"],
-    )  # fmt: skip
+    process, _, port = await start_supervised(
+        tmp_path, make_stack, monkeypatch, "auto", ("taskset", "-c", "0,1")
+    )
     try:
-        await wait_ready(f"http://127.0.0.1:{port}/healthz")
-        await eventually_true(lambda: len(children_of(process.pid)) == 2, 10, "two workers")
         await chat_on_new_connections(port, 4)
     finally:
         process.send_signal(signal.SIGTERM)
