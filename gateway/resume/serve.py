@@ -127,7 +127,11 @@ async def _produce(
         async with app[ADMISSION].slot(ex.tenant):
             source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
             if streams.remote is not None:
-                await streams.remote.announce(journal)  # else: resumable on this replica only
+                try:
+                    await streams.remote.announce(journal)  # else: resumable here only
+                except BaseException:  # cancelled meanwhile: the client left
+                    source.close()
+                    raise
             opened.set_result(None)
             live = metrics.stream_series(ex.tenant, ex.bot_label).active
             live.inc()
