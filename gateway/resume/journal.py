@@ -35,8 +35,9 @@ def split_events(chunk: bytes) -> list[bytes]:
 
 
 class Journal:
-    """A stream's events in this process: what every local reader and the
-    Redis mirror read from. Appended from the upstream's ``data_received``."""
+    """A stream's events in this process, what its readers here and the Redis
+    writer read: appended from the upstream's ``data_received`` on the
+    replica that produces it, from Redis on a replica that follows it."""
 
     def __init__(self, stream_id: str, tenant: str, frontend: str, max_bytes: int) -> None:
         self.id = stream_id
@@ -47,7 +48,7 @@ class Journal:
         self.chat_key: tuple[str, str, str] | None = None  # see ResumableStreams.name_chat
         # Told of every change (the Redis writer, which copies it for other replicas).
         self.listener: Callable[[Journal], None] | None = None
-        self.readers = 0  # clients reading it now (the Redis mirror is not one)
+        self.readers = 0  # clients reading it now (the Redis writer is not one)
         self.producer: asyncio.Task[None] | None = None  # reads the upstream into it
         self._events: deque[bytes] = deque()
         self._first = 1  # the id of _events[0]
@@ -62,10 +63,6 @@ class Journal:
     @property
     def first_id(self) -> int:
         return self._first
-
-    @property
-    def size(self) -> int:
-        return self._bytes
 
     def append(self, events: list[bytes], *, final: bool = False) -> None:
         if self.finished or not (events or final):

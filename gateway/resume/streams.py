@@ -55,9 +55,6 @@ class ResumableStreams:
     def __len__(self) -> int:
         return len(self._journals)
 
-    def held_bytes(self) -> int:
-        return sum(j.size for j in self._journals.values())
-
     def open(self, tenant: str, frontend: str) -> Journal:
         journal = Journal(new_stream_id(), tenant, frontend, self.settings.max_stream_bytes)
         self._journals[journal.id] = journal
