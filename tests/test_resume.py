@@ -320,3 +320,33 @@ async def test_a_reader_that_falls_behind_what_is_kept_gets_an_error_and_the_end
     assert ids == list(range(1, len(ids) + 1))  # what it got, it got in order, once
     assert '"STREAM_INTERRUPTED"' in (events[-2].data or "") and events[-1].data == "[DONE]"
     assert events[-1].id is None  # the reader's own ending: not one of the stream's events
+
+
+@pytest.mark.parametrize(
+    ("bot", "code"),
+    [("fault-drop-mid", "UPSTREAM_ERROR"), ("fault-stall-mid", "UPSTREAM_TIMEOUT")],
+)
+async def test_an_upstream_failure_mid_stream_ends_the_stream_and_every_resume_alike(
+    make_stack: StackFactory, bot: str, code: str
+) -> None:
+    stack = await resumable_stack(make_stack)  # the upstream's idle timeout: 0.5 s
+    response = await stack.chat({"message": "hi", "bot": bot}, headers={"X-Resumable": "1"})
+    stream_id = response.headers["X-Stream-Id"]
+    whole, events = await read_events(response)
+    assert f'"{code}"' in (events[-2].data or "") and events[-1].data == "[DONE]"
+    assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
+    again, _ = await read_events(await resume(stack, stream_id, 2))
+    assert again == whole[whole.index(b"id: 3\n") :]  # the same ending, replayed
+    metric = "chatiq_gateway_upstream_errors_total"
+    kind = "protocol" if bot == "fault-drop-mid" else "idle_timeout"
+    assert await stack.metric(metric, kind=kind) == 1
+
+
+async def test_a_failure_before_the_first_event_is_a_clean_status_not_a_stream(
+    make_stack: StackFactory,
+) -> None:
+    stack = await resumable_stack(make_stack)
+    response = await stack.chat({"message": "hi", "bot": "fault-500"}, headers={"X-Resumable": "1"})
+    assert response.status == 502 and "X-Stream-Id" not in response.headers
+    assert (await response.json())["error"]["code"] == "UPSTREAM_ERROR"
+    assert len(stack.gateway.app[RESUMABLE]) == 0  # nothing was promised, nothing kept
