@@ -389,3 +389,23 @@ async def test_a_connection_cut_mid_answer_is_resumed_without_a_gap_or_a_repeat(
         assert await stack.metric("chatiq_gateway_streams_resumed_total", tenant="acme") == 1
     finally:
         await proxy.close()
+
+
+async def test_a_reload_mid_answer_goes_on_where_it_stopped(
+    browser: Browser, make_stack: StackFactory
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=40),
+        resume=ResumeSettings(enabled=True),
+    )
+    page = await open_chat(browser, stack)
+    await send(page, "Tell me a long story")
+    await until_true(page, "document.querySelector('.bubble.assistant')?.textContent.length > 20")
+    await page.wait_for_timeout(700)  # what it got so far is saved (twice a second)
+    await page.reload()
+    await wait_idle(page)
+    assert await replies(page) == [expected_reply("Tell me a long story", tokens=40)]
+    assert await page.locator(".incomplete, .bubble.error, .streaming").count() == 0
+    assert await stack.metric("chatiq_gateway_streams_resumed_total", tenant="acme") == 1
+    stored = await page.evaluate("JSON.parse(localStorage.getItem('chatiq.conversation'))")
+    assert all("stream" not in m for m in stored["messages"])  # finished: nothing to resume

@@ -19,6 +19,7 @@ const OTHER = "other…";  // the picker's last entry: type any bot's slug
 // The conversation survives reloads: its id and its finished messages.
 let conversation = loadConversation();
 let streaming = null;  // the AbortController of the reply in flight
+let leaving = false;  // the page is being unloaded (a reload): a reply in flight is kept as it is
 
 function loadConversation() {
   try {
@@ -137,11 +138,38 @@ async function ask(text) {
   record({ role: "user", text });
   const reply = { role: "assistant", text: "" };
   const node = record(reply);  // recorded now, so extras that follow it stay after it
-  node.classList.add("streaming");
-  let done = false;
   const controller = new AbortController();
   setStreaming(controller);
+  node.classList.add("streaming");
+  try {
+    const response = await fetch("/api/chatbot", {
+      method: "POST",
+      headers: { ...headers(), "X-Resumable": "1" },
+      body: JSON.stringify({ message: text, conversation_id: conversation.id, bot: conversation.bot ?? undefined }),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      node.remove();
+      showError(await httpError(response));
+      return;
+    }
+    // A resumable stream (the gateway's [resume] on) survives a dropped
+    // connection, and a reload of this page: it is asked again after the
+    // last event received.
+    const streamId = response.headers.get("X-Stream-Id");
+    if (streamId) reply.stream = { id: streamId, last: "" };
+    await receive(reply, node, response, controller);
+  } catch (error) {
+    failed(reply, node, error);
+  } finally {
+    finish(reply, node);
+  }
+}
 
+// A reply's events until [DONE], resumed after a cut while its stream can be.
+async function receive(reply, node, response, controller) {
+  let done = false;
+  let saved = 0;
   const handle = (data) => {
     if (data === "[DONE]") {
       done = true;
@@ -171,73 +199,98 @@ async function ask(text) {
       showError(`The chat service reported an error: ${event.error.message ?? event.error.code}`);
     }
   };
-
-  try {
-    let response = await fetch("/api/chatbot", {
-      method: "POST",
-      headers: { ...headers(), "X-Resumable": "1" },
-      body: JSON.stringify({ message: text, conversation_id: conversation.id, bot: conversation.bot ?? undefined }),
-      signal: controller.signal,
-    });
+  let parser = new SSEParser(reply.stream?.last ?? "");
+  const keep = () => {  // after a whole batch: its text and its last id go together
+    if (!reply.stream) return;
+    reply.stream.last = parser.lastEventId;
+    if (Date.now() - saved > 500) {  // where it got to survives a reload
+      saved = Date.now();
+      save();
+    }
+  };
+  for (;;) {
+    const cut = await read(response, parser, handle, keep);
+    if (done || !reply.stream || controller.signal.aborted) {
+      if (cut) throw cut;
+      break;
+    }
+    node.classList.add("reconnecting");
+    say("Reconnecting…");
+    response = await resume(reply.stream.id, parser, controller.signal);
+    node.classList.remove("reconnecting");
     if (!response.ok) {
-      node.remove();
-      showError(await httpError(response));
+      markIncomplete(node, reply, "interrupted");
+      showError(response.status === 404
+        ? "The reply was cut off, and the gateway no longer has the rest."
+        : await httpError(response));
       return;
     }
-    // A resumable stream (the gateway's [resume] on) survives a dropped
-    // connection: it is asked again after the last event received.
-    const streamId = response.headers.get("X-Stream-Id");
-    let parser = new SSEParser();
-    for (;;) {
-      const cut = await read(response, parser, handle);
-      if (done || !streamId || controller.signal.aborted) {
-        if (cut) throw cut;
-        break;
-      }
-      node.classList.add("reconnecting");
-      say("Reconnecting…");
-      response = await resume(streamId, parser, controller.signal);
-      node.classList.remove("reconnecting");
-      if (!response.ok) {
-        markIncomplete(node, reply, "interrupted");
-        showError(response.status === 404
-          ? "The reply was cut off, and the gateway no longer has the rest."
-          : await httpError(response));
-        return;
-      }
-      say("");
-      parser = new SSEParser(parser.lastEventId);  // a new connection: nothing half-read carries over
-    }
-    if (!done) {
+    say("");
+    parser = new SSEParser(parser.lastEventId);  // a new connection: nothing half-read carries over
+  }
+  if (!done) {
+    markIncomplete(node, reply, "interrupted");
+    showError("The reply was cut off before it finished.");
+  }
+}
+
+function failed(reply, node, error) {
+  if (leaving && reply.stream) return;  // the page is going away: the reply resumes when it is back
+  if (error.name === "AbortError") {
+    markIncomplete(node, reply, "stopped");
+  } else {
+    markIncomplete(node, reply, "interrupted");
+    showError("Network error: the gateway could not be reached.");
+  }
+}
+
+function finish(reply, node) {
+  if (leaving && reply.stream) return;
+  node.classList.remove("streaming");
+  delete reply.stream;  // done, one way or another: nothing to resume after a reload
+  if (!reply.text && !reply.note) {  // nothing to keep (e.g. the request was refused)
+    node.remove();
+    conversation.messages.splice(conversation.messages.indexOf(reply), 1);
+  }
+  save();
+  setStreaming(null);
+}
+
+// After a reload: a reply that was still streaming goes on from where it got to.
+async function resumeAfterReload(reply, node) {
+  const controller = new AbortController();
+  setStreaming(controller);
+  node.classList.add("streaming");
+  try {
+    say("Reconnecting…");
+    const parser = new SSEParser(reply.stream.last);
+    const response = await resume(reply.stream.id, parser, controller.signal);
+    if (!response.ok) {
       markIncomplete(node, reply, "interrupted");
-      showError("The reply was cut off before it finished.");
+      showError(response.status === 404
+        ? "The reply was cut off, and the gateway no longer has the rest."
+        : await httpError(response));
+      return;
     }
+    say("");
+    await receive(reply, node, response, controller);
   } catch (error) {
-    if (error.name === "AbortError") {
-      markIncomplete(node, reply, "stopped");
-    } else {
-      markIncomplete(node, reply, "interrupted");
-      showError("Network error: the gateway could not be reached.");
-    }
+    failed(reply, node, error);
   } finally {
-    node.classList.remove("streaming");
-    if (!reply.text && !reply.note) {  // nothing to keep (e.g. the request was refused)
-      node.remove();
-      conversation.messages.splice(conversation.messages.indexOf(reply), 1);
-    }
-    save();
-    setStreaming(null);
+    finish(reply, node);
   }
 }
 
 // Reads a stream to its end; returns the error that cut it, if one did.
-async function read(response, parser, handle) {
+// afterBatch runs once the events of each network read are handled.
+async function read(response, parser, handle, afterBatch = () => {}) {
   const reader = response.body.getReader();
   try {
     for (;;) {
       const { done: ended, value } = await reader.read();
       if (ended) break;
       parser.feed(value).forEach(handle);
+      afterBatch();
     }
     parser.close().forEach(handle);
     return null;
@@ -383,7 +436,22 @@ ui.botOther.addEventListener("keydown", (event) => {
   ui.input.focus();
 });
 
-conversation.messages.forEach(show);
+const nodes = conversation.messages.map(show);
 if (localStorage.getItem(KEY)) loadBots();
 else askForKey();
+// Not saved here: what was saved last holds a reply's text and the id of its
+// last event together, so a resume after the reload repeats nothing.
+window.addEventListener("pagehide", () => {
+  leaving = true;
+});
+const unfinished = conversation.messages.findLastIndex((m) => m.stream);
+if (unfinished >= 0 && localStorage.getItem(KEY)) {
+  resumeAfterReload(conversation.messages[unfinished], nodes[unfinished]);
+} else if (unfinished >= 0) {  // no key to resume it with: it stays a part of a reply
+  const reply = conversation.messages[unfinished];
+  delete reply.stream;
+  markIncomplete(nodes[unfinished], reply, "interrupted");
+  save();
+}
+
 window.chatiq = { SSEParser };  // for the browser tests of the parser
