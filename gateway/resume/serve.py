@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -191,7 +192,7 @@ async def follow(
     try:
         while True:
             if streams.handing_over:
-                await _hand_over(request, response, stream_id, position)
+                await _hand_over(request, response, stream_id, position, send)
                 ex.outcome = "handed_over"
                 return response
             try:
@@ -238,14 +239,18 @@ def _ending(app: web.Application, journal: Journal, err: GatewayError) -> list[b
 
 
 async def _hand_over(
-    request: web.Request, response: web.StreamResponse, stream_id: str, position: int
+    request: web.Request,
+    response: web.StreamResponse,
+    stream_id: str,
+    position: int,
+    send: Callable[[bytes], Awaitable[None]],
 ) -> None:
     """Shutdown with Redis: once Redis holds what this client has, end its
     connection with a ``retry:`` hint; it resumes on another replica."""
     streams = request.app[RESUMABLE]
     if streams.remote is not None:
         await streams.remote.copied_up_to(stream_id, position, timeout_s=2.0)
-    await response.write(b"retry: %d\n\n" % streams.settings.retry_ms)
+    await send(b"retry: %d\n\n" % streams.settings.retry_ms)  # a slow client: the write timeout
     response.force_close()
 
 
