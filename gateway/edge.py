@@ -56,6 +56,18 @@ class _Refuse(asyncio.Protocol):
 class HeaderDeadline(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection: a deadline on each request head."""
 
+    # No __dict__: one of these per live stream.
+    __slots__ = (
+        "_between_requests",
+        "_inner",
+        "_on_lost",
+        "_on_timeout",
+        "_tail",
+        "_timeout_s",
+        "_timer",
+        "_transport",
+    )
+
     def __init__(
         self,
         inner: asyncio.Protocol,

@@ -118,6 +118,33 @@ class Relay:
     the total deadline; an event only records the time.
     """
 
+    # No __dict__: one of these per live stream.
+    __slots__ = (
+        "_chunked",
+        "_deadline",
+        "_done",
+        "_draining",
+        "_encoder",
+        "_end",
+        "_ex",
+        "_high_water",
+        "_last_event",
+        "_last_write",
+        "_lifecycle",
+        "_log",
+        "_loop",
+        "_metrics",
+        "_over",
+        "_relay_overhead",
+        "_request",
+        "_response",
+        "_settings",
+        "_source",
+        "_timer",
+        "_transport",
+        "_wake",
+    )
+
     def __init__(
         self,
         request: web.Request,

@@ -78,6 +78,18 @@ class EventSource:
     per event. A consumer that cannot keep up calls ``pause``.
     """
 
+    # No __dict__: one of these per live stream.
+    __slots__ = (
+        "_conn",
+        "_consumer",
+        "_failure",
+        "_kept",
+        "_kept_bytes",
+        "_parser",
+        "_paused",
+        "_waiter",
+    )
+
     def __init__(self, conn: Connection, max_event_bytes: int) -> None:
         self._conn = conn
         self._parser = SSEParser(max_event_bytes)

@@ -75,6 +75,27 @@ class Connection(asyncio.BufferedProtocol):
     read size (256 KiB), and idle connections hold no buffer at all.
     """
 
+    # No __dict__: one of these per live stream.
+    __slots__ = (
+        "_answered",
+        "_close_delimited",
+        "_early",
+        "_ended",
+        "_head",
+        "_head_bytes",
+        "_headers",
+        "_parser",
+        "_pool",
+        "_result",
+        "_sink",
+        "complete",
+        "created",
+        "idle_limit_s",
+        "idle_since",
+        "reused",
+        "transport",
+    )
+
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
