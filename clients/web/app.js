@@ -166,7 +166,8 @@ async function ask(text) {
   }
 }
 
-// A reply's events until [DONE], resumed after a cut while its stream can be.
+// A reply's events until [DONE], resumed after a cut while its stream can be
+// (response null: resume at once, from the last event the reply has).
 async function receive(reply, node, response, controller) {
   let done = false;
   let saved = 0;
@@ -209,24 +210,27 @@ async function receive(reply, node, response, controller) {
     }
   };
   for (;;) {
+    if (response === null) {  // cut off (or the page reloaded): ask after the last event
+      node.classList.add("reconnecting");
+      say("Reconnecting…");
+      response = await resume(reply.stream.id, parser, controller.signal);
+      node.classList.remove("reconnecting");
+      if (!response.ok) {
+        markIncomplete(node, reply, "interrupted");
+        showError(response.status === 404
+          ? "The reply was cut off, and the gateway no longer has the rest."
+          : await httpError(response));
+        return;
+      }
+      say("");
+      parser = new SSEParser(parser.lastEventId);  // a new connection: nothing half-read carries over
+    }
     const cut = await read(response, parser, handle, keep);
     if (done || !reply.stream || controller.signal.aborted) {
       if (cut) throw cut;
       break;
     }
-    node.classList.add("reconnecting");
-    say("Reconnecting…");
-    response = await resume(reply.stream.id, parser, controller.signal);
-    node.classList.remove("reconnecting");
-    if (!response.ok) {
-      markIncomplete(node, reply, "interrupted");
-      showError(response.status === 404
-        ? "The reply was cut off, and the gateway no longer has the rest."
-        : await httpError(response));
-      return;
-    }
-    say("");
-    parser = new SSEParser(parser.lastEventId);  // a new connection: nothing half-read carries over
+    response = null;
   }
   if (!done) {
     markIncomplete(node, reply, "interrupted");
@@ -262,18 +266,7 @@ async function resumeAfterReload(reply, node) {
   setStreaming(controller);
   node.classList.add("streaming");
   try {
-    say("Reconnecting…");
-    const parser = new SSEParser(reply.stream.last);
-    const response = await resume(reply.stream.id, parser, controller.signal);
-    if (!response.ok) {
-      markIncomplete(node, reply, "interrupted");
-      showError(response.status === 404
-        ? "The reply was cut off, and the gateway no longer has the rest."
-        : await httpError(response));
-      return;
-    }
-    say("");
-    await receive(reply, node, response, controller);
+    await receive(reply, node, null, controller);
   } catch (error) {
     failed(reply, node, error);
   } finally {
