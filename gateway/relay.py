@@ -90,17 +90,17 @@ def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
             if encoder is None:
                 pieces.append(event.raw)
             continue
-        count += 1
         if data == DONE_DATA:
             pieces.append(event.raw if encoder is None else encoder.done())
+            count += 1
             done = True
             break
         try:
             payload = event_payload(data)
         except UpstreamError as e:
             failure = e
-            count -= 1
             break
+        count += 1
         content = content or "choices" in payload
         pieces.append(event.raw if encoder is None else encoder.event(payload))
     return Translated(pieces, failure, done, content, count)
