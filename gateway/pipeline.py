@@ -70,7 +70,7 @@ async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResp
     deadline = ex.started + settings.upstream.total_timeout_s
     # The gateway's own time before the upstream call; the queue wait is not ours.
     metrics.pre_upstream.observe(asyncio.get_running_loop().time() - ex.started)
-    if chat.stream and wants_resumable(request, tenant, frontend, settings):
+    if wants_resumable(request, tenant, frontend, settings) and chat.stream:
         return await serve_resumable(request, frontend, chat, ex, deadline)
     async with app[ADMISSION].slot(tenant.name):
         if not chat.stream:

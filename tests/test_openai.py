@@ -136,6 +136,7 @@ async def test_chatiq_s_other_events_reach_an_openai_client(client: AsyncOpenAI)
         (LIMITED_KEY, {"model": "unheard-of"}, openai.NotFoundError, 404, "model_not_found"),
         (ACME_KEY, {"messages": [{"role": "assistant", "content": "x"}]}, openai.BadRequestError,
          400, "invalid_request"),
+        (ACME_KEY, {"stream_options": False}, openai.BadRequestError, 400, "invalid_request"),
         (ACME_KEY, {"model": "fault-500"}, openai.InternalServerError, 502, "upstream_error"),
         (ACME_KEY, {"model": "fault-stall-first"}, openai.InternalServerError, 504,
          "upstream_timeout"),

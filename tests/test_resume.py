@@ -140,6 +140,21 @@ async def test_without_resume_enabled_the_header_changes_nothing(stack: Stack) -
     assert missing.status == 404
 
 
+async def test_an_x_resumable_of_another_value_is_refused_on_or_off(
+    stack: Stack, make_stack: StackFactory
+) -> None:
+    resuming = await resumable_stack(make_stack)
+    for each in (stack, resuming):
+        for stream in (True, False):
+            response = await each.chat(
+                {"message": "hi", "stream": stream}, headers={"X-Resumable": "maybe"}
+            )
+            assert response.status == 400
+            body = await response.json()
+            assert body["error"]["code"] == "INVALID_REQUEST"
+            assert "X-Resumable" in body["error"]["message"]
+
+
 async def test_a_finished_stream_resumes_within_retain_s_then_is_gone(
     make_stack: StackFactory,
 ) -> None:

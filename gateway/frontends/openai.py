@@ -92,8 +92,10 @@ class OpenAIFrontend(Frontend):
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be true or false")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
+        options = body.get("stream_options")
+        if options is None:  # absent, or null as OpenAI's API allows
+            options = {}
+        elif not isinstance(options, dict):
             raise InvalidRequest("'stream_options' must be an object")
         if not isinstance(options.get("include_usage", False), bool):
             raise InvalidRequest("'stream_options.include_usage' must be true or false")

@@ -57,16 +57,15 @@ _SILENCE_SLACK_S = 2.0
 
 def wants_resumable(request: web.Request, tenant: Tenant, frontend: Frontend, s: Settings) -> bool:
     """``[resume]`` on, a frontend that can carry ids, and the tenant's choice
-    unless the request makes its own (``X-Resumable: 1`` or ``0``)."""
+    unless the request makes its own (``X-Resumable: 1`` or ``0``). A header
+    of another value is refused whatever the answer would be."""
+    asked = request.headers.get(RESUMABLE_HEADER)
+    choice = None if asked is None else _CHOICES.get(asked.strip().lower())
+    if asked is not None and choice is None:
+        raise InvalidRequest(f"{RESUMABLE_HEADER} must be 1 or 0 (true or false)")
     if not (s.resume.enabled and frontend.resumable):
         return False
-    asked = request.headers.get(RESUMABLE_HEADER)
-    if asked is None:
-        return tenant.resumable
-    choice = _CHOICES.get(asked.strip().lower())
-    if choice is None:
-        raise InvalidRequest(f"{RESUMABLE_HEADER} must be 1 or 0 (true or false)")
-    return choice
+    return tenant.resumable if choice is None else choice
 
 
 async def serve_resumable(
