@@ -52,6 +52,10 @@ async def serve(
         # After an early answer (408, 413) the rest of a body is read and dropped
         # this long, so the client sees the answer, then the connection closes.
         lingering_time=LINGER_S,
+        # No SO_KEEPALIVE on client sockets (two system calls a connection): its
+        # probes start after two idle hours; idle connections close after
+        # keepalive_timeout_s, and a silent stream pings every upstream.keepalive_s.
+        tcp_keepalive=False,
     )  # fmt: skip
     await runner.setup()
     # Signals are handled before the port opens: a reload or a stop sent as soon

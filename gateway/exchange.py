@@ -4,8 +4,8 @@ and closes it with its metrics and its one log line."""
 from __future__ import annotations
 
 import asyncio
+import random
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,6 +89,8 @@ def make_middleware(
     """``frontends``: each frontend route's frontend (filled as they are mounted),
     which renders that route's errors in its own shape."""
     routes = {} if frontends is None else frontends
+    # Request ids need to be unique, not secret: no system call for each (uuid4's).
+    ids = random.Random()
 
     @web.middleware
     async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -96,7 +98,7 @@ def make_middleware(
         incoming = request.headers.get("X-Request-Id", "")
         resource = request.match_info.route.resource
         ex = Exchange(
-            request_id=incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
+            request_id=incoming if _REQUEST_ID.match(incoming) else f"{ids.getrandbits(128):032x}",
             route=resource.canonical if resource is not None else "unmatched",
             started=loop.time(),
         )

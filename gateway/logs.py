@@ -59,7 +59,7 @@ def make_logger(settings: LoggingSettings, stream: TextIO | None = None) -> Logg
         else structlog.processors.JSONRenderer(serializer=_json_line)
     )
     return structlog.wrap_logger(
-        structlog.PrintLogger(out),
+        structlog.WriteLogger(out),  # the line and its newline in one write (print: two)
         processors=[
             LevelFilter(settings.level),
             structlog.processors.add_log_level,

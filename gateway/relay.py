@@ -48,6 +48,13 @@ WRITE_ROOM = 16 * 1024
 _RUNNING = object()  # the stream has not ended yet
 
 
+class EventStreamResponse(web.StreamResponse):
+    """A streamed response whose head waits for its first bytes (as aiohttp's
+    ``Response`` does): the head and the first events go out in one write."""
+
+    _send_headers_immediately = False
+
+
 class SlowClient(Exception):
     """The client read nothing for ``client_write_timeout_s``."""
 
@@ -126,6 +133,7 @@ class Relay:
         "_draining",
         "_encoder",
         "_end",
+        "_ending",
         "_ex",
         "_high_water",
         "_last_event",
@@ -166,12 +174,13 @@ class Relay:
         self._relay_overhead = self._metrics.relay_overhead
         self._loop = asyncio.get_running_loop()
         headers = SSE_HEADERS if encoder is None else {**SSE_HEADERS, **encoder.headers}
-        self._response = web.StreamResponse(headers=headers)
+        self._response = EventStreamResponse(headers=headers)
         self._transport: asyncio.Transport | None = None
         self._chunked = True
         self._high_water = WRITE_ROOM
         # How the stream ended, once it did: None ([DONE] went out) or the failure.
         self._end: BaseException | object | None = _RUNNING
+        self._ending = b""  # the last events, with [DONE]: they go out with the response's end
         self._wake: asyncio.Future[None] | None = None  # the handler's task waits on it
         self._over = False  # no more events go out: the stream is done or ending
         self._done = False  # [DONE] went out
@@ -227,14 +236,16 @@ class Relay:
             await self._end_with_error(GatewayError(f"internal error ({type(e).__name__})"))
 
     async def _send_first(self, first: list[Event]) -> None:
-        """The first events, through aiohttp (the head goes with them). Nothing of
-        them is kept afterwards: a stalled stream holds only what its socket does."""
+        """The first events, through aiohttp, in one write with the head (and with
+        the response's end when they hold [DONE]). Nothing of them is kept
+        afterwards: a stalled stream holds only what its socket does."""
         arrived = self._loop.time()
         payload, failure = self._batch(first)
         first.clear()  # the caller's list too
         if payload:
             self._relay_overhead.observe(self._loop.time() - arrived)
-            await self._send(payload)
+        # The head goes now even without events: later ones go straight to the socket.
+        await self._send(payload, end=self._done)
         if failure is not None:
             raise failure
 
@@ -247,6 +258,9 @@ class Relay:
         while True:
             end = self._end
             if end is None:
+                if self._ending:  # written by the handler's task: with the response's end
+                    ending, self._ending = self._ending, b""
+                    await self._send(ending, end=True)
                 return
             if isinstance(end, BaseException):
                 raise end
@@ -269,13 +283,15 @@ class Relay:
                 raise ConnectionResetError("the client went away")
             payload, failure = self._batch(events)
             self._last_event = now = self._loop.time()
+            if self._done and failure is None:
+                self._ending = payload  # one write with the chunked body's end
+                self._finish(None)
+                return
             if payload:
                 self._write_now(payload)
                 self._last_write = now
             if failure is not None:
                 self._finish(failure)
-            elif self._done:
-                self._finish(None)
             elif self._client_is_behind() and not self._draining:
                 self._draining = True
                 self._source.pause()
@@ -383,16 +399,18 @@ class Relay:
         transport = self._transport
         return transport is not None and transport.get_write_buffer_size() > self._high_water
 
-    async def _send(self, payload: bytes) -> None:
-        """Write through aiohttp (the first batch and the ending), waiting out a slow client."""
+    async def _send(self, payload: bytes, *, end: bool = False) -> None:
+        """Write through aiohttp (the first batch, the ending), waiting out a slow
+        client. ``end``: the response ends with it, in the same write."""
+        write = self._response.write_eof if end else self._response.write
         transport = self._request.transport
         if transport is not None and transport.get_write_buffer_size() + len(payload) < WRITE_ROOM:
             # The client keeps up: the write cannot wait for a drain, so no timer is needed.
-            await self._response.write(payload)
+            await write(payload)
         else:
             try:
                 async with asyncio.timeout(self._settings.client_write_timeout_s):
-                    await self._response.write(payload)
+                    await write(payload)
             except TimeoutError:
                 raise SlowClient from None
         self._ex.bytes_out += len(payload)
@@ -401,9 +419,9 @@ class Relay:
         self._ex.error = err
         try:
             if self._encoder is None:
-                await self._send(format_event(err.body_json()) + DONE_EVENT)
+                await self._send(format_event(err.body_json()) + DONE_EVENT, end=True)
             else:
-                await self._send(self._encoder.error(err))
+                await self._send(self._encoder.error(err), end=True)
         except (ConnectionError, SlowClient):
             self._ex.outcome = "client_disconnect"
 

@@ -85,6 +85,7 @@ class Connection(asyncio.BufferedProtocol):
         "_head_bytes",
         "_headers",
         "_parser",
+        "_pending",
         "_pool",
         "_result",
         "_sink",
@@ -108,6 +109,7 @@ class Connection(asyncio.BufferedProtocol):
         self._head: asyncio.Future[Head] | None = None
         self._sink: BodySink | None = None
         self._early: list[bytes] = []  # body that came before a sink was attached
+        self._pending: list[bytes] = []  # body parsed from the read being parsed
         self._answered = False  # a byte of the current response arrived
         self._close_delimited = False  # the body ends when the connection does
         self._result: WireError | None = None
@@ -135,8 +137,10 @@ class Connection(asyncio.BufferedProtocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
+            self._flush_body()  # what came before the error, as it would have
             self._broken(f"invalid HTTP from the server ({e})")
             return
+        self._flush_body()
         head = self._head  # None if the response ended and the connection went back
         if head is not None and not head.done():  # the head is incomplete: bound it
             self._head_bytes += len(data)
@@ -180,6 +184,16 @@ class Connection(asyncio.BufferedProtocol):
             self._head.set_result(Head(status, headers))
 
     def on_body(self, body: bytes) -> None:
+        # Kept until the read is parsed: its chunks reach the sink as one piece
+        # (and a relay writes the events that arrived together in one write).
+        self._pending.append(body)
+
+    def _flush_body(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        body = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
         if self._sink is not None:
             self._sink.body(body)
         else:
@@ -240,6 +254,7 @@ class Connection(asyncio.BufferedProtocol):
     def _finish(self, error: WireError | None) -> None:
         if self._ended:
             return
+        self._flush_body()  # the body parsed so far comes before its end
         self._ended = True
         self._result = error
         if self._sink is not None:
