@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import AdmissionSettings, RedisSettings, Tenant
@@ -96,21 +95,9 @@ class Admission:
     def tenant_active(self, name: str) -> int:
         return self._tenants[name].active
 
-    @asynccontextmanager
-    async def slot(self, tenant: str) -> AsyncIterator[None]:
-        quota = self._tenants[tenant]
-        lease = await self._tenant_quota(quota, tenant)
-        quota.active += 1
-        try:
-            await self._acquire()
-            try:
-                yield
-            finally:
-                self._release()
-        finally:
-            quota.active -= 1
-            if lease is not None and self._shared is not None:
-                self._shared.release(lease)
+    def slot(self, tenant: str) -> Slot:
+        """``async with admission.slot(tenant):`` a stream's place, or an error."""
+        return Slot(self, tenant)
 
     async def _tenant_quota(self, quota: _TenantState, tenant: str) -> str | None:
         """Let the tenant in (a fleet lease id, if any) or raise 429 (or 503)."""
@@ -178,3 +165,39 @@ class Admission:
                 waiter.set_result(None)  # the slot changes hands; _active is unchanged
                 return
         self._active -= 1
+
+
+class Slot:
+    """One request's place: the tenant's quota, then a place among the active
+    streams (queued for one if need be); both given back on the way out. A
+    class, not a generator: one per live stream, kept small."""
+
+    __slots__ = ("_admission", "_lease", "_quota", "_tenant")
+
+    def __init__(self, admission: Admission, tenant: str) -> None:
+        self._admission = admission
+        self._tenant = tenant
+        self._quota = admission._tenants[tenant]
+        self._lease: str | None = None
+
+    async def __aenter__(self) -> None:
+        admission, quota = self._admission, self._quota
+        self._lease = await admission._tenant_quota(quota, self._tenant)
+        quota.active += 1
+        try:
+            await admission._acquire()
+        except BaseException:
+            self._give_back_quota()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            self._admission._release()
+        finally:
+            self._give_back_quota()
+
+    def _give_back_quota(self) -> None:
+        self._quota.active -= 1
+        shared = self._admission._shared
+        if self._lease is not None and shared is not None:
+            shared.release(self._lease)

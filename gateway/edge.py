@@ -60,6 +60,7 @@ class HeaderDeadline(asyncio.Protocol):
     __slots__ = (
         "_between_requests",
         "_inner",
+        "_loop",
         "_on_lost",
         "_on_timeout",
         "_tail",
@@ -71,11 +72,13 @@ class HeaderDeadline(asyncio.Protocol):
     def __init__(
         self,
         inner: asyncio.Protocol,
+        loop: asyncio.AbstractEventLoop,
         timeout_s: float,
         on_timeout: Callable[[], None],
         on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._inner = inner
+        self._loop = loop
         self._on_lost = on_lost
         self._timeout_s = timeout_s
         self._on_timeout = on_timeout
@@ -108,7 +111,7 @@ class HeaderDeadline(asyncio.Protocol):
         self._between_requests = True
 
     def _arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire)
+        self._timer = self._loop.call_later(self._timeout_s, self._expire)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -179,18 +182,19 @@ class GatewaySite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
+        loop = asyncio.get_running_loop()
 
         def connection() -> asyncio.Protocol:
             if self._open >= self._max_connections:
                 self._on_refused()
                 return _Refuse()
             self._open += 1
-            return HeaderDeadline(server(), self._header_timeout_s, self._on_timeout, closed)
+            return HeaderDeadline(server(), loop, self._header_timeout_s, self._on_timeout, closed)
 
         def closed() -> None:
             self._open -= 1
 
-        self._server = await asyncio.get_running_loop().create_server(
+        self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog,
             reuse_address=True, reuse_port=self._reuse_port,
         )  # fmt: skip

@@ -69,14 +69,15 @@ async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResp
 
     deadline = ex.started + settings.upstream.total_timeout_s
     # The gateway's own time before the upstream call; the queue wait is not ours.
-    metrics.pre_upstream.observe(asyncio.get_running_loop().time() - ex.started)
+    upstream = app[UPSTREAM]
+    metrics.pre_upstream.observe(upstream.loop.time() - ex.started)
     if wants_resumable(request, tenant, frontend, settings) and chat.stream:
         return await serve_resumable(request, frontend, chat, ex, deadline)
     async with app[ADMISSION].slot(tenant.name):
         if not chat.stream:
-            body = await app[UPSTREAM].complete(chat, ex.request_id, deadline)
+            body = await upstream.complete(chat, ex.request_id, deadline)
             return frontend.completion(body, chat, ex)
-        source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
+        source, first = await upstream.open_stream(chat, ex.request_id, deadline)
         relay = Relay(request, source, ex, deadline, frontend.encoder(chat, ex))
         live = metrics.stream_series(tenant.name, ex.bot_label).active
         task = asyncio.current_task()

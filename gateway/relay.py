@@ -172,7 +172,7 @@ class Relay:
         self._lifecycle: Lifecycle = app[LIFECYCLE]
         self._log = app[LOG]
         self._relay_overhead = self._metrics.relay_overhead
-        self._loop = asyncio.get_running_loop()
+        self._loop = source.loop
         headers = SSE_HEADERS if encoder is None else {**SSE_HEADERS, **encoder.headers}
         self._response = EventStreamResponse(headers=headers)
         self._transport: asyncio.Transport | None = None
@@ -189,14 +189,47 @@ class Relay:
         self._timer: asyncio.TimerHandle | None = None
 
     async def run(self, first: list[Event]) -> web.StreamResponse:
+        # One frame for the whole stream (a held stream keeps its frames).
         try:
-            await self._relay(first)
+            await self._start()
+            try:
+                await self._send_first(first)
+                if not self._done:
+                    await self._pushed()
+            except UpstreamError as e:
+                self._stop()
+                if e.kind is not None:
+                    self._metrics.upstream_errors.labels(e.kind).inc()
+                self._log.warning(
+                    "stream_failed", request_id=self._ex.request_id, error=type(e).__name__,
+                    kind=e.kind, events=self._ex.events,
+                )  # fmt: skip
+                await self._end_with_error(e)
+            except (ConnectionError, SlowClient) as e:
+                self._stop()
+                self._ex.outcome = (
+                    "slow_client" if isinstance(e, SlowClient) else "client_disconnect"
+                )
+                if self._request.transport is not None:
+                    self._request.transport.close()
+            except asyncio.CancelledError:
+                self._stop()
+                if not self._lifecycle.draining:
+                    raise  # the client left: the handler is being cancelled
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                await self._end_with_error(Draining("the gateway is restarting; please retry"))
+            except Exception as e:  # a bug: the stream still ends as the contract says
+                self._stop()
+                self._log.error("relay_bug", request_id=self._ex.request_id, error=type(e).__name__)
+                await self._end_with_error(GatewayError(f"internal error ({type(e).__name__})"))
         finally:
             self._stop()
             self._source.close(done=self._done)
         return self._response
 
-    async def _relay(self, first: list[Event]) -> None:
+    async def _start(self) -> None:
         response = self._response
         await response.prepare(self._request)
         self._ex.streamed = True
@@ -204,36 +237,6 @@ class Relay:
         self._chunked = response.headers.get("Transfer-Encoding") == "chunked"  # HTTP/1.1
         if self._transport is not None:
             self._high_water = self._transport.get_write_buffer_limits()[1]
-        try:
-            await self._send_first(first)
-            if not self._done:
-                await self._pushed()
-        except UpstreamError as e:
-            self._stop()
-            if e.kind is not None:
-                self._metrics.upstream_errors.labels(e.kind).inc()
-            self._log.warning(
-                "stream_failed", request_id=self._ex.request_id, error=type(e).__name__,
-                kind=e.kind, events=self._ex.events,
-            )  # fmt: skip
-            await self._end_with_error(e)
-        except (ConnectionError, SlowClient) as e:
-            self._stop()
-            self._ex.outcome = "slow_client" if isinstance(e, SlowClient) else "client_disconnect"
-            if self._request.transport is not None:
-                self._request.transport.close()
-        except asyncio.CancelledError:
-            self._stop()
-            if not self._lifecycle.draining:
-                raise  # the client left: the handler is being cancelled
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            await self._end_with_error(Draining("the gateway is restarting; please retry"))
-        except Exception as e:  # a bug: the stream still ends as the contract says
-            self._stop()
-            self._log.error("relay_bug", request_id=self._ex.request_id, error=type(e).__name__)
-            await self._end_with_error(GatewayError(f"internal error ({type(e).__name__})"))
 
     async def _send_first(self, first: list[Event]) -> None:
         """The first events, through aiohttp, in one write with the head (and with

@@ -150,15 +150,21 @@ class EventSource:
         while not self._kept:
             if self._failure is not None:
                 raise self._failure
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._conn.loop
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_at(until, _time_out, waiter)
             try:
-                async with asyncio.timeout_at(until):
-                    await self._waiter
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         events, self._kept, self._kept_bytes = self._kept, [], 0
         self.resume()
         return events
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._conn.loop
 
     def attach(self, consumer: EventConsumer) -> None:
         """From now on, push events and the stream's end to ``consumer``."""
@@ -192,6 +198,11 @@ class EventSource:
             self._waiter.set_result(None)
 
 
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class Upstream:
     def __init__(
         self,
@@ -207,6 +218,10 @@ class Upstream:
         self._log = log
         self._rng = random.Random()
         self.reconfigure(settings)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._pool.loop
 
     def reconfigure(self, settings: UpstreamSettings) -> None:
         """Timeouts, retries, limits and the key for requests from now on (a
@@ -279,7 +294,7 @@ class Upstream:
     async def _with_retries(
         self, attempt: Callable[[float], Awaitable[T]], request_id: str, deadline: float
     ) -> T:
-        loop = asyncio.get_running_loop()
+        loop = self._pool.loop
         s = self._settings
         retry_by = min(deadline, loop.time() + s.retry_budget_s)
         tries = 0
@@ -324,7 +339,7 @@ class Upstream:
         self, chat: ChatRequest, request_id: str, first_byte_by: float, deadline: float
     ) -> Connection:
         """POST the chat; return the connection of a 200 response of the expected type."""
-        loop = asyncio.get_running_loop()
+        loop = self._pool.loop
         body = json.dumps(chat.upstream_body()).encode()
         request_head = self._request_head(request_id, chat.stream, len(body))
         sent = loop.time()

@@ -83,7 +83,9 @@ class Connection(asyncio.BufferedProtocol):
         "_ended",
         "_head",
         "_head_bytes",
+        "_head_seen",
         "_headers",
+        "_in_use",
         "_parser",
         "_pending",
         "_pool",
@@ -100,13 +102,17 @@ class Connection(asyncio.BufferedProtocol):
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
-        self.created = asyncio.get_running_loop().time()
+        self.created = pool.loop.time()
         self.reused = False  # taken from the pool's idle connections
         self.idle_limit_s = math.inf  # the server's Keep-Alive timeout, less a second
         self._head_bytes = 0  # bytes read while the response head is not complete
         self._parser = httptools.HttpResponseParser(self)
         self._headers: dict[str, str] = {}
+        # Set while the response head is awaited; the head itself is not kept
+        # (a held stream keeps nothing of it).
         self._head: asyncio.Future[Head] | None = None
+        self._head_seen = False  # the current response's (final) head arrived
+        self._in_use = False  # a request was sent; its response has not ended
         self._sink: BodySink | None = None
         self._early: list[bytes] = []  # body that came before a sink was attached
         self._pending: list[bytes] = []  # body parsed from the read being parsed
@@ -129,7 +135,7 @@ class Connection(asyncio.BufferedProtocol):
         self.data_received(self._pool.read_buffer[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if self._head is None:  # bytes nobody asked for, on an idle connection
+        if not self._in_use:  # bytes nobody asked for, on an idle connection
             if self.transport is not None:
                 self.transport.close()
             return
@@ -141,8 +147,7 @@ class Connection(asyncio.BufferedProtocol):
             self._broken(f"invalid HTTP from the server ({e})")
             return
         self._flush_body()
-        head = self._head  # None if the response ended and the connection went back
-        if head is not None and not head.done():  # the head is incomplete: bound it
+        if self._in_use and not self._head_seen:  # the head is incomplete: bound it
             self._head_bytes += len(data)
             if self._head_bytes > self._pool.max_head_bytes:
                 self._broken(f"a response head over {self._pool.max_head_bytes} bytes")
@@ -155,7 +160,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._pool.lost(self)
-        if self._close_delimited and self._head is not None and self._head.done():
+        if self._close_delimited and self._head_seen:
             self._finish(None)
         else:
             self._fail(WireError("the connection closed", answered=self._answered))
@@ -180,8 +185,11 @@ class Connection(asyncio.BufferedProtocol):
             "content-length" not in headers
             and "chunked" not in headers.get("transfer-encoding", "").lower()
         )
-        if self._head is not None and not self._head.done():
-            self._head.set_result(Head(status, headers))
+        self._head_seen = True
+        self._headers = {}
+        head, self._head = self._head, None
+        if head is not None and not head.done():
+            head.set_result(Head(status, headers))
 
     def on_body(self, body: bytes) -> None:
         # Kept until the read is parsed: its chunks reach the sink as one piece
@@ -200,7 +208,7 @@ class Connection(asyncio.BufferedProtocol):
             self._early.append(body)
 
     def on_message_complete(self) -> None:
-        if self._head is None or not self._head.done():
+        if not self._head_seen:
             return  # an interim answer ended
         self._close_delimited = False
         self.complete = self._parser.should_keep_alive()
@@ -211,9 +219,15 @@ class Connection(asyncio.BufferedProtocol):
     async def request(self, head: bytes, body: bytes) -> Head:
         """Send a request; its response head once it arrives."""
         assert self.transport is not None
-        self._head = asyncio.get_running_loop().create_future()
+        self._in_use = True
+        answer: asyncio.Future[Head] = self._pool.loop.create_future()
+        self._head = answer
         self.transport.write(head + body)
-        return await self._head
+        return await answer
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._pool.loop
 
     def attach(self, sink: BodySink) -> None:
         """Push the body to ``sink``: what came already, at once, then as it comes."""
@@ -262,14 +276,16 @@ class Connection(asyncio.BufferedProtocol):
 
     def _fail(self, error: WireError) -> None:
         self.complete = False
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)  # no sink yet: the request's caller hears of it
+        head, self._head = self._head, None
+        if head is not None and not head.done():
+            head.set_exception(error)  # no sink yet: the request's caller hears of it
         self._finish(error)
 
     def _reset(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._headers = {}
         self._head = None
+        self._head_seen = self._in_use = False
         self._answered = self._ended = self.complete = self._close_delimited = False
         self._result = None
         self._head_bytes = 0
@@ -338,6 +354,9 @@ class Pool:
         self, settings: UpstreamSettings, on_wait: Callable[[float], None] = lambda s: None
     ) -> None:
         self._on_wait = on_wait  # seconds a request waited for a connection slot
+        # Made in the loop it serves; kept, as asking for it costs a system call
+        # (getpid, in Python 3.11's asyncio) each time.
+        self.loop = asyncio.get_running_loop()
         parts = urlsplit(settings.url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -372,7 +391,7 @@ class Pool:
     async def acquire(self, connect_timeout_s: float, *, fresh: bool = False) -> Connection:
         """An idle connection (unless ``fresh``), or a new one (``TimeoutError`` if
         connecting takes too long)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         while self._idle and not fresh:
             conn = self._idle.pop()
@@ -473,7 +492,7 @@ class Pool:
         return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     def put(self, conn: Connection) -> None:
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         # Closed rather than kept when requests wait for a slot: its slot is theirs.
         full = len(self._idle) >= _MAX_IDLE or self._waiting
         if full or now - conn.created >= self.max_age_s:
