@@ -279,10 +279,12 @@ class Relay:
     # EventConsumer: called from the upstream connection's data_received
 
     def on_events(self, events: list[Event]) -> None:
+        # Once per upstream read: the transport's calls written out, not wrapped.
         if self._over:
             return
+        transport = self._transport
         try:
-            if self._client_gone():
+            if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client went away")
             payload, failure = self._batch(events)
             self._last_event = now = self._loop.time()
@@ -291,11 +293,12 @@ class Relay:
                 self._finish(None)
                 return
             if payload:
-                self._write_now(payload)
+                transport.write(_chunk(payload) if self._chunked else payload)
+                self._ex.bytes_out += len(payload)
                 self._last_write = now
             if failure is not None:
                 self._finish(failure)
-            elif self._client_is_behind() and not self._draining:
+            elif transport.get_write_buffer_size() > self._high_water and not self._draining:
                 self._draining = True
                 self._source.pause()
                 self._poke()
@@ -396,11 +399,6 @@ class Relay:
         assert self._transport is not None
         self._transport.write(_chunk(payload) if self._chunked else payload)
         self._ex.bytes_out += len(payload)
-
-    def _client_is_behind(self) -> bool:
-        """Its socket buffer passed the high-water mark (where aiohttp would wait)."""
-        transport = self._transport
-        return transport is not None and transport.get_write_buffer_size() > self._high_water
 
     async def _send(self, payload: bytes, *, end: bool = False) -> None:
         """Write through aiohttp (the first batch, the ending), waiting out a slow
