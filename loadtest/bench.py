@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,41 @@ class PathResult:
     proxy_peak_rss_mib: float | None
     emulator_cpu: float  # share of one core over the run
     loadgen_cpu: float
+    # With --rounds: each round's proxy CPU s / 100k events (the pooled figure
+    # is the table's; these show the spread).
+    round_cpu: list[float] = field(default_factory=list)
+
+    def cpu_per_100k(self) -> float | None:
+        if self.proxy_cpu_s is None or not self.events:
+            return None
+        return self.proxy_cpu_s / self.events * 100_000
+
+
+def pooled(rounds: list[PathResult]) -> PathResult:
+    """One path's rounds as one result: streams, events and CPU summed, the
+    latencies pooled, the busiest round's emulator and load generator."""
+    first = rounds[0]
+    kinds: dict[str, int] = {}
+    for r in rounds:
+        for kind, n in r.error_kinds.items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    cpus = [r.proxy_cpu_s for r in rounds if r.proxy_cpu_s is not None]
+    rss = [r.proxy_peak_rss_mib for r in rounds if r.proxy_peak_rss_mib is not None]
+    per_round = [c for c in (r.cpu_per_100k() for r in rounds) if c is not None]
+    return PathResult(
+        path=first.path,
+        streams=sum(r.streams for r in rounds),
+        errors=sum(r.errors for r in rounds),
+        error_kinds=kinds,
+        ttft_ms=[t for r in rounds for t in r.ttft_ms],
+        gap_ms=[g for r in rounds for g in r.gap_ms],
+        events=sum(r.events for r in rounds),
+        proxy_cpu_s=sum(cpus) if cpus else None,
+        proxy_peak_rss_mib=max(rss) if rss else None,
+        emulator_cpu=max(r.emulator_cpu for r in rounds),
+        loadgen_cpu=max(r.loadgen_cpu for r in rounds),
+        round_cpu=per_round if len(rounds) > 1 else [],
+    )
 
 
 def process_tree(pid: int) -> list[int]:
@@ -273,9 +308,9 @@ class Progress:
 
     SETUP_S = 4.0  # starting a level's processes, and the pauses between paths
 
-    def __init__(self, plans: list[Plan], paths: int, hold_s: float) -> None:
-        self.steps = len(plans) * paths
-        self.left_s = sum((p.duration_s + self.SETUP_S) * paths for p in plans) + hold_s
+    def __init__(self, plans: list[Plan], paths: int, hold_s: float, rounds: int = 1) -> None:
+        self.steps = len(plans) * paths * rounds
+        self.left_s = sum((p.duration_s + self.SETUP_S) * paths * rounds for p in plans) + hold_s
         self.done = 0
 
     def step(self, plan: Plan, path: str) -> None:
@@ -296,20 +331,24 @@ async def run_level(
     workers: int | str,
     redis: bool = False,
     progress: Progress | None = None,
+    rounds: int = 1,
 ) -> list[PathResult]:
+    """Each path in turn, ``rounds`` times over (interleaved, so that the
+    machine's drift falls on every path alike), pooled per path."""
     emulator_args = [
         "--ttft-ms", str(TTFT_MS), "--tokens-per-s", str(plan.tokens_per_s),
         "--reply-tokens", str(plan.tokens),
     ]  # fmt: skip
     with stack(workdir, emulator_args, workers, redis) as s:
         await s.ready()
-        out = []
-        for path in paths:
-            if progress is not None:
-                progress.step(plan, path)
-            out.append(await measure_path(s, path, plan))
-            await asyncio.sleep(1)  # let sockets close before the next path
-        return out
+        measured: dict[str, list[PathResult]] = {path: [] for path in paths}
+        for _ in range(rounds):
+            for path in paths:
+                if progress is not None:
+                    progress.step(plan, path)
+                measured[path].append(await measure_path(s, path, plan))
+                await asyncio.sleep(1)  # let sockets close before the next path
+        return [pooled(measured[path]) for path in paths]
 
 
 @dataclass
@@ -388,6 +427,35 @@ def added(values: list[float], direct: list[float]) -> str:
     )
 
 
+def round_ratios(levels: list[tuple[Plan, list[PathResult]]]) -> list[str]:
+    """With --rounds: each proxy's CPU per event over nginx's, round by round."""
+    out: list[str] = []
+    for plan, results in levels:
+        nginx = next((r for r in results if r.path == "nginx"), None)
+        if nginx is None or not nginx.round_cpu:
+            continue
+        for r in results:
+            if r is nginx or len(r.round_cpu) != len(nginx.round_cpu):
+                continue
+            if not all(nginx.round_cpu):  # CPU is counted in clock ticks: a round too short
+                out.append(
+                    f"Rounds: {plan.concurrency:,} streams: nginx used no measurable CPU in "
+                    "a round; lengthen them (--min-duration) to compare round by round."
+                )
+                break
+            each = [a / b for a, b in zip(r.round_cpu, nginx.round_cpu, strict=True)]
+            ratios = sorted(each)
+            rounds = ", ".join(f"{x:.2f}x" for x in each)
+            pooled_cpu, nginx_cpu = r.cpu_per_100k(), nginx.cpu_per_100k()
+            assert pooled_cpu is not None and nginx_cpu is not None
+            out.append(
+                f"Rounds: {plan.concurrency:,} streams, {r.path} CPU per event / nginx's: "
+                f"{rounds} (median {ratios[len(ratios) // 2]:.2f}x, "
+                f"pooled {pooled_cpu / nginx_cpu:.2f}x)."
+            )
+    return ["", *out] if out else []
+
+
 def report(
     levels: list[tuple[Plan, list[PathResult]]], capacity: Capacity | None, command: str
 ) -> str:
@@ -413,11 +481,8 @@ def report(
                 added_g = added(r.gap_ms, direct.gap_ms)
             else:
                 added_t = added_g = "–"
-            cpu = (
-                fmt(r.proxy_cpu_s / r.events * 100_000, 2)
-                if r.proxy_cpu_s is not None and r.events
-                else "–"
-            )
+            per_100k = r.cpu_per_100k()
+            cpu = "–" if per_100k is None else fmt(per_100k, 2)
             errors = str(r.errors) + (
                 " (" + ", ".join(f"{k} {v}" for k, v in sorted(r.error_kinds.items())) + ")"
                 if r.error_kinds
@@ -443,6 +508,7 @@ def report(
             "neither was the bottleneck."
         ]
     )
+    lines += round_ratios(levels)
     if capacity is not None:
         c = capacity
         lines += [
@@ -469,11 +535,14 @@ async def main_async(args: argparse.Namespace) -> int:
     paths = tuple(p for p in args.paths.split(",") if p)
     workdir = Path(tempfile.mkdtemp(prefix="chatiq-bench-"))
     plans = [Plan.for_level(c, args.tokens, args.min_duration) for c in levels]
-    progress = Progress(plans, len(paths), args.hold_seconds + 20 if args.hold else 0)
+    hold_s = args.hold_seconds + 20 if args.hold else 0
+    progress = Progress(plans, len(paths), hold_s, args.rounds)
     try:
         results = []
         for plan in plans:
-            levels_run = await run_level(workdir, plan, paths, args.workers, args.redis, progress)
+            levels_run = await run_level(
+                workdir, plan, paths, args.workers, args.redis, progress, args.rounds
+            )
             results.append((plan, levels_run))
         capacity = await run_capacity(workdir, args.hold, args.hold_seconds) if args.hold else None
     finally:
@@ -492,7 +561,7 @@ async def main_async(args: argparse.Namespace) -> int:
     shutil.copyfile(chart, out / "latest.png")
     print(terminal_table(by_level))
     for line in text.splitlines():  # the verdicts below the full table
-        if line.startswith(("The emulator", "Open streams", "Warning")):
+        if line.startswith(("The emulator", "Open streams", "Warning", "Rounds:")):
             print(line)
     print(
         f"bench: the full table in {out / (stamp + '.md')} (and latest.md), "
@@ -519,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokens", type=int, default=TOKENS, help="content events a reply")
     parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure every path this many times, interleaved, and pool them (spread reported)",
+    )  # fmt: skip
     parser.add_argument("--hold", type=int, default=10_000, help="open streams to hold (0: skip)")
     parser.add_argument("--hold-seconds", type=float, default=10.0, help="how long to hold them")
     parser.add_argument(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.bench import PATHS
+from loadtest.bench import PATHS, PathResult, Plan, round_ratios
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.loadgen import Target, hold_streams, stream_once
 from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory
@@ -97,6 +97,47 @@ async def test_make_bench_writes_the_side_by_side_table(tmp_path: Path) -> None:
     assert len(narrow) == steps and max(len(line) for line in narrow) <= 80, narrow
     chart = (tmp_path / "latest.png").read_bytes()
     assert chart.startswith(b"\x89PNG") and len(chart) > 10_000
+
+
+async def test_make_bench_rounds_interleave_the_paths_and_report_each_ratio(
+    tmp_path: Path,
+) -> None:
+    if not nginx_available():
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    code, out = await run_tool(
+        "loadtest.bench", tmp_path, "--levels", "20", "--tokens", "20", "--min-duration", "2",
+        "--hold", "0", "--paths", "direct,gateway,nginx", "--rounds", "2",
+    )  # fmt: skip
+    assert code == 0, out
+    steps = [line.split(" via ")[1].split()[0] for line in out.splitlines() if " via " in line]
+    assert steps == ["direct", "gateway", "nginx"] * 2, out  # interleaved, not path after path
+    table = (tmp_path / "latest.md").read_text()
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| 20 ")]
+    assert [r[2].strip() for r in rows] == ["direct", "gateway", "nginx"], table
+    assert all(int(r[3].strip()) >= 40 and r[4].strip() == "0" for r in rows), table  # pooled
+    ratio = re.search(
+        r"Rounds: 20 streams, gateway CPU per event / nginx's: ([\d.]+)x, ([\d.]+)x "
+        r"\(median ([\d.]+)x, pooled ([\d.]+)x\)\.",
+        table,
+    )
+    assert ratio is not None, table
+    first, second, median, _ = (float(x) for x in ratio.groups())
+    assert median == max(first, second)  # of two, the upper one
+    assert "Rounds: 20 streams, gateway" in out  # printed too
+
+
+def test_rounds_too_short_for_nginx_to_register_are_said_so_not_divided_by() -> None:
+    def result(path: str, cpu: list[float]) -> PathResult:
+        return PathResult(path, 10, 0, {}, [1.0], [1.0], 100, sum(cpu), 20.0, 0.1, 0.1, cpu)
+
+    plan = Plan.for_level(10, 20, 1.0)
+    short = round_ratios([(plan, [result("gateway", [0.01, 0.02]), result("nginx", [0.0, 0.01])])])
+    assert short[-1].startswith("Rounds: 10 streams: nginx used no measurable CPU")
+    fine = round_ratios([(plan, [result("gateway", [0.02, 0.03]), result("nginx", [0.01, 0.01])])])
+    assert fine[-1] == (
+        "Rounds: 10 streams, gateway CPU per event / nginx's: 2.00x, 3.00x "
+        "(median 3.00x, pooled 2.50x)."
+    )
 
 
 async def test_the_gateway_runs_on_uvloop_unless_told_otherwise(
