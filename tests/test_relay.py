@@ -162,21 +162,19 @@ def data_segments_received(sock: socket.socket) -> int:
     return int(struct.unpack_from("I", info, 152)[0])
 
 
-async def test_the_head_rides_with_the_first_events_and_the_end_with_the_last(
-    make_stack: StackFactory,
-) -> None:
-    # One upstream read per event (20 ms apart): one write to the client for
-    # each, the response head in the first one and the chunked body's end in
-    # the last, none on their own (each is a segment on the wire: nodelay).
-    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=50, reply_tokens=5))
-    host, port = stack.gateway.host, stack.gateway.port
-    reader, writer = await asyncio.open_connection(host, port)
+async def stream_counting_segments(
+    stack: Stack, request_id: str, extra: bytes = b""
+) -> tuple[bytes, int]:
+    """A chat streamed over a plain socket: the bytes received, and how many TCP
+    segments carried them (each write of the gateway is one: nodelay)."""
+    reader, writer = await asyncio.open_connection(stack.gateway.host, stack.gateway.port)
     body = b'{"message": "hi"}'
     writer.write(
         b"POST /api/chatbot HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + ACME_KEY.encode() + b"\r\nX-Request-Id: segments\r\n"
-        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
-    )
+        b"Authorization: Bearer " + ACME_KEY.encode() + b"\r\nX-Request-Id: "
+        + request_id.encode() + b"\r\n" + extra
+        + b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )  # fmt: skip
     received = b""
     while not received.endswith(b"\r\n0\r\n\r\n"):
         data = await asyncio.wait_for(reader.read(65536), 10)
@@ -184,6 +182,17 @@ async def test_the_head_rides_with_the_first_events_and_the_end_with_the_last(
         received += data
     segments = data_segments_received(writer.get_extra_info("socket"))
     writer.close()
+    return received, segments
+
+
+async def test_the_head_rides_with_the_first_events_and_the_end_with_the_last(
+    make_stack: StackFactory,
+) -> None:
+    # One upstream read per event (20 ms apart): one write to the client for
+    # each, the response head in the first one and the chunked body's end in
+    # the last, none on their own.
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=50, reply_tokens=5))
+    received, segments = await stream_counting_segments(stack, "segments")
     upstream_events = bytes(stack.transcript("segments").sent).count(b"data: ")
     assert received.count(b"data: ") == upstream_events >= 7
     assert segments <= upstream_events, (segments, upstream_events)

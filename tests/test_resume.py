@@ -25,6 +25,7 @@ from tests.conftest import (
     StackFactory,
     eventually,
 )
+from tests.test_relay import stream_counting_segments
 
 RESUME = ResumeSettings(enabled=True, detach_grace_s=5.0, retain_s=30.0)
 SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=400, reply_tokens=33)  # 40 events with [DONE]
@@ -365,3 +366,18 @@ async def test_a_failure_before_the_first_event_is_a_clean_status_not_a_stream(
     assert response.status == 502 and "X-Stream-Id" not in response.headers
     assert (await response.json())["error"]["code"] == "UPSTREAM_ERROR"
     assert len(stack.gateway.app[RESUMABLE]) == 0  # nothing was promised, nothing kept
+
+
+async def test_a_resumable_stream_sends_its_head_and_end_with_events(
+    make_stack: StackFactory,
+) -> None:
+    stack = await resumable_stack(
+        make_stack, emulator=EmulatorSettings(ttft_s=0, tokens_per_s=50, reply_tokens=5)
+    )
+    received, segments = await stream_counting_segments(
+        stack, "resumable-segments", b"X-Resumable: 1\r\n"
+    )
+    assert b"X-Stream-Id: " in received
+    events = received.count(b"data: ")
+    assert events == bytes(stack.transcript("resumable-segments").sent).count(b"data: ") >= 7
+    assert segments <= events, (segments, events)

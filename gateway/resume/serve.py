@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..exchange import Exchange, exchange_of
 from ..frontends.base import Frontend, StreamEncoder
-from ..relay import PING, SSE_HEADERS, WRITE_ROOM, SlowClient
+from ..relay import PING, SSE_HEADERS, WRITE_ROOM, EventStreamResponse, SlowClient
 from ..state import (
     ADMISSION,
     FAILED_KEYS,
@@ -169,21 +169,23 @@ async def follow(
     streams = app[RESUMABLE]
     settings = app[SETTINGS].current.upstream
     replayed = app[METRICS].events_replayed.labels(ex.tenant)
-    response = web.StreamResponse(headers={**journal.headers, STREAM_ID_HEADER: stream_id})
+    # The head goes with the first events (or ping), the body's end with the last.
+    response = EventStreamResponse(headers={**journal.headers, STREAM_ID_HEADER: stream_id})
     await response.prepare(request)
     ex.streamed = True
     loop = asyncio.get_running_loop()
     heard = wrote = loop.time()
     position = after
 
-    async def send(payload: bytes) -> None:
+    async def send(payload: bytes, *, end: bool = False) -> None:
+        write = response.write_eof if end else response.write
         transport = request.transport
         if transport is not None and transport.get_write_buffer_size() + len(payload) < WRITE_ROOM:
-            await response.write(payload)  # the client keeps up: this write cannot wait
+            await write(payload)  # the client keeps up: this write cannot wait
         else:
             try:
                 async with asyncio.timeout(settings.client_write_timeout_s):
-                    await response.write(payload)
+                    await write(payload)
             except TimeoutError:
                 raise SlowClient from None
         ex.bytes_out += len(payload)
@@ -203,7 +205,7 @@ async def follow(
                 ) from None
             now = loop.time()
             if events:
-                await send(frame(position + 1, events))
+                await send(frame(position + 1, events), end=ended)
                 position += len(events)
                 ex.events += len(events)
                 if resumed:
@@ -220,7 +222,7 @@ async def follow(
     except StreamInterrupted as e:
         ex.error = e
         with contextlib.suppress(ConnectionError, SlowClient):
-            await send(b"".join(_ending(app, journal, e)))
+            await send(b"".join(_ending(app, journal, e)), end=True)
     except (ConnectionError, SlowClient) as e:
         ex.outcome = "slow_client" if isinstance(e, SlowClient) else "client_disconnect"
         if request.transport is not None:
