@@ -23,7 +23,7 @@ from .edge import GatewaySite
 from .egress import proxy_display
 from .frontends import load_frontends
 from .logs import Logger, make_logger
-from .metrics import Metrics
+from .metrics import Metrics, pin_worker_pid
 from .reload import reload_settings
 from .state import LIFECYCLE, METRICS
 from .workers import supervise, watch_parent
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if workers > 1 and not args.worker:
         return supervise(args.config, workers, settings.server.host, settings.server.port, log)
+    pin_worker_pid()
     try:
         main_coro = serve(
             settings, log, config_path=args.config, max_connections=cap, shared_port=args.worker

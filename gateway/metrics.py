@@ -33,6 +33,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
     multiprocess,
+    values,
 )
 
 NAMESPACE = "chatiq_gateway"
@@ -43,12 +44,24 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 )  # fmt: skip
+
+
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 # The gateway's own work: microseconds to milliseconds.
 OVERHEAD_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 )  # fmt: skip
+
+
+def pin_worker_pid() -> None:
+    """In a worker (multiprocess mode), before any metric exists: prometheus-
+    client asks ``os.getpid()`` on every update, to notice a fork and start
+    its own files. Workers are started, not forked, so their pid is read once:
+    each update cost a getpid system call (a dozen a stream)."""
+    if os.environ.get(MULTIPROCESS_DIR):
+        pid = os.getpid()
+        values.ValueClass = values.MultiProcessValue(lambda: pid)  # type: ignore[no-untyped-call]
 
 
 # The label values known before any request, exported at 0 from the start so

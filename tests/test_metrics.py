@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -233,3 +236,38 @@ async def test_every_known_series_is_exported_at_zero_right_after_start(stack: S
             assert f'{ttft}{{bot="{bot}",tenant="{tenant}"}} 0.0' in text
     for reason in RETRY_REASONS:
         assert f'chatiq_gateway_upstream_retries_total{{reason="{reason}"}} 0.0' in text
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PINNED_WORKER = """
+import os
+real_getpid, calls = os.getpid, []
+os.getpid = lambda: calls.append(1) or real_getpid()  # before prometheus-client takes it
+from gateway.metrics import pin_worker_pid
+pin_worker_pid()
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.multiprocess import MultiProcessCollector
+counter = Counter("pinned", "a counter", ["x"], registry=None).labels("a")
+calls.clear()
+for _ in range(10):
+    counter.inc()
+print(len(calls))
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+print(registry.get_sample_value("pinned_total", {"x": "a"}))
+print(sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])))
+"""
+
+
+async def test_a_worker_reads_its_pid_once_not_on_every_update(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PINNED_WORKER, env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, out.decode()
+    calls, value, files = out.decode().splitlines()[-3:]
+    assert calls == "0"  # ten updates, no getpid
+    assert float(value) == 10.0
+    assert re.fullmatch(r"\['counter_\d+\.db'\]", files), files  # the worker's own file
