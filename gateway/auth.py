@@ -81,6 +81,11 @@ class FailedKeyThrottle:
         self._clock = clock
         self._seen: OrderedDict[str, tuple[int, float]] = OrderedDict()  # count, window end
 
+    @property
+    def watching(self) -> bool:
+        """Some address has failed lately: requests' addresses need checking."""
+        return bool(self.limit and self._seen)
+
     def check(self, address: str | None) -> None:
         if not self.limit or address is None or address not in self._seen:
             return
@@ -110,10 +115,10 @@ def authenticate(
     directory: TenantDirectory, throttle: FailedKeyThrottle, request: web.Request
 ) -> Tenant:
     """The request's tenant, counting and throttling failed keys by address."""
-    address = request.remote
-    throttle.check(address)
+    if throttle.watching:  # the peer's address is looked up only when it may matter
+        throttle.check(request.remote)
     try:
         return directory.authenticate(request.headers.get("Authorization"))
     except Unauthorized:
-        throttle.failed(address)
+        throttle.failed(request.remote)
         raise

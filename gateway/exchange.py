@@ -91,10 +91,14 @@ def make_middleware(
     routes = {} if frontends is None else frontends
     # Request ids need to be unique, not secret: no system call for each (uuid4's).
     ids = random.Random()
+    # The app's loop, found once: asking for the running loop is a getpid(2)
+    # system call on Python 3.11.
+    running: asyncio.AbstractEventLoop | None = None
 
     @web.middleware
     async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        nonlocal running
+        loop = running = running or asyncio.get_running_loop()
         incoming = request.headers.get("X-Request-Id", "")
         resource = request.match_info.route.resource
         ex = Exchange(

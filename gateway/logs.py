@@ -67,4 +67,4 @@ def make_logger(settings: LoggingSettings, stream: TextIO | None = None) -> Logg
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-    )
+    ).bind()  # the bound logger itself: its lazy proxy binds a new one on every call

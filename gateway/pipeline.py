@@ -80,7 +80,7 @@ async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResp
         source, first = await upstream.open_stream(chat, ex.request_id, deadline)
         relay = Relay(request, source, ex, deadline, frontend.encoder(chat, ex))
         live = metrics.stream_series(tenant.name, ex.bot_label).active
-        task = asyncio.current_task()
+        task = asyncio.current_task(upstream.loop)  # with the loop: no getpid
         assert task is not None
         live.inc()
         lifecycle.streams.add(task)
