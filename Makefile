@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak stalled resumes profile fleet screenshot bench-observability load bench node-deps
+.PHONY: run test lint install clean soak stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -61,6 +61,10 @@ stalled: $(STAMP)
 ## make profile: where one gateway process spends its CPU (py-spy), per stream and per event.
 profile: $(STAMP)
 	$(BIN)/python -m loadtest.profile $(ARGS)
+
+## make instructions: CPU instructions per stream (callgrind; needs valgrind), ARGS="--rev HEAD~1" to compare.
+instructions: $(STAMP)
+	$(BIN)/python -m loadtest.instructions $(ARGS)
 
 ## make resumes: 1,000 resumable streams dropped and resumed (ARGS="--redis": on another replica).
 resumes: $(STAMP)

@@ -86,6 +86,7 @@ def start_gateway(
     api_key: str | None = None,
     extra_args: Sequence[str] = (),
     prefix: Sequence[str] = (),  # a command to run it under, e.g. prlimit
+    cwd: Path | None = None,  # the tree it runs from (default: this one)
     tenant_limits: tuple[int, int] = (0, 0),  # the tenant's max_streams, requests_per_minute
     **tables: Any,  # TOML tables: server={...}, upstream={...}
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -120,6 +121,7 @@ def start_gateway(
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         env=env,
+        cwd=cwd,
     )
     return process, log
 

@@ -166,6 +166,27 @@ async def run_tool(module: str, out: Path, *args: str) -> tuple[int, str]:
     return process.returncode, printed.decode()
 
 
+async def test_make_instructions_counts_the_gateways_instructions_per_stream_and_the_floors(
+    tmp_path: Path,
+) -> None:
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is missing (CI installs Debian's)")
+    code, out = await run_tool("loadtest.instructions", tmp_path, "--seconds", "1")
+    assert code == 0, out
+    report = (tmp_path / "latest.md").read_text()
+    rows = {
+        cells[1].strip(): cells
+        for cells in (line.split("|") for line in report.splitlines())
+        if len(cells) == 7 and cells[3].strip()[:1].isdigit()
+    }
+    assert set(rows) == {"working tree", "floor: bare aiohttp, one write"}, report
+    per_stream = {
+        name: float(cells[4].strip(" k").replace(",", "")) for name, cells in rows.items()
+    }
+    # The gateway does what the floor does and more: auth, the upstream, the relay, metrics.
+    assert per_stream["working tree"] > per_stream["floor: bare aiohttp, one write"] > 50, report
+
+
 async def test_make_resumes_drops_and_resumes_streams_and_says_what_it_measured(
     tmp_path: Path,
 ) -> None:

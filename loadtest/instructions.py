@@ -1,0 +1,225 @@
+"""``make instructions``: the gateway's cost per stream in CPU instructions,
+counted by valgrind's callgrind: a measure that does not move with the machine.
+
+CPU time on a shared machine swings by 10-15% from one run to the next;
+instruction counts repeat within about 1%, so a change of a few percent shows.
+Each gateway (the working tree, and any git revision named with ``--rev``)
+runs under callgrind against a fresh emulator: one-token replies, a few
+streams at a time; after a warm-up the counters are zeroed, and dumped after
+``--seconds``. The instructions are the process's own (user space): the
+kernel's work for its system calls is not in them.
+
+The *floor* is a bare aiohttp app answering the same request with a reply of
+the same shape, in one write: what aiohttp and the loop cost before the
+gateway does anything of its own.
+
+    python -m loadtest.instructions [--seconds 10] [--tokens 1] [--rev REV]...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from .harness import free_port, start_emulator, start_gateway, stop, wait_ready
+from .loadgen import Target, run_streams
+
+KEY = "instructions-key"
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = 10
+READY_S = 180.0  # a process starts ~50x slower under callgrind
+
+
+def callgrind(out: Path) -> list[str]:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("instructions: valgrind is missing (Debian: apt-get install valgrind)")
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+
+
+def instructions_in(dumps: Sequence[Path]) -> int:
+    """The instructions counted in callgrind's dumps (the largest total: the
+    dump taken at the end of the window; the one at exit has only the rest)."""
+    found = 0
+    for dump in dumps:
+        for line in dump.read_text().splitlines():
+            if line.startswith(("summary:", "totals:")):
+                found = max(found, int(line.split()[1]))
+    return found
+
+
+async def measure(
+    process: subprocess.Popen[bytes], port: int, out: Path, seconds: float
+) -> tuple[int, int, int]:
+    """Streams, events and instructions in a window of ``seconds`` after a warm-up."""
+    await wait_ready(f"http://127.0.0.1:{port}/healthz", timeout_s=READY_S)
+    body = {"message": "How do I reset my password?", "stream": True}
+    target = Target("127.0.0.1", port, "/api/chatbot", body, key=KEY)
+    await run_streams(target, CONCURRENCY, min(seconds, 3.0), 0.5, timeout_s=120)  # warm up
+    control = ["callgrind_control"]
+    subprocess.run([*control, "--zero", str(process.pid)], check=True, capture_output=True)
+    results = await run_streams(target, CONCURRENCY, seconds, 0.5, timeout_s=120)
+    subprocess.run([*control, "--dump", str(process.pid)], check=True, capture_output=True)
+    streams = sum(1 for r in results if r.done)
+    events = sum(len(r.event_times) for r in results)
+    for _ in range(50):  # the dump is written by the process, a moment later
+        if len(list(out.parent.glob(out.name + "*"))) > 1:
+            break
+        time.sleep(0.1)
+    return streams, events, instructions_in(sorted(out.parent.glob(out.name + "*")))
+
+
+async def measure_gateway(tree: Path, tokens: int, seconds: float) -> tuple[int, int, int]:
+    folder = Path(tempfile.mkdtemp(prefix="instructions-"))
+    emulator_port, port = free_port(), free_port()
+    emulator = start_emulator(
+        emulator_port, "--ttft-ms", "1", "--tokens-per-s", "1000", "--reply-tokens", str(tokens)
+    )
+    out = folder / "callgrind.out"
+    gateway, _ = start_gateway(
+        folder, port, emulator_port, KEY, prefix=callgrind(out), cwd=tree,
+        admission={"max_streams": 1000, "max_queue": 1000}, logging={"format": "json"},
+    )  # fmt: skip
+    try:
+        return await measure(gateway, port, out, seconds)
+    finally:
+        stop(gateway, emulator)
+
+
+async def emulator_reply(tokens: int) -> bytes:
+    """One streamed reply's body, as the emulator sends it to the gateway."""
+    port = free_port()
+    emulator = start_emulator(port, "--ttft-ms", "1", "--tokens-per-s", "0",
+                              "--reply-tokens", str(tokens))  # fmt: skip
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}/healthz")
+        body = {"message": "How do I reset my password?", "bot_slug": "demo", "stream": True}
+        url = f"http://127.0.0.1:{port}/api/chat"
+        async with aiohttp.ClientSession() as session, session.post(url, json=body) as answer:
+            return await answer.read()
+    finally:
+        stop(emulator)
+
+
+async def measure_floor(tokens: int, seconds: float) -> tuple[int, int, int]:
+    folder = Path(tempfile.mkdtemp(prefix="instructions-"))
+    reply = folder / "reply.txt"
+    reply.write_bytes(await emulator_reply(tokens))
+    port = free_port()
+    out = folder / "callgrind.out"
+    floor = subprocess.Popen(
+        [*callgrind(out), sys.executable, "-m", "loadtest.instructions",
+         "--serve-floor", str(port), "--reply", str(reply)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        return await measure(floor, port, out, seconds)
+    finally:
+        stop(floor)
+
+
+def serve_floor(port: int, reply: bytes) -> None:
+    """The floor: aiohttp on uvloop, reading the request and answering with
+    the emulator's reply, head and body in one write."""
+    import uvloop
+    from aiohttp import web
+
+    class OneWrite(web.StreamResponse):
+        _send_headers_immediately = False  # the head goes with the body, as the gateway's
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = OneWrite(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        await response.write_eof(reply)
+        return response
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/api/chatbot", chat)
+    app.router.add_get("/healthz", healthz)
+    uvloop.run(web._run_app(app, host="127.0.0.1", port=port, access_log=None, print=None))
+
+
+def checkout(rev: str, into: Path) -> Path:
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "--force", str(into), rev],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    return into
+
+
+async def run(args: argparse.Namespace) -> int:
+    trees: list[tuple[str, Path]] = [("working tree", ROOT)]
+    scratch = Path(tempfile.mkdtemp(prefix="instructions-revs-"))
+    try:
+        for i, rev in enumerate(args.rev):
+            trees.append((rev, checkout(rev, scratch / str(i))))
+        rows = []
+        for name, tree in trees:
+            print(f"instructions: {name}", flush=True)
+            rows.append((name, *await measure_gateway(tree, args.tokens, args.seconds)))
+        if not args.no_floor:
+            print("instructions: floor (bare aiohttp)", flush=True)
+            rows.append(
+                ("floor: bare aiohttp, one write", *await measure_floor(args.tokens, args.seconds))
+            )
+    finally:
+        for i in range(len(args.rev)):
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(scratch / str(i))],
+                cwd=ROOT, capture_output=True,
+            )  # fmt: skip
+        shutil.rmtree(scratch, ignore_errors=True)
+    lines = [
+        f"## Instructions per stream (callgrind; {args.tokens}-token replies, "
+        f"{CONCURRENCY} streams at a time, {args.seconds:g} s)",
+        "",
+        "| process | streams | events | instructions per stream | per event |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, streams, events, counted in rows:
+        if not streams or not counted:
+            raise SystemExit(f"instructions: nothing measured for {name}")
+        lines.append(
+            f"| {name} | {streams:,} | {events:,} | {counted / streams / 1e3:,.0f} k "
+            f"| {counted / events / 1e3:,.1f} k |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.md").write_text(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="instructions", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="the measured window")
+    parser.add_argument("--tokens", type=int, default=1, help="content events a reply")
+    parser.add_argument("--rev", action="append", default=[], help="a git revision to compare")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare aiohttp floor")
+    parser.add_argument("--out", default="results/instructions", help="where latest.md goes")
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--reply", type=Path, help=argparse.SUPPRESS)  # the floor's answer
+    args = parser.parse_args(argv)
+    if args.serve_floor is not None:
+        serve_floor(args.serve_floor, args.reply.read_bytes())
+        return 0
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
