@@ -7,9 +7,10 @@ the app already holds (``set_level``).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
+import time
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, TextIO
 
 import structlog
@@ -40,13 +41,34 @@ def set_level(log: Logger, level: str) -> None:
             processor.level = _LEVELS[level.lower()]
 
 
-# One encoder for every line: json.dumps with a ``default`` builds a new one
-# per call. Same output as json.dumps (structlog's default).
-_ENCODER = json.JSONEncoder(default=repr)
+# json.dumps's own C encoder, made once (JSONEncoder.encode makes one per
+# call): the same text, with repr() for what JSON has no form for.
+_ENCODE = c_make_encoder({}, repr, encode_basestring_ascii, None, ": ", ", ", False, False, True)
 
 
 def _json_line(event: dict[str, Any], **_: Any) -> str:
-    return _ENCODER.encode(event)
+    return "".join(_ENCODE(event, 0))
+
+
+class UtcStamper:
+    """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes
+    it (``2026-11-26T06:00:00.123456Z``), the date and the time of day
+    formatted once a second rather than on every line."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, logger: Any, method: str, event: Any) -> Any:
+        second, micro = divmod(time.time_ns() // 1000, 1_000_000)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        # As datetime.isoformat: no fraction when it is zero.
+        event["timestamp"] = f"{self._text}.{micro:06d}Z" if micro else f"{self._text}Z"
+        return event
 
 
 def make_logger(settings: LoggingSettings, stream: TextIO | None = None) -> Logger:
@@ -63,7 +85,7 @@ def make_logger(settings: LoggingSettings, stream: TextIO | None = None) -> Logg
         processors=[
             LevelFilter(settings.level),
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            UtcStamper(),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
