@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from .config import ServerSettings
 from .errors import InvalidRequest
 
@@ -48,25 +46,19 @@ class ChatRequest:
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
-    """A request body that must be one JSON object; ``InvalidRequest`` says why not."""
-    try:
-        body = orjson.loads(raw)  # one C call
-    except orjson.JSONDecodeError:
-        body = _lenient_json(raw)
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    return body
+    """A request body that must be one JSON object; ``InvalidRequest`` says why not.
 
-
-def _lenient_json(raw: bytes) -> Any:
-    """What orjson refuses (NaN, huge integers, lone surrogates, UTF-16...) is
-    read by json, whose verdict and errors stand, as they always did."""
+    json, not orjson: orjson reads an integer past 64 bits as a float, and a
+    client's history must reach the upstream as the client wrote it."""
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InvalidRequest("the body is not valid JSON") from None
     except RecursionError:
         raise InvalidRequest("the body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
 
 
 def conversation_header(conversation_id: object) -> dict[str, str]:
