@@ -22,7 +22,9 @@ import json
 from collections.abc import Callable
 from typing import cast
 
+import uvloop
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 
 _BODY = json.dumps(
     {"error": {"code": "REQUEST_TIMEOUT", "message": "the request headers took too long"}}
@@ -51,6 +53,31 @@ class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         cast(asyncio.Transport, transport).write(RESPONSE_503)
         transport.close()
+
+
+class _NodelayAlreadySet(BaseProtocol):
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+
+class UvloopRequestHandler(web.RequestHandler, _NodelayAlreadySet):
+    """aiohttp's request handler without its ``tcp_nodelay``: uvloop sets
+    TCP_NODELAY on every socket it accepts, and aiohttp's BaseProtocol would
+    set it again through a socket object it has uvloop make for the purpose
+    (two getsockname(2), a setsockopt(2) and an object, per connection).
+    ``RequestHandler.connection_made`` calls the base class's, which this
+    class's method order makes ``_NodelayAlreadySet``'s."""
+
+    __slots__ = ()
+
+
+def request_handler(server: web.Server, loop: asyncio.AbstractEventLoop) -> web.RequestHandler:
+    """A new connection's aiohttp protocol, as ``server()`` makes it."""
+    if isinstance(loop, uvloop.Loop):
+        return UvloopRequestHandler(server, loop=loop, **server._kwargs)
+    return server()
 
 
 class HeaderDeadline(asyncio.Protocol):
@@ -189,7 +216,10 @@ class GatewaySite(web.BaseSite):
                 self._on_refused()
                 return _Refuse()
             self._open += 1
-            return HeaderDeadline(server(), loop, self._header_timeout_s, self._on_timeout, closed)
+            return HeaderDeadline(
+                request_handler(server, loop), loop, self._header_timeout_s, self._on_timeout,
+                closed,
+            )  # fmt: skip
 
         def closed() -> None:
             self._open -= 1
