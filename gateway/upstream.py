@@ -21,6 +21,7 @@ from typing import Protocol, TypeVar
 from .breaker import Breakers
 from .chat import ChatRequest
 from .config import UpstreamSettings
+from .deadline import Deadline
 from .errors import (
     ConnectTimeout,
     FirstByteTimeout,
@@ -344,7 +345,7 @@ class Upstream:
         request_head = self._request_head(request_id, chat.stream, len(body))
         sent = loop.time()
         try:
-            async with asyncio.timeout_at(min(first_byte_by, deadline)):
+            async with Deadline(loop, min(first_byte_by, deadline)):
                 conn, head = await self._request(request_head, body)
         except BaseException as e:
             if isinstance(e, TimeoutError):
