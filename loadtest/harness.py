@@ -18,6 +18,14 @@ from typing import Any
 import aiohttp
 
 
+def report(text: str, out_dir: str | Path, name: str = "latest.md") -> None:
+    """Print a tool's report and keep it as ``out_dir/name``."""
+    print(text)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(text)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import aiohttp
 
-from .harness import free_port, start_emulator, start_gateway, stop, wait_ready
+from .harness import free_port, report, start_emulator, start_gateway, stop, wait_ready
 from .loadgen import Target, run_streams
 
 KEY = "instructions-key"
@@ -197,11 +197,7 @@ async def run(args: argparse.Namespace) -> int:
             f"| {name} | {streams:,} | {events:,} | {counted / streams / 1e3:,.0f} k "
             f"| {counted / events / 1e3:,.1f} k |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.md").write_text(text)
+    report("\n".join(lines) + "\n", args.out)
     return 0
 
 

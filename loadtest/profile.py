@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .harness import cpu_seconds, free_port, start_emulator, start_gateway, stop, wait_ready
+from .harness import cpu_seconds, free_port, report, start_emulator, start_gateway, stop, wait_ready
 from .loadgen import Target, run_streams
 
 KEY = "profile-key"
@@ -140,11 +140,7 @@ async def run(args: argparse.Namespace) -> int:
     for name, (tokens, rate) in LOADS.items():
         print(f"profile: {name} ({tokens}-token replies) for {args.seconds:g} s", flush=True)
         sections.append(await profile_load(name, tokens, rate, args))
-    text = "\n".join(sections)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.md").write_text(text)
+    report("\n".join(sections), args.out)
     return 0
 
 

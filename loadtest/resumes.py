@@ -34,6 +34,7 @@ from .harness import (
     free_port,
     metric_total,
     percentile,
+    report,
     rss_mib,
     start_emulator,
     start_gateway,
@@ -176,11 +177,7 @@ async def run(args: argparse.Namespace) -> int:
             "- CPU while resuming (share of a core): "
             + ", ".join(f"{name} {share:.0%}" for name, share in cpu.items()),
         ]
-        text = "\n".join(lines) + "\n"
-        print(text)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ("latest-redis.md" if args.redis else "latest.md")).write_text(text)
+        report("\n".join(lines) + "\n", args.out, "latest-redis.md" if args.redis else "latest.md")
         return 0 if complete == args.streams else 1
     finally:
         stop(*reversed(processes))
