@@ -20,7 +20,7 @@ import struct
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -92,6 +92,7 @@ class Live:
     """Handlers running now: a caller that hangs up must bring this back down."""
 
     handlers: int = 0
+    tasks: set[asyncio.Task[object]] = field(default_factory=set)
 
 
 LIVE = web.AppKey("live", Live)
@@ -106,7 +107,19 @@ def create_emulator_app(settings: EmulatorSettings | None = None) -> web.Applica
     app[LIVE] = Live()
     app.router.add_post("/api/chat", chat)
     app.router.add_get("/healthz", healthz)
+    app.on_shutdown.append(end_replies)
     return app
+
+
+async def end_replies(app: web.Application) -> None:
+    """On shutdown, replies still streaming end at once: an emulator owes them
+    no graceful end, and aiohttp, waiting on a handler as its shutdown times
+    out, can fail to mark it finished ("Unhandled exception", InvalidStateError)."""
+    tasks = list(app[LIVE].tasks)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=1.0)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -159,11 +172,15 @@ def _remember(store: OrderedDict[str, Any], key: str, value: Any) -> None:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     live = request.app[LIVE]
+    task = asyncio.current_task()
+    assert task is not None
     live.handlers += 1
+    live.tasks.add(task)
     try:
         return await _chat(request)
     finally:
         live.handlers -= 1
+        live.tasks.discard(task)
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:

@@ -90,6 +90,43 @@ def test_the_emulator_command_serves_the_chat_api() -> None:
         assert emulator.wait(timeout=30) == 0
 
 
+def test_the_emulator_stops_at_once_with_replies_in_progress_and_says_nothing() -> None:
+    port = free_port()
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.emulator", "--port", str(port),
+         "--ttft-ms", "0", "--tokens-per-s", "0.5"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"},
+    )  # fmt: skip
+    clients: list[socket.socket] = []
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz")
+        body = json.dumps({"message": "hi", "bot_slug": "x", "stream": True}).encode()
+        head = (
+            f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        for _ in range(50):  # replies that would stream for minutes
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(head + body)
+            clients.append(client)
+        for client in clients:
+            client.settimeout(10)
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        emulator.send_signal(signal.SIGTERM)
+        _, said = emulator.communicate(timeout=30)
+        # aiohttp would wait out its shutdown timeout (1 s) for the handlers;
+        # they are ended first, so nothing is left to race its shutdown.
+        assert time.monotonic() - started < 1.0
+        assert said.decode().strip() == ""
+    finally:
+        for client in clients:
+            client.close()
+        if emulator.poll() is None:
+            emulator.kill()
+
+
 def test_a_backgrounded_dev_stack_stops_on_sigint_quickly_even_mid_stall(
     tmp_path: Path,
 ) -> None:
