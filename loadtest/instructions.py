@@ -11,9 +11,11 @@ kernel's work for its system calls is not in them.
 
 The *floor* is a bare aiohttp app answering the same request with a reply of
 the same shape, in one write: what aiohttp and the loop cost before the
-gateway does anything of its own.
+gateway does anything of its own. Given two reply lengths or more
+(``--tokens 1,21``), each process's cost is also split into what a stream
+costs whatever its length and what each event adds.
 
-    python -m loadtest.instructions [--seconds 10] [--tokens 1] [--rev REV]...
+    python -m loadtest.instructions [--seconds 10] [--tokens 1[,21]] [--rev REV]...
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .loadgen import Target, run_streams
 KEY = "instructions-key"
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 10
+FLOOR = "floor: bare aiohttp, one write"
 READY_S = 180.0  # a process starts ~50x slower under callgrind
 
 
@@ -161,21 +164,46 @@ def checkout(rev: str, into: Path) -> Path:
     return into
 
 
+Measured = tuple[str, int, int, int, int]  # process, reply tokens, streams, events, instructions
+
+
+async def measure_all(args: argparse.Namespace, trees: list[tuple[str, Path]]) -> list[Measured]:
+    rows: list[Measured] = []
+    for tokens in args.tokens:
+        for name, tree in trees:
+            print(f"instructions: {name}, {tokens}-token replies", flush=True)
+            rows.append((name, tokens, *await measure_gateway(tree, tokens, args.seconds)))
+        if not args.no_floor:
+            print(f"instructions: {FLOOR}, {tokens}-token replies", flush=True)
+            rows.append((FLOOR, tokens, *await measure_floor(tokens, args.seconds)))
+    for name, tokens, streams, _, counted in rows:
+        if not streams or not counted:
+            raise SystemExit(f"instructions: nothing measured for {name} ({tokens} tokens)")
+    return rows
+
+
+def split_costs(rows: list[Measured]) -> dict[str, tuple[float, float]]:
+    """Per process measured at two reply lengths or more: the instructions a
+    stream costs whatever its length, and each event's, from the line through
+    its shortest and its longest replies."""
+    split: dict[str, tuple[float, float]] = {}
+    for name in dict.fromkeys(row[0] for row in rows):
+        mine = sorted((r for r in rows if r[0] == name), key=lambda r: r[1])
+        (_, _, s0, e0, c0), (_, _, s1, e1, c1) = mine[0], mine[-1]
+        if len(mine) < 2 or e1 / s1 == e0 / s0:
+            continue
+        per_event = (c1 / s1 - c0 / s0) / (e1 / s1 - e0 / s0)
+        split[name] = (c0 / s0 - per_event * e0 / s0, per_event)
+    return split
+
+
 async def run(args: argparse.Namespace) -> int:
     trees: list[tuple[str, Path]] = [("working tree", ROOT)]
     scratch = Path(tempfile.mkdtemp(prefix="instructions-revs-"))
     try:
         for i, rev in enumerate(args.rev):
             trees.append((rev, checkout(rev, scratch / str(i))))
-        rows = []
-        for name, tree in trees:
-            print(f"instructions: {name}", flush=True)
-            rows.append((name, *await measure_gateway(tree, args.tokens, args.seconds)))
-        if not args.no_floor:
-            print("instructions: floor (bare aiohttp)", flush=True)
-            rows.append(
-                ("floor: bare aiohttp, one write", *await measure_floor(args.tokens, args.seconds))
-            )
+        rows = await measure_all(args, trees)
     finally:
         for i in range(len(args.rev)):
             subprocess.run(
@@ -184,27 +212,39 @@ async def run(args: argparse.Namespace) -> int:
             )  # fmt: skip
         shutil.rmtree(scratch, ignore_errors=True)
     lines = [
-        f"## Instructions per stream (callgrind; {args.tokens}-token replies, "
-        f"{CONCURRENCY} streams at a time, {args.seconds:g} s)",
+        f"## Instructions per stream (callgrind; {CONCURRENCY} streams at a time, "
+        f"{args.seconds:g} s a measure)",
         "",
-        "| process | streams | events | instructions per stream | per event |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| process | reply tokens | streams | events | instructions per stream | per event |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, streams, events, counted in rows:
-        if not streams or not counted:
-            raise SystemExit(f"instructions: nothing measured for {name}")
+    for name, tokens, streams, events, counted in rows:
         lines.append(
-            f"| {name} | {streams:,} | {events:,} | {counted / streams / 1e3:,.0f} k "
+            f"| {name} | {tokens} | {streams:,} | {events:,} | {counted / streams / 1e3:,.0f} k "
             f"| {counted / events / 1e3:,.1f} k |"
         )
+    split = split_costs(rows)
+    if split:
+        lines += ["", "| process | fixed, a stream | an event |", "| --- | ---: | ---: |"]
+        lines += [f"| {n} | {f / 1e3:,.0f} k | {e / 1e3:,.1f} k |" for n, (f, e) in split.items()]
     report("\n".join(lines) + "\n", args.out)
     return 0
+
+
+def token_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",")]
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError("reply tokens: non-negative integers, comma-separated")
+    return counts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instructions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="the measured window")
-    parser.add_argument("--tokens", type=int, default=1, help="content events a reply")
+    parser.add_argument(
+        "--tokens", type=token_counts, default=[1],
+        help="content events a reply; two or more (1,21) also split a stream's cost per event",
+    )  # fmt: skip
     parser.add_argument("--rev", action="append", default=[], help="a git revision to compare")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare aiohttp floor")
     parser.add_argument("--out", default="results/instructions", help="where latest.md goes")

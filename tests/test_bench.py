@@ -177,14 +177,30 @@ async def test_make_instructions_counts_the_gateways_instructions_per_stream_and
     rows = {
         cells[1].strip(): cells
         for cells in (line.split("|") for line in report.splitlines())
-        if len(cells) == 7 and cells[3].strip()[:1].isdigit()
+        if len(cells) == 8 and cells[3].strip()[:1].isdigit()
     }
     assert set(rows) == {"working tree", "floor: bare aiohttp, one write"}, report
     per_stream = {
-        name: float(cells[4].strip(" k").replace(",", "")) for name, cells in rows.items()
+        name: float(cells[5].strip(" k").replace(",", "")) for name, cells in rows.items()
     }
     # The gateway does what the floor does and more: auth, the upstream, the relay, metrics.
     assert per_stream["working tree"] > per_stream["floor: bare aiohttp, one write"] > 50, report
+
+
+def test_instructions_split_a_streams_cost_into_fixed_and_per_event() -> None:
+    from loadtest.instructions import split_costs
+
+    # 100 streams of 11 events at 1,000k each, then of 31 events at 1,400k each:
+    # 20 events more cost 400k, so 20k an event and 780k fixed.
+    rows = [
+        ("gateway", 1, 100, 1_100, 100 * 1_000_000),
+        ("gateway", 21, 50, 1_550, 50 * 1_400_000),
+        ("floor", 1, 10, 110, 10 * 300_000),  # one length only: no split
+    ]
+    split = split_costs(rows)
+    assert set(split) == {"gateway"}
+    fixed, per_event = split["gateway"]
+    assert round(per_event) == 20_000 and round(fixed) == 780_000
 
 
 async def test_make_resumes_drops_and_resumes_streams_and_says_what_it_measured(
