@@ -98,7 +98,9 @@ def make_middleware(
     @web.middleware
     async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         nonlocal running
-        loop = running = running or asyncio.get_running_loop()
+        if running is None:
+            running = asyncio.get_running_loop()
+        loop = running
         incoming = request.headers.get("X-Request-Id", "")
         resource = request.match_info.route.resource
         ex = Exchange(

@@ -42,7 +42,9 @@ def set_level(log: Logger, level: str) -> None:
 
 
 # json.dumps's own C encoder, made once (JSONEncoder.encode makes one per
-# call): the same text, with repr() for what JSON has no form for.
+# call): the same text, with repr() for what JSON has no form for. Its
+# arguments: markers (the circular check), default, the string encoder,
+# indent, key and item separators, sort_keys, skipkeys, allow_nan.
 _ENCODE = c_make_encoder({}, repr, encode_basestring_ascii, None, ": ", ", ", False, False, True)
 
 

@@ -91,8 +91,11 @@ ATTEMPTS: web.AppKey[OrderedDict[str, int]] = web.AppKey("attempts")  # requests
 class Live:
     """Handlers running now: a caller that hangs up must bring this back down."""
 
-    handlers: int = 0
     tasks: set[asyncio.Task[object]] = field(default_factory=set)
+
+    @property
+    def handlers(self) -> int:
+        return len(self.tasks)
 
 
 LIVE = web.AppKey("live", Live)
@@ -174,12 +177,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     live = request.app[LIVE]
     task = asyncio.current_task()
     assert task is not None
-    live.handlers += 1
     live.tasks.add(task)
     try:
         return await _chat(request)
     finally:
-        live.handlers -= 1
         live.tasks.discard(task)
 
 
