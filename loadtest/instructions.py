@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 10
 FLOOR = "floor: bare aiohttp, one write"
 READY_S = 180.0  # a process starts ~50x slower under callgrind
+MESSAGE = "How do I reset my password?"
 
 
 def callgrind(out: Path) -> list[str]:
@@ -64,19 +64,20 @@ async def measure(
 ) -> tuple[int, int, int]:
     """Streams, events and instructions in a window of ``seconds`` after a warm-up."""
     await wait_ready(f"http://127.0.0.1:{port}/healthz", timeout_s=READY_S)
-    body = {"message": "How do I reset my password?", "stream": True}
-    target = Target("127.0.0.1", port, "/api/chatbot", body, key=KEY)
+    target = Target(
+        "127.0.0.1", port, "/api/chatbot", {"message": MESSAGE, "stream": True}, key=KEY
+    )
     await run_streams(target, CONCURRENCY, min(seconds, 3.0), 0.5, timeout_s=120)  # warm up
-    control = ["callgrind_control"]
-    subprocess.run([*control, "--zero", str(process.pid)], check=True, capture_output=True)
+    pid = str(process.pid)
+    subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
     results = await run_streams(target, CONCURRENCY, seconds, 0.5, timeout_s=120)
-    subprocess.run([*control, "--dump", str(process.pid)], check=True, capture_output=True)
+    subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
     streams = sum(1 for r in results if r.done)
     events = sum(len(r.event_times) for r in results)
     for _ in range(50):  # the dump is written by the process, a moment later
         if len(list(out.parent.glob(out.name + "*"))) > 1:
             break
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
     return streams, events, instructions_in(sorted(out.parent.glob(out.name + "*")))
 
 
@@ -104,7 +105,7 @@ async def emulator_reply(tokens: int) -> bytes:
                               "--reply-tokens", str(tokens))  # fmt: skip
     try:
         await wait_ready(f"http://127.0.0.1:{port}/healthz")
-        body = {"message": "How do I reset my password?", "bot_slug": "demo", "stream": True}
+        body = {"message": MESSAGE, "bot_slug": "demo", "stream": True}
         url = f"http://127.0.0.1:{port}/api/chat"
         async with aiohttp.ClientSession() as session, session.post(url, json=body) as answer:
             return await answer.read()
