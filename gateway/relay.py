@@ -279,12 +279,10 @@ class Relay:
     # EventConsumer: called from the upstream connection's data_received
 
     def on_events(self, events: list[Event]) -> None:
-        # Once per upstream read: the transport's calls written out, not wrapped.
         if self._over:
             return
-        transport = self._transport
         try:
-            if transport is None or transport.is_closing():
+            if self._client_gone():
                 raise ConnectionResetError("the client went away")
             payload, failure = self._batch(events)
             self._last_event = now = self._loop.time()
@@ -293,12 +291,11 @@ class Relay:
                 self._finish(None)
                 return
             if payload:
-                transport.write(_chunk(payload) if self._chunked else payload)
-                self._ex.bytes_out += len(payload)
+                self._write_now(payload)
                 self._last_write = now
             if failure is not None:
                 self._finish(failure)
-            elif transport.get_write_buffer_size() > self._high_water and not self._draining:
+            elif self._client_is_behind() and not self._draining:
                 self._draining = True
                 self._source.pause()
                 self._poke()
@@ -394,6 +391,11 @@ class Relay:
     def _client_gone(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
+    def _client_is_behind(self) -> bool:
+        """Its socket buffer passed the high-water mark (where aiohttp would wait)."""
+        transport = self._transport
+        return transport is not None and transport.get_write_buffer_size() > self._high_water
+
     def _write_now(self, payload: bytes) -> None:
         """Straight to the client's socket (the response head went out before)."""
         assert self._transport is not None
@@ -401,19 +403,10 @@ class Relay:
         self._ex.bytes_out += len(payload)
 
     async def _send(self, payload: bytes, *, end: bool = False) -> None:
-        """Write through aiohttp (the first batch, the ending), waiting out a slow
-        client. ``end``: the response ends with it, in the same write."""
-        write = self._response.write_eof if end else self._response.write
-        transport = self._request.transport
-        if transport is not None and transport.get_write_buffer_size() + len(payload) < WRITE_ROOM:
-            # The client keeps up: the write cannot wait for a drain, so no timer is needed.
-            await write(payload)
-        else:
-            try:
-                async with asyncio.timeout(self._settings.client_write_timeout_s):
-                    await write(payload)
-            except TimeoutError:
-                raise SlowClient from None
+        """Through aiohttp (the first batch, the ending); ``end``: the response
+        ends with it, in the same write."""
+        timeout_s = self._settings.client_write_timeout_s
+        await send_to_client(self._request, self._response, payload, timeout_s, end=end)
         self._ex.bytes_out += len(payload)
 
     async def _end_with_error(self, err: GatewayError) -> None:
@@ -425,6 +418,29 @@ class Relay:
                 await self._send(self._encoder.error(err), end=True)
         except (ConnectionError, SlowClient):
             self._ex.outcome = "client_disconnect"
+
+
+async def send_to_client(
+    request: web.Request,
+    response: web.StreamResponse,
+    payload: bytes,
+    timeout_s: float,
+    *,
+    end: bool = False,
+) -> None:
+    """Write ``payload`` through aiohttp, waiting out a slow client for at most
+    ``timeout_s`` (``SlowClient`` past it). ``end``: the response ends with it."""
+    write = response.write_eof if end else response.write
+    transport = request.transport
+    if transport is not None and transport.get_write_buffer_size() + len(payload) < WRITE_ROOM:
+        # The client keeps up: the write cannot wait for a drain, so no timer is needed.
+        await write(payload)
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await write(payload)
+    except TimeoutError:
+        raise SlowClient from None
 
 
 def _chunk(payload: bytes) -> bytes:

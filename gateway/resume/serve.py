@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..exchange import Exchange, exchange_of
 from ..frontends.base import Frontend, StreamEncoder
-from ..relay import PING, SSE_HEADERS, WRITE_ROOM, EventStreamResponse, SlowClient
+from ..relay import PING, SSE_HEADERS, EventStreamResponse, SlowClient, send_to_client
 from ..state import (
     ADMISSION,
     FAILED_KEYS,
@@ -178,16 +178,7 @@ async def follow(
     position = after
 
     async def send(payload: bytes, *, end: bool = False) -> None:
-        write = response.write_eof if end else response.write
-        transport = request.transport
-        if transport is not None and transport.get_write_buffer_size() + len(payload) < WRITE_ROOM:
-            await write(payload)  # the client keeps up: this write cannot wait
-        else:
-            try:
-                async with asyncio.timeout(settings.client_write_timeout_s):
-                    await write(payload)
-            except TimeoutError:
-                raise SlowClient from None
+        await send_to_client(request, response, payload, settings.client_write_timeout_s, end=end)
         ex.bytes_out += len(payload)
 
     try:
