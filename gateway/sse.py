@@ -19,6 +19,9 @@ from dataclasses import dataclass
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 DONE_DATA = "[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"
+# Bytes searched for as ints: ``bytes in bytes`` first tries the needle as an
+# int, and raises and clears a TypeError on every call (several times slower).
+_CR, _LF = 0x0D, 0x0A
 
 
 class SSEProtocolError(Exception):
@@ -83,23 +86,20 @@ class SSEParser:
         return len(self._buf)
 
     def feed(self, chunk: bytes) -> list[Event]:
-        if self._buf or b"\r" in chunk:
+        if self._buf or _CR in chunk:
             return self._feed(chunk, [])
         # Fast path for what upstreams send nearly always: events of one
         # "data: " line each, ending in a blank line, none cut by this chunk.
         events: list[Event] = []
         start = 0
-        while (end := chunk.find(b"\n\n", start)) >= 0:
-            if (
-                chunk.startswith(b"data: ", start)
-                and chunk.find(b"\n", start, end) < 0
-                and end + 2 - start <= self._max
-            ):
-                data = chunk[start + 6 : end].decode("utf-8", "replace")
-                events.append(Event(raw=chunk[start : end + 2], data=data))
-                start = end + 2
-            else:
+        blocks = chunk.split(b"\n\n")
+        del blocks[-1]  # what follows the last blank line: nothing, or a cut event
+        for block in blocks:
+            end = start + len(block) + 2
+            if block[:6] != b"data: " or _LF in block or end - start > self._max:
                 break
+            events.append(Event(chunk[start:end], block[6:].decode("utf-8", "replace")))
+            start = end
         if start == len(chunk):
             return events
         return self._feed(chunk[start:], events)
@@ -183,13 +183,13 @@ class SSEParser:
             self._data.append(value.decode("utf-8", "replace"))
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
-        elif name == b"id" and b"\0" not in value:
+        elif name == b"id" and 0 not in value:
             self._id = value.decode("utf-8", "replace")
         elif name == b"retry" and value.isdigit():
             self._retry = int(value)
 
     def _dispatch(self, raw: bytes) -> Event:
         data = None if self._data is None else "\n".join(self._data)
-        event = Event(raw=raw, data=data, event=self._event, id=self._id, retry=self._retry)
+        event = Event(raw, data, self._event, self._id, self._retry)
         self._reset_fields()
         return event
