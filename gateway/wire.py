@@ -132,9 +132,7 @@ class Connection(asyncio.BufferedProtocol):
         return self._pool.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._pool.read_buffer[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
+        data = self._pool.read_buffer[:nbytes]
         if not self._in_use:  # bytes nobody asked for, on an idle connection
             if self.transport is not None:
                 self.transport.close()

@@ -15,7 +15,8 @@ gateway does anything of its own. Given two reply lengths or more
 (``--tokens 1,21``), each process's cost is also split into what a stream
 costs whatever its length and what each event adds.
 
-    python -m loadtest.instructions [--seconds 10] [--tokens 1[,21]] [--rev REV]...
+    python -m loadtest.instructions [--seconds 10] [--tokens 1[,21]] [--tokens-per-s 1000]
+                                   [--rev REV]...
 """
 
 from __future__ import annotations
@@ -81,12 +82,15 @@ async def measure(
     return streams, events, instructions_in(sorted(out.parent.glob(out.name + "*")))
 
 
-async def measure_gateway(tree: Path, tokens: int, seconds: float) -> tuple[int, int, int]:
+async def measure_gateway(
+    tree: Path, tokens: int, tokens_per_s: float, seconds: float
+) -> tuple[int, int, int]:
     folder = Path(tempfile.mkdtemp(prefix="instructions-"))
     emulator_port, port = free_port(), free_port()
     emulator = start_emulator(
-        emulator_port, "--ttft-ms", "1", "--tokens-per-s", "1000", "--reply-tokens", str(tokens)
-    )
+        emulator_port, "--ttft-ms", "1", "--tokens-per-s", f"{tokens_per_s:g}",
+        "--reply-tokens", str(tokens),
+    )  # fmt: skip
     out = folder / "callgrind.out"
     gateway, _ = start_gateway(
         folder, port, emulator_port, KEY, prefix=callgrind(out), cwd=tree,
@@ -173,7 +177,8 @@ async def measure_all(args: argparse.Namespace, trees: list[tuple[str, Path]]) -
     for tokens in args.tokens:
         for name, tree in trees:
             print(f"instructions: {name}, {tokens}-token replies", flush=True)
-            rows.append((name, tokens, *await measure_gateway(tree, tokens, args.seconds)))
+            measured = await measure_gateway(tree, tokens, args.tokens_per_s, args.seconds)
+            rows.append((name, tokens, *measured))
         if not args.no_floor:
             print(f"instructions: {FLOOR}, {tokens}-token replies", flush=True)
             rows.append((FLOOR, tokens, *await measure_floor(tokens, args.seconds)))
@@ -214,7 +219,7 @@ async def run(args: argparse.Namespace) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     lines = [
         f"## Instructions per stream (callgrind; {CONCURRENCY} streams at a time, "
-        f"{args.seconds:g} s a measure)",
+        f"{args.tokens_per_s:g} tokens/s each, {args.seconds:g} s a measure)",
         "",
         "| process | reply tokens | streams | events | instructions per stream | per event |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -245,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--tokens", type=token_counts, default=[1],
         help="content events a reply; two or more (1,21) also split a stream's cost per event",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tokens-per-s", type=float, default=1000.0,
+        help="the emulator's pace within a stream (at 50, as make bench's, an event is a read)",
     )  # fmt: skip
     parser.add_argument("--rev", action="append", default=[], help="a git revision to compare")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare aiohttp floor")

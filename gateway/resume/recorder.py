@@ -78,18 +78,20 @@ class Recorder:
         if self._ended.done():
             return
         self._last_event = self._loop.time()
-        out = translate([e for e in events if e.data is not None], self._encoder)
+        pieces, failure, done, content, _ = translate(
+            [e for e in events if e.data is not None], self._encoder
+        )
         if self._encoder is None:
-            entries = out.pieces
+            entries = pieces
         else:
-            entries = [event for piece in out.pieces for event in split_events(piece)]
-        if out.content and self._on_content is not None:
+            entries = [event for piece in pieces for event in split_events(piece)]
+        if content and self._on_content is not None:
             self._on_content()
             self._on_content = None
-        if out.failure is not None:
+        if failure is not None:
             self._journal.append(entries)
-            self.on_failure(out.failure)
-        elif out.done:
+            self.on_failure(failure)
+        elif done:
             self._done = True
             self._journal.append(entries, final=True)
             self._stop()
