@@ -125,7 +125,7 @@ class HeaderDeadline(asyncio.Protocol):
             self._arm()
         if self._timer is not None:
             seen = self._tail + data
-            if b"\r\n\r\n" in seen:
+            if seen.find(b"\r\n\r\n") >= 0:  # (``in`` would first try it as an int, and fail)
                 self._timer.cancel()
                 self._timer = None
                 self._tail = b""
