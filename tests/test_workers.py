@@ -21,7 +21,7 @@ from gateway.config import ConfigError, settings_from_mapping
 from gateway.cpus import cgroup_cpu_quota, usable_cpus
 from gateway.workers import MAX_DEATHS
 from loadtest.emulator import EmulatorSettings, compose_reply
-from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
 
 
@@ -61,16 +61,12 @@ async def test_two_workers_share_the_port_and_their_metrics(
             async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
                 text = await r.text()
 
-        def total(name: str) -> float:
-            pattern = rf"^{name}(?:{{[^}}]*}})? (\S+)$"
-            return sum(float(v) for v in re.findall(pattern, text, re.M))
-
         assert len(worker_pids()) == 2, sorted(f.name for f in folder.iterdir())
-        assert total(r'chatiq_gateway_requests_total\{[^}]*route="/api/chatbot"[^}]*\}') == sent
+        await metric_settles_at(port, "chatiq_gateway_requests_total", 'route="/api/chatbot"', sent)
         per_stream = len(compose_reply("hi", [], 5)) + 2
-        assert total("chatiq_gateway_stream_events_total") == sent * per_stream
-        assert total("chatiq_gateway_time_to_first_token_seconds_count") == sent
-        assert total("chatiq_gateway_active_streams") == 0
+        await metric_settles_at(port, "chatiq_gateway_stream_events_total", "", sent * per_stream)
+        await metric_settles_at(port, "chatiq_gateway_time_to_first_token_seconds_count", "", sent)
+        await metric_settles_at(port, "chatiq_gateway_active_streams", "", 0)
         assert "chatiq_gateway_build_info{" in text
 
         process.send_signal(signal.SIGTERM)
@@ -124,15 +120,15 @@ async def chat_on_new_connections(port: int, n: int) -> None:
                 assert (await read_stream(r))[1][-1] == "[DONE]"
 
 
-async def metric_total(port: int, name: str) -> float:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as r,
-    ):
-        assert r.status == 200, await r.text()
-        text = await r.text()
-    pattern = rf"^{name}(?:{{[^}}]*}})? (\S+)$"
-    return sum(float(v) for v in re.findall(pattern, text, re.M))
+async def metric_settles_at(port: int, name: str, containing: str, value: float) -> None:
+    """``name``'s samples holding ``containing`` sum to ``value`` on any worker's
+    /metrics within 5 s (a request is counted as its handler ends, a moment
+    after the client read its [DONE])."""
+    until = time.monotonic() + 5
+    async with aiohttp.ClientSession() as session:
+        while (total := await metric_total(session, port, name, containing)) != value:
+            assert time.monotonic() < until, f"{name} {containing}: {total}, not {value}"
+            await asyncio.sleep(0.05)
 
 
 async def start_supervised(
@@ -153,6 +149,11 @@ async def start_supervised(
     )  # fmt: skip
     await wait_ready(f"http://127.0.0.1:{port}/healthz")
     await eventually_true(lambda: len(children_of(process.pid)) == 2, 10, "two workers")
+    # Both listening: with one still starting, killing the other would leave
+    # nobody on the port for a moment (connections refused).
+    await eventually_true(
+        lambda: log.read_text().count('"event": "listening"') == 2, 10, "two workers listening"
+    )
     return process, log, port
 
 
@@ -162,6 +163,9 @@ async def test_a_killed_worker_is_replaced_and_metrics_still_add_up(
     process, log, port = await start_supervised(tmp_path, make_stack, monkeypatch)
     try:
         await chat_on_new_connections(port, 20)
+        # Counted before the kill: a worker killed as its last stream ends has
+        # no chance to count it (SIGKILL).
+        await metric_settles_at(port, "chatiq_gateway_requests_total", 'route="/api/chatbot"', 20)
         first = children_of(process.pid)
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
@@ -171,9 +175,9 @@ async def test_a_killed_worker_is_replaced_and_metrics_still_add_up(
         )
         await chat_on_new_connections(port, 20)  # served by whichever worker the kernel picks
         assert time.monotonic() - killed < 10
-        route = r'chatiq_gateway_requests_total\{[^}]*route="/api/chatbot"[^}]*\}'
-        assert await metric_total(port, route) == 40  # the dead worker's counts are kept
-        assert await metric_total(port, "chatiq_gateway_active_streams") == 0
+        # the dead worker's counts are kept
+        await metric_settles_at(port, "chatiq_gateway_requests_total", 'route="/api/chatbot"', 40)
+        await metric_settles_at(port, "chatiq_gateway_active_streams", "", 0)
         text = log.read_text()
         assert '"event": "worker_exited"' in text and '"event": "worker_replaced"' in text
         assert "Traceback" not in text
@@ -260,7 +264,7 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(
             lambda: log.read_text().count('"event": "config_reloaded"') == 2, 10, "two reloads"
         )
         assert process.poll() is None
-        assert await metric_total(port, 'chatiq_gateway_config_reloads_total{result="ok"}') == 2
+        await metric_settles_at(port, "chatiq_gateway_config_reloads_total", 'result="ok"', 2)
     finally:
         stop(process)
 
