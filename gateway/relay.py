@@ -121,7 +121,7 @@ class Relay:
     The first batch goes out through aiohttp (it carries the response head);
     after that the relay is the ``EventSource``'s consumer: each batch is
     written to the client's transport from inside the upstream connection's
-    ``data_received``, with no task switch. The handler's task only waits for
+    ``buffer_updated``, with no task switch. The handler's task only waits for
     the end, or for a slow client to drain (the upstream is paused meanwhile).
     One lazy timer per stream watches the idle gap, the keep-alive pings and
     the total deadline; an event only records the time.
@@ -278,7 +278,7 @@ class Relay:
             finally:
                 self._wake = None
 
-    # EventConsumer: called from the upstream connection's data_received
+    # EventConsumer: called from the upstream connection's buffer_updated
 
     def on_events(self, events: list[Event]) -> None:
         if self._over:

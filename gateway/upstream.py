@@ -75,7 +75,7 @@ class EventSource:
 
     Until a consumer attaches, events are kept for ``read`` (the first ones,
     while a retry is still possible). Once one attaches, every batch is pushed
-    to it from inside the connection's ``data_received``: no task wakes up
+    to it from inside the connection's ``buffer_updated``: no task wakes up
     per event. A consumer that cannot keep up calls ``pause``.
     """
 

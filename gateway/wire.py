@@ -3,7 +3,7 @@ response head, then have the body pushed to a sink as it arrives.
 
 Why not aiohttp's client: it hands a body over through a ``StreamReader``, so
 every relayed event costs a task wake-up and several coroutine layers. Here
-the body reaches its sink inside ``data_received`` (parsed by httptools, the C
+the body reaches its sink inside ``buffer_updated`` (parsed by httptools, the C
 parser uvicorn uses), and a relay can write it to the client at once.
 Connections are kept alive and pooled, but never past ``upstream.pool_idle_s``
 idle (shorter than common servers' keep-alive, and shorter still when the

@@ -36,7 +36,7 @@ def split_events(chunk: bytes) -> list[bytes]:
 
 class Journal:
     """A stream's events in this process, what its readers here and the Redis
-    writer read: appended from the upstream's ``data_received`` on the
+    writer read: appended from the upstream's ``buffer_updated`` on the
     replica that produces it, from Redis on a replica that follows it."""
 
     def __init__(self, stream_id: str, tenant: str, frontend: str, max_bytes: int) -> None:

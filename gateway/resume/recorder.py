@@ -2,7 +2,7 @@
 
 The same events the relay would send (``gateway.relay.translate``), one SSE
 event per journal entry, appended from inside the upstream connection's
-``data_received``. The upstream is never paused for a reader: the journal is
+``buffer_updated``. The upstream is never paused for a reader: the journal is
 bounded instead. The idle gap and the total deadline are watched as the
 relay watches them; any failure, or the end of a drain's grace, ends the
 journal with one error event and ``[DONE]``, so every reader ends the same.
@@ -72,7 +72,7 @@ class Recorder:
         self._journal.append(ending(err, self._encoder), final=True)
         self._stop()
 
-    # EventConsumer: called from the upstream connection's data_received
+    # EventConsumer: called from the upstream connection's buffer_updated
 
     def on_events(self, events: list[Event]) -> None:
         if self._ended.done():
