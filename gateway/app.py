@@ -31,10 +31,12 @@ from .state import (
     RESUMABLE,
     SETTINGS,
     TENANTS,
+    TIMERS,
     UPSTREAM,
     Lifecycle,
     LiveSettings,
 )
+from .timers import TimerHeap
 from .upstream import Upstream
 from .wire import Pool
 
@@ -63,6 +65,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[FAILED_KEYS] = FailedKeyThrottle(settings.server.max_auth_failures_per_minute)
     app[BREAKERS] = breakers
     app[LIFECYCLE] = Lifecycle()
+    app[TIMERS] = TimerHeap()
     app[LOG] = log
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_upstream_client)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from multidict import istr
+
 from .config import ServerSettings
 from .errors import InvalidRequest
 
@@ -61,11 +63,14 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+CONVERSATION_ID_HEADER = istr("X-Conversation-Id")
+
+
 def conversation_header(conversation_id: object) -> dict[str, str]:
     """``X-Conversation-Id`` for a response, when the id can go in a header as it
     is (visible ASCII and spaces; anything else stays in the body only)."""
     if isinstance(conversation_id, str) and _HEADER_SAFE.fullmatch(conversation_id):
-        return {"X-Conversation-Id": conversation_id}
+        return {CONVERSATION_ID_HEADER: conversation_id}
     return {}
 
 

@@ -80,6 +80,17 @@ def request_handler(server: web.Server, loop: asyncio.AbstractEventLoop) -> web.
     return server()
 
 
+def _stop_keepalive_timer(handler: web.RequestHandler) -> None:
+    """aiohttp's keep-alive timer, armed when a connection opens or goes idle,
+    only ever closes an idle connection: once a request's head is in, it would
+    fire for nothing, and a held stream would keep it (~550 bytes). aiohttp arms
+    a new one when the response ends, as it does after every response."""
+    handle = handler._keepalive_handle
+    if handle is not None:
+        handle.cancel()
+        handler._keepalive_handle = None
+
+
 class HeaderDeadline(asyncio.Protocol):
     """Wraps aiohttp's protocol for one connection: a deadline on each request head."""
 
@@ -98,7 +109,7 @@ class HeaderDeadline(asyncio.Protocol):
 
     def __init__(
         self,
-        inner: asyncio.Protocol,
+        inner: web.RequestHandler,
         loop: asyncio.AbstractEventLoop,
         timeout_s: float,
         on_timeout: Callable[[], None],
@@ -129,6 +140,7 @@ class HeaderDeadline(asyncio.Protocol):
                 self._timer.cancel()
                 self._timer = None
                 self._tail = b""
+                _stop_keepalive_timer(self._inner)
             else:
                 self._tail = seen[-3:]
         self._inner.data_received(data)
@@ -141,7 +153,8 @@ class HeaderDeadline(asyncio.Protocol):
         self._timer = self._loop.call_later(self._timeout_s, self._expire)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
+        self._inner.eof_received()
+        return None  # (aiohttp's: the connection closes)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .edge import request_finished
@@ -142,7 +142,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     """``on_response_prepare``: every answer names its request id."""
     ex = request.get(EXCHANGE)
     if ex is not None:
-        response.headers["X-Request-Id"] = ex.request_id
+        response.headers[hdrs.X_REQUEST_ID] = ex.request_id
 
 
 def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .auth import authenticate
 from .config import ANY_BOT, Settings
@@ -15,7 +15,7 @@ BUNDLED_PAGE = Path(__file__).resolve().parent.parent / "clients" / "web"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Resumable, Last-Event-ID"
 # On every response: no MIME sniffing (a reply is never run as a script), and
 # no Referer carrying the page's URL to the images a reply links to.
-SAFETY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+SAFETY_HEADERS = {hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff", hdrs.REFERRER_POLICY: "no-referrer"}
 
 
 def static_dir(settings: Settings) -> Path:
@@ -76,10 +76,11 @@ async def add_browser_headers(request: web.Request, response: web.StreamResponse
     response.headers.update(SAFETY_HEADERS)
     server = request.app[SETTINGS].current.server
     if request.path == "/" or request.path.startswith("/static/"):
-        response.headers["Content-Security-Policy"] = server.content_security_policy
-        response.headers["X-Frame-Options"] = "DENY"
+        response.headers[hdrs.CONTENT_SECURITY_POLICY] = server.content_security_policy
+        response.headers[hdrs.X_FRAME_OPTIONS] = "DENY"
     origin = request.headers.get("Origin")
     if origin is not None and origin in server.cors_origins:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "Retry-After, X-Request-Id, X-Stream-Id"
-        response.headers["Vary"] = "Origin"
+        headers = response.headers
+        headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "Retry-After, X-Request-Id, X-Stream-Id"
+        headers[hdrs.VARY] = "Origin"

@@ -15,7 +15,8 @@ import asyncio
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
 
 from .config import UpstreamSettings
 from .errors import (
@@ -30,13 +31,17 @@ from .exchange import Exchange
 from .frontends.base import StreamEncoder
 from .metrics import Metrics
 from .sse import DONE_DATA, DONE_EVENT, Event, format_event
-from .state import LIFECYCLE, LOG, METRICS, SETTINGS, Lifecycle
+from .state import LIFECYCLE, LOG, METRICS, SETTINGS, TIMERS, Lifecycle
+from .timers import Timer, TimerHeap
 from .upstream import EventSource
 
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
+# Header names are istr, as aiohttp's own (hdrs): multidict keeps an istr key as
+# it is, where a str one is copied into a new istr for each response, and again
+# when the head is written (~700 bytes a held stream).
+SSE_HEADERS: dict[str, str] = {
+    hdrs.CONTENT_TYPE: "text/event-stream; charset=utf-8",
+    hdrs.CACHE_CONTROL: "no-cache",
+    istr("X-Accel-Buffering"): "no",
 }
 PING = b": ping\n\n"
 # While the client's socket buffer holds fewer bytes than this, even after the
@@ -151,6 +156,7 @@ class Relay:
         "_settings",
         "_source",
         "_timer",
+        "_timers",
         "_transport",
         "_wake",
     )
@@ -188,7 +194,8 @@ class Relay:
         self._done = False  # [DONE] went out
         self._draining = False  # the client is behind; the upstream is paused
         self._last_event = self._last_write = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timers: TimerHeap = app[TIMERS]
+        self._timer: Timer | None = None
 
     async def run(self, first: list[Event]) -> web.StreamResponse:
         # One frame for the whole stream (a held stream keeps its frames).
@@ -339,7 +346,7 @@ class Relay:
     def _stop(self) -> None:
         self._over = True
         if self._timer is not None:
-            self._timer.cancel()
+            self._timers.cancel(self._timer)
             self._timer = None
 
     async def _drain(self) -> None:
@@ -354,7 +361,7 @@ class Relay:
         self._draining = False
         if not self._over:
             if self._timer is not None:  # it was set for the deadline alone
-                self._timer.cancel()
+                self._timers.cancel(self._timer)
             self._arm(now)
             self._source.resume()
 
@@ -363,7 +370,7 @@ class Relay:
         when = self._deadline
         if not self._draining:  # while the client drains, the upstream is held, not idle
             when = min(when, self._last_event + s.idle_timeout_s, self._last_write + s.keepalive_s)
-        self._timer = self._loop.call_at(max(when, now), self._on_timer)
+        self._timer = self._timers.call_at(max(when, now), self._on_timer)
 
     def _on_timer(self) -> None:
         """Total deadline, idle upstream, keep-alive ping: whichever is due."""

@@ -13,6 +13,7 @@ from .config import Settings
 from .logs import Logger
 from .metrics import Metrics
 from .resume.streams import ResumableStreams
+from .timers import TimerHeap
 from .upstream import Upstream
 
 
@@ -44,3 +45,4 @@ BREAKERS = web.AppKey("breakers", Breakers)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 LOG = web.AppKey("log", Logger)
 RESUMABLE = web.AppKey("resumable", ResumableStreams)
+TIMERS = web.AppKey("timers", TimerHeap)  # the live streams' timers

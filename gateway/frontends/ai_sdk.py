@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import istr
 
 from ..chat import (
     ChatRequest,
@@ -40,7 +41,7 @@ from ..exchange import Exchange, error_response
 from ..sse import DONE_EVENT
 from .base import Frontend, StreamEncoder
 
-HEADER = {"x-vercel-ai-ui-message-stream": "v1"}
+HEADER: dict[str, str] = {istr("x-vercel-ai-ui-message-stream"): "v1"}
 
 
 class AISDKFrontend(Frontend):
