@@ -136,6 +136,36 @@ async def test_idle_client_connections_are_closed_after_the_keepalive_timeout(
     writer.close()
 
 
+async def test_a_stream_outlasting_the_keepalive_timeout_ends_whole_then_the_connection_idles_out(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    # The keep-alive timer only closes idle connections: a stream three times
+    # longer runs to its end, the connection stays open for the next request,
+    # and it is closed once it has been idle for the timeout.
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=30), record=False
+    )
+    gw = await gateway_process(stack.emulator, server={"keepalive_timeout_s": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    body = b'{"message": "hi", "stream": true}'
+    request = (
+        b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {ACME_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    for _ in range(2):  # the second request on the same connection, after the first's end
+        started = time.monotonic()
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.readuntil(b"data: [DONE]\n\n\r\n0\r\n\r\n"), 10)
+        assert time.monotonic() - started > 1.2  # 30 tokens at 20 a second
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert answer.count(b'"content"') >= 30
+    ended = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+    assert 0.3 < time.monotonic() - ended < 3
+    writer.close()
+
+
 async def test_a_trickled_body_gets_408_and_the_connection_closed(
     make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
 ) -> None:
