@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from functools import partial
 
 import pytest
 import uvloop
@@ -19,7 +20,7 @@ async def test_timers_run_in_time_order_and_never_early() -> None:
     start = loop.time()
     for name, delay in [("c", 0.06), ("a", 0.02), ("b", 0.04), ("a2", 0.02)]:
         when = start + delay
-        timers.call_at(when, lambda n=name, w=when: ran.append((n, w, loop.time())))
+        timers.call_at(when, partial(lambda n, w: ran.append((n, w, loop.time())), name, when))
     assert len(timers) == 4
     await asyncio.sleep(0.15)
     assert [name for name, _, _ in ran] == ["a", "a2", "b", "c"]  # ties: in arming order
@@ -83,7 +84,7 @@ async def test_many_cancelled_timers_are_compacted_and_the_live_ones_still_run()
     loop = asyncio.get_running_loop()
     timers = TimerHeap()
     ran: list[int] = []
-    armed = [timers.call_at(loop.time() + 60, lambda i=i: ran.append(i)) for i in range(1000)]
+    armed = [timers.call_at(loop.time() + 60, partial(ran.append, i)) for i in range(1000)]
     live = timers.call_at(loop.time() + 0.02, lambda: ran.append(-1))
     for timer in armed:
         timers.cancel(timer)
@@ -147,6 +148,6 @@ async def test_every_timer_runs_once(count: int) -> None:
         ran[i] += 1
 
     for i in range(count):
-        timers.call_at(start + (i % 50) / 1000, lambda i=i: mark(i))
+        timers.call_at(start + (i % 50) / 1000, partial(mark, i))
     await asyncio.sleep(0.2)
     assert ran == [1] * count
