@@ -12,7 +12,6 @@ stream with one ChatIQ-style error event and ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import orjson
 from aiohttp import hdrs, web
@@ -64,22 +63,6 @@ class SlowClient(Exception):
     """The client read nothing for ``client_write_timeout_s``."""
 
 
-def event_payload(data: str) -> dict[str, Any]:
-    """One event's JSON, checked to be an object; ``UpstreamProtocolError`` if not.
-
-    orjson, not json: every event is parsed, and json.loads is three Python
-    calls around its C scanner (orjson is one C call, ~5x faster here). It is
-    also stricter (no NaN, no lone surrogates, depth 1024): all malformed.
-    """
-    try:
-        payload = orjson.loads(data)
-    except ValueError:
-        raise UpstreamProtocolError("the chat service sent a malformed event") from None
-    if not isinstance(payload, dict):
-        raise UpstreamProtocolError("the chat service sent an event that is not an object")
-    return payload
-
-
 # What ``translate`` found, as a plain tuple (a NamedTuple costs a Python call
 # to build, and its fields are slow to read, on a path taken for every read):
 # - the wire bytes, one piece per upstream event (comments too, natively);
@@ -109,10 +92,16 @@ def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
             count += 1
             done = True
             break
+        # Every event is checked to be a JSON object, with orjson: one C call
+        # (json.loads is three Python calls around its C scanner, ~5x slower
+        # here), and stricter (no NaN, no lone surrogates, depth 1024).
         try:
-            payload = event_payload(data)
-        except UpstreamError as e:
-            failure = e
+            payload = orjson.loads(data)
+        except ValueError:
+            failure = UpstreamProtocolError("the chat service sent a malformed event")
+            break
+        if type(payload) is not dict:
+            failure = UpstreamProtocolError("the chat service sent an event that is not an object")
             break
         count += 1
         content = content or "choices" in payload
@@ -291,7 +280,8 @@ class Relay:
         if self._over:
             return
         try:
-            if self._client_gone():
+            transport = self._transport  # (inline: this runs for every upstream read)
+            if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client went away")
             payload, failure = self._batch(events)
             self._last_event = now = self._loop.time()
@@ -304,7 +294,8 @@ class Relay:
                 self._last_write = now
             if failure is not None:
                 self._finish(failure)
-            elif self._client_is_behind() and not self._draining:
+            elif transport.get_write_buffer_size() > self._high_water and not self._draining:
+                # Past the high-water mark, where aiohttp would wait: hold the upstream.
                 self._draining = True
                 self._source.pause()
                 self._poke()
@@ -399,15 +390,13 @@ class Relay:
     def _client_gone(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
-    def _client_is_behind(self) -> bool:
-        """Its socket buffer passed the high-water mark (where aiohttp would wait)."""
-        transport = self._transport
-        return transport is not None and transport.get_write_buffer_size() > self._high_water
-
     def _write_now(self, payload: bytes) -> None:
         """Straight to the client's socket (the response head went out before)."""
         assert self._transport is not None
-        self._transport.write(_chunk(payload) if self._chunked else payload)
+        if self._chunked:  # one HTTP/1.1 chunk, as aiohttp would frame it
+            self._transport.write(b"%x\r\n%b\r\n" % (len(payload), payload))
+        else:
+            self._transport.write(payload)
         self._ex.bytes_out += len(payload)
 
     async def _send(self, payload: bytes, *, end: bool = False) -> None:
@@ -449,8 +438,3 @@ async def send_to_client(
             await write(payload)
     except TimeoutError:
         raise SlowClient from None
-
-
-def _chunk(payload: bytes) -> bytes:
-    """One HTTP/1.1 chunk, as aiohttp would frame it."""
-    return b"%x\r\n%b\r\n" % (len(payload), payload)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 import pytest
 
 from gateway import relay as relay_module
+from gateway.frontends.base import StreamEncoder
+from gateway.sse import Event
 from loadtest.emulator import CHUNKS_BEFORE_FAULT, EmulatorSettings
 from tests.conftest import Stack, StackFactory, read_stream
 
@@ -126,16 +127,18 @@ async def test_a_gateway_bug_mid_stream_still_ends_with_an_error_event(
     # Paced, so that the first two events went out in batches of their own.
     stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=50, reply_tokens=10))
     calls = 0
-    real = relay_module.event_payload
+    real = relay_module.translate
 
-    def breaks_on_the_third_event(data: str) -> dict[str, Any]:
+    def breaks_on_the_third_batch(
+        events: list[Event], encoder: StreamEncoder | None
+    ) -> relay_module.Translated:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise RuntimeError("injected")
-        return real(data)
+        return real(events, encoder)
 
-    monkeypatch.setattr(relay_module, "event_payload", breaks_on_the_third_event)
+    monkeypatch.setattr(relay_module, "translate", breaks_on_the_third_batch)
     _, events = await stream_of(stack, "demo")
     assert len(events) == 4
     assert error_code(events[-2]) == "INTERNAL_ERROR"
