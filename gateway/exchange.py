@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import istr
 
 from .edge import request_finished
 from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -50,6 +51,8 @@ class Exchange:
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+# As the contract spells it (aiohttp's hdrs.X_REQUEST_ID is "X-Request-ID").
+REQUEST_ID_HEADER = istr("X-Request-Id")
 
 
 def exchange_of(request: web.Request) -> Exchange:
@@ -142,7 +145,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     """``on_response_prepare``: every answer names its request id."""
     ex = request.get(EXCHANGE)
     if ex is not None:
-        response.headers[hdrs.X_REQUEST_ID] = ex.request_id
+        response.headers[REQUEST_ID_HEADER] = ex.request_id
 
 
 def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bool) -> None:

@@ -118,8 +118,11 @@ class RedisStreams:
         ttl = round((self._max_life_s + self._resume.retain_s) * 1000)
         pipe = self._client.pipeline(transaction=False)
         meta = self._key(journal.id, "meta")
+        # The head's names are multidict's istr (a str subclass, which orjson
+        # takes as a key only with OPT_NON_STR_KEYS); they come back as str.
+        head = orjson.dumps(journal.headers, option=orjson.OPT_NON_STR_KEYS)
         pipe.hset(meta, mapping={"tenant": journal.tenant, "frontend": journal.frontend,
-                                 "headers": orjson.dumps(journal.headers)})  # fmt: skip
+                                 "headers": head})  # fmt: skip
         pipe.pexpire(meta, ttl)
         if journal.chat_key is not None:
             pipe.set(self._chat_key(*journal.chat_key), journal.id, px=ttl)
