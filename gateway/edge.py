@@ -84,8 +84,9 @@ def _stop_keepalive_timer(handler: web.RequestHandler) -> None:
     """aiohttp's keep-alive timer, armed when a connection opens or goes idle,
     only ever closes an idle connection: once a request's head is in, it would
     fire for nothing, and a held stream would keep it (~550 bytes). aiohttp arms
-    a new one when the response ends, as it does after every response."""
-    handle = handler._keepalive_handle
+    a new one when the response ends, as it does after every response. (The
+    attribute is aiohttp's own: where a version lacks it, nothing is done.)"""
+    handle: asyncio.Handle | None = getattr(handler, "_keepalive_handle", None)
     if handle is not None:
         handle.cancel()
         handler._keepalive_handle = None
