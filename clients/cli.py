@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -302,6 +303,10 @@ def _no_echo(stream: TextIO) -> Iterator[None]:
 def interactive(session: Session) -> int:
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401  (arrow keys and history for input())
+    # Ctrl-C stops a reply, whatever the CLI was started from: a shell script's
+    # background job, or make, passes SIGINT on ignored, and Python then
+    # leaves it ignored (asyncio.run only takes it over from Python's own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     session.prefix = "bot> "
     print("chatiq-chat: /help for the commands, /quit to leave", file=session.err)
     while True:

@@ -143,6 +143,9 @@ async def test_ctrl_c_stops_the_reply_not_the_program(
         sys.executable, "-m", "clients.cli", "-i",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+        # Started as a background job's child is (make in a script, say): with
+        # SIGINT ignored. Ctrl-C must still stop the reply.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(b"tell me a long story\n")
