@@ -187,13 +187,28 @@ class Relay:
         self._timer: Timer | None = None
 
     async def run(self, first: list[Event]) -> web.StreamResponse:
-        # One frame for the whole stream (a held stream keeps its frames).
+        # One frame for the whole stream (a held stream keeps its frames): the
+        # wait for the end is here, not in a coroutine of its own.
         try:
             await self._start()
             try:
                 await self._send_first(first)
                 if not self._done:
-                    await self._pushed()
+                    self._hand_over()
+                    while (end := self._end) is not None:  # wait, draining a slow client
+                        if isinstance(end, BaseException):
+                            raise end
+                        if self._draining:
+                            await self._drain()
+                            continue
+                        self._wake = self._loop.create_future()
+                        try:
+                            await self._wake
+                        finally:
+                            self._wake = None
+                    if self._ending:  # written by the handler's task: with the response's end
+                        ending, self._ending = self._ending, b""
+                        await self._send(ending, end=True)
             except UpstreamError as e:
                 self._stop()
                 if e.kind is not None:
@@ -250,29 +265,12 @@ class Relay:
         if failure is not None:
             raise failure
 
-    async def _pushed(self) -> None:
-        """Events now flow in ``on_events``; wait for the end, draining a slow client."""
+    def _hand_over(self) -> None:
+        """From now on the events flow in ``on_events``, and the timer runs."""
         now = self._loop.time()
         self._last_event = self._last_write = now
         self._arm(now)
         self._source.attach(self)  # may deliver kept events, even the end, at once
-        while True:
-            end = self._end
-            if end is None:
-                if self._ending:  # written by the handler's task: with the response's end
-                    ending, self._ending = self._ending, b""
-                    await self._send(ending, end=True)
-                return
-            if isinstance(end, BaseException):
-                raise end
-            if self._draining:
-                await self._drain()
-                continue
-            self._wake = self._loop.create_future()
-            try:
-                await self._wake
-            finally:
-                self._wake = None
 
     # EventConsumer: called from the upstream connection's buffer_updated
 
