@@ -18,6 +18,7 @@ from ..errors import GatewayError, IdleTimeout, TotalTimeout, UpstreamError
 from ..frontends.base import StreamEncoder
 from ..relay import translate
 from ..sse import DONE_EVENT, Event, format_event
+from ..timers import Timer, TimerHeap
 from ..upstream import EventSource
 from .journal import Journal, split_events
 
@@ -39,6 +40,7 @@ class Recorder:
         deadline: float,
         on_content: Callable[[], None],
         on_failure: Callable[[UpstreamError], None],
+        timers: TimerHeap,
     ) -> None:
         self._source = source
         self._journal = journal
@@ -51,7 +53,8 @@ class Recorder:
         self._ended: asyncio.Future[None] = self._loop.create_future()
         self._done = False
         self._last_event = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timers = timers  # the app's, with the relays' timers
+        self._timer: Timer | None = None
 
     async def run(self, first: list[Event]) -> None:
         """Until the stream ends; cancelled, the journal ends with ``cancelled_by``."""
@@ -64,7 +67,7 @@ class Recorder:
             await asyncio.shield(self._ended)
         finally:
             if self._timer is not None:
-                self._timer.cancel()
+                self._timers.cancel(self._timer)
             self._source.close(done=self._done)
 
     def end_with(self, err: GatewayError) -> None:
@@ -111,7 +114,7 @@ class Recorder:
 
     def _arm(self) -> None:
         when = min(self._deadline, self._last_event + self._settings.idle_timeout_s)
-        self._timer = self._loop.call_at(when, self._on_timer)
+        self._timer = self._timers.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -41,6 +41,7 @@ from ..state import (
     RESUMABLE,
     SETTINGS,
     TENANTS,
+    TIMERS,
     UPSTREAM,
 )
 from .journal import Gone, Journal, frame
@@ -135,7 +136,9 @@ async def _produce(
             opened.set_result(None)
             live = metrics.stream_series(ex.tenant, ex.bot_label).active
             live.inc()
-            recorder = Recorder(source, journal, encoder, settings, deadline, first_token, failed)
+            recorder = Recorder(
+                source, journal, encoder, settings, deadline, first_token, failed, app[TIMERS]
+            )
             try:
                 await recorder.run(first)
             finally:
