@@ -31,7 +31,6 @@ import httptools
 from .config import UpstreamSettings
 from .egress import DIRECT, Proxy, open_tunnel, parse_proxy
 
-_MAX_IDLE = 256  # idle connections kept; the rest are closed
 READ_BYTES = 32 * 1024  # the most one read from the upstream brings
 _DNS_TTL_S = 10.0
 _KEEP_ALIVE_TIMEOUT = re.compile(r"(?i)\btimeout\s*=\s*(\d+)")
@@ -373,7 +372,9 @@ class Pool:
         self._ssl = _tls_context(settings.ca_file) if self.https else None
         # Every connection reads into this and it is parsed before the next read.
         self.read_buffer = memoryview(bytearray(READ_BYTES))
-        self._idle: list[Connection] = []
+        # Idle connections, the most recently used last (a dict: a closed one
+        # leaves in O(1)).
+        self._idle: dict[Connection, None] = {}
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._waiting = 0  # requests waiting for a slot
         self._open: set[Connection] = set()
@@ -392,13 +393,12 @@ class Pool:
         loop = self.loop
         now = loop.time()
         while self._idle and not fresh:
-            conn = self._idle.pop()
+            conn, _ = self._idle.popitem()  # the most recently used
             if self._reusable(conn, now):
                 conn.reused = True
                 self._on_wait(0.0)
                 return conn
-            if conn.transport is not None:
-                conn.transport.close()
+            self._close(conn)
         self._waiting += 1
         try:
             await self._slots.acquire()
@@ -491,21 +491,25 @@ class Pool:
 
     def put(self, conn: Connection) -> None:
         now = self.loop.time()
-        # Closed rather than kept when requests wait for a slot: its slot is theirs.
-        full = len(self._idle) >= _MAX_IDLE or self._waiting
-        if full or now - conn.created >= self.max_age_s:
-            assert conn.transport is not None
-            conn.transport.close()
+        # Kept idle like any open connection (at most max_connections in all), but
+        # closed when requests wait for a slot: its slot is theirs.
+        if self._waiting or now - conn.created >= self.max_age_s:
+            self._close(conn)
             return
         conn.idle_since = now
-        self._idle.append(conn)
+        self._idle[conn] = None
+
+    @staticmethod
+    def _close(conn: Connection) -> None:
+        """Closed; ``lost`` gives its slot back once the transport is gone."""
+        if conn.transport is not None:
+            conn.transport.close()
 
     def lost(self, conn: Connection) -> None:
         if conn in self._open:
             self._open.discard(conn)
             self._slots.release()
-        if conn in self._idle:
-            self._idle.remove(conn)
+        self._idle.pop(conn, None)
 
     def close(self) -> None:
         for conn in list(self._open):

@@ -55,7 +55,7 @@ from loadtest.harness import (
 )
 from loadtest.harness import wait_ready as wait_http_ready
 from loadtest.loadgen import Target, hold_streams, run_streams
-from loadtest.nginx import start_nginx
+from loadtest.nginx import UPSTREAM_IDLE_S, start_nginx
 
 KEY = "bench-key"
 PATHS = ("direct", "gateway", "resumable", "openai", "nginx", "naive")
@@ -255,7 +255,13 @@ GATEWAY_TABLES: dict[str, dict[str, Any]] = {
     # server.max_connections + upstream.max_connections within its open-files
     # limit (20,000 here), lowering the former to fit.
     "admission": {"max_streams": 10_000, "max_queue": 2_000, "tenant_max_streams": 0},
-    "upstream": {"max_connections": 10_000},
+    # Idle upstream connections kept as long as nginx keeps them, and reused at
+    # any age within a run (nginx's keepalive_time is an hour).
+    "upstream": {
+        "max_connections": 10_000,
+        "pool_idle_s": UPSTREAM_IDLE_S,
+        "connection_max_age_s": 3600,
+    },
     "logging": {"format": "json"},
     "resume": {"enabled": True},  # only the resumable path's streams ask for it
 }

@@ -7,6 +7,7 @@ import asyncio
 import random
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway import wire
@@ -149,3 +150,29 @@ async def test_time_waiting_for_a_connection_slot_is_measured(scripted: Scripted
     waited = await stack.metric("chatiq_gateway_upstream_pool_wait_seconds_sum")
     assert count == 3
     assert waited >= 0.2 + 0.4 - 0.05  # the second waited for the first, the third for both
+
+
+async def test_every_idle_connection_is_kept_for_the_next_burst(scripted: ScriptedFactory) -> None:
+    """300 streams at once, then 300 more: the second burst reuses all 300
+    connections (a cap on idle connections would open new ones for the rest,
+    each an accept and a round trip more for the upstream)."""
+
+    async def slow(request: ScriptedRequest) -> bytes:
+        await asyncio.sleep(1.0)  # long enough for the 300 to overlap
+        return ok_answer(request)
+
+    admission = AdmissionSettings(max_streams=300, max_queue=0, queue_timeout_s=5)
+    stack, server = await scripted(
+        slow, admission=admission, max_connections=300, first_byte_timeout_s=5.0
+    )
+    unlimited = aiohttp.TCPConnector(limit=0)  # aiohttp's client holds 100 at most by default
+    shared, stack.session = stack.session, aiohttp.ClientSession(connector=unlimited)
+    try:
+        for _ in range(2):
+            results = await asyncio.gather(*(chat(stack, True) for _ in range(300)))
+            assert results == [(200, BODY)] * 300
+    finally:
+        await stack.session.close()
+        stack.session = shared
+    assert server.connections == 300
+    assert len(server.requests) == 600
