@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import uvloop
 from aiohttp import web
@@ -62,7 +63,30 @@ class _NodelayAlreadySet(BaseProtocol):
         self.transport = cast(asyncio.Transport, transport)
 
 
-class UvloopRequestHandler(web.RequestHandler, _NodelayAlreadySet):
+class MessageQueue(list[Any]):
+    """A connection's parsed requests waiting for their turn, where aiohttp keeps
+    a deque: a deque allocates a 64-slot block (~650 bytes) as it is made, and
+    every connection, each held stream's among them, kept it for its life. A
+    list holds only what is queued: one request, unless a client pipelines."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class GatewayRequestHandler(web.RequestHandler):
+    """aiohttp's request handler, its request queue a ``MessageQueue``."""
+
+    __slots__ = ()
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        if isinstance(getattr(self, "_messages", None), deque):  # aiohttp's attribute
+            self._messages = MessageQueue()  # type: ignore[assignment]
+
+
+class UvloopRequestHandler(GatewayRequestHandler, _NodelayAlreadySet):
     """aiohttp's request handler without its ``tcp_nodelay``: uvloop sets
     TCP_NODELAY on every socket it accepts, and aiohttp's BaseProtocol would
     set it again through a socket object it has uvloop make for the purpose
@@ -77,7 +101,7 @@ def request_handler(server: web.Server, loop: asyncio.AbstractEventLoop) -> web.
     """A new connection's aiohttp protocol, as ``server()`` makes it."""
     if isinstance(loop, uvloop.Loop):
         return UvloopRequestHandler(server, loop=loop, **server._kwargs)
-    return server()
+    return GatewayRequestHandler(server, loop=loop, **server._kwargs)
 
 
 def _stop_keepalive_timer(handler: web.RequestHandler) -> None:
@@ -250,3 +274,16 @@ def request_finished(request: web.Request) -> None:
     protocol = transport.get_protocol() if transport is not None else None
     if isinstance(protocol, HeaderDeadline):
         protocol.request_finished()
+
+
+def release_body_buffer(request: web.Request) -> None:
+    """Once a request's body is read to its end, its reader's empty deque (a
+    64-slot block, ~650 bytes) is replaced by an empty tuple: aiohttp keeps the
+    reader for the request's life, a held stream's too, and nothing is added
+    to a reader past its end (aiohttp asserts as much; a tuple would raise
+    rather than keep it). The attribute is aiohttp's own: where a version
+    lacks it, nothing is done."""
+    reader = request.content
+    buffer = getattr(reader, "_buffer", None)
+    if isinstance(buffer, deque) and not buffer and reader.is_eof():
+        reader._buffer = ()  # type: ignore[assignment]

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from .auth import authenticate
 from .config import ANY_BOT, named_bots
+from .edge import release_body_buffer
 from .errors import (
     Draining,
     Forbidden,
@@ -38,15 +39,18 @@ async def read_body(request: web.Request) -> bytes:
         raise UnsupportedMediaType("send the body as 'Content-Type: application/json'")
     try:
         if request.content.is_eof():  # it came with the head (most do): no timer needed
-            return await request.read()
-        async with asyncio.timeout(server.body_timeout_s):
-            return await request.read()
+            body = await request.read()
+        else:
+            async with asyncio.timeout(server.body_timeout_s):
+                body = await request.read()
     except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {server.body_timeout_s:g} s"
         ) from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body is larger than {server.max_body_bytes} bytes") from None
+    release_body_buffer(request)
+    return body
 
 
 async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResponse:

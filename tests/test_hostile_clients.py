@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
-from loadtest.emulator import EmulatorSettings
+from loadtest.emulator import TRANSCRIPTS, EmulatorSettings
 from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
 
 GatewayFactory = Callable[..., Awaitable[GatewayProcess]]
@@ -131,3 +131,54 @@ async def _available(reader: asyncio.StreamReader) -> bytes:
         return await asyncio.wait_for(reader.read(4096), 0.001)
     except TimeoutError:
         return b""
+
+
+def _chat_request(message: str, *, close: bool = False) -> tuple[bytes, bytes]:
+    """A raw chat request's head and body."""
+    body = json.dumps({"message": message}).encode()
+    head = (
+        b"POST /api/chatbot HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {ACME_KEY}\r\n".encode()
+        + b"Content-Type: application/json\r\n"
+        + (b"Connection: close\r\n" if close else b"")
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    return head, body
+
+
+async def test_pipelined_requests_are_answered_whole_and_in_order(
+    make_stack: StackFactory, gateway_process: GatewayFactory
+) -> None:
+    """Three requests in one write: three whole streams, one after another."""
+    stack = await make_stack(EmulatorSettings(ttft_s=0.05, tokens_per_s=100, reply_tokens=3))
+    gw = await gateway_process(stack.emulator)
+    requests = [_chat_request(m, close=m == "three") for m in ("one", "two", "three")]
+    answer = await raw_exchange(gw.port, b"".join(head + body for head, body in requests))
+    responses = answer.split(b"HTTP/1.1 ")[1:]
+    assert len(responses) == 3, answer
+    for response in responses:
+        assert response.startswith(b"200 "), response[:200]
+        assert response.count(b"data: [DONE]") == 1, response  # each ends before the next starts
+        assert response.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), response[-100:]
+    seen = [t.body["message"] for t in stack.emulator.app[TRANSCRIPTS].values()]
+    assert seen == ["one", "two", "three"]
+
+
+async def test_a_body_that_arrives_after_its_head_in_parts_is_read_whole(
+    make_stack: StackFactory, gateway_process: GatewayFactory
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=3))
+    gw = await gateway_process(stack.emulator)
+    head, body = _chat_request("a body in two parts", close=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        for part in (head, body[:7], body[7:]):
+            writer.write(part)
+            await asyncio.sleep(0.1)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer.count(b"data: [DONE]") == 1
+    seen = [t.body["message"] for t in stack.emulator.app[TRANSCRIPTS].values()]
+    assert seen == ["a body in two parts"]
