@@ -1,10 +1,12 @@
 """Admission control: tenant quotas, then a fixed number of upstream slots
 behind a bounded FIFO queue.
 
-``async with admission.slot(tenant):`` is the only way in and out: everything
+``async with admission.slot(tenant):`` is the way in and out: everything
 taken is given back in one place whatever ends the block (success, error,
-cancellation, timeout). A freed slot is handed straight to the oldest waiter,
-so the queue is fair and never starves.
+cancellation, timeout). A stream that outlives its handler takes its slot
+with ``take()`` and gives it back with ``give_back()`` when it ends. A freed
+slot is handed straight to the oldest waiter, so the queue is fair and never
+starves.
 
 Tenant quotas are this process's own, unless a fleet shares them through
 Redis (``share``, ``gateway.fleet``): then Redis decides, and while it does
@@ -181,6 +183,13 @@ class Slot:
         self._lease: str | None = None
 
     async def __aenter__(self) -> None:
+        await self.take()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.give_back()
+
+    async def take(self) -> None:
+        """The tenant's quota, then a place (or an error, with nothing kept)."""
         admission, quota = self._admission, self._quota
         self._lease = await admission._tenant_quota(quota, self._tenant)
         quota.active += 1
@@ -190,7 +199,8 @@ class Slot:
             self._give_back_quota()
             raise
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def give_back(self) -> None:
+        """Once, for every ``take()`` that returned."""
         try:
             self._admission._release()
         finally:

@@ -51,6 +51,16 @@ class Exchange:
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+class LateResponse(web.StreamResponse):
+    """A response whose body runs after its handler returned: aiohttp calls
+    ``prepare`` on every response a handler returns, and this one's runs the
+    body (as aiohttp's ``FileResponse`` sends its file from there), then ends
+    the exchange itself (``end_exchange``). So a long stream keeps neither its
+    handler's coroutine nor the middleware's."""
+
+
 # As the contract spells it (aiohttp's hdrs.X_REQUEST_ID is "X-Request-ID").
 REQUEST_ID_HEADER = istr("X-Request-Id")
 
@@ -133,6 +143,8 @@ def make_middleware(
             log.error("unhandled_error", request_id=ex.request_id, error=type(e).__name__)
             ex.error = GatewayError("internal error")
             response = render(ex.error)
+        if isinstance(response, LateResponse):  # it ends the exchange as its body ends
+            return response
         ex.status = response.status
         _finish(ex, loop.time(), metrics, log, chat=frontend is not None)
         request_finished(request)
@@ -146,6 +158,17 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     ex = request.get(EXCHANGE)
     if ex is not None:
         response.headers[REQUEST_ID_HEADER] = ex.request_id
+
+
+def end_exchange(
+    request: web.Request, ex: Exchange, status: int, now: float, metrics: Metrics, log: Logger
+) -> None:
+    """A chat ``LateResponse``'s end: the exchange's metrics and log line, as the
+    middleware gives any other response's; the connection's next bytes start
+    a new request head."""
+    ex.status = status
+    _finish(ex, now, metrics, log, chat=True)
+    request_finished(request)
 
 
 def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bool) -> None:

@@ -77,19 +77,18 @@ async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResp
     metrics.pre_upstream.observe(upstream.loop.time() - ex.started)
     if wants_resumable(request, tenant, frontend, settings) and chat.stream:
         return await serve_resumable(request, frontend, chat, ex, deadline)
-    async with app[ADMISSION].slot(tenant.name):
+    slot = app[ADMISSION].slot(tenant.name)
+    await slot.take()
+    relay: Relay | None = None
+    try:
         if not chat.stream:
             body = await upstream.complete(chat, ex.request_id, deadline)
             return frontend.completion(body, chat, ex)
         source, first = await upstream.open_stream(chat, ex.request_id, deadline)
-        relay = Relay(request, source, ex, deadline, frontend.encoder(chat, ex))
-        live = metrics.stream_series(tenant.name, ex.bot_label).active
-        task = asyncio.current_task(upstream.loop)  # with the loop: no getpid
-        assert task is not None
-        live.inc()
-        lifecycle.streams.add(task)
-        try:
-            return await relay.run(first)
-        finally:
-            lifecycle.streams.discard(task)
-            live.dec()
+        encoder = frontend.encoder(chat, ex)
+        relay = Relay(request, source, first, ex, deadline, encoder, slot)
+        # The stream runs once this handler returned (see Relay.run).
+        return relay.response
+    finally:
+        if relay is None:  # else the stream has the slot, and gives it back as it ends
+            slot.give_back()

@@ -12,11 +12,15 @@ stream with one ChatIQ-style error event and ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import istr
 
+from .admission import Slot
 from .config import UpstreamSettings
 from .errors import (
     Draining,
@@ -26,7 +30,7 @@ from .errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from .exchange import Exchange
+from .exchange import Exchange, LateResponse, end_exchange
 from .frontends.base import StreamEncoder
 from .metrics import Metrics
 from .sse import DONE_DATA, DONE_EVENT, Event, format_event
@@ -57,6 +61,22 @@ class EventStreamResponse(web.StreamResponse):
     ``Response`` does): the head and the first events go out in one write."""
 
     _send_headers_immediately = False
+
+
+class RelayResponse(EventStreamResponse, LateResponse):
+    """What the chat handler returns: aiohttp's call of ``prepare``, right after
+    the handler returned, is the whole stream (``Relay.run``); the relay's own
+    call sends the head."""
+
+    def __init__(self, relay: Relay, headers: Mapping[str, str]) -> None:
+        super().__init__(headers=headers)
+        self._relay: Relay | None = relay
+
+    def prepare(self, request: web.BaseRequest) -> Coroutine[Any, Any, AbstractStreamWriter | None]:
+        relay, self._relay = self._relay, None
+        if relay is None:  # the relay's own call (the head), or aiohttp's after the stream
+            return super().prepare(request)
+        return relay.run()  # no frame of its own: a held stream keeps run's only
 
 
 class SlowClient(Exception):
@@ -112,6 +132,10 @@ def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
 class Relay:
     """Writes the upstream's events to the client as they arrive.
 
+    Its ``response`` is what the handler returns; the stream runs when aiohttp
+    prepares it, and ends the exchange, gives back the admission slot and
+    closes the upstream source as it ends, whatever ends it.
+
     The first batch goes out through aiohttp (it carries the response head);
     after that the relay is the ``EventSource``'s consumer: each batch is
     written to the client's transport from inside the upstream connection's
@@ -131,6 +155,7 @@ class Relay:
         "_end",
         "_ending",
         "_ex",
+        "_first",
         "_high_water",
         "_last_event",
         "_last_write",
@@ -143,6 +168,7 @@ class Relay:
         "_request",
         "_response",
         "_settings",
+        "_slot",
         "_source",
         "_timer",
         "_timers",
@@ -154,11 +180,15 @@ class Relay:
         self,
         request: web.Request,
         source: EventSource,
+        first: list[Event],
         exchange: Exchange,
         deadline: float,
-        encoder: StreamEncoder | None = None,
+        encoder: StreamEncoder | None,
+        slot: Slot,
     ) -> None:
         app = request.app
+        self._first = first  # the events that came with the upstream's head
+        self._slot = slot  # the admission slot taken for the stream: given back at its end
         self._encoder = encoder  # None: the upstream's own bytes (the native frontend)
         self._request = request
         self._source = source
@@ -171,7 +201,7 @@ class Relay:
         self._relay_overhead = self._metrics.relay_overhead
         self._loop = source.loop
         headers = SSE_HEADERS if encoder is None else {**SSE_HEADERS, **encoder.headers}
-        self._response = EventStreamResponse(headers=headers)
+        self._response = RelayResponse(self, headers)
         self._transport: asyncio.Transport | None = None
         self._chunked = True
         self._high_water = WRITE_ROOM
@@ -186,12 +216,25 @@ class Relay:
         self._timers: TimerHeap = app[TIMERS]
         self._timer: Timer | None = None
 
-    async def run(self, first: list[Event]) -> web.StreamResponse:
-        # One frame for the whole stream (a held stream keeps its frames): the
-        # wait for the end is here, not in a coroutine of its own.
+    @property
+    def response(self) -> web.StreamResponse:
+        return self._response
+
+    async def run(self) -> None:
+        """The stream, start to end, in the task that handled its request.
+
+        One frame for the whole stream (a held stream keeps its frames): the
+        wait for the end is here, not in a coroutine of its own."""
+        ex, loop = self._ex, self._loop
+        task = asyncio.current_task(loop)  # with the loop: no getpid
+        assert task is not None
+        live = self._metrics.stream_series(ex.tenant, ex.bot_label).active
+        live.inc()
+        self._lifecycle.streams.add(task)
         try:
             await self._start()
             try:
+                first, self._first = self._first, []
                 await self._send_first(first)
                 if not self._done:
                     self._hand_over()
@@ -228,7 +271,8 @@ class Relay:
             except asyncio.CancelledError:
                 self._stop()
                 if not self._lifecycle.draining:
-                    raise  # the client left: the handler is being cancelled
+                    ex.outcome = "client_disconnect"
+                    raise  # the client left: the handler's task is being cancelled
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
@@ -240,7 +284,11 @@ class Relay:
         finally:
             self._stop()
             self._source.close(done=self._done)
-        return self._response
+            self._lifecycle.streams.discard(task)
+            live.dec()
+            self._slot.give_back()
+            status = self._response.status if ex.streamed else 499  # nginx's "client closed"
+            end_exchange(self._request, ex, status, loop.time(), self._metrics, self._log)
 
     async def _start(self) -> None:
         response = self._response
