@@ -106,8 +106,23 @@ class EventSource:
     # wire.BodySink
 
     def body(self, data: bytes) -> None:
-        if self._failure is None:  # else the parser gave up: nothing after may be trusted
+        if self._failure is not None:  # the parser gave up: nothing after may be trusted
+            return
+        consumer = self._consumer
+        if consumer is None:
             self._parse(self._parser.feed, data)
+            return
+        # Attached: every upstream read comes this way, so ``_parse``'s case is inline.
+        try:
+            events = self._parser.feed(data)
+        except SSEProtocolError as e:
+            self._failure = UpstreamProtocolError(f"the chat service sent an {e}")
+            if e.events:
+                consumer.on_events(e.events)
+            consumer.on_failure(self._failure)
+            return
+        if events:
+            consumer.on_events(events)
 
     def _parse(self, parse: Callable[[bytes], list[Event]], data: bytes) -> None:
         try:

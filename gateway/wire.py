@@ -143,7 +143,14 @@ class Connection(asyncio.BufferedProtocol):
             self._flush_body()  # what came before the error, as it would have
             self._broken(f"invalid HTTP from the server ({e})")
             return
-        self._flush_body()
+        pending = self._pending
+        if pending:  # _flush_body, inline: this runs for every read
+            body = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            if self._sink is not None:
+                self._sink.body(body)
+            else:
+                self._early.append(body)
         if self._in_use and not self._head_seen:  # the head is incomplete: bound it
             self._head_bytes += len(data)
             if self._head_bytes > self._pool.max_head_bytes:
