@@ -273,9 +273,7 @@ class Relay:
                 if not self._lifecycle.draining:
                     ex.outcome = "client_disconnect"
                     raise  # the client left: the handler's task is being cancelled
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
+                task.uncancel()  # draining: the stream ends with an error event instead
                 await self._end_with_error(Draining("the gateway is restarting; please retry"))
             except Exception as e:  # a bug: the stream still ends as the contract says
                 self._stop()
