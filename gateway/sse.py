@@ -88,6 +88,14 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[Event]:
         if self._buf or _CR in chunk:
             return self._feed(chunk, [])
+        size = len(chunk)
+        if (  # one read, one event of one "data: " line: most reads of a stream
+            chunk.find(b"\n") == size - 2
+            and chunk[-1] == _LF
+            and chunk.startswith(b"data: ")
+            and size <= self._max
+        ):
+            return [Event(chunk, chunk[6:-2].decode("utf-8", "replace"))]
         # Fast path for what upstreams send nearly always: events of one
         # "data: " line each, ending in a blank line, none cut by this chunk.
         events: list[Event] = []
