@@ -74,7 +74,7 @@ class RelayResponse(EventStreamResponse, LateResponse):
 
     def prepare(self, request: web.BaseRequest) -> Coroutine[Any, Any, AbstractStreamWriter | None]:
         relay, self._relay = self._relay, None
-        if relay is None:  # the relay's own call (the head), or aiohttp's after the stream
+        if relay is None:  # the second call: the relay's own, in _start (it sends the head)
             return super().prepare(request)
         return relay.run()  # no frame of its own: a held stream keeps run's only
 
