@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
@@ -92,9 +93,65 @@ class _Null:
         return lambda *args, **kwargs: None
 
 
+class HotCounter:
+    """A counter's or gauge's label child as a stream moves it: its value's own
+    ``inc``, without the checks prometheus-client makes on every call (that
+    the metric has all its labels, that a counter's amount is not negative:
+    both hold here by construction). Two Python calls rather than five
+    (~4.4k instructions to ~1.5k); the value (a float behind a lock, or a
+    worker's file in multiprocess mode) and its exposition are the library's."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def inc(self, amount: float = 1) -> None:
+        self._value.inc(amount)
+
+    def dec(self, amount: float = 1) -> None:
+        self._value.inc(-amount)
+
+
+class HotHistogram:
+    """A histogram's label child as a stream observes it: its sum and the one
+    bucket the amount falls in (a bisection, where the library walks the
+    bounds in Python after three calls of checks). ~10.3k instructions an
+    observation to ~3.5k; the same values, exposed by the library."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, total: Any, buckets: list[Any], bounds: list[float]) -> None:
+        self._sum = total
+        self._buckets = buckets
+        self._bounds = bounds
+
+    def observe(self, amount: float) -> None:
+        self._sum.inc(amount)
+        # The first bucket whose bound is >= amount, as the library's ``amount <= bound``.
+        self._buckets[bisect_left(self._bounds, amount)].inc(1)
+
+
+def hot(child: Any) -> Any:
+    """A label child for the per-stream path: a ``HotCounter`` or ``HotHistogram``
+    over its values; the child itself when metrics are off, or when the
+    library's internals are not the ones these expect."""
+    if isinstance(child, Histogram):
+        total, buckets, bounds = (
+            getattr(child, name, None) for name in ("_sum", "_buckets", "_upper_bounds")
+        )
+        if total is not None and buckets is not None and bounds is not None:
+            return HotHistogram(total, buckets, bounds)
+    elif isinstance(child, (Counter, Gauge)):
+        value = getattr(child, "_value", None)
+        if value is not None:
+            return HotCounter(value)
+    return child
+
+
 @dataclass(frozen=True, slots=True)
 class StreamSeries:
-    """The series a stream moves, for one tenant and bot."""
+    """The series a stream moves, for one tenant and bot (``hot`` children)."""
 
     time_to_first_token: Any
     duration: Any
@@ -143,11 +200,13 @@ class Metrics:
             ["tenant", "bot"],
             buckets=LATENCY_BUCKETS,
         )
-        self.upstream_first_byte = make(
-            Histogram,
-            "upstream_first_byte_seconds",
-            "Upstream request sent to its first byte (its response headers).",
-            buckets=LATENCY_BUCKETS,
+        self.upstream_first_byte = hot(  # observed once a stream, as the ones below
+            make(
+                Histogram,
+                "upstream_first_byte_seconds",
+                "Upstream request sent to its first byte (its response headers).",
+                buckets=LATENCY_BUCKETS,
+            )
         )
         self.stream_duration = make(
             Histogram,
@@ -176,11 +235,13 @@ class Metrics:
             Counter, "circuit_transitions", "Circuit breaker transitions, by bot and new state.",
             ["bot", "to"],
         )  # fmt: skip
-        self.upstream_pool_wait = make(
-            Histogram,
-            "upstream_pool_wait_seconds",
-            "Time a request waited for an upstream connection slot (upstream.max_connections).",
-            buckets=OVERHEAD_BUCKETS + LATENCY_BUCKETS[6:],
+        self.upstream_pool_wait = hot(
+            make(
+                Histogram,
+                "upstream_pool_wait_seconds",
+                "Time a request waited for an upstream connection slot (upstream.max_connections).",
+                buckets=OVERHEAD_BUCKETS + LATENCY_BUCKETS[6:],
+            )
         )
         self.upstream_resends = make(
             Counter,
@@ -236,8 +297,8 @@ class Metrics:
             ["phase"],
             buckets=OVERHEAD_BUCKETS,
         )
-        self.pre_upstream = self.overhead.labels("pre_upstream")
-        self.relay_overhead = self.overhead.labels("relay")
+        self.pre_upstream = hot(self.overhead.labels("pre_upstream"))
+        self.relay_overhead = hot(self.overhead.labels("relay"))
         build = {
             "version": version(),
             "python": platform.python_version(),
@@ -301,10 +362,10 @@ class Metrics:
         found = self._streams.get((tenant, bot_label))
         if found is None:
             found = self._streams[(tenant, bot_label)] = StreamSeries(
-                self.time_to_first_token.labels(tenant, bot_label),
-                self.stream_duration.labels(tenant, bot_label),
-                self.stream_events.labels(tenant, bot_label),
-                self.active_streams.labels(tenant, bot_label),
+                hot(self.time_to_first_token.labels(tenant, bot_label)),
+                hot(self.stream_duration.labels(tenant, bot_label)),
+                hot(self.stream_events.labels(tenant, bot_label)),
+                hot(self.active_streams.labels(tenant, bot_label)),
             )
         return found
 
@@ -312,7 +373,9 @@ class Metrics:
         key = (route, frontend, tenant, status)
         found = self._requests.get(key)
         if found is None:
-            found = self._requests[key] = self.requests.labels(route, frontend, tenant, str(status))
+            found = self._requests[key] = hot(
+                self.requests.labels(route, frontend, tenant, str(status))
+            )
         return found
 
     def name_bots(self, bots: Iterable[str]) -> None:

@@ -18,6 +18,8 @@ from gateway.metrics import (
     ERROR_KINDS,
     REJECT_REASONS,
     RETRY_REASONS,
+    HotCounter,
+    HotHistogram,
     Metrics,
     version,
 )
@@ -201,7 +203,49 @@ def test_metrics_switched_off_record_nothing() -> None:
     metrics = Metrics(["demo"], enabled=False)
     metrics.requests.labels("/api/chatbot", "acme", "200").inc()
     metrics.time_to_first_token.labels("acme", "demo").observe(0.1)
+    series = metrics.stream_series("acme", "demo")
+    series.duration.observe(1.0)
+    series.active.inc()
+    metrics.request_counter("/api/chatbot", "chatiq", "acme", 200).inc()
     assert b"chatiq_gateway" not in metrics.exposition()
+
+
+# Below the first bound, on bounds, just past them, past the last, a negative
+# (a clock step): every bucket edge of the latency and duration histograms.
+EDGES = [-1.0, 0.0, 0.001, 0.005, 0.0050001, 0.075, 1.0, 1.5000001, 60.0, 60.5, 600.0, 1e9]
+
+
+def test_the_per_stream_children_record_what_the_library_would() -> None:
+    """The stream path's label children skip prometheus-client's per-call checks
+    (``HotCounter``, ``HotHistogram``): the exposition is the same as the
+    library's own ``observe``/``inc``/``dec`` would make, bucket by bucket."""
+    hot, library = Metrics(["demo"]), Metrics(["demo"])
+    series = hot.stream_series("acme", "demo")
+    assert isinstance(series.duration, HotHistogram) and isinstance(series.active, HotCounter)
+    for value in EDGES:
+        series.time_to_first_token.observe(value)
+        library.time_to_first_token.labels("acme", "demo").observe(value)
+        series.duration.observe(value)
+        library.stream_duration.labels("acme", "demo").observe(value)
+        hot.pre_upstream.observe(value / 1000)
+        library.overhead.labels("pre_upstream").observe(value / 1000)
+        hot.upstream_first_byte.observe(value)
+        library.upstream_first_byte.observe(value)
+    series.events.inc(21)
+    library.stream_events.labels("acme", "demo").inc(21)
+    series.active.inc()
+    series.active.inc()
+    series.active.dec()
+    library.active_streams.labels("acme", "demo").inc()
+    hot.request_counter("/api/chatbot", "chatiq", "acme", 200).inc()
+    library.requests.labels("/api/chatbot", "chatiq", "acme", "200").inc()
+
+    def samples(metrics: Metrics) -> list[str]:
+        lines = metrics.exposition().decode().splitlines()
+        return [line for line in lines if "_created" not in line and "process_" not in line]
+
+    assert samples(hot) == samples(library)
+    assert 'le="0.005"} 4.0' in "\n".join(samples(hot))  # -1, 0, 0.001 and 0.005 itself
 
 
 @pytest.mark.parametrize("bot", [None, "demo", "nope"])
@@ -243,17 +287,21 @@ PINNED_WORKER = """
 import os
 real_getpid, calls = os.getpid, []
 os.getpid = lambda: calls.append(1) or real_getpid()  # before prometheus-client takes it
-from gateway.metrics import pin_worker_pid
+from gateway.metrics import hot, pin_worker_pid
 pin_worker_pid()
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 counter = Counter("pinned", "a counter", ["x"], registry=None).labels("a")
+latency = Histogram("latency", "a histogram", registry=None, buckets=(0.1, 1.0))
 calls.clear()
-for _ in range(10):
+for _ in range(5):
     counter.inc()
+    hot(counter).inc()  # a stream's children, in a worker: the same file
+hot(latency).observe(0.5)
 print(len(calls))
 registry = CollectorRegistry()
 MultiProcessCollector(registry)
+print(registry.get_sample_value("latency_bucket", {"le": "1.0"}))
 print(registry.get_sample_value("pinned_total", {"x": "a"}))
 print(sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])))
 """
@@ -267,7 +315,8 @@ async def test_a_worker_reads_its_pid_once_not_on_every_update(tmp_path: Path) -
     )  # fmt: skip
     out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0, out.decode()
-    calls, value, files = out.decode().splitlines()[-3:]
-    assert calls == "0"  # ten updates, no getpid
+    calls, bucket, value, files = out.decode().splitlines()[-4:]
+    assert calls == "0"  # eleven updates, no getpid
+    assert float(bucket) == 1.0
     assert float(value) == 10.0
-    assert re.fullmatch(r"\['counter_\d+\.db'\]", files), files  # the worker's own file
+    assert re.fullmatch(r"\['counter_\d+\.db', 'histogram_\d+\.db'\]", files), files
