@@ -356,7 +356,7 @@ class Upstream:
     ) -> Connection:
         """POST the chat; return the connection of a 200 response of the expected type."""
         loop = self._pool.loop
-        body = json.dumps(chat.upstream_body()).encode()
+        body = chat.upstream_json()
         request_head = self._request_head(request_id, chat.stream, len(body))
         sent = loop.time()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from typing import Any
 
@@ -10,8 +11,9 @@ import aiohttp
 import pytest
 
 from gateway.auth import FailedKeyThrottle
+from gateway.chat import ChatRequest, json_object
 from gateway.config import AdmissionSettings, ServerSettings
-from gateway.errors import RateLimited
+from gateway.errors import InvalidRequest, RateLimited
 from loadtest.emulator import EmulatorSettings
 from tests.conftest import ACME_KEY, LIMITED_KEY, Stack, StackFactory, gateway_settings
 
@@ -66,6 +68,36 @@ async def test_400_for_a_bad_body(stack: Stack, payload: bytes, why: str) -> Non
     )
     body = await expect_error(r, 400, "INVALID_REQUEST")
     assert why in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"message": "hi", "history": [{"n": 123456789012345678901234567890}]}',
+        '{"message": "h\u00e9 \u2603", "history": [{"x": [1.5, -0.0, 1e400, NaN]}]}'.encode(),
+        b'{"message": "a\\ud800b"}',  # an escaped lone surrogate
+        b'{"message": "a\xed\xa0\x80b"}',  # one in UTF-8's bytes: json.loads passes it
+        b'\xef\xbb\xbf{"message": "a BOM"}',
+        '{"message": "UTF-16"}'.encode("utf-16-le"),
+        '{"message": "UTF-32"}'.encode("utf-32-le"),
+        b' \n{"message": "space first"} ',
+        b'{"message": "extra"} x',
+        b'{"message": "bad \xff"}',
+    ],
+)
+def test_a_body_reads_and_goes_upstream_as_json_loads_and_dumps_would(raw: bytes) -> None:
+    """``json_object`` takes a shorter way for the usual body, ``upstream_json`` a
+    prebuilt encoder: the result, or the refusal, is json.loads's and json.dumps's."""
+    try:
+        expected: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        with pytest.raises(InvalidRequest):
+            json_object(raw)
+        return
+    body = json_object(raw)
+    assert repr(body) == repr(expected)  # NaN != NaN: compared as text
+    chat = ChatRequest(str(body["message"]), "demo", history=body.get("history"))
+    assert chat.upstream_json() == json.dumps(chat.upstream_body()).encode()
 
 
 async def test_400_for_a_message_that_is_too_long(stack: Stack) -> None:
