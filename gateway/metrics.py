@@ -99,8 +99,7 @@ class HotCounter:
     the metric has all its labels, that a counter's amount is not negative:
     both hold here by construction). Two Python calls rather than five
     (~4.4k instructions to ~3.5k, most of it the value's lock); the value (a
-    float behind a lock, or a worker's file in multiprocess mode) and its
-    exposition are the library's."""
+    worker's file in multiprocess mode) and its exposition are the library's."""
 
     __slots__ = ("_value",)
 
@@ -112,6 +111,21 @@ class HotCounter:
 
     def dec(self, amount: float = 1) -> None:
         self._value.inc(-amount)
+
+
+class LoopCounter(HotCounter):
+    """A ``HotCounter`` over one process's value (prometheus-client's
+    ``MutexValue``, a float and a lock), added to in place: the gateway moves
+    and reads its metrics on its event loop's thread only (it starts no
+    thread), so the lock guards nothing here. ~1k instructions."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        self._value._value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self._value._value -= amount
 
 
 class HotHistogram:
@@ -133,20 +147,38 @@ class HotHistogram:
         self._buckets[bisect_left(self._bounds, amount)].inc(1)
 
 
+class LoopHistogram(HotHistogram):
+    """A ``HotHistogram`` over one process's values, added to in place (as
+    ``LoopCounter``): ~2.2k instructions an observation."""
+
+    __slots__ = ()
+
+    def observe(self, amount: float) -> None:
+        self._sum._value += amount
+        self._buckets[bisect_left(self._bounds, amount)]._value += 1
+
+
+def _in_process(value: Any) -> bool:
+    """A single process's value: a float the loop's thread may add to in place."""
+    return type(value) is values.MutexValue and type(getattr(value, "_value", None)) is float
+
+
 def hot(child: Any) -> Any:
-    """A label child for the per-stream path: a ``HotCounter`` or ``HotHistogram``
-    over its values; the child itself when metrics are off, or when the
-    library's internals are not the ones these expect."""
+    """A label child for the per-stream path: a ``LoopCounter`` or
+    ``LoopHistogram`` over a single process's values, a ``HotCounter`` or
+    ``HotHistogram`` over a worker's; the child itself when metrics are off,
+    or when the library's internals are not the ones these expect."""
     if isinstance(child, Histogram):
         total, buckets, bounds = (
             getattr(child, name, None) for name in ("_sum", "_buckets", "_upper_bounds")
         )
         if total is not None and buckets is not None and bounds is not None:
-            return HotHistogram(total, buckets, bounds)
+            local = all(_in_process(value) for value in (total, *buckets))
+            return (LoopHistogram if local else HotHistogram)(total, buckets, bounds)
     elif isinstance(child, (Counter, Gauge)):
         value = getattr(child, "_value", None)
         if value is not None:
-            return HotCounter(value)
+            return (LoopCounter if _in_process(value) else HotCounter)(value)
     return child
 
 

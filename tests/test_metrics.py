@@ -18,8 +18,8 @@ from gateway.metrics import (
     ERROR_KINDS,
     REJECT_REASONS,
     RETRY_REASONS,
-    HotCounter,
-    HotHistogram,
+    LoopCounter,
+    LoopHistogram,
     Metrics,
     version,
 )
@@ -217,11 +217,12 @@ EDGES = [-1.0, 0.0, 0.001, 0.005, 0.0050001, 0.075, 1.0, 1.5000001, 60.0, 60.5, 
 
 def test_the_per_stream_children_record_what_the_library_would() -> None:
     """The stream path's label children skip prometheus-client's per-call checks
-    (``HotCounter``, ``HotHistogram``): the exposition is the same as the
-    library's own ``observe``/``inc``/``dec`` would make, bucket by bucket."""
+    and, in one process, the values' locks (``LoopCounter``, ``LoopHistogram``):
+    the exposition is the same as the library's own ``observe``/``inc``/``dec``
+    would make, bucket by bucket."""
     hot, library = Metrics(["demo"]), Metrics(["demo"])
     series = hot.stream_series("acme", "demo")
-    assert isinstance(series.duration, HotHistogram) and isinstance(series.active, HotCounter)
+    assert type(series.duration) is LoopHistogram and type(series.active) is LoopCounter
     for value in EDGES:
         series.time_to_first_token.observe(value)
         library.time_to_first_token.labels("acme", "demo").observe(value)
@@ -299,6 +300,7 @@ for _ in range(5):
     hot(counter).inc()  # a stream's children, in a worker: the same file
 hot(latency).observe(0.5)
 print(len(calls))
+print(type(hot(counter)).__name__, type(hot(latency)).__name__)
 registry = CollectorRegistry()
 MultiProcessCollector(registry)
 print(registry.get_sample_value("latency_bucket", {"le": "1.0"}))
@@ -315,8 +317,9 @@ async def test_a_worker_reads_its_pid_once_not_on_every_update(tmp_path: Path) -
     )  # fmt: skip
     out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0, out.decode()
-    calls, bucket, value, files = out.decode().splitlines()[-4:]
+    calls, kinds, bucket, value, files = out.decode().splitlines()[-5:]
     assert calls == "0"  # eleven updates, no getpid
+    assert kinds == "HotCounter HotHistogram"  # a worker's values keep their own inc
     assert float(bucket) == 1.0
     assert float(value) == 10.0
     assert re.fullmatch(r"\['counter_\d+\.db', 'histogram_\d+\.db'\]", files), files
