@@ -20,11 +20,13 @@ MAX_CONVERSATION_ID_CHARS = 200
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 # json.dumps's own C encoder with json.dumps's defaults, made once (json.dumps
-# makes one on every call, ~11k instructions of its ~22k): the same text.
-# Its arguments: markers (no circular check: parsed JSON has no cycles),
-# default (none: parsed JSON needs none), the string encoder, indent, key and
-# item separators, sort_keys, skipkeys, allow_nan.
-_ENCODE = c_make_encoder(None, None, encode_basestring_ascii, None, ": ", ", ", False, False, True)
+# makes one on every call, ~11k instructions of its ~22k): the same text, and
+# the same errors. Its arguments: markers (for the circular check), default
+# (json's, which refuses what JSON has no form for), the string encoder,
+# indent, key and item separators, sort_keys, skipkeys, allow_nan.
+_ENCODE = c_make_encoder(
+    {}, json.JSONEncoder().default, encode_basestring_ascii, None, ": ", ", ", False, False, True
+)
 # json.loads's own decoder, for a body json.loads would read as UTF-8.
 _DECODE = json.JSONDecoder().decode
 

@@ -100,6 +100,20 @@ def test_a_body_reads_and_goes_upstream_as_json_loads_and_dumps_would(raw: bytes
     assert chat.upstream_json() == json.dumps(chat.upstream_body()).encode()
 
 
+def test_a_history_json_cannot_hold_fails_as_json_dumps_fails() -> None:
+    """A plugin frontend's history is its own: a set, or a list holding itself,
+    is refused with json.dumps's own errors."""
+    looped: list[Any] = []
+    looped.append(looped)
+    for history, error in (([{"tags": {"a"}}], TypeError), (looped, ValueError)):
+        chat = ChatRequest("hi", "demo", history=history)
+        with pytest.raises(error) as ours:
+            chat.upstream_json()
+        with pytest.raises(error) as theirs:
+            json.dumps(chat.upstream_body())
+        assert str(ours.value) == str(theirs.value)
+
+
 async def test_400_for_a_message_that_is_too_long(stack: Stack) -> None:
     limit = stack.settings.server.max_message_chars
     await expect_error(await stack.chat({"message": "x" * (limit + 1)}), 400, "INVALID_REQUEST")
