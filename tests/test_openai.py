@@ -83,6 +83,7 @@ async def test_a_completion_without_streaming(stack: Stack, client: AsyncOpenAI)
         ],
         extra_headers={"X-Request-Id": "oa-once"},
         temperature=0.2,  # options ChatIQ has no use for are accepted and ignored
+        n=1,  # one choice, the only number ChatIQ gives
     )
     completion = raw.parse()
     assert completion.object == "chat.completion"
@@ -137,6 +138,8 @@ async def test_chatiq_s_other_events_reach_an_openai_client(client: AsyncOpenAI)
         (ACME_KEY, {"messages": [{"role": "assistant", "content": "x"}]}, openai.BadRequestError,
          400, "invalid_request"),
         (ACME_KEY, {"stream_options": False}, openai.BadRequestError, 400, "invalid_request"),
+        (ACME_KEY, {"n": 2}, openai.BadRequestError, 400, "invalid_request"),
+        (ACME_KEY, {"n": True}, openai.BadRequestError, 400, "invalid_request"),
         (ACME_KEY, {"model": "fault-500"}, openai.InternalServerError, 502, "upstream_error"),
         (ACME_KEY, {"model": "fault-stall-first"}, openai.InternalServerError, 504,
          "upstream_timeout"),

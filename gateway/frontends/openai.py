@@ -14,6 +14,8 @@ and ``GET {prefix}/models``.
   and every such chunk carries the event itself as ``chatiq`` (an extra
   field the SDKs keep: ``chunk.model_extra["chatiq"]``); ``suggestions``
   only as ``chatiq``.
+- ``n`` must be 1 (or absent): ChatIQ gives one answer a request, and a
+  client asking for several choices is told so rather than sent fewer.
 - ChatIQ reports no token counts: ``usage`` (with
   ``stream_options.include_usage``, or on a completion) is all zeros.
 - Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
@@ -89,6 +91,9 @@ class OpenAIFrontend(Frontend):
             raise InvalidRequest("'model' is required: a bot slug (GET /v1/models lists them)")
         bot = check_bot(body["model"], settings.upstream.bot_slug, name="model")
         message, history = split_messages(body.get("messages"), _turn, settings.server, "content")
+        n = body.get("n")  # several choices: ChatIQ gives one answer, so only 1 (or absent)
+        if n is not None and (type(n) is not int or n != 1):
+            raise InvalidRequest("'n' must be 1: ChatIQ gives one answer a request")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be true or false")
