@@ -162,6 +162,10 @@ def split_messages(
     role, text = turns[-1]
     if role != "user":
         raise InvalidRequest("the last of 'messages' must be the user's")
+    if isinstance(text, str) and not text.strip():  # only images, files, or blanks
+        raise InvalidRequest(
+            f"'messages[-1].{content}' has no text to send (ChatIQ takes text, not images or files)"
+        )
     message = check_message(text, limits, name=f"messages[-1].{content}")
     history = [{"role": r, "content": t} for r, t in turns[:-1]]
     check_history(history, limits, name="messages")

@@ -74,6 +74,33 @@ def events_of(body: bytes) -> list[str]:
     return [e.data for e in SSEParser().feed(body) if e.data is not None]
 
 
+NO_TEXT = {
+    "openai": {
+        "model": "demo",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": " "}]}],
+    },
+    "ai-sdk": {
+        "messages": [
+            {"role": "user", "parts": [{"type": "file", "url": "x:y", "mediaType": "image/png"}]}
+        ]
+    },
+}
+
+
+@pytest.mark.parametrize("frontend", list(NO_TEXT))
+async def test_a_last_message_without_text_is_a_400_that_says_so(
+    stack: Stack, frontend: str
+) -> None:
+    async with await stack.session.post(
+        stack.gateway.make_url(ROUTES[frontend].path),
+        json=NO_TEXT[frontend],
+        headers={"Authorization": f"Bearer {ACME_KEY}"},
+    ) as r:
+        assert r.status == 400
+        message = (await r.json())["error"]["message"]
+    assert "has no text to send" in message and "messages[-1]" in message
+
+
 @FRONTENDS
 async def test_a_tenant_over_its_rate_gets_429_with_retry_after(
     stack: Stack, frontend: str
