@@ -1,6 +1,8 @@
 """``make fleet``: a fleet on one machine, until Ctrl-C: Redis, the emulator,
-two gateway replicas sharing tenant quotas through Redis, and HAProxy in
-front of them on the port ``make run`` uses (8080).
+two gateway replicas sharing tenant quotas and resumable streams through
+Redis, and HAProxy in front of them on the port ``make run`` uses (8080). A
+replica that exits (``kill -TERM`` one to watch a rolling restart) is started
+again on its port.
 
 HAProxy is configured as a gateway needs: HTTP keep-alive on both sides,
 ``option http-no-delay`` (else it batches small writes, holding tokens back
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,10 +98,24 @@ class Fleet:
     port: int  # HAProxy's
     replicas: list[tuple[subprocess.Popen[bytes], int, Path]] = field(default_factory=list)
     others: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # Starts a replica on a port (and returns it with its log): kept for restarts.
+    start_replica: Callable[[int], tuple[subprocess.Popen[bytes], Path]] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def restart_exited(self) -> list[tuple[int, int]]:
+        """Start again, on its own port, every replica that exited: the port and
+        the exit code of each."""
+        restarted = []
+        for i, (process, port, _) in enumerate(self.replicas):
+            code = process.poll()
+            if code is not None and self.start_replica is not None:
+                process, log = self.start_replica(port)
+                self.replicas[i] = (process, port, log)
+                restarted.append((port, code))
+        return restarted
 
     def stop(self) -> None:
         stop(*(p for p, _, _ in self.replicas), *self.others)
@@ -128,11 +145,16 @@ def start_fleet(
                 **tables.get("redis", {}),
             }
         wait_answering(f"http://127.0.0.1:{emulator_port}/healthz")
+
+        def start_replica(port: int) -> tuple[subprocess.Popen[bytes], Path]:
+            return start_gateway(
+                folder, port, emulator_port, key, tenant_limits=tenant_limits, **tables
+            )
+
+        fleet.start_replica = start_replica
         for _ in range(replicas):
             gw_port = free_port()
-            process, log = start_gateway(
-                folder, gw_port, emulator_port, key, tenant_limits=tenant_limits, **tables
-            )
+            process, log = start_replica(gw_port)
             fleet.replicas.append((process, gw_port, log))
         for _, gw_port, _ in fleet.replicas:
             wait_answering(f"http://127.0.0.1:{gw_port}/healthz")
@@ -153,16 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     if answers(f"http://127.0.0.1:{args.port}/healthz"):
         raise SystemExit(f"fleet: something already answers on port {args.port} (make run?)")
     folder = Path(tempfile.mkdtemp(prefix="chatiq-fleet-"))
-    # The demo tenant's limits, shared by the replicas through Redis.
-    fleet = start_fleet(folder, args.port, args.replicas, tenant_limits=(1000, 60000))
-    ports = ", ".join(str(p) for _, p, _ in fleet.replicas)
+    # The demo tenant's limits, shared by the replicas through Redis; resumable
+    # streams on (the page asks for them), so a reply goes on from any replica.
+    fleet = start_fleet(
+        folder, args.port, args.replicas, tenant_limits=(1000, 60000), resume={"enabled": True}
+    )
+    replicas = ", ".join(f"port {port} (pid {p.pid})" for p, port, _ in fleet.replicas)
     print(
         f"\nA fleet is ready on {fleet.url}: HAProxy in front of {args.replicas} gateway "
-        f"replicas (ports {ports}) sharing tenant quotas through Redis.\n\n"
+        f"replicas sharing tenant quotas and resumable streams through Redis.\n"
+        f"Replicas: {replicas}.\n\n"
         f"  Chat in a browser: {fleet.url}/  (key: {DEMO_KEY})\n"
         f"  Or: CHATIQ_GATEWAY_URL={fleet.url} CHATIQ_GATEWAY_KEY={DEMO_KEY} "
         ".venv/bin/chatiq-chat\n"
         f'  Load it: make load ARGS="--host {fleet.url}"\n'
+        "  A rolling restart: kill -TERM a replica's pid mid-answer; it drains, its\n"
+        "  readers resume on the other replica, and it is started again.\n"
         f"  Logs: {folder}\n\nPress Ctrl-C to stop them all.\n",
         flush=True,
     )
@@ -171,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
-        while all(p.poll() is None for p in [*fleet.others, *(r for r, _, _ in fleet.replicas)]):
+        while all(p.poll() is None for p in fleet.others):  # HAProxy, Redis, the emulator
+            for port, code in fleet.restart_exited():
+                pid = next(p.pid for p, replica_port, _ in fleet.replicas if replica_port == port)
+                print(f"fleet: the replica on port {port} exited ({code}); started again "
+                      f"(pid {pid})", flush=True)  # fmt: skip
             time.sleep(0.2)
         return 1
     except KeyboardInterrupt:

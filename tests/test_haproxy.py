@@ -6,9 +6,12 @@ rotation while its live streams finish, and no client sees an error."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,3 +95,68 @@ async def test_a_replica_drained_during_traffic_costs_no_client_an_error(fleet: 
         assert await served(session, other_port) > 0
     assert before > 0  # it did take its share before the drain
     assert len(outcomes) > 100 and all(outcomes), f"{outcomes.count(False)} streams failed"
+
+
+async def test_make_fleet_restarts_a_replica_that_exits_and_stops_on_ctrl_c(
+    tmp_path: Path,
+) -> None:
+    """``make fleet`` itself: resumable streams on, a replica sent SIGTERM (a
+    rolling restart) is started again on its port while the fleet serves, and
+    Ctrl-C stops everything."""
+    start_test_fleet(tmp_path, ()).stop()  # skips (or fails in CI) without haproxy or Redis
+    port = free_port()
+    fleet = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadtest.fleet", "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # its own group: a failed test can stop all it started
+    )  # fmt: skip
+    assert fleet.stdout is not None
+    output = fleet.stdout
+
+    async def line_with(text: str) -> str:
+        while True:
+            line: str = (await asyncio.wait_for(output.readline(), 30)).decode()
+            assert line, f"make fleet ended before printing {text!r}"
+            if text in line:
+                return line
+
+    url = f"http://127.0.0.1:{port}"
+    resumable = {"Authorization": "Bearer demo-key", "X-Resumable": "1"}
+    try:
+        replicas = re.findall(r"port (\d+) \(pid (\d+)\)", await line_with("Replicas:"))
+        assert len(replicas) == 2
+        (replica_port, pid), _ = replicas
+        await line_with("Press Ctrl-C")
+        async with aiohttp.ClientSession() as session:
+            chat = f"{url}/api/chatbot"
+            async with session.post(chat, json={"message": "hi"}, headers=resumable) as r:
+                assert r.headers["X-Stream-Id"]  # resumable streams are on
+                assert complete((await read_stream(r))[1])
+
+            os.kill(int(pid), signal.SIGTERM)
+            restarted = await line_with(f"the replica on port {replica_port} exited (0)")
+            new_pid = int(re.findall(r"pid (\d+)", restarted)[0])
+            assert new_pid != int(pid)
+            deadline = time.monotonic() + 20
+            while not await answers_ready(session, f"http://127.0.0.1:{replica_port}/readyz"):
+                assert time.monotonic() < deadline, "the restarted replica never became ready"
+                await asyncio.sleep(0.1)
+            for _ in range(4):  # both replicas serve
+                async with session.post(chat, json={"message": "hi"}, headers=resumable) as r:
+                    assert complete((await read_stream(r))[1])
+        fleet.send_signal(signal.SIGINT)
+        await line_with("fleet: stopped")
+        assert await asyncio.wait_for(fleet.wait(), 30) == 0
+        with pytest.raises(ProcessLookupError):  # the restarted replica is stopped too
+            os.kill(new_pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # HAProxy, Redis, the replicas too
+            os.killpg(fleet.pid, signal.SIGKILL)
+
+
+async def answers_ready(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url) as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
