@@ -76,6 +76,8 @@ class Admission:
             state = self._tenants.get(t.name)
             if state is None:
                 state = _TenantState(streams, rpm, float(rpm), now)
+            elif not state.per_minute:  # unlimited until now: nothing spent, a full bucket
+                state.tokens, state.updated = float(rpm), now
             state.max_streams, state.per_minute = streams, rpm
             state.tokens = min(state.tokens, float(rpm))
             states[t.name] = state

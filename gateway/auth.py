@@ -43,7 +43,7 @@ class TenantDirectory:
 
     def replace(self, tenants: Iterable[Tenant]) -> None:
         """A reload: these keys from now on (a request already in keeps its tenant)."""
-        self._tenants = tuple((bytes.fromhex(t.key_sha256), t) for t in tenants)
+        self._tenants = tuple((bytes.fromhex(key), t) for t in tenants for key in t.keys_sha256)
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant whose key is in an ``Authorization: Bearer`` header."""

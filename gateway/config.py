@@ -191,6 +191,13 @@ class Tenant:
     max_streams: int | None = None  # None: admission.tenant_max_streams
     requests_per_minute: int | None = None  # None: admission.tenant_requests_per_minute
     resumable: bool = False  # its streams are resumable (with [resume] enabled)
+    # Further keys of the same tenant (one quota, one name in metrics): a new
+    # key beside the old one while its apps move over, or a key for each app.
+    more_keys_sha256: tuple[str, ...] = ()
+
+    @property
+    def keys_sha256(self) -> tuple[str, ...]:
+        return (self.key_sha256, *self.more_keys_sha256)
 
     def may_use(self, bot: str) -> bool:
         return ANY_BOT in self.bots or bot in self.bots
@@ -408,20 +415,24 @@ def _tenants(raw: object) -> tuple[Tenant, ...]:
         where = f"tenants[{i}]"
         if not t.name or t.name in seen_names:
             raise ConfigError(f"{where}.name: empty or used twice")
-        if not _SHA256_HEX.match(t.key_sha256):
-            raise ConfigError(
-                f"{where}.key_sha256: must be 64 lowercase hex digits "
-                "(the SHA-256 of the key, never the key itself)"
-            )
-        if t.key_sha256 in seen_hashes:
-            raise ConfigError(f"{where}.key_sha256: the same key is given to two tenants")
+        more = [("more_keys_sha256", key) for key in t.more_keys_sha256]
+        for option, key in [("key_sha256", t.key_sha256), *more]:
+            if not _SHA256_HEX.match(key):
+                raise ConfigError(
+                    f"{where}.{option}: must be 64 lowercase hex digits "
+                    "(the SHA-256 of the key, never the key itself)"
+                )
+            if key in seen_hashes:
+                raise ConfigError(
+                    f"{where}.{option}: the same key is given twice (a key names one tenant)"
+                )
+            seen_hashes.add(key)
         if not t.bots:
             raise ConfigError(f'{where}.bots: must list at least one bot (or "*")')
         for bot in t.bots:
             if bot != ANY_BOT and not _BOT_SLUG.match(bot):
                 raise ConfigError(f"{where}.bots: {bot!r} is not a valid bot slug")
         seen_names.add(t.name)
-        seen_hashes.add(t.key_sha256)
     return tenants
 
 

@@ -113,6 +113,23 @@ def test_two_tenants_with_the_same_key_are_refused(tmp_path: Path) -> None:
         load_settings(write(tmp_path, twice), environ={})
 
 
+def test_a_tenant_may_have_more_keys_each_a_hash_and_each_its_own(tmp_path: Path) -> None:
+    more = f'more_keys_sha256 = ["{hash_key("k2")}", "{hash_key("k3")}"]\n'
+    (tenant,) = load_settings(write(tmp_path, GOOD + more), environ={}).tenants
+    assert tenant.keys_sha256 == (hash_key("k"), hash_key("k2"), hash_key("k3"))
+    for bad, message in [
+        (f'more_keys_sha256 = ["{hash_key("k")}"]', "more_keys_sha256: the same key"),
+        ('more_keys_sha256 = ["k2"]', "more_keys_sha256: must be 64 lowercase hex"),
+        (f'more_keys_sha256 = "{hash_key("k2")}"', "more_keys_sha256: must be a list"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"tenants\[0\]\.{message}"):
+            load_settings(write(tmp_path, GOOD + bad + "\n"), environ={})
+    other = GOOD.split("\n\n", 2)[-1].replace('name = "t"', 'name = "u"')
+    other = other.replace(hash_key("k"), hash_key("u")) + f'more_keys_sha256 = ["{hash_key("k")}"]'
+    with pytest.raises(ConfigError, match=r"tenants\[1\]\.more_keys_sha256: the same key"):
+        load_settings(write(tmp_path, GOOD + other + "\n"), environ={})
+
+
 def test_the_gateway_stops_on_a_bad_config_with_one_line_and_no_traceback(
     tmp_path: Path,
 ) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from loadtest.emulator import EmulatorSettings
-from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory, read_stream
 from tests.test_drain import open_streams
 
@@ -27,13 +27,15 @@ def config_of(gw: GatewayProcess) -> Path:
     return gw.log_path.with_suffix(".toml")
 
 
-async def until_logged(gw: GatewayProcess, text: str, timeout_s: float = 10.0) -> str:
-    """The first log line holding ``text``, once it is there."""
+async def until_logged(
+    gw: GatewayProcess, text: str, timeout_s: float = 10.0, count: int = 1
+) -> str:
+    """The ``count``-th log line holding ``text``, once it is there."""
     until = time.monotonic() + timeout_s
     while time.monotonic() < until:
-        for line in gw.log().splitlines():
-            if text in line:
-                return line
+        lines = [line for line in gw.log().splitlines() if text in line]
+        if len(lines) >= count:
+            return lines[count - 1]
         await asyncio.sleep(0.05)
     raise AssertionError(f"{text!r} never logged:\n{gw.log()[-2000:]}")
 
@@ -77,6 +79,39 @@ async def test_sighup_adds_a_tenant_while_a_live_stream_completes(
     assert await status_with(session, gw, ACME_KEY) == 200
     assert gw.log().count('"event": "request"') == requests_logged  # level is warning now
     assert gw.process.poll() is None
+
+
+async def test_a_key_rotation_by_sighup_keeps_the_tenant_and_its_quota(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    """The new key beside the old one (``more_keys_sha256``), then the old one gone:
+    no request of the tenant's apps fails in between, and both keys are one tenant."""
+    stack = await make_stack(record=False)
+    gw = await gateway_process(stack.emulator)
+    session = stack.session
+    config = config_of(gw)
+    old_hash = hashlib.sha256(ACME_KEY.encode()).hexdigest()
+    new_hash = hashlib.sha256(NEW_KEY.encode()).hexdigest()
+    single = config.read_text()
+    assert single.count(old_hash) == 1
+    both = single.replace(
+        f'key_sha256 = "{old_hash}"',
+        f'key_sha256 = "{new_hash}"\nmore_keys_sha256 = ["{old_hash}"]',
+    ).replace("requests_per_minute = 0", "requests_per_minute = 2")
+    config.write_text(both)
+    gw.process.send_signal(signal.SIGHUP)
+    await until_logged(gw, "config_reloaded")
+    assert await status_with(session, gw, NEW_KEY) == 200
+    assert await status_with(session, gw, ACME_KEY) == 200
+    assert await status_with(session, gw, NEW_KEY) == 429  # one quota for both keys
+    ok = 'route="/api/chatbot",status="200",tenant="load"}'
+    requests = await metric_total(session, gw.port, "chatiq_gateway_requests_total", ok)
+    assert requests == 2  # both keys' requests, under the one tenant
+
+    config.write_text(both.replace(f'\nmore_keys_sha256 = ["{old_hash}"]', ""))
+    gw.process.send_signal(signal.SIGHUP)
+    await until_logged(gw, "config_reloaded", count=2)
+    assert await status_with(session, gw, ACME_KEY) == 401  # the old key is gone
 
 
 async def test_sighup_with_a_broken_file_keeps_the_running_configuration(
