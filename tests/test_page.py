@@ -79,6 +79,7 @@ async def test_the_page_is_served_with_a_strict_content_security_policy(stack: S
             assert r.headers["X-Content-Type-Options"] == "nosniff"
             assert r.headers["Referrer-Policy"] == "no-referrer"
             assert r.headers["X-Frame-Options"] == "DENY"
+            assert r.headers["Server"] == "chatiq-gateway"  # no versions to look up
         directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
         assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
         assert "unsafe" not in csp and directives["frame-ancestors"] == "'none'"
@@ -86,8 +87,12 @@ async def test_the_page_is_served_with_a_strict_content_security_policy(stack: S
     async with await stack.chat() as r:
         await r.read()
         assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers["Server"] == "chatiq-gateway"
     async with await stack.chat(key="wrong") as r:
         assert r.status == 401 and r.headers["X-Content-Type-Options"] == "nosniff"
+        assert r.headers["Server"] == "chatiq-gateway"
+    async with stack.session.get(stack.gateway.make_url("/metrics")) as r:
+        assert r.headers["Server"] == "chatiq-gateway"
 
 
 def test_the_page_has_no_inline_script_or_style_the_policy_would_have_to_allow() -> None:
