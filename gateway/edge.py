@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import uvloop
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
 
 _BODY = json.dumps(
@@ -46,6 +46,16 @@ RESPONSE_503 = (
     + b"\r\n\r\n"
     + _FULL_BODY
 )
+
+
+# On every response: no MIME sniffing (a reply is never run as a script), no
+# Referer carrying the page's URL to the images a reply links to, and a Server
+# header without versions (aiohttp's names Python's and its own).
+SAFETY_HEADERS = {
+    hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff",
+    hdrs.REFERRER_POLICY: "no-referrer",
+    hdrs.SERVER: "chatiq-gateway",
+}
 
 
 class _Refuse(asyncio.Protocol):
@@ -76,7 +86,8 @@ class MessageQueue(list[Any]):
 
 
 class GatewayRequestHandler(web.RequestHandler):
-    """aiohttp's request handler, its request queue a ``MessageQueue``."""
+    """aiohttp's request handler, its request queue a ``MessageQueue``, and its
+    own error answers (a request it cannot parse) with ``SAFETY_HEADERS``."""
 
     __slots__ = ()
 
@@ -84,6 +95,17 @@ class GatewayRequestHandler(web.RequestHandler):
         super().__init__(manager, **kwargs)
         if isinstance(getattr(self, "_messages", None), deque):  # aiohttp's attribute
             self._messages = MessageQueue()  # type: ignore[assignment]
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        response.headers.update(SAFETY_HEADERS)
+        return response
 
 
 class UvloopRequestHandler(GatewayRequestHandler, _NodelayAlreadySet):

@@ -8,19 +8,12 @@ from aiohttp import hdrs, web
 
 from .auth import authenticate
 from .config import ANY_BOT, Settings
+from .edge import SAFETY_HEADERS
 from .errors import Forbidden
 from .state import FAILED_KEYS, SETTINGS, TENANTS
 
 BUNDLED_PAGE = Path(__file__).resolve().parent.parent / "clients" / "web"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Resumable, Last-Event-ID"
-# On every response: no MIME sniffing (a reply is never run as a script), no
-# Referer carrying the page's URL to the images a reply links to, and a Server
-# header without versions (aiohttp's names Python's and its own).
-SAFETY_HEADERS = {
-    hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff",
-    hdrs.REFERRER_POLICY: "no-referrer",
-    hdrs.SERVER: "chatiq-gateway",
-}
 
 
 def static_dir(settings: Settings) -> Path:

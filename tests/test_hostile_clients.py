@@ -94,6 +94,7 @@ async def test_oversized_and_ambiguous_requests_are_refused(
         answer = await raw_exchange(gw.port, request)
         status = int(answer.split(b" ", 2)[1])
         assert status in (400, 413, 431), (case, answer[:200])
+        assert b"\r\nServer: chatiq-gateway\r\n" in answer, (case, answer[:200])  # no versions
     # The process is unharmed.
     async with stack.session.get(f"http://127.0.0.1:{gw.port}/healthz") as r:
         assert r.status == 200
