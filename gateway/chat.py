@@ -106,13 +106,16 @@ def check_text(name: str, value: str) -> None:
         raise InvalidRequest(f"'{name}' is not valid Unicode (a lone surrogate)") from None
 
 
-def check_message(message: object, limits: ServerSettings, name: str = "message") -> str:
+def check_message(
+    message: object, limits: ServerSettings, name: str = "message", empty: str = "must not be empty"
+) -> str:
+    """``empty``: what to say of a message with no text (blank, or only files)."""
     if message is None:
         raise InvalidRequest(f"'{name}' is required")
     if not isinstance(message, str):
         raise InvalidRequest(f"'{name}' must be a string")
     if not message.strip():
-        raise InvalidRequest(f"'{name}' must not be empty")
+        raise InvalidRequest(f"'{name}' {empty}")
     check_text(name, message)
     if len(message) > limits.max_message_chars:
         raise InvalidRequest(f"'{name}' is longer than {limits.max_message_chars} characters")
@@ -162,11 +165,8 @@ def split_messages(
     role, text = turns[-1]
     if role != "user":
         raise InvalidRequest("the last of 'messages' must be the user's")
-    if isinstance(text, str) and not text.strip():  # only images, files, or blanks
-        raise InvalidRequest(
-            f"'messages[-1].{content}' has no text to send (ChatIQ takes text, not images or files)"
-        )
-    message = check_message(text, limits, name=f"messages[-1].{content}")
+    no_text = "has no text to send (ChatIQ takes text, not images or files)"
+    message = check_message(text, limits, name=f"messages[-1].{content}", empty=no_text)
     history = [{"role": r, "content": t} for r, t in turns[:-1]]
     check_history(history, limits, name="messages")
     return message, history

@@ -105,16 +105,16 @@ class Fleet:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def restart_exited(self) -> list[tuple[int, int]]:
-        """Start again, on its own port, every replica that exited: the port and
-        the exit code of each."""
+    def restart_exited(self) -> list[tuple[int, int, int]]:
+        """Start again, on its own port, every replica that exited: the port, the
+        exit code and the new pid of each."""
         restarted = []
         for i, (process, port, _) in enumerate(self.replicas):
             code = process.poll()
             if code is not None and self.start_replica is not None:
                 process, log = self.start_replica(port)
                 self.replicas[i] = (process, port, log)
-                restarted.append((port, code))
+                restarted.append((port, code, process.pid))
         return restarted
 
     def stop(self) -> None:
@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
         while all(p.poll() is None for p in fleet.others):  # HAProxy, Redis, the emulator
-            for port, code in fleet.restart_exited():
-                pid = next(p.pid for p, replica_port, _ in fleet.replicas if replica_port == port)
+            for port, code, pid in fleet.restart_exited():
                 print(f"fleet: the replica on port {port} exited ({code}); started again "
                       f"(pid {pid})", flush=True)  # fmt: skip
             time.sleep(0.2)
