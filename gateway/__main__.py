@@ -22,7 +22,7 @@ from .cpus import parse_workers
 from .edge import GatewaySite
 from .egress import proxy_display
 from .frontends import load_frontends
-from .logs import Logger, make_logger
+from .logs import Logger, make_logger, server_logger
 from .metrics import Metrics, pin_worker_pid
 from .reload import reload_settings
 from .state import LIFECYCLE, METRICS
@@ -62,7 +62,8 @@ async def serve(
     app = create_app(settings, log=log)
     server = settings.server
     runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=5,
+        app, access_log=None, logger=server_logger(log), handler_cancellation=True,
+        shutdown_timeout=5,
         keepalive_timeout=server.keepalive_timeout_s,
         # After an early answer (408, 413) the rest of a body is read and dropped
         # this long, so the client sees the answer, then the connection closes.
@@ -104,7 +105,9 @@ async def serve(
     await site.start()
     runners = [runner]
     if settings.metrics.port:
-        metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
+        metrics_runner = web.AppRunner(
+            create_metrics_app(app), access_log=None, logger=server_logger(log)
+        )
         await metrics_runner.setup()
         m = settings.metrics
         await web.TCPSite(

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import traceback
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import LoggingSettings
 
@@ -71,6 +73,51 @@ class UtcStamper:
         # As datetime.isoformat: no fraction when it is zero.
         event["timestamp"] = f"{self._text}.{micro:06d}Z" if micro else f"{self._text}Z"
         return event
+
+
+class ServerErrors(logging.Handler):
+    """aiohttp's own error reports, as one line each of the gateway's log rather
+    than a traceback on stderr (which breaks a log of JSON lines).
+
+    A request aiohttp could not parse is routine (scanners, broken clients): an
+    info line with the status and the reason, none of the request's bytes (a
+    header might hold a key). Anything else is a bug: an error line with the
+    traceback as one field.
+    """
+
+    def __init__(self, log: Logger) -> None:
+        super().__init__()
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            self._log.info("bad_request", status=error.code, error=_reason(error))
+        elif error is not None:
+            self._log.error(
+                "server_error", error=type(error).__name__,
+                traceback="".join(traceback.format_exception(error)),
+            )  # fmt: skip
+        else:
+            self._log.error("server_error", message=record.getMessage())
+
+
+def _reason(error: HttpProcessingError) -> str:
+    """What was wrong with a request, without its bytes: llhttp's own words (its
+    messages quote the bytes after a blank line), else the error's class (the
+    others quote them in the first line)."""
+    head, blank, _ = error.message.partition("\n\n")
+    if blank:
+        return head.splitlines()[-1].strip().rstrip(":")
+    return type(error).__name__
+
+
+def server_logger(log: Logger) -> logging.Logger:
+    """The logger for aiohttp's request handlers (``AppRunner(logger=...)``): a
+    logger of its own, not one of the logging module's (no global state)."""
+    logger = logging.Logger("aiohttp.server", logging.INFO)  # BadHttpMethod's debug: dropped
+    logger.addHandler(ServerErrors(log))
+    return logger
 
 
 def make_logger(settings: LoggingSettings, stream: TextIO | None = None) -> Logger:

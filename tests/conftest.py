@@ -162,10 +162,21 @@ class LogAudit:
     in_memory: list[io.StringIO]
     root: Path  # gateway processes log to files under the run's temporary folder
 
+    def process_lines(self) -> list[str]:
+        """What gateway processes wrote (stdout and stderr)."""
+        texts = [p.read_text(errors="replace") for p in sorted(self.root.rglob("gateway-*.log"))]
+        return [line for text in texts for line in text.splitlines()]
+
     def lines(self) -> list[str]:
         texts = [log.getvalue() for log in self.in_memory]
-        texts += [p.read_text(errors="replace") for p in sorted(self.root.rglob("gateway-*.log"))]
-        return [line for text in texts for line in text.splitlines()]
+        return [line for text in texts for line in text.splitlines()] + self.process_lines()
+
+
+def is_json_line(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -176,6 +187,13 @@ def log_audit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LogAudit]:
     lines = audit.lines()
     leaks = [(s, line[:200]) for line in lines for s in SECRETS if s in line]
     assert not leaks, f"secrets in {len(leaks)} log lines, e.g. {leaks[:3]}"
+    # A log of JSON lines stays one: no traceback or stray print in a process's
+    # output, but for the one plain line of a process that cannot start.
+    stray = [
+        line[:200] for line in audit.process_lines()
+        if not is_json_line(line) and not line.startswith("chatiq-gateway: ")
+    ]  # fmt: skip
+    assert not stray, f"{len(stray)} lines of gateway output are not JSON, e.g. {stray[:3]}"
 
 
 @pytest.fixture

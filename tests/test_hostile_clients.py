@@ -98,6 +98,15 @@ async def test_oversized_and_ambiguous_requests_are_refused(
     # The process is unharmed.
     async with stack.session.get(f"http://127.0.0.1:{gw.port}/healthz") as r:
         assert r.status == 200
+    # Each refusal is one JSON line of the log, with none of the request's bytes
+    # (aiohttp would print a traceback quoting them).
+    lines = [json.loads(line) for line in gw.log().splitlines()]  # every line is JSON
+    refused = [line for line in lines if line["event"] == "bad_request"]
+    assert len(refused) == len(cases), refused
+    assert {line["status"] for line in refused} <= {400, 413, 431}
+    assert all(line["level"] == "info" and line["error"] for line in refused)
+    assert "Transfer-Encoding" in " ".join(line["error"] for line in refused)
+    assert "aaaa" not in gw.log() and ACME_KEY not in gw.log()
 
 
 async def test_a_slow_second_head_on_a_kept_alive_connection_is_cut_too(

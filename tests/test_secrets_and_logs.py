@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +13,8 @@ from typing import Any
 import pytest
 
 from gateway.auth import hash_key
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, LoggingSettings, load_settings
+from gateway.logs import make_logger, server_logger
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, LIMITED_KEY, Stack, StackFactory, read_stream
 
@@ -139,3 +142,20 @@ def test_hash_key_makes_a_new_key_and_its_config_line() -> None:
     assert done.returncode == 0 and done.stdout.strip() == hash_key("demo-key")
     done = run_gateway_command("hash-key", "--stdin", stdin="")
     assert done.returncode == 2 and "no key on stdin" in done.stderr
+
+
+def test_aiohttp_s_own_error_reports_are_one_json_line_each() -> None:
+    """A handler's unhandled exception, as aiohttp reports it through the logger
+    it is given: one error line with the traceback as a field, not a multi-line
+    traceback (a request aiohttp could not parse: tests/test_hostile_clients.py)."""
+    out = io.StringIO()
+    logger = server_logger(make_logger(LoggingSettings(format="json"), out))
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as e:
+        logger.exception("Unhandled exception", exc_info=e)
+    logger.debug("Error handling request from %s", "10.0.0.1")  # below info: dropped
+    (line,) = out.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["event"] == "server_error" and record["level"] == "error"
+    assert record["error"] == "RuntimeError" and "raise RuntimeError" in record["traceback"]
