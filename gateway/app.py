@@ -16,7 +16,7 @@ from .exchange import add_request_id, make_middleware
 from .fleet import SharedQuotas
 from .frontends import Frontend, load_frontends
 from .frontends.chatiq import ChatIQFrontend
-from .logs import Logger, make_logger
+from .logs import Logger, loop_error_reporter, make_logger
 from .metrics import Metrics
 from .resume.redis_log import RedisStreams
 from .resume.serve import resume_chat_route, resume_stream
@@ -68,6 +68,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[TIMERS] = TimerHeap()
     app[LOG] = log
     app.on_response_prepare.append(add_request_id)
+    app.cleanup_ctx.append(_loop_errors)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_fleet_quotas)
     if metrics.multiprocess:
@@ -107,6 +108,15 @@ def _mount_resume(app: web.Application, frontend_of_route: dict[str, Frontend]) 
             app.router.add_routes([route])
             frontend_of_route[route.path] = frontend
     app.cleanup_ctx.append(_resumable_streams)
+
+
+async def _loop_errors(app: web.Application) -> AsyncIterator[None]:
+    """While the app runs, its loop's error reports are the app's log lines."""
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    loop.set_exception_handler(loop_error_reporter(app[LOG]))
+    yield
+    loop.set_exception_handler(before)
 
 
 def create_metrics_app(app: web.Application) -> web.Application:

@@ -7,10 +7,12 @@ the app already holds (``set_level``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, TextIO
 
@@ -94,12 +96,29 @@ class ServerErrors(logging.Handler):
         if isinstance(error, HttpProcessingError):
             self._log.info("bad_request", status=error.code, error=_reason(error))
         elif error is not None:
-            self._log.error(
-                "server_error", error=type(error).__name__,
-                traceback="".join(traceback.format_exception(error)),
-            )  # fmt: skip
+            self._log.error("server_error", **_traceback(error))
         else:
             self._log.error("server_error", message=record.getMessage())
+
+
+def _traceback(error: BaseException) -> dict[str, str]:
+    return {
+        "error": type(error).__name__,
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+
+
+def loop_error_reporter(log: Logger) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """For ``loop.set_exception_handler``: what the loop reports (a callback or a
+    task that failed, and nobody heard of it) as one error line, the traceback
+    a field, rather than a multi-line report on stderr."""
+
+    def report(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        details = _traceback(error) if isinstance(error, BaseException) else {}
+        log.error("loop_error", message=str(context.get("message", ""))[:200], **details)
+
+    return report
 
 
 def _reason(error: HttpProcessingError) -> str:

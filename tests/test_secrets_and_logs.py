@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -159,3 +160,16 @@ def test_aiohttp_s_own_error_reports_are_one_json_line_each() -> None:
     record = json.loads(line)
     assert record["event"] == "server_error" and record["level"] == "error"
     assert record["error"] == "RuntimeError" and "raise RuntimeError" in record["traceback"]
+
+
+async def test_the_loop_s_error_reports_are_one_json_line_each(stack: Stack) -> None:
+    """While the gateway runs, what its loop reports (a callback that failed, a
+    task whose exception nobody read) is one error line of its log."""
+    loop = asyncio.get_running_loop()
+    try:
+        raise ValueError("a bug in a callback")
+    except ValueError as e:
+        loop.call_exception_handler({"message": "Exception in callback", "exception": e})
+    (line,) = [line for line in stack.log_lines() if line["event"] == "loop_error"]
+    assert line["level"] == "error" and line["message"] == "Exception in callback"
+    assert line["error"] == "ValueError" and "a bug in a callback" in line["traceback"]
