@@ -43,6 +43,19 @@ def main(argv: list[str] | None = None) -> int:
 
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
+    stopped_by: list[int] = []  # the signal that stopped the stack
+
+    def stop_on(signum: int, frame: object) -> None:
+        if not stopped_by:
+            stopped_by.append(signum)
+            raise KeyboardInterrupt
+
+    # Ctrl-C or SIGTERM stops both, from the start (a Ctrl-C while they start
+    # too), also when started in the background (where a shell hands SIGINT
+    # over ignored).
+    signal.signal(signal.SIGINT, stop_on)
+    signal.signal(signal.SIGTERM, stop_on)
+
     emulator_local = upstream.hostname in ("127.0.0.1", "localhost", "::1")
     try:
         if emulator_local:
@@ -75,16 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             "Press Ctrl-C to stop both.\n",
             flush=True,
         )
-        # Ctrl-C or SIGTERM stops both, also when started in the background
-        # (where a shell hands SIGINT over ignored).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         while all(p.poll() is None for p in procs):
             time.sleep(0.2)
         return 1  # one of them died on its own
     except KeyboardInterrupt:
         return 0
     finally:
+        if stopped_by == [signal.SIGINT]:
+            # Ctrl-C reaches the whole group: both are stopping on their own, and
+            # a second signal would cut the gateway's drain short. A moment for that.
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                time.sleep(0.05)
         for p in reversed(procs):
             if p.poll() is None:
                 p.terminate()  # SIGTERM: a SIGINT the shell had them ignore would do nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,6 +64,46 @@ def test_the_dev_stack_streams_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path
     assert f"http://127.0.0.1:{gateway_port}/api/chatbot" in printed
     assert "stack: stopped" in printed
     assert "Traceback" not in printed
+    assert is_closed(emulator_port) and is_closed(gateway_port)
+
+
+def test_ctrl_c_in_a_terminal_drains_the_gateway_once(tmp_path: Path) -> None:
+    """Ctrl-C signals the whole foreground group, the gateway and the emulator
+    too: the stack lets them stop on their own rather than signal the gateway a
+    second time (which would end its drain at once, with a ``stopping_now``
+    warning, on every Ctrl-C of ``make run``)."""
+    emulator_port, gateway_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CHATIQ_API_URL": f"http://127.0.0.1:{emulator_port}/api/chat",
+        "GATEWAY_PORT": str(gateway_port),
+    }
+    out = (tmp_path / "stack.log").open("w+")
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.stack", "--config", "config/gateway.toml"],
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway_port}/api/chatbot",
+            data=json.dumps({"message": "hi"}).encode(),
+            headers={"Authorization": "Bearer demo-key", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            first = r.read1()  # a live stream as Ctrl-C comes: the gateway drains
+            os.killpg(stack.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
+            body = first + r.read()
+        assert stack.wait(timeout=30) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stack.pid, signal.SIGKILL)
+    out.seek(0)
+    printed = out.read()
+    assert "stopping_now" not in printed, printed[-1500:]
+    assert "stack: stopped" in printed and '"event": "stopped"' in printed
+    # The emulator stopped at once too: the stream still ends as the contract says.
+    assert body.endswith(b"data: [DONE]\n\n")
     assert is_closed(emulator_port) and is_closed(gateway_port)
 
 
