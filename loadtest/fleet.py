@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .harness import answers, free_port, start_emulator, start_gateway, stop, wait_answering
+from .harness import (
+    answers,
+    free_port,
+    start_emulator,
+    start_gateway,
+    stop,
+    wait_answering,
+    wait_exited,
+)
 
 DEMO_KEY = "demo-key"
 
@@ -196,8 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Ctrl-C or SIGTERM stops them all, also when started in the background
     # (where a shell hands SIGINT over ignored).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    stopped_by: list[int] = []
+
+    def stop_on(signum: int, frame: object) -> None:
+        if not stopped_by:
+            stopped_by.append(signum)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop_on)
+    signal.signal(signal.SIGTERM, stop_on)
     try:
         while all(p.poll() is None for p in fleet.others):  # HAProxy, Redis, the emulator
             for port, code, pid in fleet.restart_exited():
@@ -208,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        if stopped_by == [signal.SIGINT]:  # Ctrl-C: they are all stopping on their own
+            wait_exited([*(p for p, _, _ in fleet.replicas), *fleet.others], 3.0)
         fleet.stop()
         print("fleet: stopped", flush=True)
 

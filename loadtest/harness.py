@@ -142,6 +142,15 @@ def _toml(value: Any) -> str:
     return json.dumps(value)
 
 
+def wait_exited(processes: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """Give ``processes`` up to ``timeout_s`` to exit on their own: after a
+    Ctrl-C, which signals the whole group, a second signal would cut a
+    gateway's drain short."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+        time.sleep(0.05)
+
+
 def stop(*processes: subprocess.Popen[bytes]) -> None:
     for p in processes:
         if p.poll() is None:

@@ -16,7 +16,7 @@ import time
 import tomllib
 from urllib.parse import urlsplit
 
-from loadtest.harness import answers
+from loadtest.harness import answers, wait_exited
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
@@ -94,12 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if stopped_by == [signal.SIGINT]:
-            # Ctrl-C reaches the whole group: both are stopping on their own, and
-            # a second signal would cut the gateway's drain short. A moment for that.
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-                time.sleep(0.05)
+        if stopped_by == [signal.SIGINT]:  # Ctrl-C: both are stopping on their own
+            wait_exited(procs, 3.0)
         for p in reversed(procs):
             if p.poll() is None:
                 p.terminate()  # SIGTERM: a SIGINT the shell had them ignore would do nothing

@@ -126,6 +126,7 @@ async def test_make_fleet_restarts_a_replica_that_exits_and_stops_on_ctrl_c(
         replicas = re.findall(r"port (\d+) \(pid (\d+)\)", await line_with("Replicas:"))
         assert len(replicas) == 2
         (replica_port, pid), _ = replicas
+        logs = Path((await line_with("Logs:")).split("Logs:", 1)[1].strip())
         await line_with("Press Ctrl-C")
         async with aiohttp.ClientSession() as session:
             chat = f"{url}/api/chatbot"
@@ -144,11 +145,15 @@ async def test_make_fleet_restarts_a_replica_that_exits_and_stops_on_ctrl_c(
             for _ in range(4):  # both replicas serve
                 async with session.post(chat, json={"message": "hi"}, headers=resumable) as r:
                     assert complete((await read_stream(r))[1])
-        fleet.send_signal(signal.SIGINT)
+        os.killpg(fleet.pid, signal.SIGINT)  # as a terminal's Ctrl-C does: the whole group
         await line_with("fleet: stopped")
         assert await asyncio.wait_for(fleet.wait(), 30) == 0
         with pytest.raises(ProcessLookupError):  # the restarted replica is stopped too
             os.kill(new_pid, 0)
+        # Each replica drained once: no second signal from the fleet cut it short.
+        replica_logs = [p.read_text() for p in logs.glob("gateway-*.log")]
+        assert len(replica_logs) == 2 and all('"event": "stopped"' in t for t in replica_logs)
+        assert not any("stopping_now" in t for t in replica_logs)
     finally:
         with contextlib.suppress(ProcessLookupError):  # HAProxy, Redis, the replicas too
             os.killpg(fleet.pid, signal.SIGKILL)
