@@ -144,7 +144,9 @@ class ScriptedUpstream:
         writer.close()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
-        server = await asyncio.start_server(self._serve, host, port, ssl=self._tls)
+        # A backlog as a real server's (nginx: 511), not asyncio's 100: a burst of
+        # hundreds of connects must not see SYNs dropped and retried a second later.
+        server = await asyncio.start_server(self._serve, host, port, ssl=self._tls, backlog=1024)
         self.port = server.sockets[0].getsockname()[1]
         return server
 
