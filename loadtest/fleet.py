@@ -32,6 +32,7 @@ from .harness import (
     start_emulator,
     start_gateway,
     stop,
+    stop_on_signals,
     wait_answering,
     wait_exited,
 )
@@ -202,17 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  Logs: {folder}\n\nPress Ctrl-C to stop them all.\n",
         flush=True,
     )
-    # Ctrl-C or SIGTERM stops them all, also when started in the background
-    # (where a shell hands SIGINT over ignored).
-    stopped_by: list[int] = []
-
-    def stop_on(signum: int, frame: object) -> None:
-        if not stopped_by:
-            stopped_by.append(signum)
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, stop_on)
-    signal.signal(signal.SIGTERM, stop_on)
+    stopped_by = stop_on_signals()  # Ctrl-C or SIGTERM stops them all
     try:
         while all(p.poll() is None for p in fleet.others):  # HAProxy, Redis, the emulator
             for port, code, pid in fleet.restart_exited():
@@ -224,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if stopped_by == [signal.SIGINT]:  # Ctrl-C: they are all stopping on their own
-            wait_exited([*(p for p, _, _ in fleet.replicas), *fleet.others], 3.0)
+            wait_exited([*(p for p, _, _ in fleet.replicas), *fleet.others], 1.5)
         fleet.stop()
         print("fleet: stopped", flush=True)
 

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -140,6 +141,23 @@ def _toml(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return json.dumps(value)
+
+
+def stop_on_signals() -> list[int]:
+    """From now on SIGINT (Ctrl-C) or SIGTERM raises KeyboardInterrupt, also in
+    a process a shell started in the background (with SIGINT ignored); the list
+    returned gets the signal that did, so that the caller knows whether its
+    children got it too (Ctrl-C signals the whole group)."""
+    stopped_by: list[int] = []
+
+    def stop_on(signum: int, frame: object) -> None:
+        if not stopped_by:
+            stopped_by.append(signum)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop_on)
+    signal.signal(signal.SIGTERM, stop_on)
+    return stopped_by
 
 
 def wait_exited(processes: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:

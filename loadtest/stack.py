@@ -16,7 +16,7 @@ import time
 import tomllib
 from urllib.parse import urlsplit
 
-from loadtest.harness import answers, wait_exited
+from loadtest.harness import answers, stop_on_signals, wait_exited
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
@@ -43,18 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     py = sys.executable
     procs: list[subprocess.Popen[bytes]] = []
-    stopped_by: list[int] = []  # the signal that stopped the stack
-
-    def stop_on(signum: int, frame: object) -> None:
-        if not stopped_by:
-            stopped_by.append(signum)
-            raise KeyboardInterrupt
-
-    # Ctrl-C or SIGTERM stops both, from the start (a Ctrl-C while they start
-    # too), also when started in the background (where a shell hands SIGINT
-    # over ignored).
-    signal.signal(signal.SIGINT, stop_on)
-    signal.signal(signal.SIGTERM, stop_on)
+    stopped_by = stop_on_signals()  # from the start: a Ctrl-C while they start too
 
     emulator_local = upstream.hostname in ("127.0.0.1", "localhost", "::1")
     try:
@@ -95,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if stopped_by == [signal.SIGINT]:  # Ctrl-C: both are stopping on their own
-            wait_exited(procs, 3.0)
+            wait_exited(procs, 1.5)
         for p in reversed(procs):
             if p.poll() is None:
                 p.terminate()  # SIGTERM: a SIGINT the shell had them ignore would do nothing

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO, Any
 
 from loadtest.harness import free_port, wait_answering
 
@@ -27,21 +28,24 @@ def is_closed(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_the_dev_stack_streams_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+def start_stack(out: IO[str], **popen: Any) -> tuple[subprocess.Popen[bytes], int, int]:
+    """``make run``'s stack on free ports: it, and its emulator's and gateway's ports."""
     emulator_port, gateway_port = free_port(), free_port()
     env = {
         **os.environ,
         "CHATIQ_API_URL": f"http://127.0.0.1:{emulator_port}/api/chat",
         "GATEWAY_PORT": str(gateway_port),
     }
-    out = (tmp_path / "stack.log").open("w+")
     stack = subprocess.Popen(
         [sys.executable, "-m", "loadtest.stack", "--config", "config/gateway.toml"],
-        cwd=ROOT,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, **popen,
+    )  # fmt: skip
+    return stack, emulator_port, gateway_port
+
+
+def test_the_dev_stack_streams_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    out = (tmp_path / "stack.log").open("w+")
+    stack, emulator_port, gateway_port = start_stack(out)
     try:
         wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
         request = urllib.request.Request(
@@ -72,17 +76,8 @@ def test_ctrl_c_in_a_terminal_drains_the_gateway_once(tmp_path: Path) -> None:
     too: the stack lets them stop on their own rather than signal the gateway a
     second time (which would end its drain at once, with a ``stopping_now``
     warning, on every Ctrl-C of ``make run``)."""
-    emulator_port, gateway_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "CHATIQ_API_URL": f"http://127.0.0.1:{emulator_port}/api/chat",
-        "GATEWAY_PORT": str(gateway_port),
-    }
     out = (tmp_path / "stack.log").open("w+")
-    stack = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.stack", "--config", "config/gateway.toml"],
-        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    stack, emulator_port, gateway_port = start_stack(out, start_new_session=True)
     try:
         wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
         request = urllib.request.Request(
