@@ -43,16 +43,21 @@ def start_stack(out: IO[str], **popen: Any) -> tuple[subprocess.Popen[bytes], in
     return stack, emulator_port, gateway_port
 
 
+def chat_request(gateway_port: int) -> urllib.request.Request:
+    """The README's curl line, for the demo key."""
+    return urllib.request.Request(
+        f"http://127.0.0.1:{gateway_port}/api/chatbot",
+        data=json.dumps({"message": "hi"}).encode(),
+        headers={"Authorization": "Bearer demo-key", "Content-Type": "application/json"},
+    )
+
+
 def test_the_dev_stack_streams_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     out = (tmp_path / "stack.log").open("w+")
     stack, emulator_port, gateway_port = start_stack(out)
     try:
         wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{gateway_port}/api/chatbot",
-            data=json.dumps({"message": "hi"}).encode(),
-            headers={"Authorization": "Bearer demo-key", "Content-Type": "application/json"},
-        )
+        request = chat_request(gateway_port)
         with urllib.request.urlopen(request, timeout=30) as r:
             assert r.headers["Content-Type"].startswith("text/event-stream")
             body = r.read()
@@ -80,11 +85,7 @@ def test_ctrl_c_in_a_terminal_drains_the_gateway_once(tmp_path: Path) -> None:
     stack, emulator_port, gateway_port = start_stack(out, start_new_session=True)
     try:
         wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{gateway_port}/api/chatbot",
-            data=json.dumps({"message": "hi"}).encode(),
-            headers={"Authorization": "Bearer demo-key", "Content-Type": "application/json"},
-        )
+        request = chat_request(gateway_port)
         with urllib.request.urlopen(request, timeout=30) as r:
             first = r.read1()  # a live stream as Ctrl-C comes: the gateway drains
             os.killpg(stack.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
