@@ -27,12 +27,17 @@ from tests.conftest import ACME_KEY, read_stream
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 
 
-def start_test_fleet(tmp_path: Path, emulator_args: tuple[str, ...], **tables: Any) -> Fleet:
-    """``make fleet``'s fleet (Redis, emulator, two replicas, HAProxy) on free ports."""
+def require_fleet_programs() -> None:
+    """Skip (fail in CI, which installs them) without HAProxy or Redis."""
     if haproxy_binary() is None or shutil.which("redis-server") is None:
         if os.environ.get("CI"):
             pytest.fail("haproxy or redis-server is missing: .ci/run installs both")
         pytest.skip("needs haproxy and redis-server (apt-get install haproxy redis-server)")
+
+
+def start_test_fleet(tmp_path: Path, emulator_args: tuple[str, ...], **tables: Any) -> Fleet:
+    """``make fleet``'s fleet (Redis, emulator, two replicas, HAProxy) on free ports."""
+    require_fleet_programs()
     return start_fleet(
         tmp_path, free_port(), replicas=2, key=ACME_KEY, emulator_args=emulator_args,
         server={"shutdown_grace_s": 20.0}, **tables,
@@ -97,13 +102,11 @@ async def test_a_replica_drained_during_traffic_costs_no_client_an_error(fleet: 
     assert len(outcomes) > 100 and all(outcomes), f"{outcomes.count(False)} streams failed"
 
 
-async def test_make_fleet_restarts_a_replica_that_exits_and_stops_on_ctrl_c(
-    tmp_path: Path,
-) -> None:
+async def test_make_fleet_restarts_a_replica_that_exits_and_stops_on_ctrl_c() -> None:
     """``make fleet`` itself: resumable streams on, a replica sent SIGTERM (a
     rolling restart) is started again on its port while the fleet serves, and
     Ctrl-C stops everything."""
-    start_test_fleet(tmp_path, ()).stop()  # skips (or fails in CI) without haproxy or Redis
+    require_fleet_programs()
     port = free_port()
     fleet = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "loadtest.fleet", "--port", str(port),
