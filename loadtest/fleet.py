@@ -95,10 +95,13 @@ def start_redis(folder: Path, port: int) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("fleet: redis-server is not installed (apt-get install redis-server)")
+    # In a session of its own: a terminal's Ctrl-C (which signals the whole
+    # group) must not stop it before the replicas that still write to it have
+    # drained; the fleet stops it last.
     return subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
          "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
 
 
@@ -107,6 +110,7 @@ class Fleet:
     port: int  # HAProxy's
     replicas: list[tuple[subprocess.Popen[bytes], int, Path]] = field(default_factory=list)
     others: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    redis: subprocess.Popen[bytes] | None = None  # also in others; in a session of its own
     # Starts a replica on a port (and returns it with its log): kept for restarts.
     start_replica: Callable[[int], tuple[subprocess.Popen[bytes], Path]] | None = None
 
@@ -147,7 +151,8 @@ def start_fleet(
         fleet.others.append(start_emulator(emulator_port, *emulator_args))
         if redis:
             redis_port = free_port()
-            fleet.others.append(start_redis(folder, redis_port))
+            fleet.redis = start_redis(folder, redis_port)
+            fleet.others.append(fleet.redis)
             tables["redis"] = {
                 "url": f"redis://127.0.0.1:{redis_port}/0",
                 "expected_replicas": replicas,
@@ -214,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if stopped_by == [signal.SIGINT]:  # Ctrl-C: they are all stopping on their own
-            wait_exited([*(p for p, _, _ in fleet.replicas), *fleet.others], 1.5)
+        if stopped_by == [signal.SIGINT]:  # Ctrl-C: all but Redis are stopping on their own
+            signalled = [p for p in fleet.others if p is not fleet.redis]
+            wait_exited([*(p for p, _, _ in fleet.replicas), *signalled], 1.5)
         fleet.stop()
         print("fleet: stopped", flush=True)
 

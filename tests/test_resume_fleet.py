@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,24 @@ async def test_with_redis_down_streams_resume_where_they_run_and_elsewhere_get_a
     assert events[-1].data == "[DONE]"
     assert without_ids(head + tail) == upstream_events(stack, request_id)
     redis_server.start()
+
+
+async def test_a_replica_whose_redis_is_gone_stops_without_waiting_for_it(
+    make_stack: StackFactory, replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """Its writer cannot copy a live stream's last events to a Redis that is
+    gone: the shutdown gives up at the first failed round instead of waiting
+    out its 5 s for copies (which made make fleet's Ctrl-C signal it again)."""
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=400))
+    (gw,) = await replicas(stack, n=1, server={"shutdown_grace_s": 0.2})
+    live = await stack.session.post(gw.url, json={"message": "go on"}, headers=RESUMABLE)
+    await read_events(live, limit=2)  # then dropped: the stream goes on, detached
+    redis_server.stop()
+    signalled = time.monotonic()
+    gw.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(gw.process.wait, 30) == 0
+    took_s = time.monotonic() - signalled
+    log = gw.log_path.read_text()
+    assert '"event": "drained"' in log and '"event": "stopped"' in log
+    assert '"resume_redis_failed"' in log  # it did try
+    assert took_s < 4, f"stopped {took_s:.1f} s after SIGTERM"  # it waited >= 5 s for Redis

@@ -82,6 +82,7 @@ class RedisStreams:
         # the reading side: streams of other replicas followed here
         self._replicas: dict[str, Journal] = {}
         self._failed_at = 0.0
+        self._writer_failing = False  # its last round failed: Redis is not taking copies
         self._tasks = [
             asyncio.create_task(self._write_rounds()),
             asyncio.create_task(self._feed_rounds()),
@@ -94,9 +95,11 @@ class RedisStreams:
         return f"{{{self._prefix}:resume-chat}}:{frontend}:{tenant}:{chat_id}"
 
     async def close(self) -> None:
-        """After the writer copied what it still had (a few seconds at most)."""
+        """After the writer copied what it still had (a few seconds at most), or
+        at once when Redis does not take it: a shutdown does not wait for a
+        Redis that is gone."""
         until = time.monotonic() + 5
-        while self._copied and time.monotonic() < until:
+        while self._copied and not self._writer_failing and time.monotonic() < until:
             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
@@ -159,11 +162,13 @@ class RedisStreams:
                 results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as e:
                 self._failed("append", e)
+                self._writer_failing = True
                 for journal, _, _ in wrote:
                     self._dirty.setdefault(journal.id, journal)
                 await asyncio.sleep(_RETRY_S)
                 self._wake.set()
                 continue
+            self._writer_failing = False
             for result in results:  # a re-sent event Redis already has is no error here
                 if isinstance(result, Exception) and not isinstance(result, ResponseError):
                     self._failed("append", result)
