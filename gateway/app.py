@@ -7,38 +7,26 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import handlers, page
-from .admission import Admission
-from .auth import FailedKeyThrottle, TenantDirectory
-from .breaker import Breakers, OnTransition, State
-from .config import Settings, named_bots
-from .exchange import add_request_id, make_middleware
-from .fleet import SharedQuotas
-from .frontends import Frontend, load_frontends
-from .frontends.chatiq import ChatIQFrontend
-from .logs import Logger, loop_error_reporter, make_logger
-from .metrics import Metrics
-from .resume.redis_log import RedisStreams
-from .resume.serve import resume_chat_route, resume_stream
-from .resume.streams import ResumableStreams
-from .state import (
-    ADMISSION,
-    BREAKERS,
-    FAILED_KEYS,
-    LIFECYCLE,
-    LOG,
-    METRICS,
-    RESUMABLE,
-    SETTINGS,
-    TENANTS,
-    TIMERS,
-    UPSTREAM,
-    Lifecycle,
-    LiveSettings,
-)
-from .timers import TimerHeap
-from .upstream import Upstream
-from .wire import Pool
+from gateway.auth.tenants import FAILED_KEYS, TENANTS, FailedKeyThrottle, TenantDirectory
+from gateway.config import Settings, named_bots
+from gateway.exchange import add_request_id, make_middleware
+from gateway.frontends import Frontend, load_frontends
+from gateway.frontends.chatiq import ChatIQFrontend
+from gateway.logs import Logger, loop_error_reporter, make_logger
+from gateway.metrics import Metrics
+from gateway.pipeline import bind
+from gateway.quotas.admission import ADMISSION, Admission
+from gateway.quotas.shared import SharedQuotas
+from gateway.resume.redis_log import RedisStreams
+from gateway.resume.serve import resume_chat_route, resume_stream
+from gateway.resume.streams import RESUMABLE, ResumableStreams
+from gateway.routes import ops as handlers
+from gateway.routes import page
+from gateway.state import LIFECYCLE, LOG, METRICS, SETTINGS, TIMERS, Lifecycle, LiveSettings
+from gateway.timers import TimerHeap
+from gateway.upstream.breaker import BREAKERS, Breakers, OnTransition, State
+from gateway.upstream.client import UPSTREAM, Upstream
+from gateway.upstream.pool import Pool
 
 
 def create_app(settings: Settings, *, log: Logger | None = None) -> web.Application:
@@ -77,6 +65,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     for frontend in load_frontends(settings):
         for route in frontend.routes():
             assert isinstance(route, web.RouteDef)
+            route = bind(route, frontend)
             app.router.add_routes([route])
             frontend_of_route[route.path] = frontend
     if settings.resume.enabled:

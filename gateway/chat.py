@@ -1,19 +1,25 @@
-"""The gateway's one neutral chat request, and the checks every frontend's
-parser applies to its parts (so that each refuses the same things the same way)."""
+"""The gateway's one neutral chat request, the checks every frontend's parser
+applies to its parts (so that each refuses the same things the same way), and
+what the stream path sees of a frontend: ``WireFormat`` and its
+``StreamEncoder``. Frontends implement them (``gateway.frontends.base``); the
+pipeline, the relay and resumed streams use them, and none of those imports a
+frontend."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import Any
+from typing import Any, Protocol
 
+from aiohttp import web
 from multidict import istr
 
-from .config import ServerSettings
-from .errors import InvalidRequest
+from gateway.config import ServerSettings, Settings, Tenant
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.exchange import Exchange
 
 _BOT_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_CONVERSATION_ID_CHARS = 200
@@ -170,3 +176,69 @@ def split_messages(
     history = [{"role": r, "content": t} for r, t in turns[:-1]]
     check_history(history, limits, name="messages")
     return message, history
+
+
+# What the stream path sees of a frontend
+
+
+class StreamEncoder(Protocol):
+    """One stream's events, in a frontend's wire format. Each method returns the
+    bytes to send (``b""``: nothing). Called from the relay's hot path: keep it
+    to one ``dumps`` per event."""
+
+    headers: Mapping[str, str]  # extra response headers (the stream's head)
+
+    def event(self, payload: dict[str, Any]) -> bytes:
+        """One upstream event (its JSON, already checked to be an object)."""
+
+    def done(self) -> bytes:
+        """The upstream's ``[DONE]``: the frontend's own ending."""
+
+    def error(self, err: GatewayError) -> bytes:
+        """A failure after the stream started: an error the client's library
+        raises, and the ending. Never a silent truncation."""
+
+
+class WireFormat(Protocol):
+    """A frontend, as the pipeline and resumed streams use it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def prefix(self) -> str: ...
+
+    @property
+    def resumable(self) -> bool: ...
+
+    @property
+    def resume_path(self) -> str | None: ...
+
+    def parse(self, raw: bytes, settings: Settings) -> ChatRequest: ...
+
+    def encoder(self, chat: ChatRequest, ex: Exchange) -> StreamEncoder | None: ...
+
+    def completion(self, body: bytes, chat: ChatRequest, ex: Exchange) -> web.Response: ...
+
+    def error_response(self, err: GatewayError) -> web.Response: ...
+
+
+async def served_by_the_pipeline(request: web.Request) -> web.StreamResponse:
+    """The handler of a frontend's chat route (``Frontend.chat_route``) until the
+    app binds the route to the pipeline, with its frontend."""
+    raise RuntimeError("a chat route is served once the app binds it to the pipeline")
+
+
+TenantHandler = Callable[[web.Request, Tenant, Settings], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class ForTenant:
+    """A route's handler that needs the caller's tenant (``Frontend.tenant_route``):
+    the app binds it to the pipeline's authentication, which calls ``handler``
+    with the tenant and the settings in force."""
+
+    handler: TenantHandler
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("a tenant route is served once the app binds it")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .cpus import usable_cpus
-from .egress import DIRECT, parse_proxy, proxy_from_environment
+from gateway.server.cpus import usable_cpus
+from gateway.upstream.egress import DIRECT, parse_proxy, proxy_from_environment
 
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")

@@ -6,21 +6,62 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 from multidict import istr
 
-from .edge import request_finished
-from .errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
-from .logs import Logger
-from .metrics import Metrics
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
+from gateway.logs import Logger
+from gateway.metrics import Metrics
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 NO_TENANT = "-"
+
+
+# On every response: no MIME sniffing (a reply is never run as a script), no
+# Referer carrying the page's URL to the images a reply links to, and a Server
+# header without versions (aiohttp's names Python's and its own).
+SAFETY_HEADERS = {
+    hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff",
+    hdrs.REFERRER_POLICY: "no-referrer",
+    hdrs.SERVER: "chatiq-gateway",
+}
+
+
+class RequestBoundary:
+    """A connection's protocol that must hear when each request on it ends (the
+    server's deadline on request heads: ``gateway.server.edge.HeaderDeadline``)."""
+
+    __slots__ = ()
+
+    def request_finished(self) -> None:
+        raise NotImplementedError
+
+
+def request_finished(request: web.Request) -> None:
+    """Tell the request's connection that its next bytes start a new request head."""
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    if isinstance(protocol, RequestBoundary):
+        protocol.request_finished()
+
+
+def release_body_buffer(request: web.Request) -> None:
+    """Once a request's body is read to its end, its reader's empty deque (a
+    64-slot block, ~650 bytes) is replaced by an empty tuple: aiohttp keeps the
+    reader for the request's life, a held stream's too, and nothing is added
+    to a reader past its end (aiohttp asserts as much; a tuple would raise
+    rather than keep it). The attribute is aiohttp's own: where a version
+    lacks it, nothing is done."""
+    reader = request.content
+    buffer = getattr(reader, "_buffer", None)
+    if isinstance(buffer, deque) and not buffer and reader.is_eof():
+        reader._buffer = ()  # type: ignore[assignment]
 
 
 class ErrorRenderer(Protocol):

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .config import LoggingSettings
+from gateway.config import LoggingSettings
 
 Logger = Any  # structlog's bound loggers are dynamically typed
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}

@@ -5,19 +5,21 @@
 Auth, the bot check, admission and quotas, retries and the breaker (in the
 upstream client), timeouts, backpressure, drain and cancellation are the
 same for every frontend; the frontend only reads its body and writes its
-own answers (``gateway.frontends.base``).
+own answers (``gateway.frontends.base``). The app binds each frontend's
+chat routes (and its routes for a tenant) here with ``bind``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from aiohttp import web
 
-from .auth import authenticate
-from .config import ANY_BOT, named_bots
-from .edge import release_body_buffer
-from .errors import (
+from gateway.auth.tenants import tenant_of
+from gateway.chat import ForTenant, TenantHandler, WireFormat, served_by_the_pipeline
+from gateway.config import ANY_BOT, named_bots
+from gateway.errors import (
     Draining,
     Forbidden,
     PayloadTooLarge,
@@ -25,11 +27,12 @@ from .errors import (
     UnknownBot,
     UnsupportedMediaType,
 )
-from .exchange import exchange_of
-from .frontends.base import Frontend
-from .relay import Relay
-from .resume.serve import serve_resumable, wants_resumable
-from .state import ADMISSION, FAILED_KEYS, LIFECYCLE, METRICS, SETTINGS, TENANTS, UPSTREAM
+from gateway.exchange import exchange_of, release_body_buffer
+from gateway.quotas.admission import ADMISSION
+from gateway.relay import Relay
+from gateway.resume.serve import serve_resumable, wants_resumable
+from gateway.state import LIFECYCLE, METRICS, SETTINGS
+from gateway.upstream.client import UPSTREAM
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -53,14 +56,13 @@ async def read_body(request: web.Request) -> bytes:
     return body
 
 
-async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResponse:
+async def serve_chat(request: web.Request, frontend: WireFormat) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS].current
     lifecycle = app[LIFECYCLE]
     ex = exchange_of(request)
 
-    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
-    ex.tenant = tenant.name
+    tenant = tenant_of(request)
     chat = frontend.parse(await read_body(request), settings)
     metrics = app[METRICS]
     ex.bot, ex.bot_label = chat.bot, metrics.bot_label(chat.bot)
@@ -92,3 +94,23 @@ async def serve_chat(request: web.Request, frontend: Frontend) -> web.StreamResp
     finally:
         if relay is None:  # else the stream has the slot, and gives it back as it ends
             slot.give_back()
+
+
+def bind(route: web.RouteDef, frontend: WireFormat) -> web.RouteDef:
+    """A frontend's route, served: a chat route by ``serve_chat`` with the
+    frontend, a tenant route by its handler once the caller is authenticated,
+    any other as it is."""
+    if route.handler is served_by_the_pipeline:
+        # A partial, not a closure awaiting it: one coroutine frame fewer a stream.
+        return web.post(route.path, partial(serve_chat, frontend=frontend), **route.kwargs)
+    if isinstance(route.handler, ForTenant):
+        return web.route(
+            route.method, route.path, partial(serve_for_tenant, handler=route.handler.handler),
+            **route.kwargs,
+        )  # fmt: skip
+    return route
+
+
+async def serve_for_tenant(request: web.Request, handler: TenantHandler) -> web.StreamResponse:
+    tenant = tenant_of(request)
+    return await handler(request, tenant, request.app[SETTINGS].current)

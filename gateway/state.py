@@ -1,4 +1,8 @@
-"""Typed keys for everything the app owns: no global mutable state."""
+"""Typed keys for what the app owns that every layer reads: the settings in
+force, the metrics, the log, the live streams' timers and the lifecycle. No
+global mutable state: everything hangs off the ``web.Application``. The keys
+of what a package owns (the upstream client, the quotas, the tenants, the
+resumable streams) live in that package, beside their types."""
 
 from __future__ import annotations
 
@@ -6,15 +10,10 @@ import asyncio
 
 from aiohttp import web
 
-from .admission import Admission
-from .auth import FailedKeyThrottle, TenantDirectory
-from .breaker import Breakers
-from .config import Settings
-from .logs import Logger
-from .metrics import Metrics
-from .resume.streams import ResumableStreams
-from .timers import TimerHeap
-from .upstream import Upstream
+from gateway.config import Settings
+from gateway.logs import Logger
+from gateway.metrics import Metrics
+from gateway.timers import TimerHeap
 
 
 class LiveSettings:
@@ -37,12 +36,6 @@ class Lifecycle:
 
 SETTINGS = web.AppKey("settings", LiveSettings)
 METRICS = web.AppKey("metrics", Metrics)
-ADMISSION = web.AppKey("admission", Admission)
-TENANTS = web.AppKey("tenants", TenantDirectory)
-FAILED_KEYS = web.AppKey("failed_keys", FailedKeyThrottle)
-UPSTREAM = web.AppKey("upstream", Upstream)
-BREAKERS = web.AppKey("breakers", Breakers)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 LOG = web.AppKey("log", Logger)
-RESUMABLE = web.AppKey("resumable", ResumableStreams)
 TIMERS = web.AppKey("timers", TimerHeap)  # the live streams' timers

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
-from gateway.auth import hash_key
+from gateway.auth.tenants import hash_key
 from gateway.config import (
     AdmissionSettings,
     CircuitSettings,
@@ -31,8 +31,8 @@ from gateway.config import (
     UpstreamSettings,
 )
 from gateway.logs import make_logger
+from gateway.quotas.admission import ADMISSION
 from gateway.sse import SSEParser
-from gateway.state import ADMISSION
 from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings, Transcript, create_emulator_app
 from loadtest.harness import free_port, metric_total, start_gateway, wait_ready
 
@@ -177,6 +177,17 @@ def is_json_line(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except ValueError:
         return False
+
+
+# Fixtures that start a program besides Python: their tests are marked
+# "external" (the modules that need one throughout say so themselves).
+EXTERNAL_FIXTURES = frozenset({"redis_server", "tinyproxy"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if EXTERNAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.external)
 
 
 @pytest.fixture(scope="session", autouse=True)

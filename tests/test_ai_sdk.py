@@ -19,6 +19,8 @@ from tests.conftest import ACME_KEY, LIMITED_KEY, Stack, StackFactory
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 from tests.test_openai import emulator_text
 
+pytestmark = [pytest.mark.external, pytest.mark.process]
+
 NODE_DIR = Path(__file__).resolve().parent / "node"
 
 

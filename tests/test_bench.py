@@ -64,6 +64,8 @@ def nginx_available() -> bool:
     return bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
 
 
+@pytest.mark.external
+@pytest.mark.process
 async def test_make_bench_writes_the_side_by_side_table(tmp_path: Path) -> None:
     if not nginx_available():
         if os.environ.get("CI"):
@@ -99,6 +101,8 @@ async def test_make_bench_writes_the_side_by_side_table(tmp_path: Path) -> None:
     assert chart.startswith(b"\x89PNG") and len(chart) > 10_000
 
 
+@pytest.mark.external
+@pytest.mark.process
 async def test_make_bench_rounds_interleave_the_paths_and_report_each_ratio(
     tmp_path: Path,
 ) -> None:
@@ -140,6 +144,7 @@ def test_rounds_too_short_for_nginx_to_register_are_said_so_not_divided_by() -> 
     )
 
 
+@pytest.mark.process
 async def test_the_gateway_runs_on_uvloop_unless_told_otherwise(
     make_stack: StackFactory,
     gateway_process: Callable[..., Awaitable[GatewayProcess]],
@@ -166,6 +171,8 @@ async def run_tool(module: str, out: Path, *args: str) -> tuple[int, str]:
     return process.returncode, printed.decode()
 
 
+@pytest.mark.external
+@pytest.mark.process
 async def test_make_instructions_counts_the_gateways_instructions_per_stream_and_the_floors(
     tmp_path: Path,
 ) -> None:
@@ -203,6 +210,7 @@ def test_instructions_split_a_streams_cost_into_fixed_and_per_event() -> None:
     assert round(per_event) == 20_000 and round(fixed) == 780_000
 
 
+@pytest.mark.process
 async def test_make_resumes_drops_and_resumes_streams_and_says_what_it_measured(
     tmp_path: Path,
 ) -> None:
@@ -214,6 +222,7 @@ async def test_make_resumes_drops_and_resumes_streams_and_says_what_it_measured(
     assert "**20 of 20**" in summary, summary
 
 
+@pytest.mark.process
 async def test_make_profile_reports_cost_per_stream_and_event_and_the_top_functions(
     tmp_path: Path,
 ) -> None:

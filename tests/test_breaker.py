@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.breaker import CircuitBreaker, State
 from gateway.config import CircuitSettings
-from gateway.state import BREAKERS
+from gateway.upstream.breaker import BREAKERS, CircuitBreaker, State
 from tests.conftest import Stack, eventually, read_stream
 from tests.scripted import (
     BODY,

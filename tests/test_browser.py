@@ -16,6 +16,8 @@ from loadtest.emulator import EmulatorSettings, compose_reply
 from tests.conftest import ACME_KEY, TINY_KEY, Stack, StackFactory, eventually
 from tests.cutting_proxy import CuttingProxy
 
+pytestmark = pytest.mark.external
+
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "results" / "screenshots"
 PACED = EmulatorSettings(ttft_s=0.05, tokens_per_s=25, reply_tokens=12)

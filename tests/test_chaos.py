@@ -86,6 +86,7 @@ async def test_thousands_of_streams_cancelled_at_random_points_leave_nothing_beh
     await assert_all_released(stack)  # also at teardown; here, to fail next to the cause
 
 
+@pytest.mark.process
 async def test_clients_that_never_read_cannot_grow_memory(
     make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
 ) -> None:

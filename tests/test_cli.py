@@ -19,6 +19,8 @@ from loadtest.emulator import EmulatorSettings, compose_reply
 from tests.conftest import ACME_KEY, GatewayProcess, StackFactory
 from tests.cutting_proxy import CuttingProxy
 
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

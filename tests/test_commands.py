@@ -14,7 +14,11 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+import pytest
+
 from loadtest.harness import free_port, wait_answering
+
+pytestmark = pytest.mark.process
 
 ROOT = Path(__file__).resolve().parent.parent
 

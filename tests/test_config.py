@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import hash_key
+from gateway.auth.tenants import hash_key
 from gateway.config import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +130,7 @@ def test_a_tenant_may_have_more_keys_each_a_hash_and_each_its_own(tmp_path: Path
         load_settings(write(tmp_path, GOOD + other + "\n"), environ={})
 
 
+@pytest.mark.process
 def test_the_gateway_stops_on_a_bad_config_with_one_line_and_no_traceback(
     tmp_path: Path,
 ) -> None:

@@ -109,6 +109,8 @@ def promtool() -> str:
     return found
 
 
+@pytest.mark.external
+@pytest.mark.process
 @pytest.mark.parametrize(
     "args",
     [

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.deadline import Deadline
+from gateway.upstream.deadline import Deadline
 
 Factory = Callable[[float], AbstractAsyncContextManager[Any]]
 

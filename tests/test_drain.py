@@ -8,9 +8,12 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 
 from loadtest.emulator import EmulatorSettings
 from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
+
+pytestmark = pytest.mark.process
 
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 

@@ -11,8 +11,10 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from gateway.edge import GatewaySite, HeaderDeadline, UvloopRequestHandler
+from gateway.server.edge import GatewaySite, HeaderDeadline, UvloopRequestHandler
 from loadtest.harness import free_port
+
+pytestmark = pytest.mark.process
 
 
 async def nodelay_seen_by_a_handler() -> tuple[int, type[object]]:

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, settings_from_mapping
-from gateway.egress import parse_proxy, proxy_from_environment
+from gateway.upstream.egress import parse_proxy, proxy_from_environment
 from loadtest.harness import free_port, start_gateway, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, Stack, read_stream
 from tests.scripted import BODY, ScriptedFactory, ScriptedUpstream, ok_answer
@@ -160,6 +160,7 @@ async def test_a_plain_http_upstream_goes_through_the_proxy_in_absolute_form(
     assert upstream.requests[0].startswith(b"POST /api/chat HTTP/1.1\r\n")
 
 
+@pytest.mark.process
 async def test_the_environment_chooses_the_proxy_and_no_proxy_bypasses_it(
     tinyproxy: RealProxy,
     test_ca: CertAuthority,
@@ -213,6 +214,7 @@ async def test_the_environment_chooses_the_proxy_and_no_proxy_bypasses_it(
         server.close()
 
 
+@pytest.mark.process
 async def test_a_proxy_that_does_not_answer_is_a_warning_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.auth import FailedKeyThrottle
+from gateway.auth.tenants import FailedKeyThrottle
 from gateway.chat import ChatRequest, json_object
 from gateway.config import AdmissionSettings, ServerSettings
 from gateway.errors import InvalidRequest, RateLimited

@@ -11,8 +11,9 @@ import json
 
 import pytest
 
+from gateway import downstream
 from gateway import relay as relay_module
-from gateway.frontends.base import StreamEncoder
+from gateway.chat import StreamEncoder
 from gateway.sse import Event
 from loadtest.emulator import CHUNKS_BEFORE_FAULT, EmulatorSettings
 from tests.conftest import Stack, StackFactory, read_stream
@@ -127,11 +128,11 @@ async def test_a_gateway_bug_mid_stream_still_ends_with_an_error_event(
     # Paced, so that the first two events went out in batches of their own.
     stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=50, reply_tokens=10))
     calls = 0
-    real = relay_module.translate
+    real = downstream.translate
 
     def breaks_on_the_third_batch(
         events: list[Event], encoder: StreamEncoder | None
-    ) -> relay_module.Translated:
+    ) -> downstream.Translated:
         nonlocal calls
         calls += 1
         if calls == 3:

@@ -164,6 +164,7 @@ async def test_a_slow_reader_pauses_the_upstream_and_the_stream_still_ends_whole
     assert events[-1] == "[DONE]" and all(route.error_code(e) is None for e in events[:-1])
 
 
+@pytest.mark.process
 @FRONTENDS
 async def test_drain_ends_live_streams_in_the_frontend_s_own_error_shape(
     make_stack: StackFactory,

@@ -24,6 +24,8 @@ from loadtest.fleet import Fleet, haproxy_binary, start_fleet
 from loadtest.harness import free_port, metric_total
 from tests.conftest import ACME_KEY, read_stream
 
+pytestmark = pytest.mark.external
+
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 
 
@@ -102,6 +104,7 @@ async def test_a_replica_drained_during_traffic_costs_no_client_an_error(fleet: 
     assert len(outcomes) > 100 and all(outcomes), f"{outcomes.count(False)} streams failed"
 
 
+@pytest.mark.process
 async def test_make_fleet_restarts_a_replica_that_exits_and_stops_on_ctrl_c() -> None:
     """``make fleet`` itself: resumable streams on, a replica sent SIGTERM (a
     rolling restart) is started again on its port while the fleet serves, and

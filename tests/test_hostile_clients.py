@@ -8,8 +8,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from loadtest.emulator import TRANSCRIPTS, EmulatorSettings
 from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
+
+pytestmark = pytest.mark.process
 
 GatewayFactory = Callable[..., Awaitable[GatewayProcess]]
 

@@ -9,8 +9,12 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from loadtest.emulator import EmulatorSettings
 from tests.conftest import ACME_KEY, GatewayProcess, StackFactory
+
+pytestmark = pytest.mark.process
 
 ROOT = Path(__file__).resolve().parent.parent
 

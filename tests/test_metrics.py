@@ -23,7 +23,7 @@ from gateway.metrics import (
     Metrics,
     version,
 )
-from gateway.state import ADMISSION
+from gateway.quotas.admission import ADMISSION
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port
 from tests.conftest import (
@@ -186,6 +186,7 @@ async def test_metrics_can_require_a_bearer_token(make_stack: StackFactory) -> N
     await base.session.close()
 
 
+@pytest.mark.process
 async def test_metrics_can_live_on_a_port_of_their_own(
     make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
 ) -> None:
@@ -309,6 +310,7 @@ print(sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])))
 """
 
 
+@pytest.mark.process
 async def test_a_worker_reads_its_pid_once_not_on_every_update(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     process = await asyncio.create_subprocess_exec(

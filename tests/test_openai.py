@@ -13,7 +13,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from gateway.auth import hash_key
+from gateway.auth.tenants import hash_key
 from gateway.config import Tenant
 from gateway.sse import SSEParser
 from loadtest.emulator import EmulatorSettings

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pydantic_core import SchemaValidator, core_schema
 from schemathesis.checks import positive_data_acceptance
 
-from gateway.handlers import OPENAPI
+from gateway.routes.ops import OPENAPI
 from loadtest.harness import free_port, start_emulator, start_gateway, stop, wait_answering
 from tests.conftest import ACME_KEY, CHATIQ_KEY
 

@@ -46,6 +46,7 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site
 
 
+@pytest.mark.process
 async def test_an_installed_plugin_frontend_serves_through_the_shared_pipeline(
     plugin_site: Path,
     make_stack: StackFactory,

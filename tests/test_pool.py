@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway import wire
 from gateway.config import AdmissionSettings
+from gateway.upstream.pool import Pool
 from tests.conftest import Stack, StackFactory, gateway_settings
 from tests.scripted import (
     BODY,
@@ -110,11 +110,11 @@ async def test_a_host_whose_address_changes_is_followed_within_the_connection_ma
     new_server = await new.start("127.0.0.2", old.port)  # the same port, another address
     address = "127.0.0.1"
 
-    async def lookup(pool: wire.Pool, host: str, port: int) -> list[str]:
+    async def lookup(pool: Pool, host: str, port: int) -> list[str]:
         assert host == "chat.upstream.test"
         return [address]
 
-    monkeypatch.setattr(wire.Pool, "lookup", lookup)
+    monkeypatch.setattr(Pool, "lookup", lookup)
     url = f"http://chat.upstream.test:{old.port}/api/chat"
     stack = await make_stack(settings=gateway_settings(url, connection_max_age_s=0.5))
     try:

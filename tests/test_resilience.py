@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gateway.config import AdmissionSettings
-from gateway.state import ADMISSION
+from gateway.quotas.admission import ADMISSION
 from loadtest.emulator import ATTEMPTS, LIVE, EmulatorSettings
 from tests.conftest import (
     TINY_KEY,

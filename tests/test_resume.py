@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from gateway.config import ResumeSettings, Tenant
+from gateway.resume.streams import RESUMABLE
 from gateway.sse import Event, SSEParser
-from gateway.state import RESUMABLE
 from loadtest.emulator import LIVE, EmulatorSettings
 from tests.conftest import (
     ACME_KEY,
@@ -242,6 +242,7 @@ async def test_a_resume_within_the_grace_keeps_the_upstream(make_stack: StackFac
     assert await stack.metric("chatiq_gateway_streams_expired_total", tenant="acme") == 0
 
 
+@pytest.mark.process
 async def test_a_thousand_streams_dropped_and_resumed_at_random_moments(
     make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
 ) -> None:

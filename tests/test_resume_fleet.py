@@ -23,6 +23,8 @@ from tests.redis_server import RedisServer
 from tests.test_haproxy import start_test_fleet
 from tests.test_resume import read_events, upstream_events, without_ids
 
+pytestmark = pytest.mark.external
+
 AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 RESUMABLE = {**AUTH, "X-Resumable": "1"}
 
@@ -57,6 +59,7 @@ def stream_url(gw: GatewayProcess, stream_id: str) -> str:
     return f"http://127.0.0.1:{gw.port}/api/chatbot/streams/{stream_id}"
 
 
+@pytest.mark.process
 async def test_a_stream_dropped_on_one_replica_resumes_on_the_other(
     make_stack: StackFactory, replicas: Replicas
 ) -> None:
@@ -83,6 +86,7 @@ async def test_a_stream_dropped_on_one_replica_resumes_on_the_other(
     assert other.status == 404
 
 
+@pytest.mark.process
 async def test_a_detached_stream_read_elsewhere_outlives_its_grace(
     make_stack: StackFactory, replicas: Replicas
 ) -> None:
@@ -99,6 +103,7 @@ async def test_a_detached_stream_read_elsewhere_outlives_its_grace(
     assert await a.metric(session, "chatiq_gateway_streams_expired_total") == 0
 
 
+@pytest.mark.process
 async def test_a_resume_whose_replica_died_ends_with_an_error_and_done(
     make_stack: StackFactory, replicas: Replicas
 ) -> None:
@@ -180,6 +185,7 @@ async def test_a_replica_shut_down_mid_stream_hands_its_clients_over(
     assert 20 < handed_over == taken_over, (handed_over, taken_over)
 
 
+@pytest.mark.process
 async def test_with_redis_down_streams_resume_where_they_run_and_elsewhere_get_a_clear_error(
     make_stack: StackFactory, replicas: Replicas, redis_server: RedisServer
 ) -> None:
@@ -200,6 +206,7 @@ async def test_with_redis_down_streams_resume_where_they_run_and_elsewhere_get_a
     redis_server.start()
 
 
+@pytest.mark.process
 async def test_a_replica_whose_redis_is_gone_stops_without_waiting_for_it(
     make_stack: StackFactory, replicas: Replicas, redis_server: RedisServer
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway.auth import hash_key
+from gateway.auth.tenants import hash_key
 from gateway.config import ConfigError, LoggingSettings, load_settings
 from gateway.logs import make_logger, server_logger
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
@@ -100,6 +100,7 @@ def test_the_chatiq_key_may_come_from_a_secret_file(tmp_path: Path) -> None:
         load_settings(config, environ={"CHATIQ_API_KEY_FILE": str(tmp_path / "missing")})
 
 
+@pytest.mark.process
 async def test_a_gateway_process_reads_its_key_from_the_file(
     tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,6 +132,7 @@ def run_gateway_command(*args: str, stdin: str = "") -> subprocess.CompletedProc
     )  # fmt: skip
 
 
+@pytest.mark.process
 def test_hash_key_makes_a_new_key_and_its_config_line() -> None:
     done = run_gateway_command("hash-key")
     assert done.returncode == 0, done.stderr

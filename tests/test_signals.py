@@ -14,11 +14,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory, read_stream
 from tests.test_drain import open_streams
+
+pytestmark = pytest.mark.process
 
 NEW_KEY = "new-tenant-key-8c41"
 

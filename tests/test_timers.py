@@ -28,6 +28,7 @@ async def test_timers_run_in_time_order_and_never_early() -> None:
     assert len(timers) == 0
 
 
+@pytest.mark.process
 def test_on_uvloop_too_no_timer_runs_before_its_time() -> None:
     async def main() -> list[float]:
         loop = asyncio.get_running_loop()

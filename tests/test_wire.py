@@ -1,4 +1,4 @@
-"""The gateway's own upstream client (gateway/wire.py) against scripted raw HTTP
+"""The gateway's own upstream client (gateway/upstream/) against scripted raw HTTP
 servers, and the push relay's pause and resume against a slow reader."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import upstream as upstream_module
-from gateway import wire
+from gateway.upstream.events import EventSource
+from gateway.upstream.pool import Pool
 from loadtest.emulator import EmulatorSettings
 from tests.conftest import ACME_KEY, Stack, StackFactory
 from tests.scripted import (
@@ -86,10 +86,10 @@ async def test_a_host_whose_first_address_refuses_is_reached_at_the_next(
     scripted: ScriptedFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As for a name with an IPv6 address first, on a machine without IPv6.
-    async def two_addresses(pool: wire.Pool, host: str, port: int) -> list[str]:
+    async def two_addresses(pool: Pool, host: str, port: int) -> list[str]:
         return ["127.0.0.2", "127.0.0.1"]  # the server listens on 127.0.0.1 only
 
-    monkeypatch.setattr(wire.Pool, "lookup", two_addresses)
+    monkeypatch.setattr(Pool, "lookup", two_addresses)
     stack, _ = await scripted(chunked(SSE_HEAD, *EVENTS))
     assert await stream_body(stack) == (200, BODY)
 
@@ -134,14 +134,14 @@ async def test_a_garbled_or_compressed_upstream_answer_is_a_clean_error(
 def count_pauses(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     """How often, from now on, a relay pauses its upstream for a slow client."""
     pauses = 0
-    real_pause = upstream_module.EventSource.pause
+    real_pause = EventSource.pause
 
-    def counted_pause(self: upstream_module.EventSource) -> None:
+    def counted_pause(self: EventSource) -> None:
         nonlocal pauses
         pauses += 1
         real_pause(self)
 
-    monkeypatch.setattr(upstream_module.EventSource, "pause", counted_pause)
+    monkeypatch.setattr(EventSource, "pause", counted_pause)
     return lambda: pauses
 
 

@@ -18,13 +18,14 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, settings_from_mapping
-from gateway.cpus import cgroup_cpu_quota, usable_cpus
-from gateway.workers import MAX_DEATHS
+from gateway.server.cpus import cgroup_cpu_quota, usable_cpus
+from gateway.server.workers import MAX_DEATHS
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
 from tests.conftest import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
 
 
+@pytest.mark.process
 async def test_two_workers_share_the_port_and_their_metrics(
     tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -157,6 +158,7 @@ async def start_supervised(
     return process, log, port
 
 
+@pytest.mark.process
 async def test_a_killed_worker_is_replaced_and_metrics_still_add_up(
     tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -191,6 +193,7 @@ async def test_a_killed_worker_is_replaced_and_metrics_still_add_up(
         stop(process)
 
 
+@pytest.mark.process
 async def test_workers_do_not_outlive_a_killed_supervisor(
     tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -209,6 +212,7 @@ async def test_workers_do_not_outlive_a_killed_supervisor(
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.process
 async def test_workers_that_keep_dying_stop_the_supervisor_with_a_reason(
     tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,6 +235,7 @@ async def test_workers_that_keep_dying_stop_the_supervisor_with_a_reason(
         stop(process)
 
 
+@pytest.mark.process
 async def test_a_taken_port_is_one_clear_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -247,6 +252,7 @@ async def test_a_taken_port_is_one_clear_line(tmp_path: Path) -> None:
             assert len(lines) == 1 and "in use" in lines[0], text
 
 
+@pytest.mark.process
 async def test_sighup_to_the_supervisor_reloads_every_worker(
     tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,17 +301,19 @@ def test_workers_auto_in_the_file_is_one_per_usable_core() -> None:
         settings_from_mapping({**raw, "server": {"workers": "many"}}, {})
 
 
+@pytest.mark.process
 def test_usable_cpus_follow_the_affinity_mask() -> None:
     if shutil.which("taskset") is None:
         pytest.skip("taskset is not installed")
     done = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c",
-         "from gateway.cpus import usable_cpus; print(usable_cpus())"],
+         "from gateway.server.cpus import usable_cpus; print(usable_cpus())"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, check=True,
     )  # fmt: skip
     assert done.stdout.strip() == "1"
 
 
+@pytest.mark.process
 async def test_workers_auto_starts_one_worker_per_usable_core(
     tmp_path: Path, make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

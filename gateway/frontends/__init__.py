@@ -1,15 +1,22 @@
 """The frontends: built-in wire formats, and third-party ones found through the
-entry-point group ``chatiq_gateway.frontends`` (see docs/frontends.md)."""
+entry-point group ``chatiq_gateway.frontends`` (see docs/frontends.md).
+
+A frontend imports only the shared vocabulary (``gateway.chat``, ``config``,
+``errors``, ``exchange``, ``sse``): never the pipeline, the relay, auth or the
+app's state. It lists its chat routes and its routes for a tenant; the app
+binds them to the pipeline (``gateway.pipeline.bind``).
+"""
 
 from __future__ import annotations
 
 from importlib.metadata import entry_points
 
-from ..config import ConfigError, Settings
-from .ai_sdk import AISDKFrontend
-from .base import Frontend, StreamEncoder
-from .chatiq import ChatIQFrontend
-from .openai import OpenAIFrontend
+from gateway.chat import StreamEncoder
+from gateway.config import ConfigError, Settings
+from gateway.frontends.ai_sdk import AISDKFrontend
+from gateway.frontends.base import Frontend
+from gateway.frontends.chatiq import ChatIQFrontend
+from gateway.frontends.openai import OpenAIFrontend
 
 ENTRY_POINT_GROUP = "chatiq_gateway.frontends"
 BUILT_IN: dict[str, type[Frontend]] = {

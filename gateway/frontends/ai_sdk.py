@@ -27,19 +27,20 @@ import orjson
 from aiohttp import web
 from multidict import istr
 
-from ..chat import (
+from gateway.chat import (
     ChatRequest,
+    StreamEncoder,
     check_bot,
     check_conversation_id,
     conversation_header,
     json_object,
     split_messages,
 )
-from ..config import Settings
-from ..errors import GatewayError, InvalidRequest
-from ..exchange import Exchange, error_response
-from ..sse import DONE_EVENT
-from .base import Frontend, StreamEncoder
+from gateway.config import Settings
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.exchange import Exchange, error_response
+from gateway.frontends.base import Frontend
+from gateway.sse import DONE_EVENT
 
 HEADER: dict[str, str] = {istr("x-vercel-ai-ui-message-stream"): "v1"}
 

@@ -15,33 +15,22 @@ group ``chatiq_gateway.frontends`` (see docs/frontends.md).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from functools import partial
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from aiohttp import web
 
-from ..chat import ChatRequest
-from ..config import Settings
-from ..errors import GatewayError
-from ..exchange import Exchange
+from gateway.chat import (
+    ChatRequest,
+    ForTenant,
+    StreamEncoder,
+    TenantHandler,
+    served_by_the_pipeline,
+)
+from gateway.config import Settings
+from gateway.errors import GatewayError
+from gateway.exchange import Exchange
 
-
-class StreamEncoder(Protocol):
-    """One stream's events, in a frontend's wire format. Each method returns the
-    bytes to send (``b""``: nothing). Called from the relay's hot path: keep it
-    to one ``dumps`` per event."""
-
-    headers: Mapping[str, str]  # extra response headers (the stream's head)
-
-    def event(self, payload: dict[str, Any]) -> bytes:
-        """One upstream event (its JSON, already checked to be an object)."""
-
-    def done(self) -> bytes:
-        """The upstream's ``[DONE]``: the frontend's own ending."""
-
-    def error(self, err: GatewayError) -> bytes:
-        """A failure after the stream started: an error the client's library
-        raises, and the ending. Never a silent truncation."""
+__all__ = ["Frontend", "StreamEncoder"]
 
 
 class Frontend:
@@ -65,11 +54,14 @@ class Frontend:
         raise NotImplementedError
 
     def chat_route(self, path: str) -> web.RouteDef:
-        """``POST {prefix}{path}``, served by the shared pipeline with this frontend."""
-        from ..pipeline import serve_chat  # the pipeline imports the frontends' base
+        """``POST {prefix}{path}``, served by the shared pipeline with this frontend
+        (the app binds it: a frontend does not import the pipeline)."""
+        return web.post(f"{self.prefix}{path}", served_by_the_pipeline)
 
-        # A partial, not a closure awaiting it: one coroutine frame fewer a stream.
-        return web.post(f"{self.prefix}{path}", partial(serve_chat, frontend=self))
+    def tenant_route(self, method: str, path: str, handler: TenantHandler) -> web.RouteDef:
+        """``{method} {prefix}{path}`` for callers with a tenant key: the app
+        authenticates the request and calls ``handler(request, tenant, settings)``."""
+        return web.route(method, f"{self.prefix}{path}", ForTenant(handler))
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
         """The request body, as the neutral chat request; ``InvalidRequest`` if bad."""

@@ -7,18 +7,19 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from ..chat import (
+from gateway.chat import (
     ChatRequest,
+    StreamEncoder,
     check_bot,
     check_conversation_id,
     check_history,
     check_message,
     json_object,
 )
-from ..config import Settings
-from ..errors import GatewayError, InvalidRequest
-from ..exchange import Exchange, error_response
-from .base import Frontend, StreamEncoder
+from gateway.config import Settings
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.exchange import Exchange, error_response
+from gateway.frontends.base import Frontend
 
 _FIELDS = frozenset({"message", "conversation_id", "bot", "stream", "history", "private_mode"})
 

@@ -31,21 +31,20 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..auth import authenticate
-from ..chat import (
+from gateway.chat import (
     ChatRequest,
+    StreamEncoder,
     check_bot,
     check_conversation_id,
     conversation_header,
     json_object,
     split_messages,
 )
-from ..config import ANY_BOT, Settings
-from ..errors import GatewayError, InvalidRequest, UnknownBot
-from ..exchange import Exchange, exchange_of
-from ..sse import DONE_EVENT
-from ..state import FAILED_KEYS, SETTINGS, TENANTS
-from .base import Frontend, StreamEncoder
+from gateway.config import ANY_BOT, Settings, Tenant
+from gateway.errors import GatewayError, InvalidRequest, UnknownBot
+from gateway.exchange import Exchange
+from gateway.frontends.base import Frontend
+from gateway.sse import DONE_EVENT
 
 _ROLES = frozenset({"system", "developer", "user", "assistant"})
 _USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -81,8 +80,8 @@ class OpenAIFrontend(Frontend):
     def routes(self) -> Iterable[web.RouteDef]:
         return [
             self.chat_route("/chat/completions"),
-            web.get(f"{self.prefix}/models", list_models),
-            web.get(f"{self.prefix}/models/{{model}}", get_model),
+            self.tenant_route("GET", "/models", list_models),
+            self.tenant_route("GET", "/models/{model}", get_model),
         ]
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
@@ -275,12 +274,8 @@ def _error_event(message: str, kind: str, code: str) -> bytes:
     return _data({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
-def _models(request: web.Request) -> list[str]:
+def _models(tenant: Tenant, settings: Settings) -> list[str]:
     """The bots the caller's key may use (``"*"``: the ones the configuration names)."""
-    app = request.app
-    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
-    exchange_of(request).tenant = tenant.name
-    settings = app[SETTINGS].current
     default = settings.upstream.bot_slug
     named = [b for b in tenant.bots if b != ANY_BOT]
     if ANY_BOT not in tenant.bots:
@@ -293,12 +288,13 @@ def _model(bot: str) -> dict[str, Any]:
     return {"id": bot, "object": "model", "created": 0, "owned_by": "chatiq"}
 
 
-async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model(b) for b in _models(request)]})
+async def list_models(request: web.Request, tenant: Tenant, settings: Settings) -> web.Response:
+    models = [_model(b) for b in _models(tenant, settings)]
+    return web.json_response({"object": "list", "data": models})
 
 
-async def get_model(request: web.Request) -> web.Response:
+async def get_model(request: web.Request, tenant: Tenant, settings: Settings) -> web.Response:
     bot = request.match_info["model"]
-    if bot not in _models(request):
+    if bot not in _models(tenant, settings):
         raise UnknownBot(f"no model {bot!r} for this key")
     return web.json_response(_model(bot))

@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from ..config import UpstreamSettings
-from ..errors import GatewayError, IdleTimeout, TotalTimeout, UpstreamError
-from ..frontends.base import StreamEncoder
-from ..relay import translate
-from ..sse import DONE_EVENT, Event, format_event
-from ..timers import Timer, TimerHeap
-from ..upstream import EventSource
-from .journal import Journal, split_events
+from gateway.chat import StreamEncoder
+from gateway.config import UpstreamSettings
+from gateway.downstream import translate
+from gateway.errors import GatewayError, IdleTimeout, TotalTimeout, UpstreamError
+from gateway.resume.journal import Journal, split_events
+from gateway.sse import DONE_EVENT, Event, format_event
+from gateway.timers import Timer, TimerHeap
+from gateway.upstream.events import EventSource
 
 
 def ending(err: GatewayError, encoder: StreamEncoder | None) -> list[bytes]:

@@ -34,9 +34,9 @@ import orjson
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from ..config import RedisSettings, ResumeSettings
-from ..logs import Logger
-from .journal import Gone, Journal
+from gateway.config import RedisSettings, ResumeSettings
+from gateway.logs import Logger
+from gateway.resume.journal import Gone, Journal
 
 _BATCH = 512  # events per XREAD round and stream
 _CONNECTIONS = 16  # to Redis for the writer, resumes and the feed's fetches

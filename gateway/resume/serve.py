@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from ..auth import authenticate
-from ..chat import ChatRequest
-from ..config import Settings, Tenant
-from ..errors import (
+from gateway.auth.tenants import tenant_of
+from gateway.chat import ChatRequest, StreamEncoder, WireFormat
+from gateway.config import Settings, Tenant
+from gateway.downstream import PING, SSE_HEADERS, EventStreamResponse, SlowClient, send_to_client
+from gateway.errors import (
     Draining,
     GatewayError,
     InvalidRequest,
@@ -29,23 +30,13 @@ from ..errors import (
     StreamNotFound,
     UpstreamError,
 )
-from ..exchange import Exchange, exchange_of
-from ..frontends.base import Frontend, StreamEncoder
-from ..relay import PING, SSE_HEADERS, EventStreamResponse, SlowClient, send_to_client
-from ..state import (
-    ADMISSION,
-    FAILED_KEYS,
-    LIFECYCLE,
-    LOG,
-    METRICS,
-    RESUMABLE,
-    SETTINGS,
-    TENANTS,
-    TIMERS,
-    UPSTREAM,
-)
-from .journal import Gone, Journal, frame
-from .recorder import Recorder, ending
+from gateway.exchange import Exchange, exchange_of
+from gateway.quotas.admission import ADMISSION
+from gateway.resume.journal import Gone, Journal, frame
+from gateway.resume.recorder import Recorder, ending
+from gateway.resume.streams import RESUMABLE
+from gateway.state import LIFECYCLE, LOG, METRICS, SETTINGS, TIMERS
+from gateway.upstream.client import UPSTREAM
 
 RESUMABLE_HEADER = "X-Resumable"
 STREAM_ID_HEADER = "X-Stream-Id"
@@ -56,7 +47,9 @@ _EVENT_ID = re.compile(r"^[0-9]{1,18}$")
 _SILENCE_SLACK_S = 2.0
 
 
-def wants_resumable(request: web.Request, tenant: Tenant, frontend: Frontend, s: Settings) -> bool:
+def wants_resumable(
+    request: web.Request, tenant: Tenant, frontend: WireFormat, s: Settings
+) -> bool:
     """``[resume]`` on, a frontend that can carry ids, and the tenant's choice
     unless the request makes its own (``X-Resumable: 1`` or ``0``). A header
     of another value is refused whatever the answer would be."""
@@ -70,7 +63,7 @@ def wants_resumable(request: web.Request, tenant: Tenant, frontend: Frontend, s:
 
 
 async def serve_resumable(
-    request: web.Request, frontend: Frontend, chat: ChatRequest, ex: Exchange, deadline: float
+    request: web.Request, frontend: WireFormat, chat: ChatRequest, ex: Exchange, deadline: float
 ) -> web.StreamResponse:
     """Start the producer; once the upstream answered, read the stream from its start."""
     app = request.app
@@ -265,9 +258,7 @@ def last_event_id(request: web.Request) -> int:
 async def resume_stream(request: web.Request) -> web.StreamResponse:
     """``GET {prefix}/chatbot/streams/{stream_id}``: the events after ``Last-Event-ID``."""
     app = request.app
-    ex = exchange_of(request)
-    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
-    ex.tenant = tenant.name
+    tenant = tenant_of(request)
     stream_id = request.match_info["stream_id"]
     after = last_event_id(request)
     streams = app[RESUMABLE]
@@ -296,15 +287,14 @@ async def resume_stream(request: web.Request) -> web.StreamResponse:
     raise StreamNotFound("no resumable stream with that id for this key (it may have expired)")
 
 
-def resume_chat_route(frontend: Frontend) -> web.RouteDef:
+def resume_chat_route(frontend: WireFormat) -> web.RouteDef:
     """``GET {prefix}{resume_path}``: a chat's latest stream, by the chat's own id,
     replayed from its start while it is streaming; 204 when none is."""
     assert frontend.resume_path is not None
 
     async def resume_chat(request: web.Request) -> web.StreamResponse:
         app = request.app
-        tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
-        exchange_of(request).tenant = tenant.name
+        tenant = tenant_of(request)
         chat_id = request.match_info["chat_id"]
         streams = app[RESUMABLE]
         if app[LIFECYCLE].draining and streams.remote is not None:

@@ -14,16 +14,15 @@ import asyncio
 import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
-from ..config import ResumeSettings
-from ..logs import Logger
-from ..metrics import Metrics
-from .journal import Journal
-from .redis_log import RedisStreams
+from aiohttp import web
 
-if TYPE_CHECKING:  # the frontends import the app's state, which imports this
-    from ..frontends.base import Frontend
+from gateway.chat import WireFormat
+from gateway.config import ResumeSettings
+from gateway.logs import Logger
+from gateway.metrics import Metrics
+from gateway.resume.journal import Journal
+from gateway.resume.redis_log import RedisStreams
 
 
 def new_stream_id() -> str:
@@ -37,7 +36,7 @@ class ResumableStreams:
         settings: ResumeSettings,
         metrics: Metrics,
         log: Logger,
-        frontends: Mapping[str, Frontend],
+        frontends: Mapping[str, WireFormat],
     ) -> None:
         self.settings = settings
         self.frontends = frontends  # by name: each stream's wire format
@@ -158,3 +157,6 @@ class ResumableStreams:
         self.forget(journal.id)
         if journal.producer is not None:
             journal.producer.cancel()
+
+
+RESUMABLE = web.AppKey("resumable", ResumableStreams)  # on the app

@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterable
 
 from aiohttp import web
 
-from .config import Tenant
-from .errors import RateLimited, Unauthorized
+from gateway.config import Tenant
+from gateway.errors import RateLimited, Unauthorized
+from gateway.exchange import exchange_of
 
 
 def hash_key(key: str) -> str:
@@ -122,3 +123,16 @@ def authenticate(
     except Unauthorized:
         throttle.failed(request.remote)
         raise
+
+
+def tenant_of(request: web.Request) -> Tenant:
+    """The caller's tenant, by its ``Authorization`` (401 if none), recorded on
+    the request's exchange: how every route that needs a tenant authenticates."""
+    app = request.app
+    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
+    exchange_of(request).tenant = tenant.name
+    return tenant
+
+
+TENANTS = web.AppKey("tenants", TenantDirectory)
+FAILED_KEYS = web.AppKey("failed_keys", FailedKeyThrottle)  # on the app

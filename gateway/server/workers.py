@@ -19,7 +19,7 @@ The supervisor only watches:
   supervisor, and drains and exits when it is not (``watch_parent``).
 
 Admission limits and tenant quotas stay per worker: with N workers, the
-process admits up to N times ``admission.max_streams`` (see "Scaling out").
+process admits up to N times ``admission.max_streams`` (docs/operations.md, "Scaling out").
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
-from .logs import Logger
-from .metrics import MULTIPROCESS_DIR
+from gateway.logs import Logger
+from gateway.metrics import MULTIPROCESS_DIR
 
 SUPERVISOR_PID = "CHATIQ_GATEWAY_SUPERVISOR_PID"  # how a worker knows its supervisor
 MAX_DEATHS = 5

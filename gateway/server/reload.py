@@ -17,20 +17,15 @@ from typing import Any
 
 from aiohttp import web
 
-from .app import export_breaker_series
-from .config import ConfigError, Settings, load_settings, named_bots
-from .logs import set_level
-from .state import (
-    ADMISSION,
-    BREAKERS,
-    FAILED_KEYS,
-    LOG,
-    METRICS,
-    RESUMABLE,
-    SETTINGS,
-    TENANTS,
-    UPSTREAM,
-)
+from gateway.app import export_breaker_series
+from gateway.auth.tenants import FAILED_KEYS, TENANTS
+from gateway.config import ConfigError, Settings, load_settings, named_bots
+from gateway.logs import set_level
+from gateway.quotas.admission import ADMISSION
+from gateway.resume.streams import RESUMABLE
+from gateway.state import LOG, METRICS, SETTINGS
+from gateway.upstream.breaker import BREAKERS
+from gateway.upstream.client import UPSTREAM
 
 RESTART_ONLY = (
     "server.host",

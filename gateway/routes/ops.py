@@ -6,15 +6,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .auth import require_bearer
-from .state import (
-    BREAKERS,
-    LIFECYCLE,
-    METRICS,
-    SETTINGS,
-)
+from gateway.auth.tenants import require_bearer
+from gateway.state import LIFECYCLE, METRICS, SETTINGS
+from gateway.upstream.breaker import BREAKERS
 
-OPENAPI = Path(__file__).with_name("openapi.json")
+OPENAPI = Path(__file__).resolve().parent.parent / "openapi.json"
 
 
 async def openapi(request: web.Request) -> web.FileResponse:

@@ -22,9 +22,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import AdmissionSettings, RedisSettings, Tenant
-from .errors import QueueFull, QueueTimeout, QuotaUnavailable, RateLimited, TenantBusy
-from .fleet import RedisDown, SharedQuotas
+from aiohttp import web
+
+from gateway.config import AdmissionSettings, RedisSettings, Tenant
+from gateway.errors import QueueFull, QueueTimeout, QuotaUnavailable, RateLimited, TenantBusy
+from gateway.quotas.shared import RedisDown, SharedQuotas
 
 
 @dataclass(slots=True)
@@ -213,3 +215,6 @@ class Slot:
         shared = self._admission._shared
         if self._lease is not None and shared is not None:
             shared.release(self._lease)
+
+
+ADMISSION = web.AppKey("admission", Admission)  # on the app

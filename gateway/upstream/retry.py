@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from .config import UpstreamSettings
-from .errors import (
+from gateway.config import UpstreamSettings
+from gateway.errors import (
     ConnectTimeout,
     FirstByteTimeout,
     UpstreamConnectError,

@@ -6,13 +6,13 @@ from pathlib import Path
 
 from aiohttp import hdrs, web
 
-from .auth import authenticate
-from .config import ANY_BOT, Settings
-from .edge import SAFETY_HEADERS
-from .errors import Forbidden
-from .state import FAILED_KEYS, SETTINGS, TENANTS
+from gateway.auth.tenants import tenant_of
+from gateway.config import ANY_BOT, Settings
+from gateway.errors import Forbidden
+from gateway.exchange import SAFETY_HEADERS
+from gateway.state import SETTINGS
 
-BUNDLED_PAGE = Path(__file__).resolve().parent.parent / "clients" / "web"
+BUNDLED_PAGE = Path(__file__).resolve().parents[2] / "clients" / "web"
 CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Resumable, Last-Event-ID"
 
 
@@ -40,7 +40,7 @@ def add_routes(app: web.Application, settings: Settings, chat_routes: list[str])
 async def bots(request: web.Request) -> web.Response:
     """The bots this key may pick from (``"*"`` tenants: those the config names)."""
     app = request.app
-    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
+    tenant = tenant_of(request)
     upstream = app[SETTINGS].current.upstream
     default = upstream.bot_slug
     named = [b for b in tenant.bots if b != ANY_BOT]

@@ -24,12 +24,16 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import uvloop
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
+
+from gateway.exchange import SAFETY_HEADERS, RequestBoundary
 
 _BODY = json.dumps(
     {"error": {"code": "REQUEST_TIMEOUT", "message": "the request headers took too long"}}
 ).encode()
+
+
 RESPONSE_408 = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
     b"Connection: close\r\nContent-Length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY
@@ -39,6 +43,8 @@ RESPONSE_408 = (
 _FULL_BODY = json.dumps(
     {"error": {"code": "OVERLOADED", "message": "too many open connections; try again shortly"}}
 ).encode()
+
+
 RESPONSE_503 = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
@@ -46,16 +52,6 @@ RESPONSE_503 = (
     + b"\r\n\r\n"
     + _FULL_BODY
 )
-
-
-# On every response: no MIME sniffing (a reply is never run as a script), no
-# Referer carrying the page's URL to the images a reply links to, and a Server
-# header without versions (aiohttp's names Python's and its own).
-SAFETY_HEADERS = {
-    hdrs.X_CONTENT_TYPE_OPTIONS: "nosniff",
-    hdrs.REFERRER_POLICY: "no-referrer",
-    hdrs.SERVER: "chatiq-gateway",
-}
 
 
 class _Refuse(asyncio.Protocol):
@@ -138,7 +134,7 @@ def _stop_keepalive_timer(handler: web.RequestHandler) -> None:
         handler._keepalive_handle = None
 
 
-class HeaderDeadline(asyncio.Protocol):
+class HeaderDeadline(asyncio.Protocol, RequestBoundary):
     """Wraps aiohttp's protocol for one connection: a deadline on each request head."""
 
     # No __dict__: one of these per live stream.
@@ -288,24 +284,3 @@ class GatewaySite(web.BaseSite):
             connection, self._host, self._port, backlog=self._backlog,
             reuse_address=True, reuse_port=self._reuse_port,
         )  # fmt: skip
-
-
-def request_finished(request: web.Request) -> None:
-    """Tell the request's connection that its next bytes start a new request head."""
-    transport = request.transport
-    protocol = transport.get_protocol() if transport is not None else None
-    if isinstance(protocol, HeaderDeadline):
-        protocol.request_finished()
-
-
-def release_body_buffer(request: web.Request) -> None:
-    """Once a request's body is read to its end, its reader's empty deque (a
-    64-slot block, ~650 bytes) is replaced by an empty tuple: aiohttp keeps the
-    reader for the request's life, a held stream's too, and nothing is added
-    to a reader past its end (aiohttp asserts as much; a tuple would raise
-    rather than keep it). The attribute is aiohttp's own: where a version
-    lacks it, nothing is done."""
-    reader = request.content
-    buffer = getattr(reader, "_buffer", None)
-    if isinstance(buffer, deque) and not buffer and reader.is_eof():
-        reader._buffer = ()  # type: ignore[assignment]

@@ -37,10 +37,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .config import RedisSettings
-from .errors import RateLimited, TenantBusy
-from .logs import Logger
-from .metrics import Metrics
+from gateway.config import RedisSettings
+from gateway.errors import RateLimited, TenantBusy
+from gateway.logs import Logger
+from gateway.metrics import Metrics
 
 # Time is Redis's own (TIME), so that replicas' clocks need not agree.
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"

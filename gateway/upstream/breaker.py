@@ -28,9 +28,11 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from enum import IntEnum
 
-from .config import CircuitSettings
-from .errors import CircuitOpen
-from .metrics import OTHER_BOT
+from aiohttp import web
+
+from gateway.config import CircuitSettings
+from gateway.errors import CircuitOpen
+from gateway.metrics import OTHER_BOT
 
 _BUCKETS = 10  # the window slides in steps of window_s / 10
 
@@ -255,3 +257,6 @@ class Breakers:
     def close(self) -> None:
         for breaker in self._breakers.values():
             breaker.close()
+
+
+BREAKERS = web.AppKey("breakers", Breakers)  # on the app

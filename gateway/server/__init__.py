@@ -1,0 +1,9 @@
+"""The process around the app: the command line (``cli``), one serving
+process with its signals, drain and stop (``serve``), the listening socket
+and its limits (``edge``), the workers' supervisor (``workers``), CPU
+counting (``cpus``) and the configuration's reload (``reload``).
+
+The top layer: it may import anything below it, and nothing imports it
+(``gateway.config`` reads ``cpus`` to resolve ``workers = "auto"``, the one
+exception, named in tests/test_layout.py).
+"""
