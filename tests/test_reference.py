@@ -1,7 +1,8 @@
 """The reference stays true to the code: every route the gateway mounts and
 every status the OpenAPI document lists are in docs/api.md; every
-configuration key and metric is in the README, and every metric it names
-exists; neither links outside the repository."""
+configuration key is in docs/configuration.md; every metric is in
+docs/observability.md, and every metric it names exists; the README and the
+docs link nowhere outside the repository, and every link resolves."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import ResumeSettings, Settings, Tenant
-from gateway.handlers import OPENAPI
 from gateway.metrics import Metrics
+from gateway.routes.ops import OPENAPI
 from tests.conftest import gateway_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-API = (ROOT / "docs" / "api.md").read_text()
+DOCS = ROOT / "docs"
+API = (DOCS / "api.md").read_text()
+CONFIGURATION = (DOCS / "configuration.md").read_text()
+OBSERVABILITY = (DOCS / "observability.md").read_text()
 
 
-def section(title: str) -> str:
-    """The README's text under a heading, up to the next heading of its level or above."""
-    found = re.search(rf"^(#+) {re.escape(title)}\n(.*?)(?=^#{{1,2}} |\Z)", README, re.M | re.S)
+def section(page: str, title: str) -> str:
+    """A page's text under a heading, up to the next heading of level one or two."""
+    found = re.search(rf"^(#+) {re.escape(title)}\n(.*?)(?=^#{{1,2}} |\Z)", page, re.M | re.S)
     assert found, f"no section {title!r}"
     return found.group(2)
 
@@ -44,8 +47,8 @@ def test_every_mounted_route_is_in_the_api_section() -> None:
         assert f"`{route}" in api or f" {route}`" in api or route in api, route
 
 
-def test_every_configuration_key_is_in_the_configuration_section() -> None:
-    config = section("Configuration") + section("Fleet-wide tenant quotas (Redis)")
+def test_every_configuration_key_is_in_the_configuration_page() -> None:
+    config = CONFIGURATION
     for table in dataclasses.fields(Settings):
         if table.name in ("tenants", "frontends"):
             assert f"[{'[tenants]' if table.name == 'tenants' else 'frontends.'}" in config
@@ -59,7 +62,7 @@ def test_every_configuration_key_is_in_the_configuration_section() -> None:
 
 
 def test_every_metric_is_in_the_metrics_table_and_every_one_there_exists() -> None:
-    table = section("Metrics")
+    table = section(OBSERVABILITY, "Metrics")
     exported = {
         family.name.removeprefix("chatiq_gateway_")
         for family in Metrics(["demo"]).registry.collect()
@@ -85,9 +88,22 @@ def test_every_documented_status_is_in_the_error_table() -> None:
         assert re.search(rf"^\| (\d+ / )*{status}( / \d+)* \|", errors, re.M), status
 
 
+def anchors(page: Path) -> set[str]:
+    """The ids of a page's headings, as a Markdown renderer makes them."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    return {
+        re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        for title in re.findall(r"^#+ (.+)$", text, re.M)
+    }
+
+
 def test_the_readme_and_docs_link_nowhere_outside_the_repository() -> None:
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    pages = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted(DOCS.glob("*.md"))]
+    for page in pages:
         for target in re.findall(r"\]\(([^)]+)\)", page.read_text()):
             assert not target.startswith(("http://", "https://")), (page.name, target)
-            resolved = (page.parent / target.split("#")[0]).resolve()
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
             assert resolved.is_relative_to(ROOT) and resolved.exists(), (page.name, target)
+            if anchor:
+                assert anchor in anchors(resolved), (page.name, target)
