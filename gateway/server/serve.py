@@ -39,6 +39,119 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
 
 
+class Server:
+    """One serving process, in three steps as uvicorn's ``Server`` has them:
+    ``start_up`` (the app, signal handlers, then the listening sockets),
+    ``run`` (until SIGTERM or SIGINT: then drain; a second one stops at once;
+    SIGHUP reloads ``config_path``), ``shut_down`` (the sockets closed, the
+    app cleaned up).
+
+    The socket stays open while draining, so new requests get a clear 503
+    rather than a refused connection.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        log: Logger,
+        *,
+        config_path: str | None = None,
+        max_connections: int | None = None,
+        shared_port: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.log = log
+        self.config_path = config_path
+        self.max_connections = max_connections or settings.server.max_connections
+        self.shared_port = shared_port  # a worker of a supervisor: SO_REUSEPORT
+        self.app = create_app(settings, log=log)
+        self.stop = asyncio.Event()  # the first SIGTERM or SIGINT
+        self.hurry = asyncio.Event()  # the second: no more waiting for live streams
+        self._runners: list[web.AppRunner] = []
+        self._orphaned: asyncio.Task[None] | None = None
+
+    async def start_up(self) -> None:
+        server = self.settings.server
+        runner = web.AppRunner(
+            self.app, access_log=None, logger=server_logger(self.log), handler_cancellation=True,
+            shutdown_timeout=5,
+            keepalive_timeout=server.keepalive_timeout_s,
+            # After an early answer (408, 413) the rest of a body is read and dropped
+            # this long, so the client sees the answer, then the connection closes.
+            lingering_time=LINGER_S,
+            # No SO_KEEPALIVE on client sockets (two system calls a connection): its
+            # probes start after two idle hours; idle connections close after
+            # keepalive_timeout_s, and a silent stream pings every upstream.keepalive_s.
+            tcp_keepalive=False,
+        )  # fmt: skip
+        await runner.setup()
+        self._runners.append(runner)
+        tune_gc()
+        # Signals are handled before the port opens: a reload or a stop sent as soon
+        # as the gateway answers must not meet the default action (which kills it).
+        self._handle_signals()
+        metrics = self.app[METRICS]
+        site = GatewaySite(
+            runner, server.host, server.port, backlog=server.backlog,
+            header_timeout_s=server.header_timeout_s,
+            on_timeout=metrics.rejected.labels("header_timeout").inc,
+            max_connections=self.max_connections,
+            on_refused=_refusal_reporter(metrics, self.log), reuse_port=self.shared_port,
+        )  # fmt: skip
+        await site.start()
+        if self.settings.metrics.port:
+            await self._start_metrics_port()
+        self.log.info(
+            "listening",
+            url=f"http://{server.host}:{server.port}",
+            upstream=self.settings.upstream.url,
+            proxy=proxy_display(self.settings.upstream.proxy_url),
+            quotas="redis" if self.settings.redis.url else "local",
+            tenants=len(self.settings.tenants),
+        )
+
+    def _handle_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop)
+        if self.shared_port:  # a worker: never outlive the supervisor
+            self._orphaned = loop.create_task(
+                watch_parent(lambda: on_orphaned(self.log, self.stop))
+            )
+        if self.config_path is not None:
+            path = self.config_path
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: self.stop.is_set() or reload_settings(self.app, path)
+            )
+
+    def _on_stop(self) -> None:
+        if self.stop.is_set():  # the second one: no more waiting for live streams
+            self.log.warning("stopping_now", live_streams=len(self.app[LIFECYCLE].streams))
+            self.hurry.set()
+        self.stop.set()
+
+    async def _start_metrics_port(self) -> None:
+        m = self.settings.metrics
+        runner = web.AppRunner(
+            create_metrics_app(self.app), access_log=None, logger=server_logger(self.log)
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, m.host, m.port, reuse_address=True, reuse_port=self.shared_port)
+        await site.start()
+
+    async def run(self) -> None:
+        """Until the first stop signal; then the drain."""
+        await self.stop.wait()
+        await drain(self.app, self.settings.server.shutdown_grace_s, self.hurry)
+
+    async def shut_down(self) -> None:
+        if self._orphaned is not None:
+            self._orphaned.cancel()
+        for runner in self._runners:
+            await runner.cleanup()
+
+
 async def serve(
     settings: Settings,
     log: Logger,
@@ -47,83 +160,16 @@ async def serve(
     max_connections: int | None = None,
     shared_port: bool = False,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and stop; a second one stops at
-    once. SIGHUP reloads ``config_path``.
-
-    The socket stays open while draining, so new requests get a clear 503
-    rather than a refused connection.
-    """
-    app = create_app(settings, log=log)
-    server = settings.server
-    runner = web.AppRunner(
-        app, access_log=None, logger=server_logger(log), handler_cancellation=True,
-        shutdown_timeout=5,
-        keepalive_timeout=server.keepalive_timeout_s,
-        # After an early answer (408, 413) the rest of a body is read and dropped
-        # this long, so the client sees the answer, then the connection closes.
-        lingering_time=LINGER_S,
-        # No SO_KEEPALIVE on client sockets (two system calls a connection): its
-        # probes start after two idle hours; idle connections close after
-        # keepalive_timeout_s, and a silent stream pings every upstream.keepalive_s.
-        tcp_keepalive=False,
+    """Serve until SIGTERM or SIGINT, drain, and stop (``Server``)."""
+    server = Server(
+        settings, log,
+        config_path=config_path, max_connections=max_connections, shared_port=shared_port,
     )  # fmt: skip
-    await runner.setup()
-    tune_gc()
-    # Signals are handled before the port opens: a reload or a stop sent as soon
-    # as the gateway answers must not meet the default action (which kills it).
-    stop, hurry = asyncio.Event(), asyncio.Event()
-
-    def on_stop() -> None:
-        if stop.is_set():  # the second one: no more waiting for live streams
-            log.warning("stopping_now", live_streams=len(app[LIFECYCLE].streams))
-            hurry.set()
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    if shared_port:  # a worker: never outlive the supervisor
-        orphaned = loop.create_task(watch_parent(lambda: on_orphaned(log, stop)))
-    if config_path is not None:
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: stop.is_set() or reload_settings(app, config_path)
-        )
-    metrics = app[METRICS]
-    site = GatewaySite(
-        runner, server.host, server.port, backlog=server.backlog,
-        header_timeout_s=server.header_timeout_s,
-        on_timeout=metrics.rejected.labels("header_timeout").inc,
-        max_connections=max_connections or server.max_connections,
-        on_refused=_refusal_reporter(metrics, log), reuse_port=shared_port,
-    )  # fmt: skip
-    await site.start()
-    runners = [runner]
-    if settings.metrics.port:
-        metrics_runner = web.AppRunner(
-            create_metrics_app(app), access_log=None, logger=server_logger(log)
-        )
-        await metrics_runner.setup()
-        m = settings.metrics
-        await web.TCPSite(
-            metrics_runner, m.host, m.port, reuse_address=True, reuse_port=shared_port
-        ).start()
-        runners.append(metrics_runner)
-    log.info(
-        "listening",
-        url=f"http://{settings.server.host}:{settings.server.port}",
-        upstream=settings.upstream.url,
-        proxy=proxy_display(settings.upstream.proxy_url),
-        quotas="redis" if settings.redis.url else "local",
-        tenants=len(settings.tenants),
-    )
     try:
-        await stop.wait()
-        await drain(app, settings.server.shutdown_grace_s, hurry)
+        await server.start_up()
+        await server.run()
     finally:
-        if shared_port:
-            orphaned.cancel()
-        for r in runners:
-            await r.cleanup()
+        await server.shut_down()
     log.info("stopped")
 
 
