@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
-import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,137 +16,32 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
-from gateway.auth.tenants import hash_key
 from gateway.config import (
     AdmissionSettings,
     CircuitSettings,
-    LoggingSettings,
     ResumeSettings,
     ServerSettings,
     Settings,
     Tenant,
-    UpstreamSettings,
 )
 from gateway.logs import make_logger
 from gateway.quotas.admission import ADMISSION
-from gateway.sse import SSEParser
-from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings, Transcript, create_emulator_app
-from loadtest.harness import free_port, metric_total, start_gateway, wait_ready
+from loadtest.emulator import LIVE, EmulatorSettings, create_emulator_app
+from loadtest.harness import free_port, start_gateway, wait_ready
+from tests.helpers import (
+    ACME_KEY,
+    CHATIQ_KEY,
+    LIMITED_KEY,
+    TINY_KEY,
+    GatewayProcess,
+    Stack,
+    StackFactory,
+    eventually,
+    gateway_settings,
+)
 
 pytest_plugins = ["tests.scripted", "tests.redis_server"]  # the scripted upstream, redis-server
 
-CHATIQ_KEY = "sk-chatiq-test-3f9c2e7a5b1d"
-ACME_KEY = "acme-key-7d1e"
-LIMITED_KEY = "limited-key-09ab"
-TINY_KEY = "tiny-key-55c0"
-TENANTS = (
-    Tenant("acme", hash_key(ACME_KEY), ("*",), max_streams=0, requests_per_minute=0),
-    Tenant("limited", hash_key(LIMITED_KEY), ("demo",)),
-    Tenant("tiny", hash_key(TINY_KEY), ("*",), max_streams=1, requests_per_minute=3),
-)
-
-
-@dataclass
-class Stack:
-    """A running emulator and gateway, and a client session to call them."""
-
-    gateway: TestServer
-    emulator: TestServer
-    session: aiohttp.ClientSession
-    logs: io.StringIO
-    settings: Settings
-    released: bool = False  # assert_all_released() ran and closed the gateway
-
-    @property
-    def url(self) -> str:
-        return str(self.gateway.make_url("/api/chatbot"))
-
-    def transcript(self, request_id: str) -> Transcript:
-        transcripts = self.emulator.app[TRANSCRIPTS]
-        return transcripts[request_id]
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.logs.getvalue().splitlines() if line]
-
-    async def chat(
-        self, body: dict[str, Any] | None = None, *, key: str | None = ACME_KEY, **kw: Any
-    ) -> aiohttp.ClientResponse:
-        headers = dict(kw.pop("headers", {}))
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
-        payload = {"message": "hello"} if body is None else body
-        return await self.session.post(self.url, json=payload, headers=headers, **kw)
-
-    async def metric(self, name: str, **labels: str) -> float:
-        """One sample's value from the gateway's /metrics (0 when absent)."""
-        async with self.session.get(self.gateway.make_url("/metrics")) as r:
-            text = await r.text()
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            sample, _, value = line.rpartition(" ")
-            metric, _, label_text = sample.partition("{")
-            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-            if metric == name and got == want:
-                return float(value)
-        return 0.0
-
-
-async def eventually(
-    condition: Callable[[], bool],
-    timeout_s: float = 10.0,
-    what: Callable[[], object] = lambda: "condition never held",
-) -> float:
-    """Wait until ``condition()`` holds; return how long that took, fail after ``timeout_s``."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, what()
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
-
-
-async def read_stream(response: aiohttp.ClientResponse) -> tuple[bytes, list[str]]:
-    """The whole body, and the ``data`` of each event in it (one parser, as everywhere)."""
-    assert response.status == 200, await response.text()
-    body = await response.read()
-    parser = SSEParser()
-    events = [e.data for e in parser.feed(body) if e.data is not None]
-    assert parser.close() is None, "stream ended inside an event"
-    return body, events
-
-
-def gateway_settings(
-    upstream_url: str,
-    admission: AdmissionSettings | None = None,
-    circuit: CircuitSettings | None = None,
-    server: ServerSettings | None = None,
-    **upstream: Any,
-) -> Settings:
-    """Test settings: short timeouts, a ChatIQ key, the test tenants."""
-    upstream = {
-        "api_key": CHATIQ_KEY,
-        "bot_slug": "demo",
-        "connect_timeout_s": 2.0,
-        "first_byte_timeout_s": 1.0,
-        "idle_timeout_s": 0.5,
-        "total_timeout_s": 30.0,
-        "backoff_base_s": 0.01,
-        "retry_after_cap_s": 0.05,
-        **upstream,
-    }
-    return Settings(
-        upstream=UpstreamSettings(url=upstream_url, **upstream),
-        admission=admission
-        or AdmissionSettings(max_streams=500, max_queue=500, queue_timeout_s=5.0),
-        circuit=circuit or CircuitSettings(),
-        server=server or ServerSettings(),
-        logging=LoggingSettings(level="debug", format="json"),
-        tenants=TENANTS,
-    )
-
-
-StackFactory = Callable[..., Awaitable[Stack]]
 
 # Every secret the tests use, and a message text: none may appear in any log line.
 SECRETS = (CHATIQ_KEY, ACME_KEY, LIMITED_KEY, TINY_KEY, "demo-key", "hunter2")
@@ -289,36 +181,6 @@ async def assert_all_released(stack: Stack) -> None:
 @pytest.fixture
 async def stack(make_stack: StackFactory) -> Stack:
     return await make_stack()
-
-
-@dataclass
-class GatewayProcess:
-    """``python -m gateway`` in its own process, as it runs in production."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api/chatbot"
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.process.pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def cpu_seconds(self) -> float:
-        """User and system CPU the process has used so far."""
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    async def metric(self, session: aiohttp.ClientSession, name: str) -> float:
-        """The sum of a metric's samples (over all labels) on /metrics."""
-        return await metric_total(session, self.port, name)
 
 
 @pytest.fixture

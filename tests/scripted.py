@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Stack, StackFactory, gateway_settings
+from tests.helpers import Stack, StackFactory, gateway_settings
 
 EVENTS = (
     b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n',

@@ -15,9 +15,8 @@ import pytest
 
 from gateway.config import ResumeSettings
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, LIMITED_KEY, Stack, StackFactory
+from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, emulator_text
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
-from tests.test_openai import emulator_text
 
 pytestmark = [pytest.mark.external, pytest.mark.process]
 

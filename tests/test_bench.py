@@ -15,7 +15,7 @@ import pytest
 from loadtest.bench import PATHS, PathResult, Plan, round_ratios
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.loadgen import Target, hold_streams, stream_once
-from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory
+from tests.helpers import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import CircuitSettings
 from gateway.upstream.breaker import BREAKERS, CircuitBreaker, State
-from tests.conftest import Stack, eventually, read_stream
+from tests.helpers import Stack, eventually, read_stream
 from tests.scripted import (
     BODY,
     SSE_ANSWER,

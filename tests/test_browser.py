@@ -13,8 +13,8 @@ from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.config import ResumeSettings
 from loadtest.emulator import EmulatorSettings, compose_reply
-from tests.conftest import ACME_KEY, TINY_KEY, Stack, StackFactory, eventually
 from tests.cutting_proxy import CuttingProxy
+from tests.helpers import ACME_KEY, TINY_KEY, Stack, StackFactory, eventually
 
 pytestmark = pytest.mark.external
 

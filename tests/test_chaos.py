@@ -13,14 +13,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from loadtest.emulator import LIVE, EmulatorSettings
-from tests.conftest import (
-    ACME_KEY,
-    GatewayProcess,
-    StackFactory,
-    assert_all_released,
-    eventually,
-    read_stream,
-)
+from tests.conftest import assert_all_released
+from tests.helpers import ACME_KEY, GatewayProcess, StackFactory, eventually, read_stream
 
 SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=200)
 

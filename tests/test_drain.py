@@ -11,33 +11,9 @@ import aiohttp
 import pytest
 
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
+from tests.helpers import AUTH, GatewayProcess, StackFactory, open_streams
 
 pytestmark = pytest.mark.process
-
-AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
-
-
-async def open_streams(
-    session: aiohttp.ClientSession, gw: GatewayProcess, n: int
-) -> list[asyncio.Task[list[str]]]:
-    started = asyncio.Event()
-    count = 0
-
-    async def one() -> list[str]:
-        nonlocal count
-        async with session.post(gw.url, json={"message": "hi"}, headers=AUTH) as r:
-            assert r.status == 200
-            await r.content.readline()  # the stream is live
-            count += 1
-            if count == n:
-                started.set()
-            _, events = await read_stream(r)
-            return events
-
-    tasks = [asyncio.ensure_future(one()) for _ in range(n)]
-    await asyncio.wait_for(started.wait(), 60)
-    return tasks
 
 
 async def test_sigterm_ends_live_streams_cleanly_after_the_grace_period(

@@ -18,7 +18,7 @@ import pytest
 from gateway.config import ConfigError, settings_from_mapping
 from gateway.upstream.egress import parse_proxy, proxy_from_environment
 from loadtest.harness import free_port, start_gateway, wait_ready
-from tests.conftest import ACME_KEY, CHATIQ_KEY, Stack, read_stream
+from tests.helpers import ACME_KEY, CHATIQ_KEY, Stack, read_stream
 from tests.scripted import BODY, ScriptedFactory, ScriptedUpstream, ok_answer
 
 PROXY_USER, PROXY_PASSWORD = "gateway", "hunter2"  # the password is in the log audit's list

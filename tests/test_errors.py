@@ -15,7 +15,7 @@ from gateway.chat import ChatRequest, json_object
 from gateway.config import AdmissionSettings, ServerSettings
 from gateway.errors import InvalidRequest, RateLimited
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, LIMITED_KEY, Stack, StackFactory, gateway_settings
+from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, gateway_settings
 
 SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=5, reply_tokens=20)  # a stream of ~4 s
 

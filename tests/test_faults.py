@@ -16,7 +16,7 @@ from gateway import relay as relay_module
 from gateway.chat import StreamEncoder
 from gateway.sse import Event
 from loadtest.emulator import CHUNKS_BEFORE_FAULT, EmulatorSettings
-from tests.conftest import Stack, StackFactory, read_stream
+from tests.helpers import Stack, StackFactory, read_stream
 
 
 def error_code(event: str) -> str:

@@ -17,12 +17,10 @@ import pytest
 
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
-from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory, read_stream
+from tests.helpers import ACME_KEY, AUTH, CHATIQ_KEY, GatewayProcess, StackFactory, read_stream
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.external, pytest.mark.process]
-
-AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 
 
 @pytest.fixture

@@ -17,16 +17,18 @@ import pytest
 from gateway.config import AdmissionSettings
 from gateway.sse import SSEParser
 from loadtest.emulator import LIVE, EmulatorSettings
-from tests.conftest import (
+from tests.conftest import assert_all_released
+from tests.helpers import (
     ACME_KEY,
     TINY_KEY,
     GatewayProcess,
     Stack,
     StackFactory,
-    assert_all_released,
+    count_pauses,
+    dechunk,
     eventually,
+    read_slowly,
 )
-from tests.test_wire import count_pauses, dechunk, read_slowly
 
 
 @dataclass(frozen=True)

@@ -9,41 +9,20 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
-from loadtest.fleet import Fleet, haproxy_binary, start_fleet
+from loadtest.fleet import Fleet
 from loadtest.harness import free_port, metric_total
-from tests.conftest import ACME_KEY, read_stream
+from tests.helpers import AUTH, read_stream, require_fleet_programs, start_test_fleet
 
 pytestmark = pytest.mark.external
-
-AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
-
-
-def require_fleet_programs() -> None:
-    """Skip (fail in CI, which installs them) without HAProxy or Redis."""
-    if haproxy_binary() is None or shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy or redis-server is missing: .ci/run installs both")
-        pytest.skip("needs haproxy and redis-server (apt-get install haproxy redis-server)")
-
-
-def start_test_fleet(tmp_path: Path, emulator_args: tuple[str, ...], **tables: Any) -> Fleet:
-    """``make fleet``'s fleet (Redis, emulator, two replicas, HAProxy) on free ports."""
-    require_fleet_programs()
-    return start_fleet(
-        tmp_path, free_port(), replicas=2, key=ACME_KEY, emulator_args=emulator_args,
-        server={"shutdown_grace_s": 20.0}, **tables,
-    )  # fmt: skip
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from loadtest.emulator import TRANSCRIPTS, EmulatorSettings
-from tests.conftest import ACME_KEY, GatewayProcess, StackFactory, read_stream
+from tests.helpers import ACME_KEY, GatewayProcess, StackFactory, read_stream
 
 pytestmark = pytest.mark.process
 

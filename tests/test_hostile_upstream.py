@@ -7,7 +7,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import CHATIQ_KEY, Stack, StackFactory
+from tests.helpers import CHATIQ_KEY, Stack, StackFactory
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, GatewayProcess, StackFactory
+from tests.helpers import ACME_KEY, GatewayProcess, StackFactory
 
 pytestmark = pytest.mark.process
 

@@ -26,7 +26,7 @@ from gateway.metrics import (
 from gateway.quotas.admission import ADMISSION
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port
-from tests.conftest import (
+from tests.helpers import (
     ACME_KEY,
     TINY_KEY,
     GatewayProcess,
@@ -166,7 +166,7 @@ async def test_metrics_can_require_a_bearer_token(make_stack: StackFactory) -> N
     from dataclasses import replace
 
     from gateway.config import MetricsSettings
-    from tests.conftest import gateway_settings
+    from tests.helpers import gateway_settings
 
     base = await make_stack()
     token = "scrape-token-1"

@@ -4,7 +4,6 @@ mid-stream failures raised, ChatIQ's extra events kept."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,9 +14,16 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.auth.tenants import hash_key
 from gateway.config import Tenant
-from gateway.sse import SSEParser
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, LIMITED_KEY, TENANTS, TINY_KEY, Stack, StackFactory
+from tests.helpers import (
+    ACME_KEY,
+    LIMITED_KEY,
+    TENANTS,
+    TINY_KEY,
+    Stack,
+    StackFactory,
+    emulator_text,
+)
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -34,18 +40,6 @@ def client_for(stack: Stack, key: str = ACME_KEY) -> AsyncOpenAI:
 async def client(stack: Stack) -> AsyncIterator[AsyncOpenAI]:
     async with client_for(stack) as c:
         yield c
-
-
-def emulator_text(stack: Stack, request_id: str) -> str:
-    """The content the emulator sent for one request, read back from its own bytes."""
-    parser = SSEParser()
-    text = []
-    for event in parser.feed(bytes(stack.transcript(request_id).sent)):
-        if event.data and event.data != "[DONE]":
-            payload = json.loads(event.data)
-            if "choices" in payload:
-                text.append(payload["choices"][0]["delta"]["content"])
-    return "".join(text)
 
 
 async def test_a_streamed_completion_arrives_whole_with_its_conversation_id(

@@ -26,7 +26,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from gateway.routes.ops import OPENAPI
 from loadtest.harness import free_port, start_emulator, start_gateway, stop, wait_answering
-from tests.conftest import ACME_KEY, CHATIQ_KEY
+from tests.helpers import ACME_KEY, CHATIQ_KEY
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 schema = schemathesis.openapi.from_path(OPENAPI)

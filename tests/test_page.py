@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from gateway.config import ServerSettings
-from tests.conftest import ACME_KEY, LIMITED_KEY, Stack, StackFactory
+from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory
 
 
 async def test_the_bundled_page_is_served_at_the_root(stack: Stack) -> None:

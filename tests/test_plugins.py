@@ -15,8 +15,7 @@ from gateway.config import ConfigError, settings_from_mapping
 from gateway.frontends import load_frontends
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
-from tests.conftest import ACME_KEY, CHATIQ_KEY, StackFactory
-from tests.test_openai import emulator_text
+from tests.helpers import ACME_KEY, CHATIQ_KEY, StackFactory, emulator_text
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "frontends.md"
 

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import AdmissionSettings
 from gateway.upstream.pool import Pool
-from tests.conftest import Stack, StackFactory, gateway_settings
+from tests.helpers import Stack, StackFactory, gateway_settings
 from tests.scripted import (
     BODY,
     JSON_BODY,

@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.config import ResumeSettings, Settings, Tenant
 from gateway.metrics import Metrics
 from gateway.routes.ops import OPENAPI
-from tests.conftest import gateway_settings
+from tests.helpers import gateway_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

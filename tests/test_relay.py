@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import struct
 import time
 import uuid
 
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, CHATIQ_KEY, Stack, StackFactory, read_stream
+from tests.helpers import (
+    CHATIQ_KEY,
+    Stack,
+    StackFactory,
+    read_stream,
+    stream_counting_segments,
+)
 
 
 async def test_streams_cut_at_random_byte_offsets_arrive_byte_for_byte(
@@ -154,35 +158,6 @@ async def test_a_history_with_a_huge_integer_still_reaches_the_upstream(stack: S
     _, events = await read_stream(response)
     assert events[-1] == "[DONE]"
     assert stack.transcript(response.headers["X-Request-Id"]).body["history"] == history
-
-
-def data_segments_received(sock: socket.socket) -> int:
-    """Linux's ``tcpi_data_segs_in``: segments with data that reached this socket."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    return int(struct.unpack_from("I", info, 152)[0])
-
-
-async def stream_counting_segments(
-    stack: Stack, request_id: str, extra: bytes = b""
-) -> tuple[bytes, int]:
-    """A chat streamed over a plain socket: the bytes received, and how many TCP
-    segments carried them (each write of the gateway is one: nodelay)."""
-    reader, writer = await asyncio.open_connection(stack.gateway.host, stack.gateway.port)
-    body = b'{"message": "hi"}'
-    writer.write(
-        b"POST /api/chatbot HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + ACME_KEY.encode() + b"\r\nX-Request-Id: "
-        + request_id.encode() + b"\r\n" + extra
-        + b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
-    )  # fmt: skip
-    received = b""
-    while not received.endswith(b"\r\n0\r\n\r\n"):
-        data = await asyncio.wait_for(reader.read(65536), 10)
-        assert data, received
-        received += data
-    segments = data_segments_received(writer.get_extra_info("socket"))
-    writer.close()
-    return received, segments
 
 
 async def test_the_head_rides_with_the_first_events_and_the_end_with_the_last(

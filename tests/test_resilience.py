@@ -11,14 +11,7 @@ import pytest
 from gateway.config import AdmissionSettings
 from gateway.quotas.admission import ADMISSION
 from loadtest.emulator import ATTEMPTS, LIVE, EmulatorSettings
-from tests.conftest import (
-    TINY_KEY,
-    Stack,
-    StackFactory,
-    eventually,
-    gateway_settings,
-    read_stream,
-)
+from tests.helpers import TINY_KEY, Stack, StackFactory, eventually, gateway_settings, read_stream
 
 
 async def attempts(stack: Stack, request_id: str) -> int:
@@ -156,7 +149,7 @@ async def test_a_client_that_reads_nothing_is_dropped_and_its_upstream_closed(
 
 async def open_raw_chat(stack: Stack) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A chat request over a bare socket whose answer is never read."""
-    from tests.conftest import ACME_KEY
+    from tests.helpers import ACME_KEY
 
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning

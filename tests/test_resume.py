@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,59 +13,30 @@ import pytest
 
 from gateway.config import ResumeSettings, Tenant
 from gateway.resume.streams import RESUMABLE
-from gateway.sse import Event, SSEParser
 from loadtest.emulator import LIVE, EmulatorSettings
-from tests.conftest import (
+from tests.helpers import (
     ACME_KEY,
+    AUTH,
     LIMITED_KEY,
     TENANTS,
     GatewayProcess,
     Stack,
     StackFactory,
     eventually,
+    read_events,
+    stream_counting_segments,
+    upstream_events,
+    without_ids,
 )
-from tests.test_relay import stream_counting_segments
 
 RESUME = ResumeSettings(enabled=True, detach_grace_s=5.0, retain_s=30.0)
 SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=400, reply_tokens=33)  # 40 events with [DONE]
-AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
-_ID_LINE = re.compile(rb"^id: [0-9]+\n", re.M)
 
 
 async def resumable_stack(make_stack: StackFactory, **kw: Any) -> Stack:
     kw.setdefault("emulator", SLOW)
     kw.setdefault("resume", RESUME)
     return await make_stack(**kw)
-
-
-async def read_events(
-    response: aiohttp.ClientResponse, limit: int | None = None
-) -> tuple[bytes, list[Event]]:
-    """The body's bytes and its data events, up to ``limit`` data events (then
-    the connection is dropped, as a phone losing its network would)."""
-    assert response.status == 200, await response.text()
-    parser = SSEParser()
-    body, events = b"", []
-    async for chunk in response.content.iter_any():
-        for event in parser.feed(chunk):
-            body += event.raw
-            if event.data is None:
-                continue
-            events.append(event)
-            if limit is not None and len(events) == limit:
-                response.close()
-                return body, events
-    return body, events
-
-
-def without_ids(body: bytes) -> bytes:
-    return _ID_LINE.sub(b"", body)
-
-
-def upstream_events(stack: Stack, request_id: str) -> bytes:
-    """What the upstream sent, as whole data events (its pings left out)."""
-    sent = bytes(stack.transcript(request_id).sent)
-    return b"".join(e.raw for e in SSEParser().feed(sent) if e.data is not None)
 
 
 async def start(stack: Stack, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:

@@ -18,14 +18,22 @@ from gateway.sse import Event
 from loadtest.emulator import EmulatorSettings
 from loadtest.fleet import Fleet
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
-from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, Stack, StackFactory
+from tests.helpers import (
+    ACME_KEY,
+    AUTH,
+    CHATIQ_KEY,
+    GatewayProcess,
+    Stack,
+    StackFactory,
+    read_events,
+    start_test_fleet,
+    upstream_events,
+    without_ids,
+)
 from tests.redis_server import RedisServer
-from tests.test_haproxy import start_test_fleet
-from tests.test_resume import read_events, upstream_events, without_ids
 
 pytestmark = pytest.mark.external
 
-AUTH = {"Authorization": f"Bearer {ACME_KEY}"}
 RESUMABLE = {**AUTH, "X-Resumable": "1"}
 
 Replicas = Callable[..., Awaitable[list[GatewayProcess]]]

@@ -17,7 +17,7 @@ from gateway.auth.tenants import hash_key
 from gateway.config import ConfigError, LoggingSettings, load_settings
 from gateway.logs import make_logger, server_logger
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
-from tests.conftest import ACME_KEY, CHATIQ_KEY, LIMITED_KEY, Stack, StackFactory, read_stream
+from tests.helpers import ACME_KEY, CHATIQ_KEY, LIMITED_KEY, Stack, StackFactory, read_stream
 
 SECRET_MESSAGE = "my password is hunter2"
 TRAFFIC: list[dict[str, Any]] = [

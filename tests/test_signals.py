@@ -18,8 +18,14 @@ import pytest
 
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
-from tests.conftest import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory, read_stream
-from tests.test_drain import open_streams
+from tests.helpers import (
+    ACME_KEY,
+    CHATIQ_KEY,
+    GatewayProcess,
+    StackFactory,
+    open_streams,
+    read_stream,
+)
 
 pytestmark = pytest.mark.process
 

@@ -4,18 +4,15 @@ servers, and the push relay's pause and resume against a slow reader."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from gateway.upstream.events import EventSource
 from gateway.upstream.pool import Pool
 from loadtest.emulator import EmulatorSettings
-from tests.conftest import ACME_KEY, Stack, StackFactory
+from tests.helpers import Stack, StackFactory, count_pauses, dechunk, read_slowly
 from tests.scripted import (
     BODY,
     EVENTS,
@@ -131,43 +128,6 @@ async def test_a_garbled_or_compressed_upstream_answer_is_a_clean_error(
     assert says in error["message"]
 
 
-def count_pauses(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """How often, from now on, a relay pauses its upstream for a slow client."""
-    pauses = 0
-    real_pause = EventSource.pause
-
-    def counted_pause(self: EventSource) -> None:
-        nonlocal pauses
-        pauses += 1
-        real_pause(self)
-
-    monkeypatch.setattr(EventSource, "pause", counted_pause)
-    return lambda: pauses
-
-
-async def read_slowly(stack: Stack, path: str, body: bytes, request_id: str = "slow") -> bytes:
-    """The whole answer, read by a client with a 4 KiB socket buffer, 16 KiB at a
-    time with a pause between reads."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (stack.gateway.host, stack.gateway.port))
-    await loop.sock_sendall(
-        sock,
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"X-Request-Id: {request_id}\r\nConnection: close\r\n"
-        f"Authorization: Bearer {ACME_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body,
-    )
-    received = bytearray()
-    while chunk := await loop.sock_recv(sock, 16384):
-        received += chunk
-        await asyncio.sleep(0.001)
-    sock.close()
-    return bytes(received)
-
-
 async def test_a_slow_reader_pauses_the_upstream_and_still_gets_every_byte(
     make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,18 +184,6 @@ async def test_an_https_upstream_is_verified_before_anything_is_sent(
         status, body = await stream_body(stack)
         assert status == 502 and b"could not reach" in body
         assert upstream.requests == []  # the key never went to an unverified server
-
-
-def dechunk(framed: bytes) -> bytes:
-    out = bytearray()
-    pos = 0
-    while True:
-        line_end = framed.index(b"\r\n", pos)
-        size = int(framed[pos:line_end], 16)
-        if size == 0:
-            return bytes(out)
-        out += framed[line_end + 2 : line_end + 2 + size]
-        pos = line_end + 2 + size + 2
 
 
 async def test_an_upstream_that_ends_right_after_its_first_event_gets_an_error_ending(

@@ -22,7 +22,7 @@ from gateway.server.cpus import cgroup_cpu_quota, usable_cpus
 from gateway.server.workers import MAX_DEATHS
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
-from tests.conftest import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
+from tests.helpers import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
 
 
 @pytest.mark.process
