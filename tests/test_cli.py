@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from loadtest.emulator import EmulatorSettings, compose_reply
-from tests.conftest import ACME_KEY, GatewayProcess, StackFactory
 from tests.cutting_proxy import CuttingProxy
+from tests.helpers import ACME_KEY, GatewayProcess, StackFactory
 
 pytestmark = pytest.mark.process
 
@@ -36,7 +36,8 @@ async def cli(
     make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
 ) -> Callable[..., Awaitable[Run]]:
     stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=8))
-    gw = await gateway_process(stack.emulator)
+    # A stalled upstream times out in 1 s, not the default 30 s.
+    gw = await gateway_process(stack.emulator, upstream={"idle_timeout_s": 1.0})
 
     async def run(*args: str, stdin: str = "", key: str | None = ACME_KEY) -> Run:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATIQ_GATEWAY")}
