@@ -19,9 +19,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m loadtest.stack --config config/gateway.toml
 
-## make test: lint, types, then the whole suite.
+## make test: lint, types, then the whole suite, one process per core (PYTEST_ARGS="-n 0": one).
+PYTEST_ARGS ?= -n auto
 test: $(STAMP) lint node-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The Vercel AI SDK (npm package "ai") that the ai-sdk frontend's tests drive,
 # when Node is there (without it those tests say so and skip, except in CI).
