@@ -20,8 +20,7 @@ from gateway.quotas.shared import SharedQuotas
 from gateway.resume.redis_log import RedisStreams
 from gateway.resume.serve import resume_chat_route, resume_stream
 from gateway.resume.streams import RESUMABLE, ResumableStreams
-from gateway.routes import ops as handlers
-from gateway.routes import page
+from gateway.routes import ops, page
 from gateway.state import LIFECYCLE, LOG, METRICS, SETTINGS, TIMERS, Lifecycle, LiveSettings
 from gateway.timers import TimerHeap
 from gateway.upstream.breaker import BREAKERS, Breakers, OnTransition, State
@@ -72,11 +71,11 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
         _mount_resume(app, frontend_of_route)
     chat_routes = [(path, fe.name) for path, fe in frontend_of_route.items()]
     metrics.export_known([t.name for t in settings.tenants], chat_routes)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/openapi.json", handlers.openapi)
+    app.router.add_get("/healthz", ops.healthz)
+    app.router.add_get("/readyz", ops.readyz)
+    app.router.add_get("/openapi.json", ops.openapi)
     if settings.metrics.port == 0:
-        app.router.add_get("/metrics", handlers.prometheus_metrics)
+        app.router.add_get("/metrics", ops.prometheus_metrics)
     page.add_routes(app, settings, chat_routes=list(frontend_of_route))
     return app
 
@@ -113,7 +112,7 @@ def create_metrics_app(app: web.Application) -> web.Application:
     metrics_app = web.Application(middlewares=[make_middleware(app[METRICS], app[LOG])])
     metrics_app[SETTINGS] = app[SETTINGS]
     metrics_app[METRICS] = app[METRICS]
-    metrics_app.router.add_get("/metrics", handlers.prometheus_metrics)
+    metrics_app.router.add_get("/metrics", ops.prometheus_metrics)
     return metrics_app
 
 

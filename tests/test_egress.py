@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, settings_from_mapping
-from gateway.upstream.egress import parse_proxy, proxy_from_environment
+from gateway.config.proxies import parse_proxy, proxy_from_environment
 from loadtest.harness import free_port, start_gateway, wait_ready
 from tests.helpers import ACME_KEY, CHATIQ_KEY, Stack, read_stream
 from tests.scripted import BODY, ScriptedFactory, ScriptedUpstream, ok_answer

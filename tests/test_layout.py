@@ -37,13 +37,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
 ]
-# The one way up that is left: the configuration resolves `workers = "auto"`
-# and the proxy from the environment as it loads (to become raw values that
-# the server and the upstream client resolve).
-KNOWN_UPWARD = {
-    ("gateway.config", "gateway.server.cpus"),
-    ("gateway.config", "gateway.upstream.egress"),
-}
+# Imports that go up, each with its reason; none today.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, settings_from_mapping
-from gateway.server.cpus import cgroup_cpu_quota, usable_cpus
+from gateway.server.cpus import cgroup_cpu_quota, resolve_workers, usable_cpus
 from gateway.server.workers import MAX_DEATHS
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
@@ -296,9 +296,12 @@ def test_usable_cpus_follow_the_cgroup_quota(tmp_path: Path) -> None:
 
 def test_workers_auto_in_the_file_is_one_per_usable_core() -> None:
     raw = {"upstream": {"url": "http://127.0.0.1:9/api/chat"}, "server": {"workers": "auto"}}
-    assert settings_from_mapping(raw, {}).server.workers == usable_cpus()
+    assert resolve_workers(settings_from_mapping(raw, {}).server.workers) == usable_cpus()
     with pytest.raises(ConfigError, match=r'server\.workers: a whole number or "auto"'):
         settings_from_mapping({**raw, "server": {"workers": "many"}}, {})
+    zero = {**raw, "server": {"workers": 0}}  # 0 is not "auto" spelled otherwise
+    with pytest.raises(ConfigError, match=r'server\.workers: at least 1, or "auto"'):
+        settings_from_mapping(zero, {})
 
 
 @pytest.mark.process

@@ -9,7 +9,7 @@ slot is handed straight to the oldest waiter, so the queue is fair and never
 starves.
 
 Tenant quotas are this process's own, unless a fleet shares them through
-Redis (``share``, ``gateway.fleet``): then Redis decides, and while it does
+Redis (``share``, ``gateway.quotas.shared``): then Redis decides, and while it does
 not answer, ``redis.on_error`` does: ``local`` quotas (each limit divided by
 ``redis.expected_replicas``) or ``reject`` (503).
 """

@@ -1,4 +1,4 @@
-"""Thin route handlers: each wires the stages of the request's path together."""
+"""The operator's routes: liveness, readiness, Prometheus metrics and the OpenAPI document."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ process with its signals, drain and stop (``serve``), the listening socket
 and its limits (``edge``), the workers' supervisor (``workers``), CPU
 counting (``cpus``) and the configuration's reload (``reload``).
 
-The top layer: it may import anything below it, and nothing imports it
-(``gateway.config`` reads ``cpus`` to resolve ``workers = "auto"``, the one
-exception, named in tests/test_layout.py).
+The top layer but for ``python -m gateway``: it may import anything below
+it, and nothing below imports it.
 """

@@ -16,7 +16,7 @@ from gateway.config import ConfigError, Settings, load_settings
 from gateway.frontends import load_frontends
 from gateway.logs import Logger, make_logger
 from gateway.metrics import pin_worker_pid
-from gateway.server.cpus import parse_workers
+from gateway.server.cpus import parse_workers, resolve_workers
 from gateway.server.serve import serve
 from gateway.server.workers import supervise
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log = make_logger(settings.logging)
     cap = connection_cap(settings, raise_open_files_limit(), log)
-    workers = args.workers if args.workers is not None else settings.server.workers
+    workers = args.workers if args.workers is not None else resolve_workers(settings.server.workers)
     if workers < 1:
         print("chatiq-gateway: --workers must be at least 1", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from gateway.config import AUTO_WORKERS
+
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -59,3 +61,9 @@ def parse_workers(value: str | int) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return usable_cpus()
     return int(value)
+
+
+def resolve_workers(configured: int) -> int:
+    """``server.workers`` as the configuration holds it: a count, or
+    ``AUTO_WORKERS`` (``"auto"`` in the file) for one per usable core."""
+    return usable_cpus() if configured == AUTO_WORKERS else configured

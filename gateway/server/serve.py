@@ -12,13 +12,13 @@ from aiohttp import web
 
 from gateway.app import create_app, create_metrics_app, drain
 from gateway.config import Settings
+from gateway.config.proxies import proxy_display
 from gateway.logs import Logger, server_logger
 from gateway.metrics import Metrics
 from gateway.server.edge import GatewaySite
 from gateway.server.reload import reload_settings
 from gateway.server.workers import watch_parent
 from gateway.state import LIFECYCLE, METRICS
-from gateway.upstream.egress import proxy_display
 
 LINGER_S = 2.0
 

@@ -6,7 +6,8 @@
 - ``connection`` and ``pool``: the HTTP/1.1 wire protocol (httptools) and the
   keep-alive pool of connections to the origin;
 - ``retry``, ``breaker``, ``deadline``: when to try again, when to stop trying;
-- ``egress``: the proxy tunnel (and, in ``pool``, the private CA).
+- ``egress``: the tunnel through the egress proxy (and, in ``pool``, the
+  private CA).
 
 Imports only the shared vocabulary (``gateway.config``, ``errors``, ``sse``,
 ``chat``, ``metrics``, ``logs``): never the relay, the frontends or the app.

@@ -10,7 +10,7 @@ idle (shorter than common servers' keep-alive, and shorter still when the
 server's ``Keep-Alive: timeout`` says so) nor ``connection_max_age_s`` old (so
 a DNS change takes effect). Interim 1xx answers are skipped; a response head
 larger than ``max_head_bytes`` is refused. An egress proxy is used as
-``gateway.egress`` decides. Nothing here follows a redirect or asks for
+``gateway.config.proxies`` decides. Nothing here follows a redirect or asks for
 compression.
 """
 

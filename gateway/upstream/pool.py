@@ -13,8 +13,9 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from gateway.config import UpstreamSettings
+from gateway.config.proxies import DIRECT, Proxy, parse_proxy
 from gateway.upstream.connection import READ_BYTES, Connection
-from gateway.upstream.egress import DIRECT, Proxy, open_tunnel, parse_proxy
+from gateway.upstream.egress import open_tunnel
 
 _DNS_TTL_S = 10.0
 

@@ -1,0 +1,49 @@
+"""The configuration: the settings (``settings``), read from the TOML file and
+the environment and checked key by key (``load``), and the egress proxy as the
+environment names it (``proxies``).
+
+Part of the shared vocabulary: it imports nothing else of the gateway. It
+holds what the file and the environment say; the server counts the cores for
+``server.workers = "auto"``.
+"""
+
+from gateway.config.load import load_settings, settings_from_mapping
+from gateway.config.settings import (
+    ANY_BOT,
+    AUTO_WORKERS,
+    BUILT_IN_FRONTENDS,
+    AdmissionSettings,
+    CircuitSettings,
+    ConfigError,
+    FrontendSettings,
+    LoggingSettings,
+    MetricsSettings,
+    RedisSettings,
+    ResumeSettings,
+    ServerSettings,
+    Settings,
+    Tenant,
+    UpstreamSettings,
+    named_bots,
+)
+
+__all__ = [
+    "ANY_BOT",
+    "AUTO_WORKERS",
+    "BUILT_IN_FRONTENDS",
+    "AdmissionSettings",
+    "CircuitSettings",
+    "ConfigError",
+    "FrontendSettings",
+    "LoggingSettings",
+    "MetricsSettings",
+    "RedisSettings",
+    "ResumeSettings",
+    "ServerSettings",
+    "Settings",
+    "Tenant",
+    "UpstreamSettings",
+    "load_settings",
+    "named_bots",
+    "settings_from_mapping",
+]
