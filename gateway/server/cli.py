@@ -17,7 +17,7 @@ from gateway.frontends import load_frontends
 from gateway.logs import Logger, make_logger
 from gateway.metrics import pin_worker_pid
 from gateway.server.cpus import parse_workers, resolve_workers
-from gateway.server.serve import serve
+from gateway.server.serve import Server
 from gateway.server.workers import supervise
 
 
@@ -131,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     if workers > 1 and not args.worker:
         return supervise(args.config, workers, settings.server.host, settings.server.port, log)
     pin_worker_pid()
-    try:
-        main_coro = serve(
+
+    async def serve() -> None:  # the app is made on the loop that serves it
+        server = Server(
             settings, log, config_path=args.config, max_connections=cap, shared_port=args.worker
         )
-        run(main_coro, settings.server.event_loop, log)
+        await server.serve()
+
+    try:
+        run(serve(), settings.server.event_loop, log)
     except OSError as e:  # typically: the port is taken
         print(f"chatiq-gateway: cannot serve: {e}", file=sys.stderr)
         return 1

@@ -44,7 +44,7 @@ class Server:
     ``start_up`` (the app, signal handlers, then the listening sockets),
     ``run`` (until SIGTERM or SIGINT: then drain; a second one stops at once;
     SIGHUP reloads ``config_path``), ``shut_down`` (the sockets closed, the
-    app cleaned up).
+    app cleaned up); ``serve`` takes the three in turn.
 
     The socket stays open while draining, so new requests get a clear 503
     rather than a refused connection.
@@ -145,32 +145,20 @@ class Server:
         await self.stop.wait()
         await drain(self.app, self.settings.server.shutdown_grace_s, self.hurry)
 
+    async def serve(self) -> None:
+        """Start up, run until the drain is done, shut down."""
+        try:
+            await self.start_up()
+            await self.run()
+        finally:
+            await self.shut_down()
+        self.log.info("stopped")
+
     async def shut_down(self) -> None:
         if self._orphaned is not None:
             self._orphaned.cancel()
         for runner in self._runners:
             await runner.cleanup()
-
-
-async def serve(
-    settings: Settings,
-    log: Logger,
-    *,
-    config_path: str | None = None,
-    max_connections: int | None = None,
-    shared_port: bool = False,
-) -> None:
-    """Serve until SIGTERM or SIGINT, drain, and stop (``Server``)."""
-    server = Server(
-        settings, log,
-        config_path=config_path, max_connections=max_connections, shared_port=shared_port,
-    )  # fmt: skip
-    try:
-        await server.start_up()
-        await server.run()
-    finally:
-        await server.shut_down()
-    log.info("stopped")
 
 
 def on_orphaned(log: Logger, stop: asyncio.Event) -> None:
