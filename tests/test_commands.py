@@ -23,10 +23,6 @@ pytestmark = pytest.mark.process
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(url: str, timeout_s: float = 30.0) -> None:
-    wait_answering(url, timeout_s)
-
-
 def is_closed(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -60,7 +56,7 @@ def test_the_dev_stack_streams_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path
     out = (tmp_path / "stack.log").open("w+")
     stack, emulator_port, gateway_port = start_stack(out)
     try:
-        wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
+        wait_answering(f"http://127.0.0.1:{gateway_port}/healthz")
         request = chat_request(gateway_port)
         with urllib.request.urlopen(request, timeout=30) as r:
             assert r.headers["Content-Type"].startswith("text/event-stream")
@@ -88,7 +84,7 @@ def test_ctrl_c_in_a_terminal_drains_the_gateway_once(tmp_path: Path) -> None:
     out = (tmp_path / "stack.log").open("w+")
     stack, emulator_port, gateway_port = start_stack(out, start_new_session=True)
     try:
-        wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
+        wait_answering(f"http://127.0.0.1:{gateway_port}/healthz")
         request = chat_request(gateway_port)
         with urllib.request.urlopen(request, timeout=30) as r:
             first = r.read1()  # a live stream as Ctrl-C comes: the gateway drains
@@ -116,7 +112,7 @@ def test_the_emulator_command_serves_the_chat_api() -> None:
         env={k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"},
     )
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz")
+        wait_answering(f"http://127.0.0.1:{port}/healthz")
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/api/chat",
             data=json.dumps({"message": "hi", "bot_slug": "x", "stream": False}).encode(),
@@ -141,7 +137,7 @@ def test_the_emulator_stops_at_once_with_replies_in_progress_and_says_nothing() 
     )  # fmt: skip
     clients: list[socket.socket] = []
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz")
+        wait_answering(f"http://127.0.0.1:{port}/healthz")
         body = json.dumps({"message": "hi", "bot_slug": "x", "stream": True}).encode()
         head = (
             f"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -185,7 +181,7 @@ def test_a_backgrounded_dev_stack_stops_on_sigint_quickly_even_mid_stall(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     try:
-        wait_for(f"http://127.0.0.1:{gateway_port}/healthz")
+        wait_answering(f"http://127.0.0.1:{gateway_port}/healthz")
         stalled = socket.create_connection(("127.0.0.1", gateway_port))
         body = json.dumps({"message": "hi", "bot": "fault-stall-first"}).encode()
         stalled.sendall(
