@@ -16,10 +16,10 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
@@ -121,14 +121,42 @@ async def eventually(
     return time.monotonic() - started
 
 
-async def read_stream(response: aiohttp.ClientResponse) -> tuple[bytes, list[str]]:
-    """The whole body, and the ``data`` of each event in it (one parser, as everywhere)."""
-    assert response.status == 200, await response.text()
-    body = await response.read()
+def data_events(body: bytes) -> list[str]:
+    """The ``data`` of each event of a whole stream (one parser, as everywhere);
+    the stream must end on an event's end."""
     parser = SSEParser()
     events = [e.data for e in parser.feed(body) if e.data is not None]
     assert parser.close() is None, "stream ended inside an event"
-    return body, events
+    return events
+
+
+async def read_stream(response: aiohttp.ClientResponse) -> tuple[bytes, list[str]]:
+    """The whole body of a 200 stream, and the ``data`` of each event in it."""
+    assert response.status == 200, await response.text()
+    body = await response.read()
+    return body, data_events(body)
+
+
+class Reply(NamedTuple):
+    """A chat's answer, read to its end."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    def events(self) -> list[str]:
+        """The ``data`` of each event, of a 200 stream."""
+        assert self.status == 200, self.body
+        return data_events(self.body)
+
+
+async def post_chat(
+    stack: Stack, body: dict[str, Any] | None = None, *, key: str | None = ACME_KEY
+) -> Reply:
+    """One chat on the stack's native route (``{"message": "hi"}`` unless
+    ``body`` says otherwise), its answer read to the end."""
+    async with await stack.chat({"message": "hi"} if body is None else body, key=key) as r:
+        return Reply(r.status, await r.read(), r.headers)
 
 
 def gateway_settings(

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import CircuitSettings
 from gateway.upstream.breaker import BREAKERS, CircuitBreaker, State
-from tests.helpers import Stack, eventually, read_stream
+from tests.helpers import Reply, Stack, eventually, post_chat, read_stream
 from tests.scripted import (
     BODY,
     SSE_ANSWER,
@@ -28,9 +28,8 @@ FAST = CircuitSettings(
 )
 
 
-async def chat(stack: Stack, bot: str = "demo", **body: Any) -> tuple[int, bytes, dict[str, str]]:
-    async with await stack.chat({"message": "hi", "bot": bot, **body}) as r:
-        return r.status, await r.read(), dict(r.headers)
+async def chat(stack: Stack, bot: str = "demo", **body: Any) -> Reply:
+    return await post_chat(stack, {"message": "hi", "bot": bot, **body})
 
 
 async def state(stack: Stack, bot: str) -> float:

@@ -18,7 +18,7 @@ import pytest
 from gateway.config import ConfigError, settings_from_mapping
 from gateway.config.proxies import parse_proxy, proxy_from_environment
 from loadtest.harness import free_port, start_gateway, wait_ready
-from tests.helpers import ACME_KEY, CHATIQ_KEY, Stack, read_stream
+from tests.helpers import ACME_KEY, CHATIQ_KEY, Stack, post_chat, read_stream
 from tests.scripted import BODY, ScriptedFactory, ScriptedUpstream, ok_answer
 
 PROXY_USER, PROXY_PASSWORD = "gateway", "hunter2"  # the password is in the log audit's list
@@ -100,10 +100,10 @@ def tinyproxy(tmp_path: Path) -> Iterator[RealProxy]:
 
 
 async def stream(stack: Stack) -> tuple[int, bytes]:
-    async with await stack.chat({"message": "hi"}) as r:
-        if r.status != 200:
-            return r.status, await r.read()
-        return r.status, (await read_stream(r))[0]
+    reply = await post_chat(stack)
+    if reply.status == 200:
+        reply.events()  # a whole stream
+    return reply.status, reply.body
 
 
 async def test_an_https_upstream_is_reached_through_a_connect_tunnel_verified_end_to_end(

@@ -16,7 +16,7 @@ from gateway import relay as relay_module
 from gateway.chat import StreamEncoder
 from gateway.sse import Event
 from loadtest.emulator import CHUNKS_BEFORE_FAULT, EmulatorSettings
-from tests.helpers import Stack, StackFactory, read_stream
+from tests.helpers import Stack, StackFactory, post_chat
 
 
 def error_code(event: str) -> str:
@@ -25,9 +25,8 @@ def error_code(event: str) -> str:
 
 
 async def stream_of(stack: Stack, bot: str) -> tuple[bytes, list[str]]:
-    async with await stack.chat({"message": "hi", "bot": bot}) as r:
-        assert r.status == 200
-        return await read_stream(r)
+    reply = await post_chat(stack, {"message": "hi", "bot": bot})
+    return reply.body, reply.events()
 
 
 async def test_stall_mid_stream_ends_with_a_timeout_event(stack: Stack) -> None:

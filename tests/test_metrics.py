@@ -33,7 +33,7 @@ from tests.helpers import (
     Stack,
     StackFactory,
     eventually,
-    read_stream,
+    post_chat,
 )
 
 ROUTE = "/api/chatbot"
@@ -41,12 +41,8 @@ ROUTE = "/api/chatbot"
 
 async def stream(stack: Stack, bot: str = "demo", key: str = ACME_KEY) -> tuple[int, int]:
     """Status and number of events of one streamed chat."""
-    async with await stack.chat({"message": "hi", "bot": bot}, key=key) as r:
-        if r.status != 200:
-            await r.read()
-            return r.status, 0
-        _, events = await read_stream(r)
-        return r.status, len(events)
+    reply = await post_chat(stack, {"message": "hi", "bot": bot}, key=key)
+    return reply.status, len(reply.events()) if reply.status == 200 else 0
 
 
 async def test_every_metric_after_scripted_traffic_with_faults(make_stack: StackFactory) -> None:

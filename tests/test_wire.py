@@ -12,7 +12,7 @@ import pytest
 
 from gateway.upstream.pool import Pool
 from loadtest.emulator import EmulatorSettings
-from tests.helpers import Stack, StackFactory, count_pauses, dechunk, read_slowly
+from tests.helpers import Stack, StackFactory, count_pauses, dechunk, post_chat, read_slowly
 from tests.scripted import (
     BODY,
     EVENTS,
@@ -26,8 +26,8 @@ from tests.scripted import (
 
 
 async def stream_body(stack: Stack, stream: bool = True) -> tuple[int, bytes]:
-    async with await stack.chat({"message": "hi", "stream": stream}) as r:
-        return r.status, await r.read()
+    reply = await post_chat(stack, {"message": "hi", "stream": stream})
+    return reply.status, reply.body
 
 
 async def test_streams_one_after_another_share_one_upstream_connection(
