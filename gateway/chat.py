@@ -8,7 +8,9 @@ frontend."""
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
@@ -33,8 +35,23 @@ _HEADER_SAFE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 _ENCODE = c_make_encoder(
     {}, json.JSONEncoder().default, encode_basestring_ascii, None, ": ", ", ", False, False, True
 )
-# json.loads's own decoder, for a body json.loads would read as UTF-8.
-_DECODE = json.JSONDecoder().decode
+
+
+def _no_constant(name: str) -> float:
+    """NaN, Infinity, -Infinity: json.loads reads them, JSON has no such values."""
+    raise InvalidRequest(f"the body holds {name}, which is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: json.loads would read it as infinity
+        raise InvalidRequest("the body holds a number too large for a JSON float")
+    return value
+
+
+# json.loads's own decoder, but for numbers JSON has no form for (they would
+# reach the upstream as NaN or Infinity, which is not JSON).
+_DECODE = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +96,16 @@ def json_object(raw: bytes) -> dict[str, Any]:
             # What json.loads does with such bytes, without its Python-side
             # guess of the encoding (~6k instructions of its ~19k): no BOM, and
             # not UTF-16 or -32, so UTF-8, lone surrogates passed through.
-            body = _DECODE(raw.decode("utf-8", "surrogatepass"))
-        else:
-            body = json.loads(raw)
+            text = raw.decode("utf-8", "surrogatepass")
+        else:  # json.loads's own way: a BOM, UTF-16 or -32
+            text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        body = _DECODE(text)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InvalidRequest("the body is not valid JSON") from None
+    except ValueError:  # the only other: an integer past Python's digit limit
+        raise InvalidRequest(
+            f"the body holds a number of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
     except RecursionError:
         raise InvalidRequest("the body is nested too deeply") from None
     if not isinstance(body, dict):

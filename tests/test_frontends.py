@@ -20,6 +20,7 @@ from loadtest.emulator import LIVE, EmulatorSettings
 from tests.conftest import assert_all_released
 from tests.helpers import (
     ACME_KEY,
+    AUTH,
     TINY_KEY,
     GatewayProcess,
     Stack,
@@ -101,6 +102,46 @@ async def test_a_last_message_without_text_is_a_400_that_says_so(
         assert r.status == 400
         message = (await r.json())["error"]["message"]
     assert "has no text to send" in message and "messages[-1]" in message
+
+
+def with_extra(frontend: str, value: bytes) -> bytes:
+    """The frontend's usual body with ``"extra": <value>`` in it, as raw JSON."""
+    body = json.dumps(ROUTES[frontend].body("demo", "hi")).encode()
+    return body[:-1] + b', "extra": ' + value + b"}"
+
+
+@FRONTENDS
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (b"1" * 5000, "more than 4300 digits"),  # Python's int limit raised ValueError: a 500
+        (b"NaN", "NaN, which is not a JSON number"),  # json.loads reads it; upstream, not JSON
+        (b"-Infinity", "-Infinity, which is not a JSON number"),
+        (b"1e400", "too large for a JSON float"),  # read as infinity
+    ],
+)
+async def test_a_number_json_has_no_form_for_is_a_400_on_every_frontend(
+    stack: Stack, frontend: str, value: bytes, why: str
+) -> None:
+    async with stack.session.post(
+        stack.gateway.make_url(ROUTES[frontend].path),
+        data=with_extra(frontend, value),
+        headers={"Authorization": f"Bearer {ACME_KEY}", "Content-Type": "application/json"},
+    ) as r:
+        assert r.status == 400, await r.text()
+        message = (await r.json())["error"]["message"]
+    assert why in message
+    assert not [line for line in stack.log_lines() if line.get("event") == "unhandled_error"]
+
+
+async def test_an_ai_sdk_text_part_without_text_is_a_400(stack: Stack) -> None:
+    body = {"messages": [{"id": "u", "role": "user", "parts": [{"type": "text"}]}]}
+    async with stack.session.post(
+        stack.gateway.make_url("/api/ui/chat"), json=body, headers=AUTH
+    ) as r:
+        assert r.status == 400, await r.text()  # a KeyError, a 500, before
+        message = (await r.json())["error"]["message"]
+    assert "a text part needs a 'text' string" in message
 
 
 @FRONTENDS

@@ -95,7 +95,7 @@ def _turn(index: int, message: object) -> tuple[str, str]:
         isinstance(p, dict) and isinstance(p.get("type"), str) for p in parts
     ):
         raise InvalidRequest(f"'{where}.parts' must be a list of parts, each with a 'type'")
-    texts = [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+    texts = [p.get("text") for p in parts if p.get("type") == "text"]
     if not all(isinstance(t, str) for t in texts):
         raise InvalidRequest(f"'{where}.parts': a text part needs a 'text' string")
     return role, "".join(texts)
