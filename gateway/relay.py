@@ -269,7 +269,9 @@ class Relay:
             if content and ex.ttft is None:
                 self._first_token()
             payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            self._last_event = now = self._loop.time()
+            now = self._loop.time()
+            if count:  # an event with data: comments and blank events are no sign of life
+                self._last_event = now
             if done:  # (never with a failure: translate stops at either)
                 self._done = True
                 self._ending = payload  # one write with the chunked body's end

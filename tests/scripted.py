@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from gateway.config import ResumeSettings
 from tests.helpers import Stack, StackFactory, gateway_settings
 
 EVENTS = (
@@ -30,6 +31,11 @@ def chunked(head: bytes, *parts: bytes) -> bytes:
     """A chunked response: one chunk a part, then the last chunk."""
     framed = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in parts)
     return head + b"Transfer-Encoding: chunked\r\n\r\n" + framed + b"0\r\n\r\n"
+
+
+def chunk(part: bytes) -> bytes:
+    """One HTTP/1.1 chunk."""
+    return b"%x\r\n%b\r\n" % (len(part), part)
 
 
 def json_answer(body: bytes = JSON_BODY, status: str = "200 OK", extra: bytes = b"") -> bytes:
@@ -165,6 +171,7 @@ async def scripted(make_stack: StackFactory) -> AsyncIterator[ScriptedFactory]:
         tls: ssl.SSLContext | None = None,
         host: str = "127.0.0.1",
         server_idle_s: float | None = None,  # the server closes idle connections after this
+        resume: ResumeSettings | None = None,
         **settings: Any,
     ) -> tuple[Stack, ScriptedUpstream]:
         upstream = ScriptedUpstream(answer, close_after, tls, server_idle_s)
@@ -172,7 +179,8 @@ async def scripted(make_stack: StackFactory) -> AsyncIterator[ScriptedFactory]:
         scheme = "https" if tls else "http"
         url = f"{scheme}://{host}:{upstream.port}/api/chat"
         settings.setdefault("max_retries", 0)
-        return await make_stack(settings=gateway_settings(url, **settings)), upstream
+        stack = await make_stack(settings=gateway_settings(url, **settings), resume=resume)
+        return stack, upstream
 
     yield start
     for server in servers:

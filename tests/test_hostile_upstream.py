@@ -6,8 +6,19 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.config import ResumeSettings
 from loadtest.emulator import EmulatorSettings
-from tests.helpers import CHATIQ_KEY, Stack, StackFactory
+from tests.helpers import AUTH, CHATIQ_KEY, Stack, StackFactory, data_events
+from tests.scripted import EVENTS, SSE_HEAD, ScriptedFactory, chunk
+
+# The first event, then only comments for 3 s (60, a read each), then the end:
+# an upstream whose keep-alive pings hide that it stopped answering.
+ONLY_PINGS = [
+    SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(EVENTS[0]),
+    *[chunk(b": ping\n\n")] * 30,
+    *[chunk(b"\n\n")] * 30,  # blank events too
+    chunk(EVENTS[-1]) + b"0\r\n\r\n",
+]
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -60,3 +71,20 @@ async def test_a_gigantic_json_answer_is_refused(stack: Stack) -> None:
     async with await stack.chat({"message": "hi", "bot": "fault-huge", "stream": False}) as r:
         assert r.status == 502
         assert "over" in (await r.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+async def test_comments_and_blank_events_do_not_hold_a_stream_past_its_idle_timeout(
+    scripted: ScriptedFactory, resumable: bool
+) -> None:
+    """Only events with data count as the upstream's activity: at a 0.5 s idle
+    timeout, 3 s of pings end the stream with UPSTREAM_TIMEOUT (they held it,
+    and its slot, to the end before: up to total_timeout_s)."""
+    resume = ResumeSettings(enabled=True) if resumable else None
+    stack, _ = await scripted(ONLY_PINGS, resume=resume, idle_timeout_s=0.5)
+    headers = {**AUTH, "X-Resumable": "1" if resumable else "0"}
+    async with stack.session.post(stack.url, json={"message": "hi"}, headers=headers) as r:
+        assert r.status == 200
+        events = data_events(await r.read())
+    assert events[0] == EVENTS[0].decode()[len("data: ") : -2]
+    assert '"UPSTREAM_TIMEOUT"' in events[-2] and events[-1] == "[DONE]"

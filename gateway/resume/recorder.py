@@ -80,10 +80,11 @@ class Recorder:
     def on_events(self, events: list[Event]) -> None:
         if self._ended.done():
             return
+        with_data = [e for e in events if e.data is not None]
+        if not with_data:  # comments and blank events are no sign of life
+            return
         self._last_event = self._loop.time()
-        pieces, failure, done, content, _ = translate(
-            [e for e in events if e.data is not None], self._encoder
-        )
+        pieces, failure, done, content, _ = translate(with_data, self._encoder)
         if self._encoder is None:
             entries = pieces
         else:
