@@ -174,8 +174,27 @@ def check_conversation_id(conversation_id: object) -> str | None:
 
 
 def check_history(history: list[Any], limits: ServerSettings, name: str = "history") -> None:
+    """At most ``max_history_items``, and every string in each item (keys too)
+    refused as the message's would be (NUL, lone surrogates)."""
     if len(history) > limits.max_history_items:
         raise InvalidRequest(f"'{name}' has more than {limits.max_history_items} items")
+    for i, item in enumerate(history):
+        check_strings(f"{name}[{i}]", item)
+
+
+def check_strings(name: str, value: object) -> None:
+    """``check_text`` on every string within ``value``. A loop, not recursion:
+    a body nested as deep as the parser allows must not exhaust the stack."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            check_text(name, item)
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 def split_messages(

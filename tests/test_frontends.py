@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import AdmissionSettings
 from gateway.sse import SSEParser
-from loadtest.emulator import LIVE, EmulatorSettings
+from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings
 from tests.conftest import assert_all_released
 from tests.helpers import (
     ACME_KEY,
@@ -132,6 +132,39 @@ async def test_a_number_json_has_no_form_for_is_a_400_on_every_frontend(
         message = (await r.json())["error"]["message"]
     assert why in message
     assert not [line for line in stack.log_lines() if line.get("event") == "unhandled_error"]
+
+
+def with_earlier(frontend: str, text: str) -> tuple[dict[str, Any], str]:
+    """The frontend's body with ``text`` in a message before the last, and the
+    name its error gives that message."""
+    if frontend == "chatiq":
+        return {"message": "hi", "history": [{"role": "user", "content": text}]}, "history[0]"
+    if frontend == "openai":
+        messages = [{"role": "user", "content": c} for c in (text, "hi")]
+        return {"model": "demo", "messages": messages}, "messages[0]"
+    ui = [{"id": str(i), "role": "user", "parts": [{"type": "text", "text": t}]}
+          for i, t in enumerate((text, "hi"))]  # fmt: skip
+    return {"messages": ui}, "messages[0]"
+
+
+@FRONTENDS
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("a\u0000b", "must not contain NUL characters"), ("a\ud800b", "a lone surrogate")],
+)
+async def test_an_earlier_message_is_refused_as_the_last_would_be(
+    stack: Stack, frontend: str, text: str, why: str
+) -> None:
+    """NUL and lone surrogates were refused only in the last message; in earlier
+    ones (and native history) they went upstream."""
+    body, name = with_earlier(frontend, text)
+    async with stack.session.post(
+        stack.gateway.make_url(ROUTES[frontend].path), json=body, headers=AUTH
+    ) as r:
+        assert r.status == 400, await r.text()
+        message = (await r.json())["error"]["message"]
+    assert f"'{name}'" in message and why in message
+    assert not stack.emulator.app[TRANSCRIPTS]  # nothing went upstream
 
 
 async def test_an_ai_sdk_text_part_without_text_is_a_400(stack: Stack) -> None:
