@@ -7,6 +7,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.config import ResumeSettings
+from gateway.sse import SSEParser
 from loadtest.emulator import EmulatorSettings
 from tests.helpers import AUTH, CHATIQ_KEY, Stack, StackFactory, data_events
 from tests.scripted import EVENTS, SSE_HEAD, ScriptedFactory, chunk
@@ -88,3 +89,27 @@ async def test_comments_and_blank_events_do_not_hold_a_stream_past_its_idle_time
         events = data_events(await r.read())
     assert events[0] == EVENTS[0].decode()[len("data: ") : -2]
     assert '"UPSTREAM_TIMEOUT"' in events[-2] and events[-1] == "[DONE]"
+
+
+async def test_the_upstream_s_own_ids_and_retry_never_reach_a_resumable_stream(
+    scripted: ScriptedFactory,
+) -> None:
+    """A resumable stream's ids are the gateway's (a client resumes after them);
+    the upstream's ``id:`` lines and its ``retry:`` (a reconnection time for
+    browsers) are dropped, whatever their line ends. The data stays as it was."""
+    own = [
+        b"id: 77\n" + EVENTS[0],
+        b"retry: 999999999\r\n" + EVENTS[1].replace(b"\n", b"\r\n"),
+        b"id\nretry: 5\n" + EVENTS[2],
+        EVENTS[3],
+    ]
+    answer = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(map(chunk, own))
+    stack, _ = await scripted(answer + b"0\r\n\r\n", resume=ResumeSettings(enabled=True))
+    headers = {**AUTH, "X-Resumable": "1"}
+    async with stack.session.post(stack.url, json={"message": "hi"}, headers=headers) as r:
+        assert r.status == 200
+        body = await r.read()
+    events = [e for e in SSEParser().feed(body) if e.data is not None]
+    assert [e.id for e in events] == ["1", "2", "3", "4"]
+    assert b"retry" not in body and b"77" not in body
+    assert [e.data for e in events] == data_events(b"".join(EVENTS))

@@ -11,6 +11,7 @@ journal with one error event and ``[DONE]``, so every reader ends the same.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 from gateway.chat import StreamEncoder
@@ -21,6 +22,16 @@ from gateway.resume.journal import Journal, split_events
 from gateway.sse import DONE_EVENT, Event, format_event
 from gateway.timers import Timer, TimerHeap
 from gateway.upstream.events import EventSource
+
+# A field line of the upstream's own id or reconnection time, whatever its line end.
+_ID_OR_RETRY = re.compile(rb"(?:^|(?<=[\r\n]))(?:id|retry)(?::[^\r\n]*)?(?:\r\n|\r|\n)")
+
+
+def _without_id_and_retry(event: Event) -> Event:
+    """The event without the upstream's ``id:`` and ``retry:`` lines: in a
+    resumable stream the journal's ids are the only ids (a client resumes
+    after them), and the reconnection time is the gateway's to give."""
+    return Event(_ID_OR_RETRY.sub(b"", event.raw), event.data, event.event)
 
 
 def ending(err: GatewayError, encoder: StreamEncoder | None) -> list[bytes]:
@@ -80,7 +91,11 @@ class Recorder:
     def on_events(self, events: list[Event]) -> None:
         if self._ended.done():
             return
-        with_data = [e for e in events if e.data is not None]
+        with_data = [
+            e if e.id is None and e.retry is None else _without_id_and_retry(e)
+            for e in events
+            if e.data is not None
+        ]
         if not with_data:  # comments and blank events are no sign of life
             return
         self._last_event = self._loop.time()
