@@ -19,6 +19,7 @@ from gateway.app import create_app
 from gateway.config import (
     AdmissionSettings,
     CircuitSettings,
+    RedisSettings,
     ResumeSettings,
     ServerSettings,
     Settings,
@@ -114,6 +115,7 @@ async def make_stack(
         record: bool = True,
         tenants: tuple[Tenant, ...] | None = None,
         resume: ResumeSettings | None = None,
+        redis: RedisSettings | None = None,
         **upstream: Any,
     ) -> Stack:
         emulator_settings = emulator or EmulatorSettings(ttft_s=0, tokens_per_s=0)
@@ -126,6 +128,8 @@ async def make_stack(
             gw_settings = replace(gw_settings, tenants=tenants)
         if resume is not None:
             gw_settings = replace(gw_settings, resume=resume)
+        if redis is not None:
+            gw_settings = replace(gw_settings, redis=redis)
         logs = io.StringIO()
         log_audit.in_memory.append(logs)
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))

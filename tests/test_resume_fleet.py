@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.config import RedisSettings, ResumeSettings
 from gateway.sse import Event
 from loadtest.emulator import EmulatorSettings
 from loadtest.fleet import Fleet
@@ -22,9 +23,11 @@ from tests.helpers import (
     ACME_KEY,
     AUTH,
     CHATIQ_KEY,
+    LIMITED_KEY,
     GatewayProcess,
     Stack,
     StackFactory,
+    eventually,
     read_events,
     start_test_fleet,
     upstream_events,
@@ -234,3 +237,68 @@ async def test_a_replica_whose_redis_is_gone_stops_without_waiting_for_it(
     assert '"event": "drained"' in log and '"event": "stopped"' in log
     assert '"resume_redis_failed"' in log  # it did try
     assert took_s < 4, f"stopped {took_s:.1f} s after SIGTERM"  # it waited >= 5 s for Redis
+
+
+async def two_in_process_replicas(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> tuple[Stack, Stack]:
+    """Two gateways in this process sharing redis_server's resumable streams; the
+    first in front of a slow emulator (its streams live for seconds)."""
+    shared = {"resume": ResumeSettings(enabled=True), "redis": RedisSettings(url=redis_server.url)}
+    slow = EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=100)
+    return await make_stack(slow, **shared), await make_stack(**shared)
+
+
+def resume_url(stack: Stack, stream_id: str) -> str:
+    return str(stack.gateway.make_url(f"/api/chatbot/streams/{stream_id}"))
+
+
+async def test_another_tenant_s_probe_on_another_replica_writes_nothing(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    """The tenant check comes before the reader key is written: a tenant that
+    knows another's stream id got a 404, but kept that stream read on past its
+    grace (and left a key for 5 s) with each probe."""
+    a, b = await two_in_process_replicas(make_stack, redis_server)
+    live = await a.session.post(a.url, json={"message": "hi"}, headers=RESUMABLE)
+    stream_id = live.headers["X-Stream-Id"]
+    await read_events(live, limit=2)
+    probe = {"Authorization": f"Bearer {LIMITED_KEY}", "Last-Event-ID": "1"}
+    async with b.session.get(resume_url(b, stream_id), headers=probe) as r:
+        assert r.status == 404
+    assert redis_server.cli("EXISTS", f"{{chatiq-gateway:resume:{stream_id}}}:reader") == "0"
+    async with b.session.get(resume_url(b, stream_id), headers={**AUTH, "Last-Event-ID": "2"}) as r:
+        assert r.status == 200  # its own tenant resumes there, and is counted as a reader
+        assert redis_server.cli("EXISTS", f"{{chatiq-gateway:resume:{stream_id}}}:reader") == "1"
+        await read_events(r, limit=1)
+
+
+async def test_a_last_event_id_past_the_end_is_a_400_on_another_replica_as_here(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    """From Redis, a finished stream answered 200 with an empty body (no [DONE],
+    no error) and a live one waited silently: now both are the local 400."""
+    a, b = await two_in_process_replicas(make_stack, redis_server)
+    live = await a.session.post(a.url, json={"message": "hi"}, headers=RESUMABLE)
+    stream_id = live.headers["X-Stream-Id"]
+    await read_events(live, limit=2)
+    for stack in (a, b):  # live: on the producing replica, and from Redis
+        beyond = {**AUTH, "Last-Event-ID": "10000"}
+        async with stack.session.get(resume_url(stack, stream_id), headers=beyond) as r:
+            assert r.status == 400, await r.text()
+            assert "no event 10000 yet" in (await r.json())["error"]["message"]
+    done = await b.session.post(b.url, json={"message": "hi"}, headers=RESUMABLE)
+    finished_id = done.headers["X-Stream-Id"]
+    _, events = await read_events(done)
+    last = int(events[-1].id or 0)
+    events_key = f"{{chatiq-gateway:resume:{finished_id}}}:events"
+    await eventually(lambda: redis_server.cli("EXISTS", events_key) == "1")
+    for stack in (b, a):  # finished: on its replica, and from Redis
+        beyond = {**AUTH, "Last-Event-ID": str(last + 1)}
+        async with stack.session.get(resume_url(stack, finished_id), headers=beyond) as r:
+            assert r.status == 400, await r.text()
+    async with a.session.get(
+        resume_url(a, finished_id), headers={**AUTH, "Last-Event-ID": str(last - 1)}
+    ) as r:  # and the last event is still there to resume
+        _, rest = await read_events(r)
+    assert [e.data for e in rest] == ["[DONE]"]

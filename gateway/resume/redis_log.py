@@ -228,10 +228,10 @@ class RedisStreams:
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(self._key(stream_id, "meta"))
         pipe.xrange(self._key(stream_id, "events"))
-        pipe.set(self._key(stream_id, "reader"), b"1", px=_READER_TTL_MS)  # read here now
-        meta, rows, _ = await pipe.execute()
+        meta, rows = await pipe.execute()
         if meta.get(b"tenant") != tenant.encode():
-            return None
+            return None  # and nothing written: another tenant's probe keeps nothing alive
+        await self._client.set(self._key(stream_id, "reader"), b"1", px=_READER_TTL_MS)
         frontend = meta.get(b"frontend", b"chatiq").decode()
         journal = Journal(stream_id, tenant, frontend, self._resume.max_stream_bytes)
         journal.headers = orjson.loads(meta.get(b"headers", b"{}"))
@@ -278,7 +278,7 @@ class RedisStreams:
             except (RedisError, OSError) as e:
                 self._failed("read", e)
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.reset()
+                    await pubsub.aclose()
                 pubsub = self._feed_client.pubsub()
                 await asyncio.sleep(_RETRY_S)
 

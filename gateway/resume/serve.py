@@ -255,6 +255,25 @@ def last_event_id(request: web.Request) -> int:
     return int(raw)
 
 
+# How far a replica journal (filled from Redis) may trail its producer: a
+# writer round and a feed round, with room to spare.
+_REPLICA_LAG_S = 1.0
+
+
+async def _reaches(journal: Journal, event_id: int, within_s: float) -> bool:
+    """Whether ``journal`` holds ``event_id`` now or, while it is live, within
+    ``within_s``: a client may have had an event from the producing replica
+    that Redis is still copying."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + within_s
+    while journal.last_id < event_id and not journal.finished:
+        left = until - loop.time()
+        if left <= 0:
+            break
+        await journal.wait(left)
+    return journal.last_id >= event_id
+
+
 async def resume_stream(request: web.Request) -> web.StreamResponse:
     """``GET {prefix}/chatbot/streams/{stream_id}``: the events after ``Last-Event-ID``."""
     app = request.app
@@ -279,6 +298,8 @@ async def resume_stream(request: web.Request) -> web.StreamResponse:
         except (RedisError, OSError):
             raise StreamInterrupted("the resumable streams' store is not answering") from None
         if replica is not None:
+            if not await _reaches(replica, after, _REPLICA_LAG_S):  # as a local stream's
+                raise InvalidRequest(f"this stream has no event {after} yet")
             try:
                 replica.events_after(after)
             except Gone:
