@@ -16,6 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.config import ConfigError, read_file, settings_from_mapping
+from gateway.server.reload import complete
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
 from tests.helpers import (
@@ -30,6 +32,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.process
 
 NEW_KEY = "new-tenant-key-8c41"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def config_of(gw: GatewayProcess) -> Path:
@@ -143,6 +146,75 @@ async def test_sighup_with_a_broken_file_keeps_the_running_configuration(
     line = json.loads(await until_logged(gw, "config_reload_needs_restart"))
     assert line["keys"] == ["server.port"]
     assert await status_with(stack.session, gw, ACME_KEY) == 200  # still on its old port
+
+
+async def test_a_config_file_cut_short_or_still_being_written_is_refused_by_sighup(
+    make_stack: StackFactory, gateway_process: Callable[..., Awaitable[GatewayProcess]]
+) -> None:
+    """Two ways a reload met a file mid-write: the file cut before its tables of
+    tenants (it loaded with none: every key 401), and a write that goes on while
+    the file is read. Both are refused, and the tenants keep answering."""
+    stack = await make_stack(record=False)
+    gw = await gateway_process(stack.emulator, admission={"max_queue": 100})
+    config, session = config_of(gw), stack.session
+    whole = config.read_text()
+    config.write_text(whole[: whole.index("[[tenants]]")])  # cut before the tenants
+    gw.process.send_signal(signal.SIGHUP)
+    line = json.loads(await until_logged(gw, "config_reload_failed"))
+    assert "[[tenants]]: the running configuration's file has it" in line["error"]
+    assert await status_with(session, gw, ACME_KEY) == 200
+
+    config.write_text(whole[: whole.index("[admission]")])  # cut before the later tables
+    gw.process.send_signal(signal.SIGHUP)
+    line = json.loads(await until_logged(gw, "config_reload_failed", count=2))
+    assert "[admission]: the running configuration's file has it" in line["error"]
+    assert await status_with(session, gw, ACME_KEY) == 200
+
+    cut = len(whole) - 20  # a complete-looking file, whose last lines are still to come
+    config.write_text(whole[:cut])
+    gw.process.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.05)  # the reload has read it once
+    with config.open("a") as f:
+        f.write(whole[cut:])
+    line = json.loads(await until_logged(gw, "config_reload_failed", count=3))
+    assert "changed while it was read" in line["error"]
+    assert await status_with(session, gw, ACME_KEY) == 200
+    metric = 'chatiq_gateway_config_reloads_total{result="invalid"}'
+    assert await gw.metric(session, metric) == 3
+
+    gw.process.send_signal(signal.SIGHUP)  # the whole file, settled: taken
+    await until_logged(gw, "config_reloaded")
+
+
+def test_every_line_cut_of_the_shipped_config_is_refused_or_a_whole_config() -> None:
+    """Each line cut of the shipped file (plus a second tenant) is refused, or
+    keeps every table and only whole tenants: a file no reload can tell from a
+    deliberate edit once its write is done (the settling read refuses it while
+    the write goes on, above; docs/operations.md: replace the file atomically)."""
+    key = hashlib.sha256(b"second-key").hexdigest()
+    second = f'\n[[tenants]]\nname = "second"\nkey_sha256 = "{key}"\n'
+    second += 'bots = ["demo"]\nmax_streams = 5\n'
+    text = (ROOT / "config" / "gateway.toml").read_text() + second
+    full = settings_from_mapping(read_file("gateway.toml", text.encode()), {})
+    had = frozenset(read_file("gateway.toml", text.encode()))
+    lines = text.splitlines(keepends=True)
+    refused = 0
+    for n in range(len(lines)):
+        try:
+            raw = read_file("gateway.toml", "".join(lines[:n]).encode())
+            new = settings_from_mapping(raw, {})
+            complete(raw, new, had)
+        except ConfigError:
+            refused += 1
+            continue
+        assert set(raw) == had, n  # every table there...
+        whole = {t.name: t for t in full.tenants}
+        # ...and its tenants are whole tenants of the full file, the last one as
+        # complete as its required keys are (its optional ones may be cut)
+        assert all(
+            t.name in whole and t.key_sha256 == whole[t.name].key_sha256 for t in new.tenants
+        )
+    assert refused >= len(lines) - 10, refused
 
 
 async def test_a_second_sigterm_ends_every_live_stream_at_once(

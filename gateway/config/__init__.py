@@ -7,7 +7,7 @@ holds what the file and the environment say; the server counts the cores for
 ``server.workers = "auto"``.
 """
 
-from gateway.config.load import load_settings, settings_from_mapping
+from gateway.config.load import load_settings, read_file, settings_from_mapping
 from gateway.config.settings import (
     ANY_BOT,
     AUTO_WORKERS,
@@ -45,5 +45,6 @@ __all__ = [
     "UpstreamSettings",
     "load_settings",
     "named_bots",
+    "read_file",
     "settings_from_mapping",
 ]

@@ -72,14 +72,24 @@ _ENV_ONLY = {
 
 def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Read ``path``, apply the environment, validate; raise ``ConfigError``."""
+    return settings_from_mapping(read_file(path), os.environ if environ is None else environ)
+
+
+def read_file(path: str | Path, text: bytes | None = None) -> dict[str, Any]:
+    """The file's TOML (or ``text``, read from it already); ``ConfigError`` if
+    there is none or it is not TOML."""
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        if text is None:
+            text = Path(path).read_bytes()
+        return tomllib.loads(text.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    return settings_from_mapping(raw, os.environ if environ is None else environ)
 
 
 def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:

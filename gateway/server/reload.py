@@ -1,9 +1,14 @@
 """SIGHUP: read the configuration file again and apply what may change live.
 
 Like nginx: the file is read and checked whole; if it is invalid nothing
-changes and one line says why. If it is valid, tenants and their keys, bots,
-quotas and limits, timeouts, retries, breaker thresholds and the log level
-apply to requests from now on, while live streams go on with what they had.
+changes and one line says why. A file still being written is refused too:
+it must read the same twice, ``SETTLE_S`` apart, hold a tenant, and keep
+every table the running configuration's file had (a file cut short drops
+the tables after the cut, and their keys would fall back to defaults).
+
+If it is valid, tenants and their keys, bots, quotas and limits, timeouts,
+retries, breaker thresholds and the log level apply to requests from now on,
+while live streams go on with what they had.
 What is bound at start (the listening address, workers, the upstream's
 address, proxy and pool size, the metrics port) keeps its old value and is
 named in a warning until a restart.
@@ -11,7 +16,9 @@ named in a warning until a restart.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,7 @@ from aiohttp import web
 
 from gateway.app import export_breaker_series
 from gateway.auth.tenants import FAILED_KEYS, TENANTS
-from gateway.config import ConfigError, Settings, load_settings, named_bots
+from gateway.config import ConfigError, Settings, named_bots, read_file, settings_from_mapping
 from gateway.logs import set_level
 from gateway.quotas.admission import ADMISSION
 from gateway.resume.streams import RESUMABLE
@@ -55,12 +62,54 @@ RESTART_ONLY = (
 )
 
 
-def reload_settings(app: web.Application, path: str | Path) -> bool:
+SETTLE_S = 0.2  # a file must read the same this far apart: no writer is at it
+FILE_TABLES = web.AppKey("file_tables", frozenset)  # the loaded file's top-level tables
+
+
+def remember_file(app: web.Application, path: str | Path) -> None:
+    """At start: the tables of the file the running configuration came from."""
+    app[FILE_TABLES] = frozenset(read_file(path))
+
+
+async def read_settled(path: str | Path) -> dict[str, Any]:
+    """The file's TOML once it reads the same twice, ``SETTLE_S`` apart."""
+    first = _read(path)
+    await asyncio.sleep(SETTLE_S)
+    text = _read(path)
+    if text != first:
+        raise ConfigError(f"{path}: it changed while it was read (still being written?)")
+    return read_file(path, text)
+
+
+def _read(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""  # read_file says what is wrong
+
+
+def complete(raw: dict[str, Any], new: Settings, had: frozenset[str]) -> None:
+    """``ConfigError`` unless the file is a whole configuration: every table of
+    the file the running one came from, and a tenant."""
+    missing = sorted(had - set(raw))
+    if missing:
+        table = "[[tenants]]" if missing[0] == "tenants" else f"[{missing[0]}]"
+        raise ConfigError(
+            f"{table}: the running configuration's file has it and this one has not (a file "
+            "cut short?); a reload never drops a table: restart for that"
+        )
+    if not new.tenants:
+        raise ConfigError("[[tenants]]: none, so every key would get 401")
+
+
+async def reload_settings(app: web.Application, path: str | Path) -> bool:
     """Reload ``path`` into the running app; False (and nothing changed) if invalid."""
     log, metrics = app[LOG], app[METRICS]
     old = app[SETTINGS].current
     try:
-        new = load_settings(path)
+        raw = await read_settled(path)
+        new = settings_from_mapping(raw, os.environ)
+        complete(raw, new, app.get(FILE_TABLES, frozenset()))
     except ConfigError as e:
         metrics.config_reloads.labels("invalid").inc()
         log.error("config_reload_failed", error=str(e), kept="the running configuration")
@@ -77,6 +126,7 @@ def reload_settings(app: web.Application, path: str | Path) -> bool:
     # Said before it applies: the new log level may be quieter than info.
     log.info("config_reloaded", changed=_changed_keys(old, new), tenants=len(new.tenants))
     apply_settings(app, new)
+    app[FILE_TABLES] = frozenset(raw)
     metrics.config_reloads.labels("ok").inc()
     return True
 

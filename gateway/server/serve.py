@@ -16,7 +16,7 @@ from gateway.config.proxies import proxy_display
 from gateway.logs import Logger, server_logger
 from gateway.metrics import Metrics
 from gateway.server.edge import GatewaySite
-from gateway.server.reload import reload_settings
+from gateway.server.reload import reload_settings, remember_file
 from gateway.server.workers import watch_parent
 from gateway.state import LIFECYCLE, METRICS
 
@@ -69,6 +69,7 @@ class Server:
         self.hurry = asyncio.Event()  # the second: no more waiting for live streams
         self._runners: list[web.AppRunner] = []
         self._orphaned: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
 
     async def start_up(self) -> None:
         server = self.settings.server
@@ -119,10 +120,15 @@ class Server:
                 watch_parent(lambda: on_orphaned(self.log, self.stop))
             )
         if self.config_path is not None:
-            path = self.config_path
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: self.stop.is_set() or reload_settings(self.app, path)
-            )
+            remember_file(self.app, self.config_path)
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+
+    def _on_reload(self) -> None:
+        if self.stop.is_set() or self.config_path is None:
+            return
+        task = asyncio.create_task(reload_settings(self.app, self.config_path))
+        self._reloads.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._reloads.discard)
 
     def _on_stop(self) -> None:
         if self.stop.is_set():  # the second one: no more waiting for live streams
