@@ -182,3 +182,27 @@ async def test_on_error_reject_answers_503_while_redis_is_down(
         assert r.headers["Retry-After"] == "1"
     async with session.get(f"http://127.0.0.1:{a.port}/readyz") as r:
         assert r.status == 200
+
+
+@pytest.mark.parametrize("on_error", ["reject", "local"])
+async def test_a_burst_on_a_healthy_redis_gets_exactly_the_tenant_s_quota(
+    fleet: Any, redis_server: RedisServer, on_error: str
+) -> None:
+    """800 requests at once over two replicas, at 100 a minute: redis-py's pool
+    of 100 connections was full at the 101st concurrent check, and the replica
+    took Redis for down (reject: hundreds of 503s; local: twice the limit)."""
+    (a, b), _ = await fleet(limits=(0, 100), on_error=on_error, expected_replicas=2)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(replica: GatewayProcess) -> int:
+            body = {"message": "hi", "stream": False}
+            async with session.post(replica.url, json=body, headers=AUTH) as r:
+                await r.read()
+                return r.status
+
+        statuses = await asyncio.gather(*(one(r) for r in (a, b) * 400))
+    assert statuses.count(200) == 100, sorted(set(statuses))
+    assert statuses.count(429) == 700, sorted(set(statuses))
+    for replica in (a, b):
+        assert "quota_backend_down" not in replica.log()

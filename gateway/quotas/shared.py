@@ -94,6 +94,9 @@ return #ARGV - 1
 )
 
 
+_CONNECTIONS = 64  # to Redis, per process: quota checks, renewals, releases
+
+
 class RedisDown(Exception):
     """Redis did not answer in time (or at all): follow ``on_error``."""
 
@@ -103,12 +106,17 @@ class SharedQuotas:
         self._s = settings
         self._metrics = metrics
         self._log = log
-        self._client = aioredis.Redis.from_url(
-            settings.url,
-            socket_timeout=settings.timeout_s,
-            socket_connect_timeout=settings.timeout_s,
+        # A burst waits for one of a few connections (each check is one round
+        # trip of a fraction of a millisecond), outside the call's timeout (see
+        # _call); a pool that refused the 101st concurrent check (redis-py's
+        # default) made a healthy Redis look down.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.url, max_connections=_CONNECTIONS, timeout=None,
+            socket_timeout=settings.timeout_s, socket_connect_timeout=settings.timeout_s,
             retry_on_timeout=False,
-        )
+        )  # fmt: skip
+        self._client = aioredis.Redis(connection_pool=pool)
+        self._connections = asyncio.Semaphore(_CONNECTIONS)  # one a call, before its timer
         self._check = self._client.register_script(CHECK)
         self._renew_script = self._client.register_script(RENEW)
         self._leases: dict[str, str] = {}  # lease id -> its tenant's lease set
@@ -209,16 +217,19 @@ class SharedQuotas:
             await pipe.execute()
 
     async def _call(self, op: Callable[[], Any], what: str) -> Any:
-        """One round trip, timed; a failure marks Redis down and raises ``RedisDown``."""
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self._s.timeout_s):
-                result = op()
-                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-                    result = await result
-        except (RedisError, OSError, TimeoutError) as e:
-            self._failed(e, what)
-            raise RedisDown from None
+        """One round trip, timed; a failure marks Redis down and raises ``RedisDown``.
+        The wait for a connection comes first and is not timed: a burst queued
+        behind the pool's connections is this process's load, not Redis's."""
+        async with self._connections:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._s.timeout_s):
+                    result = op()
+                    if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                        result = await result
+            except (RedisError, OSError, TimeoutError) as e:
+                self._failed(e, what)
+                raise RedisDown from None
         self._metrics.redis_seconds.labels(what).observe(time.perf_counter() - started)
         if not self.up:
             self.up = True
