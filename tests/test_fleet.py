@@ -17,7 +17,15 @@ import pytest
 
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
-from tests.helpers import ACME_KEY, AUTH, CHATIQ_KEY, GatewayProcess, StackFactory, read_stream
+from tests.helpers import (
+    ACME_KEY,
+    AUTH,
+    CHATIQ_KEY,
+    GatewayProcess,
+    StackFactory,
+    eventually,
+    read_stream,
+)
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.external, pytest.mark.process]
@@ -206,3 +214,21 @@ async def test_a_burst_on_a_healthy_redis_gets_exactly_the_tenant_s_quota(
     assert statuses.count(429) == 700, sorted(set(statuses))
     for replica in (a, b):
         assert "quota_backend_down" not in replica.log()
+
+
+async def test_leases_come_back_when_redis_restarts_empty(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    """20 live streams at a limit of 20; Redis restarts with nothing in it. The
+    replicas' renewals add their leases again (they only refreshed leases Redis
+    still held, so 20 more streams were admitted: 40 at once)."""
+    (a, b), session = await fleet(limits=(20, 0), expected_replicas=2, lease_ttl_s=1.5)
+    live = [await open_stream(session, replica) for replica in (a, b) * 10]
+    assert [r.status for r in live] == [200] * 20
+    redis_server.stop()
+    redis_server.start()  # empty
+    await eventually(lambda: redis_server.leases() == 20, timeout_s=8, what=redis_server.leases)
+    more = [await open_stream(session, replica) for replica in (a, b) * 10]
+    assert [r.status for r in more] == [429] * 20
+    for r in [*live, *more]:
+        r.close()

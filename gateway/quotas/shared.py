@@ -81,12 +81,14 @@ return {0, 0}
 """
 )
 # KEYS: one tenant's lease set; ARGV: lease ttl (ms), then the lease ids to renew.
+# Added, not only refreshed: a Redis that restarted empty gets them back (a
+# release waits for a renewal in flight, so none is added after its removal).
 RENEW = (
     _NOW
     + """
 local ttl = tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return #ARGV - 1
@@ -117,6 +119,7 @@ class SharedQuotas:
         )  # fmt: skip
         self._client = aioredis.Redis(connection_pool=pool)
         self._connections = asyncio.Semaphore(_CONNECTIONS)  # one a call, before its timer
+        self._renewing = asyncio.Lock()  # a renewal, and the releases that wait for it
         self._check = self._client.register_script(CHECK)
         self._renew_script = self._client.register_script(RENEW)
         self._leases: dict[str, str] = {}  # lease id -> its tenant's lease set
@@ -181,8 +184,9 @@ class SharedQuotas:
         task.add_done_callback(self._tasks.discard)
 
     async def _release(self, key: str, lease: str) -> None:
-        with contextlib.suppress(RedisDown):
-            await self._call(lambda: self._client.zrem(key, lease), what="release")
+        async with self._renewing:  # after a renewal that may still add it
+            with contextlib.suppress(RedisDown):
+                await self._call(lambda: self._client.zrem(key, lease), what="release")
 
     async def _release_all(self) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -200,8 +204,10 @@ class SharedQuotas:
             try:
                 if not self.up:
                     await self._call(self._client.ping, what="probe")
-                elif self._leases:
-                    await self._call(self._renew, what="renew")
+                # and at once when it is back: it may have restarted empty
+                if self._leases:
+                    async with self._renewing:
+                        await self._call(self._renew, what="renew")
             except RedisDown:
                 continue
 
