@@ -73,18 +73,20 @@ async def test_a_cancel_from_elsewhere_is_a_cancel_not_a_timeout(at: Factory) ->
 async def test_a_cancel_from_elsewhere_as_the_deadline_passes_still_wins(at: Factory) -> None:
     loop = asyncio.get_running_loop()
     outcome: list[str] = []
+    # One moment for both, so that they are due in the same turn of the loop
+    # (each taken from its own clock reading, a busy machine split them).
+    when = loop.time() + 0.2
 
     async def guarded() -> None:
         try:
-            async with at(loop.time() + 0.05):
+            async with at(when):
                 await asyncio.sleep(5)
         except TimeoutError:
             outcome.append("timeout")
             raise
 
     task = asyncio.create_task(guarded())
-    await asyncio.sleep(0.01)
-    loop.call_at(loop.time() + 0.04, task.cancel)  # both due in the same turn
+    loop.call_at(when, task.cancel)
     with pytest.raises(asyncio.CancelledError):
         await task
     assert outcome == []
