@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.config import ConfigError, read_file, settings_from_mapping
-from gateway.server.reload import complete
+from gateway.server.reload import complete, read_settled
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
 from tests.helpers import (
@@ -184,6 +184,11 @@ async def test_a_config_file_cut_short_or_still_being_written_is_refused_by_sigh
 
     gw.process.send_signal(signal.SIGHUP)  # the whole file, settled: taken
     await until_logged(gw, "config_reloaded")
+
+
+async def test_a_reload_of_a_file_that_is_gone_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"gone\.toml: no such file"):
+        await read_settled(tmp_path / "gone.toml")
 
 
 def test_every_line_cut_of_the_shipped_config_is_refused_or_a_whole_config() -> None:

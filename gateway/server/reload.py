@@ -76,16 +76,18 @@ async def read_settled(path: str | Path) -> dict[str, Any]:
     first = _read(path)
     await asyncio.sleep(SETTLE_S)
     text = _read(path)
+    if text is None:  # gone or unreadable: read_file says which
+        return read_file(path)
     if text != first:
         raise ConfigError(f"{path}: it changed while it was read (still being written?)")
     return read_file(path, text)
 
 
-def _read(path: str | Path) -> bytes:
+def _read(path: str | Path) -> bytes | None:
     try:
         return Path(path).read_bytes()
     except OSError:
-        return b""  # read_file says what is wrong
+        return None
 
 
 def complete(raw: dict[str, Any], new: Settings, had: frozenset[str]) -> None:
