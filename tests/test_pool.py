@@ -62,8 +62,10 @@ async def test_stale_keep_alive_connections_lose_no_request(
     # A re-sent request reached the server at most twice: once on the closing
     # connection (which it dropped unanswered), once on the new one.
     assert 200 <= len(server.requests) <= 200 + resends
-    if upstream != "closes-after-each-answer":  # there the close mostly arrives first
+    if upstream == "closes-on-reuse":  # every reuse meets the close: the resend path ran
         assert resends > 0
+    else:  # the closes happened; whether one crossed a request in flight is timing
+        assert server.connections > 20
     assert await stack.metric("chatiq_gateway_upstream_retries_total", reason="connect") == 0
     assert await stack.metric("chatiq_gateway_circuit_state", bot="demo") == 0
 
