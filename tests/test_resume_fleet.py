@@ -302,3 +302,36 @@ async def test_a_last_event_id_past_the_end_is_a_400_on_another_replica_as_here(
     ) as r:  # and the last event is still there to resume
         _, rest = await read_events(r)
     assert [e.data for e in rest] == ["[DONE]"]
+
+
+async def test_live_streams_resume_on_either_replica_after_redis_restarts_empty(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    """A stream's metadata was written once, at its start: after Redis restarted
+    empty, 20 of 20 resumes on the other replica got 404 while their producer
+    lived. The producer re-asserts it (and copies the events it keeps again)."""
+    a, b = await two_in_process_replicas(make_stack, redis_server)
+    started = [
+        await a.session.post(a.url, json={"message": "hi"}, headers=RESUMABLE) for _ in range(20)
+    ]
+    ids = [(r.headers["X-Stream-Id"], r.headers["X-Request-Id"]) for r in started]
+    for r in started:
+        await read_events(r, limit=2)
+    redis_server.stop()
+    redis_server.start()  # empty
+
+    async def resumed(stack: Stack, stream_id: str, request_id: str) -> None:
+        for _ in range(40):  # a renewal's period, with room to spare
+            r = await stack.session.get(resume_url(stack, stream_id), headers=AUTH)
+            if r.status != 404:
+                break
+            r.release()
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"{stream_id}: still 404 four seconds after Redis came back")
+        whole, events = await read_events(r)
+        assert events[-1].data == "[DONE]"
+        assert without_ids(whole) == upstream_events(a, request_id)
+
+    await asyncio.gather(*(resumed(b, *pair) for pair in ids[:10]))
+    await asyncio.gather(*(resumed(a, *pair) for pair in ids[10:]))

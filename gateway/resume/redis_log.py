@@ -17,6 +17,9 @@ expire ``retain_s`` after the end, or after the longest a stream may last if
 its replica dies:
 
 - ``{prefix:resume:<id>}:meta``: the tenant, the frontend, the response head;
+  its expiry pushed on with each copy and at least once a second, which also
+  tells the producer when Redis lost it (a restart): then the stream is
+  announced again and the events it keeps copied again;
 - ``{prefix:resume:<id>}:events``: the events, trimmed as the journal is;
 - ``{prefix:resume:<id>}:reader``: set while another replica serves the
   stream, so that the producing replica does not cancel it as detached;
@@ -46,6 +49,7 @@ _POLL_S = 1.0
 _ROUND_S = 0.01  # every followed stream is looked at this often, notice or not
 _READER_TTL_MS = 5000  # a reader key lives this long unless renewed (each poll)
 _RETRY_S = 0.5  # after Redis failed, the writer and the feed wait this long
+_RENEW_S = 1.0  # every live stream is copied (its keys renewed) at least this often
 
 
 class RedisStreams:
@@ -76,6 +80,8 @@ class RedisStreams:
         self._changes = f"{{{self._prefix}:resume}}:changed"  # the writers' notices
         # the producing side: what each announced journal has copied so far
         self._copied: dict[str, int] = {}
+        self._live: dict[str, Journal] = {}  # the journals being copied
+        self._lost: set[str] = set()  # Redis lost their keys: announce them again
         self._dirty: dict[str, Journal] = {}
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()  # set after each round the writer wrote
@@ -118,8 +124,22 @@ class RedisStreams:
     async def announce(self, journal: Journal) -> bool:
         """Make the stream known to every replica (before its id is given out),
         then copy its events as they come."""
-        ttl = round((self._max_life_s + self._resume.retain_s) * 1000)
         pipe = self._client.pipeline(transaction=False)
+        self._describe(pipe, journal)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as e:
+            self._failed("announce", e)
+            return False
+        self._copied[journal.id] = 0
+        self._live[journal.id] = journal
+        journal.listener = self._changed
+        self._changed(journal)
+        return True
+
+    def _describe(self, pipe: Any, journal: Journal) -> None:
+        """Queue the stream's metadata (and its chat's pointer to it)."""
+        ttl = round((self._max_life_s + self._resume.retain_s) * 1000)
         meta = self._key(journal.id, "meta")
         # The head's names are multidict's istr (a str subclass, which orjson
         # takes as a key only with OPT_NON_STR_KEYS); they come back as str.
@@ -129,33 +149,39 @@ class RedisStreams:
         pipe.pexpire(meta, ttl)
         if journal.chat_key is not None:
             pipe.set(self._chat_key(*journal.chat_key), journal.id, px=ttl)
-        try:
-            await pipe.execute()
-        except (RedisError, OSError) as e:
-            self._failed("announce", e)
-            return False
-        self._copied[journal.id] = 0
-        journal.listener = self._changed
-        self._changed(journal)
-        return True
 
     def _changed(self, journal: Journal) -> None:
         self._dirty[journal.id] = journal
         self._wake.set()
 
     async def _write_rounds(self) -> None:
-        """Each round: every changed journal's new events, in one pipeline."""
+        """Each round: every changed journal's new events, in one pipeline; every
+        live journal at least once a second, to renew its keys."""
+        renewed = time.monotonic()
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_RENEW_S):
+                    await self._wake.wait()
             await asyncio.sleep(_ROUND_S)  # let this round gather what comes with it
             self._wake.clear()
+            if time.monotonic() - renewed >= _RENEW_S:
+                renewed = time.monotonic()
+                for journal in self._live.values():
+                    self._dirty.setdefault(journal.id, journal)
             dirty, self._dirty = self._dirty, {}
             pipe = self._client.pipeline(transaction=False)
             wrote: list[tuple[Journal, int, bool]] = []
+            meta_at: list[int] = []  # where each one's meta renewal is in the results
             for journal in dirty.values():
                 copied = self._copied.get(journal.id)
-                if copied is not None:
-                    wrote.append(self._copy(pipe, journal, copied))
+                if copied is None:
+                    continue
+                if journal.id in self._lost:  # its keys again, its events from the start
+                    self._describe(pipe, journal)
+                    pipe.delete(self._key(journal.id, "events"))
+                    copied = 0
+                wrote.append(self._copy(pipe, journal, copied))
+                meta_at.append(len(pipe) - 1)
             if wrote:  # replicas following one of them fetch its new events
                 pipe.publish(self._changes, " ".join(journal.id for journal, _, _ in wrote))
             try:
@@ -168,13 +194,22 @@ class RedisStreams:
                 await asyncio.sleep(_RETRY_S)
                 self._wake.set()
                 continue
-            self._writer_failing = False
+            if self._writer_failing:  # Redis is back, maybe empty: look at them all now
+                self._writer_failing = False
+                renewed = 0.0
+                self._wake.set()
             for result in results:  # a re-sent event Redis already has is no error here
                 if isinstance(result, Exception) and not isinstance(result, ResponseError):
                     self._failed("append", result)
-            for journal, copied, ended in wrote:
-                if ended:
+            for (journal, copied, ended), at in zip(wrote, meta_at, strict=True):
+                self._lost.discard(journal.id)
+                if results[at] == 0:  # the meta key was gone: Redis lost the stream
+                    self._lost.add(journal.id)
+                    self._dirty[journal.id] = journal
+                    self._wake.set()
+                elif ended:
                     self._copied.pop(journal.id, None)
+                    self._live.pop(journal.id, None)
                     journal.listener = None
                 else:
                     self._copied[journal.id] = copied
@@ -200,8 +235,8 @@ class RedisStreams:
             pipe.xtrim(key, minid=f"0-{journal.first_id}")
         life_ms = round((self._resume.retain_s if ended else self._max_life_s) * 1000)
         pipe.pexpire(key, life_ms)
-        if ended:
-            pipe.pexpire(self._key(journal.id, "meta"), life_ms)
+        meta_ms = life_ms if ended else round((self._max_life_s + self._resume.retain_s) * 1000)
+        pipe.pexpire(self._key(journal.id, "meta"), meta_ms)  # last: 0 if Redis lost it
         return journal, copied + len(events), ended
 
     async def copied_up_to(self, stream_id: str, event_id: int, timeout_s: float) -> None:
