@@ -232,3 +232,65 @@ async def test_leases_come_back_when_redis_restarts_empty(
     assert [r.status for r in more] == [429] * 20
     for r in [*live, *more]:
         r.close()
+
+
+async def test_checks_a_stalled_redis_ran_late_leave_no_lease_behind(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    """Redis stalls (SIGSTOP) under a burst: each quota check times out, but was
+    sent, and Redis runs it when it wakes, adding a lease that nobody holds (10
+    were left after every stream ended; 9 of 20 new requests got 429 until the
+    lease TTL, 15 s). Those leases are removed as soon as Redis answers again."""
+    (a, b), session = await fleet(limits=(20, 0), expected_replicas=2)
+    warm = await asyncio.gather(*(open_stream(session, r) for r in (a, b) * 10))
+    for r in warm:  # each replica's pool has connections open to Redis, as in use
+        r.close()
+    await eventually(lambda: redis_server.leases() == 0, what=redis_server.leases)
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        burst = await asyncio.gather(*(open_stream(session, r) for r in (a, b) * 10))
+        assert [r.status for r in burst] == [200] * 20  # each replica's local share: 10
+        for r in burst:
+            r.close()
+        await asyncio.sleep(1.0)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await eventually(lambda: redis_server.leases() == 0, timeout_s=5, what=redis_server.leases)
+    for replica in (a, b):  # each has seen Redis back (its probe), so shares again
+        for _ in range(50):
+            if await replica.metric(session, "chatiq_gateway_quota_backend_up") == 1:
+                break
+            await asyncio.sleep(0.1)
+    again = [await open_stream(session, replica) for replica in (a, b) * 10]
+    assert [r.status for r in again] == [200] * 20
+    for r in again:
+        r.close()
+
+
+async def test_checks_queued_when_redis_stalls_fail_at_once(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    """400 requests at once, Redis stalled: the checks that were waiting for one
+    of the 64 connections each tried Redis in turn and waited out its timeout
+    (400 timeouts, the last request answered after 400 / 64 timeouts); now only
+    the checks already sent time out, and the rest take the fallback at once."""
+    (a,), _ = await fleet(limits=(0, 100_000), n=1)
+    assert redis_server.process is not None
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> int:
+            body = {"message": "hi", "stream": False}
+            async with session.post(a.url, json=body, headers=AUTH) as r:
+                await r.read()
+                return r.status
+
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            statuses = await asyncio.gather(*(one() for _ in range(400)))
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        timeouts = await a.metric(session, "chatiq_gateway_redis_errors_total")
+    assert statuses == [200] * 400  # the local fallback's share: all of them
+    assert 1 <= timeouts <= 64 + 2  # the 64 in flight (and a probe), not one per request

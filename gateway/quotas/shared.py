@@ -20,7 +20,11 @@ Keys carry a hash tag (``{prefix:tenant}``) so that both keys of a tenant
 are in one Redis Cluster slot, and expire on their own.
 
 When Redis does not answer, ``RedisDown`` tells the caller to follow
-``on_error``; a probe in the background notices when it is back.
+``on_error``; a probe in the background notices when it is back. A check
+that timed out was sent all the same, and Redis may run it later (a stalled
+Redis runs what it was sent when it wakes): its lease, which nobody holds,
+is removed as soon as Redis answers again, and at each renewal after that
+until it would have expired; so are leases released while Redis was away.
 """
 
 from __future__ import annotations
@@ -123,6 +127,8 @@ class SharedQuotas:
         self._check = self._client.register_script(CHECK)
         self._renew_script = self._client.register_script(RENEW)
         self._leases: dict[str, str] = {}  # lease id -> its tenant's lease set
+        # Leases Redis may hold that nobody does: lease id -> (its set, when given up)
+        self._given_up: dict[str, tuple[str, float]] = {}
         self.up = True
         self._down_said = 0.0  # when "Redis is down" was last logged
         self._tasks: set[asyncio.Task[None]] = set()
@@ -137,7 +143,7 @@ class SharedQuotas:
             self._renewer.cancel()
         for task in list(self._tasks):
             await asyncio.wait([task], timeout=1)
-        if self._leases and self.up:  # this process is stopping: give its slots back now
+        if (self._leases or self._given_up) and self.up:  # stopping: give slots back now
             with contextlib.suppress(RedisDown):
                 await self._call(self._release_all, what="release")
         await self._client.aclose()
@@ -154,12 +160,17 @@ class SharedQuotas:
         lease = uuid.uuid4().hex if max_streams else ""
         rate_key, leases_key = self._keys(tenant)
         ttl_ms = int(self._s.lease_ttl_s * 1000)
-        result = await self._call(
-            lambda: self._check(
-                keys=[rate_key, leases_key], args=[0, per_minute, max_streams, lease, ttl_ms]
-            ),
-            what="check",
-        )
+        try:
+            result = await self._call(
+                lambda: self._check(
+                    keys=[rate_key, leases_key], args=[0, per_minute, max_streams, lease, ttl_ms]
+                ),
+                what="check",
+            )
+        except BaseException:  # timed out, failed or cancelled: Redis may run it yet
+            if lease:
+                self._give_up(lease, leases_key)
+            raise
         verdict, wait_ms = int(result[0]), int(result[1])
         if verdict == 1:
             raise RateLimited(
@@ -175,25 +186,58 @@ class SharedQuotas:
         return lease
 
     def release(self, lease: str) -> None:
-        """Give a lease back (in the background; if Redis is away, it expires)."""
+        """Give a lease back (in the background; if Redis is away, once it is back)."""
         key = self._leases.pop(lease, None)
-        if key is None or not self.up:
+        if key is None:
+            return
+        if not self.up:
+            self._given_up[lease] = (key, time.monotonic())
             return
         task = asyncio.get_running_loop().create_task(self._release(key, lease))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _give_up(self, lease: str, key: str) -> None:
+        """A lease whose check failed: Redis may add it yet, so it is removed now and
+        after each time Redis was away, until it would have expired."""
+        self._given_up[lease] = (key, time.monotonic())
+        if self.up:
+            task = asyncio.get_running_loop().create_task(self._remove_given_up())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def _release(self, key: str, lease: str) -> None:
         async with self._renewing:  # after a renewal that may still add it
-            with contextlib.suppress(RedisDown):
+            try:
                 await self._call(lambda: self._client.zrem(key, lease), what="release")
+            except RedisDown:
+                self._given_up[lease] = (key, time.monotonic())
+
+    async def _remove_given_up(self) -> None:
+        with contextlib.suppress(RedisDown):
+            await self._call(self._release_given_up, what="release")
+
+    async def _release_given_up(self) -> None:
+        """Remove every lease given up (again: one Redis ran late may be back); forget
+        those that have expired by now anyway."""
+        expired = time.monotonic() - self._s.lease_ttl_s
+        for lease, (_, since) in list(self._given_up.items()):
+            if since < expired:
+                del self._given_up[lease]
+        if self._given_up:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for lease, (key, _) in self._given_up.items():
+                    pipe.zrem(key, lease)
+                await pipe.execute()
 
     async def _release_all(self) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
-            for lease, key in self._leases.items():
+            held = {**self._leases, **{lease: key for lease, (key, _) in self._given_up.items()}}
+            for lease, key in held.items():
                 pipe.zrem(key, lease)
             await pipe.execute()
         self._leases.clear()
+        self._given_up.clear()
 
     async def _renew_forever(self) -> None:
         """Every third of the lease's life: renew this process's leases, or (while
@@ -203,11 +247,14 @@ class SharedQuotas:
             await asyncio.sleep(every if self.up else min(every, 1.0))
             try:
                 if not self.up:
-                    await self._call(self._client.ping, what="probe")
-                # and at once when it is back: it may have restarted empty
+                    await self._call(self._client.ping, what="probe", while_down=True)
+                # and at once when it is back: it may have restarted empty, or
+                # run late the checks that timed out
                 if self._leases:
                     async with self._renewing:
                         await self._call(self._renew, what="renew")
+                if self._given_up:
+                    await self._call(self._release_given_up, what="release")
             except RedisDown:
                 continue
 
@@ -222,11 +269,15 @@ class SharedQuotas:
                 await self._renew_script(keys=[key], args=[ttl_ms, *leases], client=pipe)
             await pipe.execute()
 
-    async def _call(self, op: Callable[[], Any], what: str) -> Any:
+    async def _call(self, op: Callable[[], Any], what: str, while_down: bool = False) -> Any:
         """One round trip, timed; a failure marks Redis down and raises ``RedisDown``.
         The wait for a connection comes first and is not timed: a burst queued
-        behind the pool's connections is this process's load, not Redis's."""
+        behind the pool's connections is this process's load, not Redis's; but
+        when Redis went down meanwhile, the call fails at once (only the probe
+        tries a Redis that is down)."""
         async with self._connections:
+            if not (self.up or while_down):
+                raise RedisDown
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self._s.timeout_s):
