@@ -335,3 +335,45 @@ async def test_live_streams_resume_on_either_replica_after_redis_restarts_empty(
 
     await asyncio.gather(*(resumed(b, *pair) for pair in ids[:10]))
     await asyncio.gather(*(resumed(a, *pair) for pair in ids[10:]))
+
+
+async def test_while_redis_hangs_resumable_streams_start_within_its_timeout(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    """Redis stalled (SIGSTOP): each start waited for its stream's registration
+    (1 s timeouts, first event after 1.3 s at the median and 2.3 s at worst,
+    about 20 ms normally). Now one waits ``redis.timeout_s`` (0.1 s here) and
+    the ones after it none; each stream is resumable on its own replica, and
+    a resume elsewhere is a prompt 502."""
+    shared = {
+        "resume": ResumeSettings(enabled=True),
+        "redis": RedisSettings(url=redis_server.url, timeout_s=0.1),
+    }
+    slow = EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=40)
+    a, b = await make_stack(slow, **shared), await make_stack(**shared)
+    assert redis_server.process is not None
+
+    async def start() -> tuple[float, str, aiohttp.ClientResponse]:
+        began = time.monotonic()
+        r = await a.session.post(a.url, json={"message": "hi"}, headers=RESUMABLE)
+        await read_events(r, limit=1)
+        return time.monotonic() - began, r.headers["X-Stream-Id"], r
+
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = await asyncio.gather(*(start() for _ in range(20)))
+        waits = sorted(took for took, _, _ in started)
+        assert waits[-1] < 1.0, waits  # a stream's start never waits out 1 s timeouts
+        stream_id = started[0][1]
+        began = time.monotonic()
+        async with b.session.get(resume_url(b, stream_id), headers=AUTH) as r:
+            assert r.status == 502
+            assert "not answering" in (await r.json())["error"]["message"]
+        assert time.monotonic() - began < 1.0
+        async with a.session.get(
+            resume_url(a, stream_id), headers={**AUTH, "Last-Event-ID": "1"}
+        ) as r:  # where it runs, it resumes
+            _, rest = await read_events(r)
+        assert rest[-1].data == "[DONE]"
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)

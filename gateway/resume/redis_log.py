@@ -12,6 +12,12 @@ of all of them once a second in case a notice was lost. Readers read a
 replica journal as they read a local one. A few connections per process,
 however many streams.
 
+What a request waits for (announcing a stream before its id is given out,
+loading one to resume it) takes at most ``redis.timeout_s``, not counting
+the wait for a connection; after such a call failed, the next ones for half
+a second fail at once: a Redis that hangs costs a stream one timeout, and
+the stream is then resumable on its own replica only.
+
 Keys (a hash tag per stream, so that a Cluster keeps them in one slot)
 expire ``retain_s`` after the end, or after the longest a stream may last if
 its replica dies:
@@ -31,11 +37,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import RedisSettings, ResumeSettings
 from gateway.logs import Logger
@@ -43,12 +51,14 @@ from gateway.resume.journal import Gone, Journal
 
 _BATCH = 512  # events per XREAD round and stream
 _CONNECTIONS = 16  # to Redis for the writer, resumes and the feed's fetches
+_FOR_REQUESTS = _CONNECTIONS - 2  # the writer and the feed each hold one at most
 _POLL_S = 1.0
 # A round (the writer's copy, the feed's fetch) at most this often: under load
 # the cost is per round, not per event; an event crosses replicas this much later.
 _ROUND_S = 0.01  # every followed stream is looked at this often, notice or not
 _READER_TTL_MS = 5000  # a reader key lives this long unless renewed (each poll)
 _RETRY_S = 0.5  # after Redis failed, the writer and the feed wait this long
+_T = TypeVar("_T")
 _RENEW_S = 1.0  # every live stream is copied (its keys renewed) at least this often
 
 
@@ -60,6 +70,9 @@ class RedisStreams:
         self._resume = resume
         self._max_life_s = max_life_s  # a stream's total timeout: its keys outlive it
         self._log = log
+        self._timeout_s = redis.timeout_s
+        self._requests = asyncio.Semaphore(_FOR_REQUESTS)  # a request's turn, then its timer
+        self._refuse_until = 0.0  # after a request's call failed: fail fast until then
         timeouts: dict[str, Any] = {
             "socket_timeout": max(1.0, redis.timeout_s * 4),
             "socket_connect_timeout": max(1.0, redis.timeout_s * 4),
@@ -113,6 +126,23 @@ class RedisStreams:
         await self._client.aclose()
         await self._feed_client.aclose()
 
+    async def _ask(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """A call a request waits for: a connection first (not timed, so that a
+        burst does not look like a Redis down), then ``redis.timeout_s`` at most;
+        after one failed, refused at once for a moment. Raises ``RedisError``."""
+        async with self._requests:
+            if time.monotonic() < self._refuse_until:
+                raise RedisTimeoutError("Redis did not answer a moment ago")
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    return await call()
+            except (RedisError, OSError, TimeoutError) as e:
+                self._refuse_until = time.monotonic() + _RETRY_S
+                self._failed(what, e)
+                if isinstance(e, RedisError):
+                    raise
+                raise RedisTimeoutError(f"Redis did not answer ({type(e).__name__})") from e
+
     def _failed(self, op: str, e: BaseException) -> None:
         now = time.monotonic()
         if now - self._failed_at > 10:  # once in a while, not once per stream
@@ -127,9 +157,8 @@ class RedisStreams:
         pipe = self._client.pipeline(transaction=False)
         self._describe(pipe, journal)
         try:
-            await pipe.execute()
-        except (RedisError, OSError) as e:
-            self._failed("announce", e)
+            await self._ask("announce", pipe.execute)
+        except RedisError:
             return False
         self._copied[journal.id] = 0
         self._live[journal.id] = journal
@@ -249,8 +278,12 @@ class RedisStreams:
 
     async def has_reader(self, stream_id: str) -> bool:
         try:
-            return bool(await self._client.exists(self._key(stream_id, "reader")))
-        except (RedisError, OSError):
+            return bool(
+                await self._ask(
+                    "reader", lambda: self._client.exists(self._key(stream_id, "reader"))
+                )
+            )
+        except RedisError:
             return False
 
     # a replica serving a resume
@@ -263,10 +296,11 @@ class RedisStreams:
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(self._key(stream_id, "meta"))
         pipe.xrange(self._key(stream_id, "events"))
-        meta, rows = await pipe.execute()
+        meta, rows = await self._ask("load", pipe.execute)
         if meta.get(b"tenant") != tenant.encode():
             return None  # and nothing written: another tenant's probe keeps nothing alive
-        await self._client.set(self._key(stream_id, "reader"), b"1", px=_READER_TTL_MS)
+        reader = self._key(stream_id, "reader")
+        await self._ask("reader", lambda: self._client.set(reader, b"1", px=_READER_TTL_MS))
         frontend = meta.get(b"frontend", b"chatiq").decode()
         journal = Journal(stream_id, tenant, frontend, self._resume.max_stream_bytes)
         journal.headers = orjson.loads(meta.get(b"headers", b"{}"))
@@ -282,10 +316,11 @@ class RedisStreams:
     async def chat_stream(self, frontend: str, tenant: str, chat_id: str) -> Journal | None:
         """A chat's latest stream, if it is still streaming."""
         key = self._chat_key(frontend, tenant, chat_id)
-        stream_id: bytes | None = await self._client.get(key)  # type: ignore[assignment]
+        stream_id = await self._ask("load", lambda: self._client.get(key))
         if stream_id is None:
             return None
-        journal = await self.replica(stream_id.decode(), tenant)
+        name = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+        journal = await self.replica(name, tenant)
         return None if journal is None or journal.finished else journal
 
     def release(self, journal: Journal) -> None:
