@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ResumeSettings
+from gateway.config import RedisSettings, ResumeSettings
 from tests.helpers import Stack, StackFactory, gateway_settings
 
 EVENTS = (
@@ -60,6 +60,16 @@ def multibyte_pieces() -> list[bytes]:
     body = b"".join(events) + b'data: {"conversationId":"c-9"}\n\ndata: [DONE]\n\n'
     head, framed = chunked(SSE_HEAD, body).split(b"\r\n\r\n", 1)
     return [head + b"\r\n\r\n"] + [framed[i : i + 7] for i in range(0, len(framed), 7)]
+
+
+# The first event, then only comments for 3 s (60, a read each), then the end:
+# an upstream whose keep-alive pings hide that it stopped answering.
+ONLY_PINGS = [
+    SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(EVENTS[0]),
+    *[chunk(b": ping\n\n")] * 30,
+    *[chunk(b"\n\n")] * 30,  # blank events too
+    chunk(EVENTS[-1]) + b"0\r\n\r\n",
+]
 
 
 def ok_answer(request: ScriptedRequest) -> bytes:
@@ -172,6 +182,7 @@ async def scripted(make_stack: StackFactory) -> AsyncIterator[ScriptedFactory]:
         host: str = "127.0.0.1",
         server_idle_s: float | None = None,  # the server closes idle connections after this
         resume: ResumeSettings | None = None,
+        redis: RedisSettings | None = None,
         **settings: Any,
     ) -> tuple[Stack, ScriptedUpstream]:
         upstream = ScriptedUpstream(answer, close_after, tls, server_idle_s)
@@ -179,7 +190,9 @@ async def scripted(make_stack: StackFactory) -> AsyncIterator[ScriptedFactory]:
         scheme = "https" if tls else "http"
         url = f"{scheme}://{host}:{upstream.port}/api/chat"
         settings.setdefault("max_retries", 0)
-        stack = await make_stack(settings=gateway_settings(url, **settings), resume=resume)
+        stack = await make_stack(
+            settings=gateway_settings(url, **settings), resume=resume, redis=redis
+        )
         return stack, upstream
 
     yield start

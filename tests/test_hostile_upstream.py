@@ -10,16 +10,7 @@ from gateway.config import ResumeSettings
 from gateway.sse import SSEParser
 from loadtest.emulator import EmulatorSettings
 from tests.helpers import AUTH, CHATIQ_KEY, Stack, StackFactory, data_events
-from tests.scripted import EVENTS, SSE_HEAD, ScriptedFactory, chunk
-
-# The first event, then only comments for 3 s (60, a read each), then the end:
-# an upstream whose keep-alive pings hide that it stopped answering.
-ONLY_PINGS = [
-    SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunk(EVENTS[0]),
-    *[chunk(b": ping\n\n")] * 30,
-    *[chunk(b"\n\n")] * 30,  # blank events too
-    chunk(EVENTS[-1]) + b"0\r\n\r\n",
-]
+from tests.scripted import EVENTS, ONLY_PINGS, SSE_HEAD, ScriptedFactory, chunk
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -34,6 +34,7 @@ from tests.helpers import (
     without_ids,
 )
 from tests.redis_server import RedisServer
+from tests.scripted import ONLY_PINGS, ScriptedFactory
 
 pytestmark = pytest.mark.external
 
@@ -377,3 +378,22 @@ async def test_while_redis_hangs_resumable_streams_start_within_its_timeout(
         assert rest[-1].data == "[DONE]"
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
+
+
+async def test_a_stream_of_pings_ends_with_its_idle_timeout_on_another_replica_too(
+    make_stack: StackFactory, scripted: ScriptedFactory, redis_server: RedisServer
+) -> None:
+    """An upstream that only pings after its first event: the producer ends the
+    stream at its idle timeout, and a reader on another replica gets that
+    error; it got STREAM_INTERRUPTED "its gateway replica went away" at
+    2.5 s, the producer still holding the stream."""
+    shared = {"resume": ResumeSettings(enabled=True), "redis": RedisSettings(url=redis_server.url)}
+    a, _ = await scripted(ONLY_PINGS, idle_timeout_s=0.5, **shared)
+    b = await make_stack(idle_timeout_s=0.5, **shared)
+    live = await a.session.post(a.url, json={"message": "hi"}, headers=RESUMABLE)
+    stream_id = live.headers["X-Stream-Id"]
+    await read_events(live, limit=1)
+    async with b.session.get(resume_url(b, stream_id), headers={**AUTH, "Last-Event-ID": "1"}) as r:
+        _, events = await read_events(r)
+    assert events[-1].data == "[DONE]"
+    assert '"UPSTREAM_TIMEOUT"' in (events[-2].data or ""), events[-2].data
