@@ -214,10 +214,14 @@ def test_instructions_split_a_streams_cost_into_fixed_and_per_event() -> None:
 async def test_make_resumes_drops_and_resumes_streams_and_says_what_it_measured(
     tmp_path: Path,
 ) -> None:
-    code, out = await run_tool("loadtest.resumes", tmp_path, "--streams", "20", "--rate", "100")
+    code, out = await run_tool(
+        "loadtest.resumes", tmp_path, "--streams", "20", "--rate", "100", "--waves", "2"
+    )
     assert code == 0, out
     summary = (tmp_path / "latest.md").read_text()
-    assert "- detached at once: 20" in summary, summary
+    assert "- detached: 40 in all" in summary and "20 at once" in summary, summary
+    waves = re.search(r"RSS by wave, detached / after it: (.*)", summary)
+    assert waves and len(re.findall(r"\d+ / \d+ MiB", waves.group(1))) == 2, summary
     assert "KiB per detached stream" in summary and "p99 **" in summary, summary
     assert "**20 of 20**" in summary, summary
 
