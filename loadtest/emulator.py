@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -33,6 +34,7 @@ FAULTS = {
     "fault-reset": "connection reset before any response",
     "fault-stall-first": "no byte at all for --stall-s seconds",
     "fault-stall-mid": "three chunks, then silence for --stall-s seconds",
+    "fault-ping-mid": "three chunks, then only ': ping' comments (one a second) for --stall-s",
     "fault-drop-mid": "three chunks, then the connection is cut (no [DONE])",
     "fault-error-mid": 'three chunks, then an {"error": ...} event and [DONE]',
     "fault-malformed": "three chunks, then an event whose JSON is broken",
@@ -329,6 +331,11 @@ async def _play(
             if bot == "fault-stall-mid":
                 await flush()
                 await asyncio.sleep(settings.stall_s)
+            elif bot == "fault-ping-mid":  # alive to a proxy that counts bytes, not answers
+                for _ in range(math.ceil(settings.stall_s)):
+                    await send(b": ping\n\n")
+                    await flush()
+                    await asyncio.sleep(1.0)
             elif bot == "fault-drop-mid":
                 await flush()
                 abort()

@@ -29,8 +29,10 @@ async def stream_of(stack: Stack, bot: str) -> tuple[bytes, list[str]]:
     return reply.body, reply.events()
 
 
-async def test_stall_mid_stream_ends_with_a_timeout_event(stack: Stack) -> None:
-    _, events = await stream_of(stack, "fault-stall-mid")
+@pytest.mark.parametrize("bot", ["fault-stall-mid", "fault-ping-mid"])
+async def test_stall_mid_stream_ends_with_a_timeout_event(stack: Stack, bot: str) -> None:
+    """Silence, or only keep-alive comments: neither is an answer."""
+    _, events = await stream_of(stack, bot)
     assert len(events) == CHUNKS_BEFORE_FAULT + 2
     assert all("choices" in e for e in events[:CHUNKS_BEFORE_FAULT])
     assert error_code(events[-2]) == "UPSTREAM_TIMEOUT"
