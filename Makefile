@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
+.PHONY: run test lint install clean soak chaos stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -46,6 +46,10 @@ clean:
 ## make soak: 10,000 streams with faults and hang-ups through a real gateway (a few minutes).
 soak: $(STAMP)
 	$(BIN)/python -m loadtest.soak
+
+## make chaos: Redis restarts and stalls, bursts, pings, bad input, a half-written reload, against two replicas (ARGS="--rounds 1").
+chaos: $(STAMP)
+	$(BIN)/python -m loadtest.chaos $(ARGS)
 
 ## make fleet: Redis, the emulator, two gateway replicas and HAProxy on :8080, until Ctrl-C.
 fleet: $(STAMP)

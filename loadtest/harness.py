@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +97,11 @@ def start_gateway(
     prefix: Sequence[str] = (),  # a command to run it under, e.g. prlimit
     cwd: Path | None = None,  # the tree it runs from (default: this one)
     tenant_limits: tuple[int, int] = (0, 0),  # the tenant's max_streams, requests_per_minute
+    more_tenants: Sequence[Mapping[str, Any]] = (),  # each: name, key, then any tenant field
     **tables: Any,  # TOML tables: server={...}, upstream={...}
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    """A gateway with one unlimited tenant; ``tables`` add settings (server={...}, ...).
+    """A gateway with one unlimited tenant (and ``more_tenants``); ``tables`` add
+    settings (server={...}, ...).
 
     ``api_key`` is the ChatIQ key it gets in its environment. Its log file lies
     beside its config file.
@@ -120,6 +122,7 @@ def start_gateway(
         f'key_sha256 = "{hashlib.sha256(tenant_key.encode()).hexdigest()}"\n'
         f'bots = ["*"]\nmax_streams = {tenant_limits[0]}\n'
         f"requests_per_minute = {tenant_limits[1]}\n"
+        + "".join(_tenant_toml(tenant) for tenant in more_tenants)
     )
     log = config_dir / f"gateway-{port}.log"
     env = {k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"}
@@ -133,6 +136,13 @@ def start_gateway(
         cwd=cwd,
     )
     return process, log
+
+
+def _tenant_toml(tenant: Mapping[str, Any]) -> str:
+    fields = {k: v for k, v in tenant.items() if k != "key"}
+    fields["key_sha256"] = hashlib.sha256(tenant["key"].encode()).hexdigest()
+    fields.setdefault("bots", ["*"])
+    return "[[tenants]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in fields.items())
 
 
 def _toml(value: Any) -> str:

@@ -239,3 +239,19 @@ async def test_make_profile_reports_cost_per_stream_and_event_and_the_top_functi
     rows = [line for line in report.splitlines() if line.startswith("| `")]
     assert len(rows) >= 10, report  # functions sampled, with their shares
     assert "relay.py:" in report or "wire.py:" in report, report  # the gateway's own code
+
+
+@pytest.mark.external
+@pytest.mark.process
+async def test_make_chaos_runs_every_fault_on_a_fleet_and_says_what_held(tmp_path: Path) -> None:
+    if shutil.which("redis-server") is None and not os.environ.get("CI"):
+        pytest.skip("redis-server is not installed (CI installs Debian's)")
+    fleet = tmp_path / "fleet"  # the replicas' logs: the log audit reads them too
+    code, out = await run_tool("loadtest.chaos", tmp_path, "--rounds", "1", "--folder", str(fleet))
+    report = (tmp_path / "latest.md").read_text()
+    assert code == 0, out
+    assert "**11 of 11 checks held.**" in report, report
+    for check in ("Redis restarted empty", "while Redis hangs", "keep-alive comments",
+                  "half-written config", "800 requests at once"):  # fmt: skip
+        assert check in report, report
+    assert len(list(fleet.glob("gateway-*.log"))) == 2
