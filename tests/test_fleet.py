@@ -221,16 +221,20 @@ async def test_leases_come_back_when_redis_restarts_empty(
 ) -> None:
     """20 live streams at a limit of 20; Redis restarts with nothing in it. The
     replicas' renewals add their leases again (they only refreshed leases Redis
-    still held, so 20 more streams were admitted: 40 at once)."""
-    (a, b), session = await fleet(limits=(20, 0), expected_replicas=2, lease_ttl_s=1.5)
+    still held, so 20 more streams were admitted: 40 at once); and until they
+    have, each replica holds the tenant to its share (right after the restart,
+    before any renewal, 20 more were admitted too)."""
+    (a, b), session = await fleet(limits=(20, 0), expected_replicas=2)
     live = [await open_stream(session, replica) for replica in (a, b) * 10]
     assert [r.status for r in live] == [200] * 20
     redis_server.stop()
     redis_server.start()  # empty
+    at_once = [await open_stream(session, replica) for replica in (a, b) * 10]
+    assert [r.status for r in at_once] == [429] * 20
     await eventually(lambda: redis_server.leases() == 20, timeout_s=8, what=redis_server.leases)
     more = [await open_stream(session, replica) for replica in (a, b) * 10]
     assert [r.status for r in more] == [429] * 20
-    for r in [*live, *more]:
+    for r in [*live, *at_once, *more]:
         r.close()
 
 

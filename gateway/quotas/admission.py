@@ -110,7 +110,19 @@ class Admission:
         per_minute, max_streams = quota.per_minute, quota.max_streams
         if self._shared is not None:
             try:
-                return await self._shared.acquire(tenant, per_minute, max_streams)
+                lease, settling = await self._shared.acquire(tenant, per_minute, max_streams)
+                if not settling:
+                    return lease
+                # Redis lost the tenant's leases a moment ago, and the replicas
+                # are adding theirs back: this process's share holds meanwhile.
+                share = -(-max_streams // self._redis.expected_replicas)
+                if quota.active >= share:
+                    if lease is not None:
+                        self._shared.release(lease)
+                    raise TenantBusy(
+                        f"this key already has {max_streams} streams open", retry_after=1
+                    )
+                return lease
             except RedisDown:
                 self._on_fallback(self._redis.on_error)
                 if self._redis.on_error == "reject":

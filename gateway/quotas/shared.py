@@ -15,6 +15,12 @@ One Lua script per quota check, so that it is one round trip and atomic
   every third of ``lease_ttl_s`` while their streams live; a replica that
   dies (kill -9) stops renewing, and its tenants' slots come back within
   ``lease_ttl_s``, with nobody cleaning up.
+- **A Redis that lost its leases** (a restart, a flush) holds none of the
+  streams that live on; each replica adds its own back at its next renewal.
+  Until all have (a renewal period and a second: ``settled-at``, a key per
+  tenant that a restart loses too), the check says so and the caller also
+  holds the tenant to this process's share of its streams, so a limit of 20
+  never lets 40 in. A tenant's first check on a new Redis settles the same.
 
 Keys carry a hash tag (``{prefix:tenant}``) so that both keys of a tenant
 are in one Redis Cluster slot, and expire on their own.
@@ -48,18 +54,32 @@ from gateway.metrics import Metrics
 
 # Time is Redis's own (TIME), so that replicas' clocks need not agree.
 _NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-# KEYS: the tenant's rate key, its lease set.
+# KEYS: the tenant's rate key, its lease set, its settled-at time.
 # ARGV: (unused), requests per minute (0: none), max streams (0: none), lease id,
-#       lease ttl (ms).
-# Returns {0, 0} (let in; the lease is held), {1, ms} (rate: retry after ms),
+#       lease ttl (ms), settling (ms).
+# Returns {0, 0, settling} (let in; the lease is held; settling: 1 while the lease
+#         set may lack other replicas' leases), {1, ms} (rate: retry after ms),
 #         {2, ms} (concurrency: retry after ms).
+_SETTLED_AT = """
+local settled_at = tonumber(redis.call('GET', KEYS[{i}]) or -1)
+if settled_at < 0 then  -- this Redis lost (or never had) the tenant's leases
+  settled_at = now + tonumber(ARGV[{settle}])
+  redis.call('SET', KEYS[{i}], settled_at, 'PX', 86400000)
+else
+  redis.call('PEXPIRE', KEYS[{i}], 86400000)
+end
+"""
 CHECK = (
     _NOW
     + """
 local per_minute = tonumber(ARGV[2])
 local max_streams = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[5])
-if max_streams > 0 then
+local settling = 0
+if max_streams > 0 then"""
+    + _SETTLED_AT.format(i=3, settle=6)
+    + """
+  if settled_at > now then settling = 1 end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if redis.call('ZCARD', KEYS[2]) >= max_streams then
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
@@ -81,21 +101,24 @@ if max_streams > 0 then
   redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ttl * 2)
 end
-return {0, 0}
+return {0, 0, settling}
 """
 )
-# KEYS: one tenant's lease set; ARGV: lease ttl (ms), then the lease ids to renew.
-# Added, not only refreshed: a Redis that restarted empty gets them back (a
-# release waits for a renewal in flight, so none is added after its removal).
+# KEYS: one tenant's lease set, its settled-at time; ARGV: lease ttl (ms),
+# settling (ms), then the lease ids to renew. Added, not only refreshed: a Redis
+# that restarted empty gets them back (a release waits for a renewal in flight,
+# so none is added after its removal).
 RENEW = (
     _NOW
     + """
-local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do
+local ttl = tonumber(ARGV[1])"""
+    + _SETTLED_AT.format(i=2, settle=2)
+    + """
+for i = 3, #ARGV do
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return #ARGV - 1
+return #ARGV - 2
 """
 )
 
@@ -148,23 +171,31 @@ class SharedQuotas:
                 await self._call(self._release_all, what="release")
         await self._client.aclose()
 
-    def _keys(self, tenant: str) -> tuple[str, str]:
+    def _keys(self, tenant: str) -> tuple[str, str, str]:
         tag = f"{{{self._s.key_prefix}:{tenant}}}"
-        return f"{tag}:rate", f"{tag}:leases"
+        return f"{tag}:rate", f"{tag}:leases", f"{tag}:settled-at"
 
-    async def acquire(self, tenant: str, per_minute: int, max_streams: int) -> str | None:
-        """Let a request in (a lease id while it has a concurrency limit), or raise
+    @property
+    def _settle_ms(self) -> int:
+        """How long a lease set Redis lost takes to be whole again: every replica
+        renews within a third of the lease's life (and probes once a second)."""
+        return int((self._s.lease_ttl_s / 3 + 1.0) * 1000)
+
+    async def acquire(
+        self, tenant: str, per_minute: int, max_streams: int
+    ) -> tuple[str | None, bool]:
+        """Let a request in: (a lease id while it has a concurrency limit, whether
+        the tenant's lease set is still settling after Redis lost it), or raise
         ``RateLimited`` / ``TenantBusy``; ``RedisDown`` if Redis does not answer."""
         if not self.up:
             raise RedisDown
         lease = uuid.uuid4().hex if max_streams else ""
-        rate_key, leases_key = self._keys(tenant)
+        rate_key, leases_key, settled_key = self._keys(tenant)
         ttl_ms = int(self._s.lease_ttl_s * 1000)
+        args: list[str | int] = [0, per_minute, max_streams, lease, ttl_ms, self._settle_ms]
         try:
             result = await self._call(
-                lambda: self._check(
-                    keys=[rate_key, leases_key], args=[0, per_minute, max_streams, lease, ttl_ms]
-                ),
+                lambda: self._check(keys=[rate_key, leases_key, settled_key], args=args),
                 what="check",
             )
         except BaseException:  # timed out, failed or cancelled: Redis may run it yet
@@ -181,9 +212,9 @@ class SharedQuotas:
                 f"this key already has {max_streams} streams open", retry_after=wait_ms / 1000
             )
         if not lease:
-            return None
+            return None, False
         self._leases[lease] = leases_key
-        return lease
+        return lease, bool(int(result[2]))
 
     def release(self, lease: str) -> None:
         """Give a lease back (in the background; if Redis is away, once it is back)."""
@@ -266,7 +297,9 @@ class SharedQuotas:
         ttl_ms = int(self._s.lease_ttl_s * 1000)
         async with self._client.pipeline(transaction=False) as pipe:
             for key, leases in by_key.items():
-                await self._renew_script(keys=[key], args=[ttl_ms, *leases], client=pipe)
+                settled_key = key.removesuffix(":leases") + ":settled-at"
+                args: list[str | int] = [ttl_ms, self._settle_ms, *leases]
+                await self._renew_script(keys=[key, settled_key], args=args, client=pipe)
             await pipe.execute()
 
     async def _call(self, op: Callable[[], Any], what: str, while_down: bool = False) -> Any:
