@@ -2,9 +2,10 @@
 
 Like nginx: the file is read and checked whole; if it is invalid nothing
 changes and one line says why. A file still being written is refused too:
-it must read the same twice, ``SETTLE_S`` apart, hold a tenant, and keep
+it must read the same twice, ``SETTLE_S`` apart, hold a tenant, keep
 every table the running configuration's file had (a file cut short drops
-the tables after the cut, and their keys would fall back to defaults).
+the tables after the cut, and their keys would fall back to defaults), and
+not be that file cut inside a table (a tenant whose limits were cut off).
 
 If it is valid, tenants and their keys, bots, quotas and limits, timeouts,
 retries, breaker thresholds and the log level apply to requests from now on,
@@ -63,24 +64,35 @@ RESTART_ONLY = (
 
 
 SETTLE_S = 0.2  # a file must read the same this far apart: no writer is at it
-FILE_TABLES = web.AppKey("file_tables", frozenset)  # the loaded file's top-level tables
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedFile:
+    """The file the running configuration came from."""
+
+    text: bytes
+    tables: frozenset[str]  # its top-level tables
+
+
+RUNNING_FILE = web.AppKey("running_file", LoadedFile)
 
 
 def remember_file(app: web.Application, path: str | Path) -> None:
-    """At start: the tables of the file the running configuration came from."""
-    app[FILE_TABLES] = frozenset(read_file(path))
+    """At start: the file the running configuration came from."""
+    text = Path(path).read_bytes()
+    app[RUNNING_FILE] = LoadedFile(text, frozenset(read_file(path, text)))
 
 
-async def read_settled(path: str | Path) -> dict[str, Any]:
-    """The file's TOML once it reads the same twice, ``SETTLE_S`` apart."""
+async def read_settled(path: str | Path) -> tuple[bytes, dict[str, Any]]:
+    """The file and its TOML, once it reads the same twice, ``SETTLE_S`` apart."""
     first = _read(path)
     await asyncio.sleep(SETTLE_S)
     text = _read(path)
     if text is None:  # gone or unreadable: read_file says which
-        return read_file(path)
+        return b"", read_file(path)
     if text != first:
         raise ConfigError(f"{path}: it changed while it was read (still being written?)")
-    return read_file(path, text)
+    return text, read_file(path, text)
 
 
 def _read(path: str | Path) -> bytes | None:
@@ -90,10 +102,11 @@ def _read(path: str | Path) -> bytes | None:
         return None
 
 
-def complete(raw: dict[str, Any], new: Settings, had: frozenset[str]) -> None:
+def complete(raw: dict[str, Any], new: Settings, text: bytes, running: LoadedFile) -> None:
     """``ConfigError`` unless the file is a whole configuration: every table of
-    the file the running one came from, and a tenant."""
-    missing = sorted(had - set(raw))
+    the file the running one came from, a tenant, and not that file cut short
+    inside a table."""
+    missing = sorted(running.tables - set(raw))
     if missing:
         table = "[[tenants]]" if missing[0] == "tenants" else f"[{missing[0]}]"
         raise ConfigError(
@@ -102,6 +115,27 @@ def complete(raw: dict[str, Any], new: Settings, had: frozenset[str]) -> None:
         )
     if not new.tenants:
         raise ConfigError("[[tenants]]: none, so every key would get 401")
+    if _cut_inside_a_table(text, running.text):
+        raise ConfigError(
+            "it is the running configuration's file cut short inside a table, whose "
+            "settings after the cut would fall back to defaults (a file cut short?)"
+        )
+
+
+def _cut_inside_a_table(text: bytes, running: bytes) -> bool:
+    """Whether ``text`` is ``running`` cut where a table goes on: within a line, or
+    before a key line of the table the cut is in. A cut between tables (after a
+    whole tenant) is what deleting the last tenants makes, and is taken as such."""
+    rest = running[len(text) :]
+    if not running.startswith(text) or not rest.strip():
+        return False
+    if text and not text.endswith(b"\n"):
+        return True
+    for line in rest.splitlines():
+        line = line.strip()
+        if line and not line.startswith(b"#"):
+            return not line.startswith(b"[")
+    return False
 
 
 async def reload_settings(app: web.Application, path: str | Path) -> bool:
@@ -109,9 +143,9 @@ async def reload_settings(app: web.Application, path: str | Path) -> bool:
     log, metrics = app[LOG], app[METRICS]
     old = app[SETTINGS].current
     try:
-        raw = await read_settled(path)
+        text, raw = await read_settled(path)
         new = settings_from_mapping(raw, os.environ)
-        complete(raw, new, app.get(FILE_TABLES, frozenset()))
+        complete(raw, new, text, app.get(RUNNING_FILE, LoadedFile(b"", frozenset())))
     except ConfigError as e:
         metrics.config_reloads.labels("invalid").inc()
         log.error("config_reload_failed", error=str(e), kept="the running configuration")
@@ -128,7 +162,7 @@ async def reload_settings(app: web.Application, path: str | Path) -> bool:
     # Said before it applies: the new log level may be quieter than info.
     log.info("config_reloaded", changed=_changed_keys(old, new), tenants=len(new.tenants))
     apply_settings(app, new)
-    app[FILE_TABLES] = frozenset(raw)
+    app[RUNNING_FILE] = LoadedFile(text, frozenset(raw))
     metrics.config_reloads.labels("ok").inc()
     return True
 
