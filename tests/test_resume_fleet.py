@@ -5,6 +5,7 @@ resumes on any replica, and a replica that shuts down hands its clients over
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -397,3 +398,30 @@ async def test_a_stream_of_pings_ends_with_its_idle_timeout_on_another_replica_t
         _, events = await read_events(r)
     assert events[-1].data == "[DONE]"
     assert '"UPSTREAM_TIMEOUT"' in (events[-2].data or ""), events[-2].data
+
+
+async def test_a_resume_whose_redis_hangs_ends_saying_so(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    """A reader on another replica, Redis stalled: its stream goes silent, and
+    ends with STREAM_INTERRUPTED naming the store that does not answer (it said
+    "its gateway replica went away", which was alive)."""
+    shared = {"resume": ResumeSettings(enabled=True), "redis": RedisSettings(url=redis_server.url)}
+    slow = EmulatorSettings(ttft_s=0, tokens_per_s=10, reply_tokens=60)  # 6 s: past the silence
+    a = await make_stack(slow, idle_timeout_s=1.0, **shared)
+    b = await make_stack(idle_timeout_s=1.0, **shared)
+    assert redis_server.process is not None
+    live = await a.session.post(a.url, json={"message": "hi"}, headers=RESUMABLE)
+    stream_id = live.headers["X-Stream-Id"]
+    await read_events(live, limit=1)
+    async with b.session.get(resume_url(b, stream_id), headers={**AUTH, "Last-Event-ID": "1"}) as r:
+        assert r.status == 200
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            _, events = await read_events(r)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+    assert events[-1].data == "[DONE]"
+    error = json.loads(events[-2].data or "{}")["error"]
+    assert error["code"] == "STREAM_INTERRUPTED"
+    assert "store is not answering" in error["message"], error

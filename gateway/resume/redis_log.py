@@ -102,6 +102,7 @@ class RedisStreams:
         self._replicas: dict[str, Journal] = {}
         self._failed_at = 0.0
         self._writer_failing = False  # its last round failed: Redis is not taking copies
+        self._feed_failing = False  # its last round failed: followed streams get nothing
         self._tasks = [
             asyncio.create_task(self._write_rounds()),
             asyncio.create_task(self._feed_rounds()),
@@ -323,6 +324,11 @@ class RedisStreams:
         journal = await self.replica(name, tenant)
         return None if journal is None or journal.finished else journal
 
+    def stalled_by_redis(self, journal: Journal) -> bool:
+        """Whether this replica journal has gone silent because Redis does not
+        answer (rather than because its producing replica went away)."""
+        return self._feed_failing and self._replicas.get(journal.id) is journal
+
     def release(self, journal: Journal) -> None:
         """Its last reader here left: stop following it."""
         if journal.readers == 0 and self._replicas.get(journal.id) is journal:
@@ -344,8 +350,10 @@ class RedisStreams:
                     changed = set(self._replicas)
                     await self._mark_readers()
                 await self._fetch(changed)
+                self._feed_failing = False
                 await asyncio.sleep(_ROUND_S)
             except (RedisError, OSError) as e:
+                self._feed_failing = True
                 self._failed("read", e)
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()

@@ -184,7 +184,9 @@ async def follow(
                 ex.outcome = "handed_over"
                 return response
             try:
-                wait_s = max(0.01, settings.keepalive_s - (loop.time() - wrote))
+                now = loop.time()  # woken for a ping, or to give up on a silent stream
+                silent_by = heard + settings.idle_timeout_s + _SILENCE_SLACK_S
+                wait_s = max(0.01, min(wrote + settings.keepalive_s, silent_by + 0.01) - now)
                 events, ended = await journal.read(position, wait_s)
             except Gone:
                 raise StreamInterrupted(
@@ -200,6 +202,10 @@ async def follow(
                 heard = wrote = now
             elif not ended:
                 if now - heard > settings.idle_timeout_s + _SILENCE_SLACK_S:
+                    if streams.remote is not None and streams.remote.stalled_by_redis(journal):
+                        raise StreamInterrupted(
+                            "the stream stopped: the resumable streams' store is not answering"
+                        )
                     raise StreamInterrupted("the stream stopped: its gateway replica went away")
                 if now - wrote >= settings.keepalive_s:  # not when woken for nothing
                     await send(PING)
