@@ -65,10 +65,13 @@ def release_body_buffer(request: web.Request) -> None:
 
 
 class ErrorRenderer(Protocol):
-    """A frontend as the middleware sees it: a name, and its own error shape."""
+    """A frontend as the middleware sees it: a name, a prefix, its own error shape."""
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def prefix(self) -> str: ...
 
     def error_response(self, err: GatewayError) -> web.Response: ...
 
@@ -143,6 +146,18 @@ def make_middleware(
     """``frontends``: each frontend route's frontend (filled as they are mounted),
     which renders that route's errors in its own shape."""
     routes = {} if frontends is None else frontends
+    by_prefix: list[ErrorRenderer] = []  # the longest prefix first, once routes are in
+
+    def frontend_under(path: str) -> ErrorRenderer | None:
+        """The frontend whose prefix holds ``path`` (an unmatched route)."""
+        if not by_prefix:
+            unique = {id(fe): fe for fe in routes.values()}.values()
+            by_prefix.extend(sorted(unique, key=lambda fe: len(fe.prefix), reverse=True))
+        for fe in by_prefix:
+            if fe.prefix and (path == fe.prefix or path.startswith(fe.prefix + "/")):
+                return fe
+        return None
+
     # Request ids need to be unique, not secret: no system call for each (uuid4's).
     ids = random.Random()
     # The app's loop, found once: asking for the running loop is a getpid(2)
@@ -174,6 +189,15 @@ def make_middleware(
             response = render(e)
         except web.HTTPException as e:
             ex.error = _from_http_exception(e, request.method)
+            under = frontend_under(request.path) if resource is None else None
+            if under is not None and e.status == 404:  # a route its clients may expect
+                ex.error = NotFound(
+                    f"no route {request.method} {request.path[:200]}: this gateway serves "
+                    "chat, and not this part of the API"
+                )
+                log.info("unknown_route", request_id=ex.request_id, frontend=under.name,
+                         method=request.method, path=request.path[:200])  # fmt: skip
+                render = under.error_response
             response = render(ex.error)
         except asyncio.CancelledError:
             ex.outcome = "client_disconnect"

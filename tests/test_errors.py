@@ -251,6 +251,24 @@ async def test_unknown_routes_and_methods_answer_in_the_same_error_shape(stack: 
     await expect_error(await stack.session.get(stack.url), 405, "METHOD_NOT_ALLOWED")
 
 
+@pytest.mark.parametrize(
+    ("path", "frontend"), [("/api/chatbot/history", "chatiq"), ("/api/ui/chat/x/y", "ai-sdk")]
+)
+async def test_an_unknown_route_under_a_frontend_is_its_404_naming_the_route_and_logged(
+    stack: Stack, path: str, frontend: str
+) -> None:
+    body = await expect_error(await stack.session.delete(stack.gateway.make_url(path)), 404,
+                              "NOT_FOUND")  # fmt: skip
+    assert f"DELETE {path}" in body["error"]["message"]
+    lines = [line for line in stack.log_lines() if line["event"] == "unknown_route"]
+    assert [(line["method"], line["path"], line["frontend"]) for line in lines] == [
+        ("DELETE", path, frontend)
+    ]
+    outside = await stack.session.get(stack.gateway.make_url("/apix"))  # not under /api
+    await expect_error(outside, 404, "NOT_FOUND")
+    assert len([line for line in stack.log_lines() if line["event"] == "unknown_route"]) == 1
+
+
 async def test_429_for_an_address_that_keeps_sending_unknown_keys(make_stack: StackFactory) -> None:
     stack = await make_stack(server=ServerSettings(max_auth_failures_per_minute=5))
     for _ in range(5):

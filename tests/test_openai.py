@@ -203,3 +203,25 @@ async def test_multibyte_text_split_across_reads_arrives_exactly(
         chunks = [chunk async for chunk in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert (chunks[-1].model_extra or {})["conversation_id"] == "c-9"
+
+
+async def test_a_part_of_the_api_the_gateway_does_not_serve_is_openai_s_404_and_logged(
+    stack: Stack, client: AsyncOpenAI
+) -> None:
+    """/v1/embeddings and the like: a 404 in OpenAI's error shape that names the
+    route (it came in ChatIQ's shape, which SDKs report as a model not found,
+    and nothing was logged)."""
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.embeddings.create(model="demo", input="hi")
+    error = caught.value.body
+    assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+    assert "POST /v1/embeddings" in error["message"] and "serves chat" in error["message"]
+    assert error["type"] == "invalid_request_error" and caught.value.status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        await client.files.list()
+    lines = [line for line in stack.log_lines() if line["event"] == "unknown_route"]
+    assert [(line["method"], line["path"], line["frontend"]) for line in lines] == [
+        ("POST", "/v1/embeddings", "openai"),
+        ("GET", "/v1/files", "openai"),
+    ]
+    assert all(line["level"] == "info" for line in lines)
