@@ -43,6 +43,17 @@ class InvalidRequest(GatewayError):
     code = "INVALID_REQUEST"
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A request for what ChatIQ cannot do (a forced tool call, JSON output):
+    refused, rather than answered in part. ``param``: the field that asks."""
+
+    code = "UNSUPPORTED_PARAMETER"
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class Unauthorized(GatewayError):
     status = 401
     code = "UNAUTHORIZED"

@@ -225,3 +225,55 @@ async def test_a_part_of_the_api_the_gateway_does_not_serve_is_openai_s_404_and_
         ("GET", "/v1/files", "openai"),
     ]
     assert all(line["level"] == "info" for line in lines)
+
+
+TOOL: Any = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("asked", "param"),
+    [
+        ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "lookup"}}},
+         "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)  # fmt: skip
+async def test_a_forced_tool_or_json_output_is_a_400_the_sdk_raises(
+    client: AsyncOpenAI, asked: dict[str, Any], param: str
+) -> None:
+    """ChatIQ answers in plain text: these were accepted and ignored, and the
+    client's parser failed later on the text."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model="demo", messages=USER, **asked)
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == param
+    assert error["code"] == "unsupported_parameter" and "plain text" in error["message"]
+
+
+async def test_structured_output_through_parse_is_a_400_not_a_late_validation_error(
+    client: AsyncOpenAI,
+) -> None:
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        text: str
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.parse(model="demo", messages=USER, response_format=Answer)
+    assert "json_schema" in caught.value.message
+
+
+async def test_tools_the_bot_may_ignore_are_taken_and_answered_in_text(
+    stack: Stack, client: AsyncOpenAI
+) -> None:
+    for choice in ("auto", "none", None):
+        extra = {} if choice is None else {"tool_choice": choice}
+        completion = await client.chat.completions.create(
+            model="demo", messages=USER, tools=[TOOL], **extra
+        )
+        assert completion.choices[0].message.content
+        assert not completion.choices[0].message.tool_calls

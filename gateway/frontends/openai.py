@@ -16,6 +16,12 @@ and ``GET {prefix}/models``.
   only as ``chatiq``.
 - ``n`` must be 1 (or absent): ChatIQ gives one answer a request, and a
   client asking for several choices is told so rather than sent fewer.
+- ChatIQ answers in plain text: a ``tool_choice`` that forces a tool
+  (``"required"``, a named function) and a ``response_format`` of type
+  ``json_schema`` or ``json_object`` are a 400 (``unsupported_parameter``),
+  not an answer the client's parser fails on later; ``tools`` with
+  ``tool_choice`` absent, ``"auto"`` or ``"none"`` are taken (the bot answers
+  in text).
 - ChatIQ reports no token counts: ``usage`` (with
   ``stream_options.include_usage``, or on a completion) is all zeros.
 - Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
@@ -41,7 +47,7 @@ from gateway.chat import (
     split_messages,
 )
 from gateway.config import ANY_BOT, Settings, Tenant
-from gateway.errors import GatewayError, InvalidRequest, UnknownBot
+from gateway.errors import GatewayError, InvalidRequest, UnknownBot, UnsupportedParameter
 from gateway.exchange import Exchange
 from gateway.frontends.base import Frontend
 from gateway.sse import DONE_EVENT
@@ -70,7 +76,28 @@ def error_body(err: GatewayError) -> tuple[int, dict[str, Any]]:
     codes = {401: "invalid_api_key", 403: "permission_denied", 429: "rate_limit_exceeded"}
     code = codes.get(err.status, err.code.lower())
     kind = _TYPES.get(err.status, "server_error")
-    return err.status, {"message": err.message, "type": kind, "param": None, "code": code}
+    param = err.param if isinstance(err, UnsupportedParameter) else None
+    return err.status, {"message": err.message, "type": kind, "param": param, "code": code}
+
+
+def refuse_what_chatiq_cannot_do(tool_choice: object, output_format: object, where: str) -> None:
+    """``UnsupportedParameter`` for a forced tool call or a JSON output format
+    (``where``: the format's field): ChatIQ answers in plain text."""
+    if tool_choice == "required" or isinstance(tool_choice, dict):
+        raise UnsupportedParameter(
+            "'tool_choice' forces a tool call, and ChatIQ answers in plain text and calls "
+            'no tools: leave it out, or use "auto" or "none"',
+            param="tool_choice",
+        )
+    if tool_choice not in (None, "auto", "none"):
+        raise InvalidRequest('\'tool_choice\' must be "auto" or "none" here')
+    kind = output_format.get("type") if isinstance(output_format, dict) else None
+    if kind in ("json_schema", "json_object"):
+        raise UnsupportedParameter(
+            f"'{where}' of type {kind} asks for JSON, and ChatIQ answers in plain text: "
+            'leave it out, or use {"type": "text"}',
+            param=where,
+        )
 
 
 class OpenAIFrontend(Frontend):
@@ -90,6 +117,9 @@ class OpenAIFrontend(Frontend):
             raise InvalidRequest("'model' is required: a bot slug (GET /v1/models lists them)")
         bot = check_bot(body["model"], settings.upstream.bot_slug, name="model")
         message, history = split_messages(body.get("messages"), _turn, settings.server, "content")
+        refuse_what_chatiq_cannot_do(
+            body.get("tool_choice"), body.get("response_format"), "response_format"
+        )
         n = body.get("n")  # several choices: ChatIQ gives one answer, so only 1 (or absent)
         if n is not None and (type(n) is not int or n != 1):
             raise InvalidRequest("'n' must be 1: ChatIQ gives one answer a request")
