@@ -55,8 +55,9 @@ class SlowClient(Exception):
 # - a malformed event's error (nothing from it on goes out), or None;
 # - whether ``[DONE]`` is among them (and nothing after it);
 # - whether a content chunk is among them (the first token, if none came before);
-# - how many data events are among them.
-Translated = tuple[list[bytes], UpstreamError | None, bool, bool, int]
+# - how many data events are among them;
+# - the code of ChatIQ's own error event among them (it ends the stream), or None.
+Translated = tuple[list[bytes], UpstreamError | None, bool, bool, int, str | None]
 
 
 def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
@@ -67,6 +68,7 @@ def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
     failure: UpstreamError | None = None
     done = content = False
     count = 0
+    error_code: str | None = None
     for event in events:
         data = event.data
         if data is None:
@@ -91,8 +93,18 @@ def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
             break
         count += 1
         content = content or "choices" in payload
+        if "error" in payload:
+            error_code = _error_code(payload["error"])
         pieces.append(event.raw if encoder is None else encoder.event(payload))
-    return pieces, failure, done, content, count
+    return pieces, failure, done, content, count, error_code
+
+
+def _error_code(error: object) -> str:
+    """An upstream error event's code, for the log (bounded, printable)."""
+    code = error.get("code") if isinstance(error, dict) else None
+    if not isinstance(code, str) or not code.isprintable():
+        return "UNKNOWN"
+    return code[:64]
 
 
 async def send_to_client(

@@ -92,6 +92,8 @@ class Exchange:
     bytes_out: int = 0
     outcome: str = "ok"
     error: GatewayError | None = field(default=None, repr=False)
+    # The code of ChatIQ's own error event, when its stream ended with one.
+    upstream_error: str | None = None
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -236,14 +238,34 @@ def end_exchange(
     request_finished(request)
 
 
+_CLIENT_LEFT = frozenset({"client_disconnect", "slow_client"})
+
+
+def _outcome_label(ex: Exchange) -> str:
+    """``requests_total``'s outcome: a few values, for error ratios that count the
+    streams that failed after their 200 as well."""
+    if ex.outcome in _CLIENT_LEFT:
+        return "client_left"
+    if ex.outcome == "handed_over":
+        return "handed_over"
+    if ex.upstream_error is not None or (ex.error is not None and ex.streamed):
+        return "failed"
+    if ex.status >= 500:
+        return "failed"
+    return "rejected" if ex.status >= 400 else "ok"
+
+
 def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bool) -> None:
-    metrics.request_counter(ex.route, ex.frontend, ex.tenant, ex.status).inc()
     err = ex.error
     if err is not None:
         if ex.outcome == "ok":
             ex.outcome = err.code.lower()
         if err.reject_reason is not None:
             metrics.rejected.labels(err.reject_reason).inc()
+    elif ex.upstream_error is not None and ex.outcome == "ok":
+        ex.outcome = "upstream_error"
+    outcome = _outcome_label(ex)
+    metrics.request_counter(ex.route, ex.frontend, ex.tenant, ex.status, outcome).inc()
     if ex.outcome == "client_disconnect":
         metrics.client_disconnects.labels(ex.tenant).inc()
     duration = now - ex.started
@@ -263,6 +285,7 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
         bot=ex.bot,
         status=ex.status,
         outcome=ex.outcome,
+        **({} if ex.upstream_error is None else {"error_code": ex.upstream_error}),
         ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 1),
         events=ex.events,
         bytes=ex.bytes_out,

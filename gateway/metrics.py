@@ -202,7 +202,7 @@ class Metrics:
         # Label children looked up once (a lookup is a lock and a tuple each
         # time), keyed by their label values: bounded as the labels are.
         self._streams: dict[tuple[str, str], StreamSeries] = {}
-        self._requests: dict[tuple[str, str, str, int], Any] = {}
+        self._requests: dict[tuple[str, str, str, int, str], Any] = {}
         r = self.registry
         ns = NAMESPACE
 
@@ -218,8 +218,10 @@ class Metrics:
         self.requests = make(
             Counter,
             "requests",
-            "Finished requests (frontend: the route's wire format; - for other routes).",
-            ["route", "frontend", "tenant", "status"],
+            "Finished requests (frontend: the route's wire format; - for other routes; "
+            "outcome: ok, rejected, failed (before or during its stream), client_left, "
+            "handed_over).",
+            ["route", "frontend", "tenant", "status", "outcome"],
         )
         self.active_streams = make(
             Gauge, "active_streams", "Streams being relayed now.", ["tenant", "bot"]
@@ -388,7 +390,8 @@ class Metrics:
                     self.active_streams.labels(tenant, bot).set(0)
             for route, frontend in routes:
                 for status in DOCUMENTED_STATUSES:
-                    self.requests.labels(route, frontend, tenant, str(status))
+                    outcome = "ok" if status < 400 else "rejected" if status < 500 else "failed"
+                    self.requests.labels(route, frontend, tenant, str(status), outcome)
 
     def stream_series(self, tenant: str, bot_label: str) -> StreamSeries:
         """A tenant's and bot's stream series."""
@@ -402,12 +405,14 @@ class Metrics:
             )
         return found
 
-    def request_counter(self, route: str, frontend: str, tenant: str, status: int) -> Any:
-        key = (route, frontend, tenant, status)
+    def request_counter(
+        self, route: str, frontend: str, tenant: str, status: int, outcome: str
+    ) -> Any:
+        key = (route, frontend, tenant, status, outcome)
         found = self._requests.get(key)
         if found is None:
             found = self._requests[key] = hot(
-                self.requests.labels(route, frontend, tenant, str(status))
+                self.requests.labels(route, frontend, tenant, str(status), outcome)
             )
         return found
 

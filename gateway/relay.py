@@ -263,9 +263,11 @@ class Relay:
             transport = self._transport
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client went away")
-            pieces, failure, done, content, count = translate(events, self._encoder)
+            pieces, failure, done, content, count, error_code = translate(events, self._encoder)
             ex = self._ex
             ex.events += count
+            if error_code is not None:
+                ex.upstream_error = error_code
             if content and ex.ttft is None:
                 self._first_token()
             payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -303,8 +305,10 @@ class Relay:
     def _batch(self, events: list[Event]) -> tuple[bytes, UpstreamError | None]:
         """The bytes of the whole events to send, up to ``[DONE]`` or a bad event
         (``on_events`` has its own copy, inline)."""
-        pieces, failure, done, content, count = translate(events, self._encoder)
+        pieces, failure, done, content, count, error_code = translate(events, self._encoder)
         self._ex.events += count
+        if error_code is not None:
+            self._ex.upstream_error = error_code
         if done:
             self._done = True
         if content and self._ex.ttft is None:

@@ -14,9 +14,10 @@ import pytest
 from gateway import downstream
 from gateway import relay as relay_module
 from gateway.chat import StreamEncoder
+from gateway.config import ResumeSettings
 from gateway.sse import Event
 from loadtest.emulator import CHUNKS_BEFORE_FAULT, EmulatorSettings
-from tests.helpers import Stack, StackFactory, post_chat
+from tests.helpers import AUTH, Stack, StackFactory, post_chat
 
 
 def error_code(event: str) -> str:
@@ -145,3 +146,39 @@ async def test_a_gateway_bug_mid_stream_still_ends_with_an_error_event(
     assert len(events) == 4
     assert error_code(events[-2]) == "INTERNAL_ERROR"
     assert events[-1] == "[DONE]"
+
+
+ERROR_MID_REQUESTS = {
+    "chatiq": ("/api/chatbot", {"message": "hi", "bot": "fault-error-mid"}),
+    "openai": (
+        "/v1/chat/completions",
+        {"model": "fault-error-mid", "stream": True,
+         "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    "ai-sdk": (
+        "/api/ui/chat",
+        {"id": "c1", "bot": "fault-error-mid",
+         "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}]},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+@pytest.mark.parametrize("frontend", list(ERROR_MID_REQUESTS))
+async def test_a_stream_chatiq_ends_with_its_error_event_is_logged_and_counted_as_failed(
+    make_stack: StackFactory, frontend: str, resumable: bool
+) -> None:
+    """It was logged with outcome "ok" while every client raised an error."""
+    stack = await make_stack(resume=ResumeSettings(enabled=True) if resumable else None)
+    path, body = ERROR_MID_REQUESTS[frontend]
+    headers = {**AUTH, "X-Resumable": "1" if resumable else "0"}
+    async with stack.session.post(stack.gateway.make_url(path), json=body, headers=headers) as r:
+        assert r.status == 200
+        await r.read()
+    lines = [line for line in stack.log_lines() if line["event"] == "request"]
+    assert [(line["outcome"], line.get("error_code")) for line in lines] == [
+        ("upstream_error", "RATE_LIMIT")
+    ]
+    labels = {"route": path, "frontend": frontend, "tenant": "acme", "status": "200"}
+    assert await stack.metric("chatiq_gateway_requests_total", **labels, outcome="failed") == 1
+    assert await stack.metric("chatiq_gateway_requests_total", **labels, outcome="ok") == 0

@@ -70,29 +70,18 @@ async def test_every_metric_after_scripted_traffic_with_faults(make_stack: Stack
     await asyncio.sleep(0.05)
 
     status = {
-        ("acme", "200"): 3
-        + 1
-        + 1
-        + 1
-        + 2
-        + 1,  # ok, rich, json, 503-once, stall, malformed, hang-up
-        ("-", "401"): 1,
-        ("acme", "502"): 1,
-        ("acme", "429"): 1,
-        ("tiny", "200"): 3,
-        ("tiny", "429"): 1,
+        ("acme", "200", "ok"): 3 + 1 + 1 + 1,  # ok, rich, json, 503-once
+        ("acme", "200", "failed"): 2,  # stall, malformed: failed after their 200
+        ("acme", "200", "client_left"): 1,  # the hang-up
+        ("-", "401", "rejected"): 1,
+        ("acme", "502", "failed"): 1,
+        ("acme", "429", "rejected"): 1,
+        ("tiny", "200", "ok"): 3,
+        ("tiny", "429", "rejected"): 1,
     }
-    for (tenant, code), n in status.items():
-        assert (
-            await m(
-                "chatiq_gateway_requests_total",
-                route=ROUTE,
-                frontend="chatiq",
-                tenant=tenant,
-                status=code,
-            )
-            == n
-        )
+    for (tenant, code, outcome), n in status.items():
+        labels = {"route": ROUTE, "frontend": "chatiq", "tenant": tenant, "status": code}
+        assert await m("chatiq_gateway_requests_total", **labels, outcome=outcome) == n, outcome
 
     assert await m("chatiq_gateway_stream_events_total", tenant="acme", bot="demo") == (
         3 * events_per_stream
@@ -198,12 +187,12 @@ async def test_metrics_can_live_on_a_port_of_their_own(
 
 def test_metrics_switched_off_record_nothing() -> None:
     metrics = Metrics(["demo"], enabled=False)
-    metrics.requests.labels("/api/chatbot", "acme", "200").inc()
+    metrics.requests.labels("/api/chatbot", "chatiq", "acme", "200", "ok").inc()
     metrics.time_to_first_token.labels("acme", "demo").observe(0.1)
     series = metrics.stream_series("acme", "demo")
     series.duration.observe(1.0)
     series.active.inc()
-    metrics.request_counter("/api/chatbot", "chatiq", "acme", 200).inc()
+    metrics.request_counter("/api/chatbot", "chatiq", "acme", 200, "ok").inc()
     assert b"chatiq_gateway" not in metrics.exposition()
 
 
@@ -235,8 +224,8 @@ def test_the_per_stream_children_record_what_the_library_would() -> None:
     series.active.inc()
     series.active.dec()
     library.active_streams.labels("acme", "demo").inc()
-    hot.request_counter("/api/chatbot", "chatiq", "acme", 200).inc()
-    library.requests.labels("/api/chatbot", "chatiq", "acme", "200").inc()
+    hot.request_counter("/api/chatbot", "chatiq", "acme", 200, "ok").inc()
+    library.requests.labels("/api/chatbot", "chatiq", "acme", "200", "ok").inc()
 
     def samples(metrics: Metrics) -> list[str]:
         lines = metrics.exposition().decode().splitlines()
@@ -267,9 +256,10 @@ async def test_every_known_series_is_exported_at_zero_right_after_start(stack: S
             ("/api/ui/chat", "ai-sdk"),
         ):
             for status in DOCUMENTED_STATUSES:
+                outcome = "ok" if status < 400 else "rejected" if status < 500 else "failed"
                 sample = (
-                    f'chatiq_gateway_requests_total{{frontend="{frontend}",route="{route}",'
-                    f'status="{status}",tenant="{tenant}"}} 0.0'
+                    f'chatiq_gateway_requests_total{{frontend="{frontend}",outcome="{outcome}",'
+                    f'route="{route}",status="{status}",tenant="{tenant}"}} 0.0'
                 )
                 assert sample in text, sample
         assert f'chatiq_gateway_client_disconnects_total{{tenant="{tenant}"}} 0.0' in text

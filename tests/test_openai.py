@@ -271,7 +271,7 @@ async def test_tools_the_bot_may_ignore_are_taken_and_answered_in_text(
     stack: Stack, client: AsyncOpenAI
 ) -> None:
     for choice in ("auto", "none", None):
-        extra = {} if choice is None else {"tool_choice": choice}
+        extra: dict[str, Any] = {} if choice is None else {"tool_choice": choice}
         completion = await client.chat.completions.create(
             model="demo", messages=USER, tools=[TOOL], **extra
         )

@@ -130,8 +130,9 @@ async def _produce(
             live = metrics.stream_series(ex.tenant, ex.bot_label).active
             live.inc()
             recorder = Recorder(
-                source, journal, encoder, settings, deadline, first_token, failed, app[TIMERS]
-            )
+                source, journal, encoder, settings, deadline, first_token, failed, app[TIMERS],
+                on_error_event=lambda code: setattr(ex, "upstream_error", code),
+            )  # fmt: skip
             try:
                 await recorder.run(first)
             finally:
