@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.auth.tenants import FAILED_KEYS, TENANTS, FailedKeyThrottle, TenantDirectory
 from gateway.config import Settings, named_bots
+from gateway.conversations.store import RESPONSE_STORE, ResponseStore
 from gateway.exchange import add_request_id, make_middleware
 from gateway.frontends import Frontend, load_frontends
 from gateway.frontends.chatiq import ChatIQFrontend
@@ -54,6 +55,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[LIFECYCLE] = Lifecycle()
     app[TIMERS] = TimerHeap()
     app[LOG] = log
+    app[RESPONSE_STORE] = ResponseStore(settings.responses)
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_loop_errors)
     app.cleanup_ctx.append(_upstream_client)

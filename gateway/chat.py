@@ -257,6 +257,11 @@ class WireFormat(Protocol):
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest: ...
 
+    # What it looks up once the caller is known (its own stored state), before
+    # the upstream call; None: nothing (most frontends).
+    @property
+    def prepare(self) -> Prepare | None: ...
+
     def encoder(self, chat: ChatRequest, ex: Exchange) -> StreamEncoder | None: ...
 
     def completion(self, body: bytes, chat: ChatRequest, ex: Exchange) -> web.Response: ...
@@ -264,10 +269,25 @@ class WireFormat(Protocol):
     def error_response(self, err: GatewayError) -> web.Response: ...
 
 
+Prepare = Callable[[web.Request, Tenant, ChatRequest], Awaitable[ChatRequest]]
+
+
 async def served_by_the_pipeline(request: web.Request) -> web.StreamResponse:
     """The handler of a frontend's chat route (``Frontend.chat_route``) until the
     app binds the route to the pipeline, with its frontend."""
     raise RuntimeError("a chat route is served once the app binds it to the pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class ServedByThePipeline:
+    """A chat route with a wire format of its own (a frontend that speaks two,
+    as OpenAI's chat completions and Responses): the app binds it to the
+    pipeline with ``wire`` rather than the frontend."""
+
+    wire: WireFormat
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("a chat route is served once the app binds it to the pipeline")
 
 
 TenantHandler = Callable[[web.Request, Tenant, Settings], Awaitable[web.StreamResponse]]

@@ -19,6 +19,7 @@ class GatewayError(Exception):
     # The ``reason`` label of ``rejected_total`` when this error turns a request away.
     reject_reason: str | None = None
     closes_connection = False  # the connection is closed after the answer
+    param: str | None = None  # the request field at fault, where a frontend names it
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -72,6 +73,15 @@ class UnknownBot(Forbidden):
 class NotFound(GatewayError):
     status = 404
     code = "NOT_FOUND"
+
+
+class PreviousResponseNotFound(NotFound):
+    """A ``previous_response_id`` (or a response id) this key cannot have:
+    unknown, expired, forgotten, stored with ``store: false``, or another
+    tenant's (all alike)."""
+
+    code = "PREVIOUS_RESPONSE_NOT_FOUND"
+    param = "previous_response_id"
 
 
 class StreamNotFound(NotFound):

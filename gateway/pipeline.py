@@ -17,7 +17,13 @@ from functools import partial
 from aiohttp import web
 
 from gateway.auth.tenants import tenant_of
-from gateway.chat import ForTenant, TenantHandler, WireFormat, served_by_the_pipeline
+from gateway.chat import (
+    ForTenant,
+    ServedByThePipeline,
+    TenantHandler,
+    WireFormat,
+    served_by_the_pipeline,
+)
 from gateway.config import ANY_BOT, named_bots
 from gateway.errors import (
     Draining,
@@ -72,6 +78,8 @@ async def serve_chat(request: web.Request, frontend: WireFormat) -> web.StreamRe
         raise Forbidden(f"this key may not use the bot {chat.bot!r}")
     if lifecycle.draining:
         raise Draining("the gateway is restarting; please retry", retry_after=1)
+    if frontend.prepare is not None:
+        chat = await frontend.prepare(request, tenant, chat)
 
     deadline = ex.started + settings.upstream.total_timeout_s
     # The gateway's own time before the upstream call; the queue wait is not ours.
@@ -103,6 +111,9 @@ def bind(route: web.RouteDef, frontend: WireFormat) -> web.RouteDef:
     if route.handler is served_by_the_pipeline:
         # A partial, not a closure awaiting it: one coroutine frame fewer a stream.
         return web.post(route.path, partial(serve_chat, frontend=frontend), **route.kwargs)
+    if isinstance(route.handler, ServedByThePipeline):
+        wire = route.handler.wire
+        return web.post(route.path, partial(serve_chat, frontend=wire), **route.kwargs)
     if isinstance(route.handler, ForTenant):
         return web.route(
             route.method, route.path, partial(serve_for_tenant, handler=route.handler.handler),

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("app", ["gateway.app"]),
     ("entry", ["gateway.pipeline", "gateway.frontends", "gateway.routes"]),
     ("streams", ["gateway.relay", "gateway.resume"]),
-    ("services", ["gateway.quotas", "gateway.auth", "gateway.upstream"]),
+    ("services", ["gateway.quotas", "gateway.auth", "gateway.upstream", "gateway.conversations"]),
     (
         "vocabulary",
         [

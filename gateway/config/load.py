@@ -31,6 +31,7 @@ from gateway.config.settings import (
     LoggingSettings,
     MetricsSettings,
     RedisSettings,
+    ResponsesSettings,
     ResumeSettings,
     ServerSettings,
     Settings,
@@ -54,6 +55,7 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "circuit": CircuitSettings,
     "redis": RedisSettings,
     "resume": ResumeSettings,
+    "responses": ResponsesSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }

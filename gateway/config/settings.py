@@ -155,6 +155,15 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponsesSettings:
+    """``[responses]``: what the Responses API keeps of each response it gave out
+    (``previous_response_id``, ``GET /v1/responses/{id}``)."""
+
+    retain_s: float = 86400.0  # a response can be continued or read back this long
+    max_stored: int = 10000  # responses kept per process (the oldest go first)
+
+
+@dataclass(frozen=True, slots=True)
 class FrontendSettings:
     """One ``[frontends.<name>]`` table: a wire format, mounted under ``prefix``."""
 
@@ -197,6 +206,7 @@ class Settings:
     circuit: CircuitSettings = CircuitSettings()
     redis: RedisSettings = RedisSettings()
     resume: ResumeSettings = ResumeSettings()
+    responses: ResponsesSettings = ResponsesSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     tenants: tuple[Tenant, ...] = ()

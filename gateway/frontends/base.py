@@ -22,8 +22,11 @@ from aiohttp import web
 from gateway.chat import (
     ChatRequest,
     ForTenant,
+    Prepare,
+    ServedByThePipeline,
     StreamEncoder,
     TenantHandler,
+    WireFormat,
     served_by_the_pipeline,
 )
 from gateway.config import Settings
@@ -53,10 +56,16 @@ class Frontend:
         """Its routes: ``self.chat_route(path)`` for each chat route, and any others."""
         raise NotImplementedError
 
-    def chat_route(self, path: str) -> web.RouteDef:
-        """``POST {prefix}{path}``, served by the shared pipeline with this frontend
-        (the app binds it: a frontend does not import the pipeline)."""
-        return web.post(f"{self.prefix}{path}", served_by_the_pipeline)
+    # An async hook the pipeline calls once the caller is known, before the
+    # upstream call (``gateway.chat.Prepare``); None: none.
+    prepare: Prepare | None = None
+
+    def chat_route(self, path: str, wire: WireFormat | None = None) -> web.RouteDef:
+        """``POST {prefix}{path}``, served by the shared pipeline with this frontend,
+        or with ``wire``, a wire format of its own (the app binds it: a frontend
+        does not import the pipeline)."""
+        handler = served_by_the_pipeline if wire is None else ServedByThePipeline(wire)
+        return web.post(f"{self.prefix}{path}", handler)
 
     def tenant_route(self, method: str, path: str, handler: TenantHandler) -> web.RouteDef:
         """``{method} {prefix}{path}`` for callers with a tenant key: the app

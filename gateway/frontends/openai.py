@@ -47,57 +47,21 @@ from gateway.chat import (
     split_messages,
 )
 from gateway.config import ANY_BOT, Settings, Tenant
-from gateway.errors import GatewayError, InvalidRequest, UnknownBot, UnsupportedParameter
+from gateway.errors import GatewayError, InvalidRequest, UnknownBot
 from gateway.exchange import Exchange
 from gateway.frontends.base import Frontend
+from gateway.frontends.openai_common import (
+    delta_content,
+    error_body,
+    openai_error_response,
+    readable,
+    refuse_what_chatiq_cannot_do,
+)
+from gateway.frontends.responses import ResponsesFormat, delete_response, get_response
 from gateway.sse import DONE_EVENT
 
 _ROLES = frozenset({"system", "developer", "user", "assistant"})
 _USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_denied",
-    404: "invalid_request_error",
-    408: "timeout",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-}
-
-
-def error_body(err: GatewayError) -> tuple[int, dict[str, Any]]:
-    """OpenAI's status and error object for a gateway error."""
-    if isinstance(err, UnknownBot):
-        return 404, {
-            "message": err.message, "type": "invalid_request_error", "param": "model",
-            "code": "model_not_found",
-        }  # fmt: skip
-    codes = {401: "invalid_api_key", 403: "permission_denied", 429: "rate_limit_exceeded"}
-    code = codes.get(err.status, err.code.lower())
-    kind = _TYPES.get(err.status, "server_error")
-    param = err.param if isinstance(err, UnsupportedParameter) else None
-    return err.status, {"message": err.message, "type": kind, "param": param, "code": code}
-
-
-def refuse_what_chatiq_cannot_do(tool_choice: object, output_format: object, where: str) -> None:
-    """``UnsupportedParameter`` for a forced tool call or a JSON output format
-    (``where``: the format's field): ChatIQ answers in plain text."""
-    if tool_choice == "required" or isinstance(tool_choice, dict):
-        raise UnsupportedParameter(
-            "'tool_choice' forces a tool call, and ChatIQ answers in plain text and calls "
-            'no tools: leave it out, or use "auto" or "none"',
-            param="tool_choice",
-        )
-    if tool_choice not in (None, "auto", "none"):
-        raise InvalidRequest('\'tool_choice\' must be "auto" or "none" here')
-    kind = output_format.get("type") if isinstance(output_format, dict) else None
-    if kind in ("json_schema", "json_object"):
-        raise UnsupportedParameter(
-            f"'{where}' of type {kind} asks for JSON, and ChatIQ answers in plain text: "
-            'leave it out, or use {"type": "text"}',
-            param=where,
-        )
 
 
 class OpenAIFrontend(Frontend):
@@ -107,6 +71,9 @@ class OpenAIFrontend(Frontend):
     def routes(self) -> Iterable[web.RouteDef]:
         return [
             self.chat_route("/chat/completions"),
+            self.chat_route("/responses", ResponsesFormat(self.name, self.prefix)),
+            self.tenant_route("GET", "/responses/{response_id}", get_response),
+            self.tenant_route("DELETE", "/responses/{response_id}", delete_response),
             self.tenant_route("GET", "/models", list_models),
             self.tenant_route("GET", "/models/{model}", get_model),
         ]
@@ -175,11 +142,7 @@ class OpenAIFrontend(Frontend):
         )
 
     def error_response(self, err: GatewayError) -> web.Response:
-        status, error = error_body(err)
-        response = web.json_response({"error": error}, status=status, headers=err.headers)
-        if err.closes_connection:
-            response.force_close()
-        return response
+        return openai_error_response(err)
 
 
 def _turn(index: int, message: object) -> tuple[str, str]:
@@ -225,7 +188,7 @@ class ChunkEncoder:
 
     def event(self, payload: dict[str, Any]) -> bytes:
         if "choices" in payload:
-            return self._content(_delta_content(payload), None)
+            return self._content(delta_content(payload), None)
         if "conversationId" in payload:
             self._conversation_id = payload["conversationId"]
             return b""
@@ -237,7 +200,7 @@ class ChunkEncoder:
                 "server_error",
                 str(error.get("code") or "upstream_error").lower(),
             )
-        return self._content(_readable(payload), payload)
+        return self._content(readable(payload), payload)
 
     def done(self) -> bytes:
         if self._failed:
@@ -269,31 +232,6 @@ class ChunkEncoder:
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         return {**self._head, "choices": [choice]}
-
-
-def _delta_content(payload: dict[str, Any]) -> str | None:
-    try:
-        content = payload["choices"][0]["delta"]["content"]
-    except (KeyError, IndexError, TypeError):
-        return None
-    return content if isinstance(content, str) else None
-
-
-def _readable(payload: dict[str, Any]) -> str | None:
-    """What an OpenAI client can show of ChatIQ's other events: further
-    messages, and attachments as Markdown links, each after a blank line."""
-    parts: list[str] = []
-    responses = payload.get("responses")
-    if isinstance(responses, list):
-        parts += [r for r in responses if isinstance(r, str)]
-    attachments = payload.get("attachments")
-    if isinstance(attachments, list):
-        for a in attachments:
-            if isinstance(a, dict) and isinstance(a.get("url"), str):
-                label = str(a.get("name") or a.get("type") or "attachment")
-                bang = "!" if a.get("type") == "image" else ""
-                parts.append(f"{bang}[{label}]({a['url']})")
-    return "".join(f"\n\n{p}" for p in parts) or None
 
 
 def _data(obj: dict[str, Any]) -> bytes:

@@ -56,6 +56,8 @@ RESTART_ONLY = (
     "redis.on_error",
     "redis.expected_replicas",
     "resume.enabled",
+    "responses.retain_s",
+    "responses.max_stored",
     "metrics.enabled",
     "metrics.port",
     "metrics.host",

@@ -1,0 +1,162 @@
+"""The Responses API (``POST /v1/responses``), driven by the official ``openai``
+SDK (no hand-written parsing): streaming and not, the SDK's strict stream
+accumulator, ``previous_response_id`` over turns, stored responses, every
+error class, failures mid-stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from loadtest.emulator import EmulatorSettings, compose_reply
+from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, emulator_text
+from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
+
+
+def client_for(stack: Stack, key: str = ACME_KEY) -> AsyncOpenAI:
+    return AsyncOpenAI(
+        base_url=str(stack.gateway.make_url("/v1")), api_key=key, max_retries=0, timeout=10
+    )
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[AsyncOpenAI]:
+    async with client_for(stack) as c:
+        yield c
+
+
+async def test_a_response_not_streamed_is_the_bot_s_text(stack: Stack, client: AsyncOpenAI) -> None:
+    response = await client.responses.create(model="demo", input="hello")
+    assert response.output_text == "".join(compose_reply("hello", [], 40))
+    assert response.status == "completed" and response.object == "response"
+    assert response.id.startswith("resp_") and response.model == "demo"
+    assert response.usage is not None and response.usage.total_tokens == 0
+
+
+async def test_a_streamed_response_rebuilds_exactly_the_text_in_the_sdk_s_accumulator(
+    stack: Stack, client: AsyncOpenAI
+) -> None:
+    async with client.responses.stream(
+        model="demo", input="hello", extra_headers={"X-Request-Id": "rs-stream"}
+    ) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert final.output_text == emulator_text(stack, "rs-stream") and final.output_text
+    assert kinds[:4] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added",
+    ]  # fmt: skip
+    assert kinds[-4:] == [
+        "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed",
+    ]  # fmt: skip
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+
+
+async def test_raw_stream_events_carry_their_sequence_and_one_response_id(
+    client: AsyncOpenAI,
+) -> None:
+    events = [e async for e in await client.responses.create(model="demo", input="hi", stream=True)]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    ids = {e.response.id for e in events if hasattr(e, "response")}
+    assert len(ids) == 1
+
+
+async def test_multibyte_text_split_across_reads_arrives_exact(scripted: ScriptedFactory) -> None:
+    stack, _ = await scripted(multibyte_pieces(), idle_timeout_s=5.0)  # a read every 50 ms
+    async with (
+        client_for(stack) as client,
+        client.responses.stream(model="demo", input="hi") as stream,
+    ):
+        final = await stream.get_final_response()
+    assert final.output_text == MULTIBYTE_TEXT
+    assert (final.model_extra or {})["chatiq"]["conversation_id"] == "c-9"
+
+
+async def test_previous_response_id_continues_the_conversation(
+    stack: Stack, client: AsyncOpenAI
+) -> None:
+    first = await client.responses.create(model="demo", input="my name is Ada")
+    second = await client.responses.create(
+        model="demo", input="what is my name?", previous_response_id=first.id,
+        extra_headers={"X-Request-Id": "rs-second"},
+    )  # fmt: skip
+    sent = stack.transcript("rs-second").body
+    assert sent["conversation_id"] == (first.model_extra or {})["chatiq"]["conversation_id"]
+    assert second.previous_response_id == first.id
+    streamed = await client.responses.create(
+        model="demo", input="and again?", previous_response_id=second.id, stream=True
+    )
+    async for _ in streamed:
+        pass
+
+
+async def test_an_unknown_or_other_tenant_s_previous_response_is_a_404(
+    stack: Stack, client: AsyncOpenAI
+) -> None:
+    first = await client.responses.create(model="demo", input="hi")
+    for key, response_id in ((ACME_KEY, "resp_nope"), (LIMITED_KEY, first.id)):
+        async with client_for(stack, key) as other:
+            with pytest.raises(openai.NotFoundError) as caught:
+                await other.responses.create(
+                    model="demo", input="hi", previous_response_id=response_id
+                )
+        assert isinstance(caught.value.body, dict)
+        assert caught.value.body["code"] == "previous_response_not_found"
+        assert caught.value.body["param"] == "previous_response_id"
+
+
+async def test_a_stored_response_is_read_back_and_forgotten(client: AsyncOpenAI) -> None:
+    created = await client.responses.create(model="demo", input="hi")
+    again = await client.responses.retrieve(created.id)
+    assert again.output_text == created.output_text and again.id == created.id
+    await client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(created.id)
+    unstored = await client.responses.create(model="demo", input="hi", store=False)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(model="demo", input="hi", previous_response_id=unstored.id)
+
+
+async def test_errors_before_the_stream_are_the_sdk_s_own_classes(stack: Stack) -> None:
+    async with client_for(stack, "wrong-key") as client:
+        with pytest.raises(openai.AuthenticationError):
+            await client.responses.create(model="demo", input="hi")
+    async with client_for(stack, LIMITED_KEY) as client:  # a key with named bots
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.responses.create(model="unheard-of", input="hi")
+        assert isinstance(caught.value.body, dict)
+        assert caught.value.body["code"] == "model_not_found"
+    async with client_for(stack) as client:
+        with pytest.raises(openai.BadRequestError):
+            await client.responses.create(model="demo", input=[])
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.responses.create(
+                model="demo", input="hi", text={"format": {"type": "json_object"}}
+            )
+        assert isinstance(bad.value.body, dict) and bad.value.body["param"] == "text.format"
+        with pytest.raises(openai.BadRequestError):
+            await client.responses.create(model="demo", input="hi", tool_choice="required")
+
+
+@pytest.mark.parametrize("bot", ["fault-drop-mid", "fault-error-mid", "fault-stall-mid"])
+async def test_a_stream_that_fails_midway_ends_with_response_failed(
+    make_stack: StackFactory, bot: str
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, stall_s=5))
+    async with client_for(stack) as client:
+        events = [
+            e async for e in await client.responses.create(model=bot, input="hi", stream=True)
+        ]
+        assert events[-1].type == "response.failed"
+        assert "response.completed" not in {e.type for e in events}
+        failed = events[-1].response
+        assert failed.status == "failed" and failed.error is not None
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            async with client.responses.stream(model=bot, input="hi") as stream:
+                await stream.get_final_response()
