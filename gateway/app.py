@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.auth.tenants import FAILED_KEYS, TENANTS, FailedKeyThrottle, TenantDirectory
 from gateway.config import Settings, named_bots
-from gateway.conversations.store import RESPONSE_STORE, ResponseStore
+from gateway.conversations.store import RESPONSE_STORE, RedisResponseStore, ResponseStore
 from gateway.exchange import add_request_id, make_middleware
 from gateway.frontends import Frontend, load_frontends
 from gateway.frontends.chatiq import ChatIQFrontend
@@ -55,11 +55,16 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[LIFECYCLE] = Lifecycle()
     app[TIMERS] = TimerHeap()
     app[LOG] = log
-    app[RESPONSE_STORE] = ResponseStore(settings.responses)
+    app[RESPONSE_STORE] = (
+        RedisResponseStore(settings.responses, settings.redis, log)
+        if settings.redis.url
+        else ResponseStore(settings.responses)
+    )
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_loop_errors)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_fleet_quotas)
+    app.cleanup_ctx.append(_response_store)
     if metrics.multiprocess:
         app.cleanup_ctx.append(_publish_queue_depth)
 
@@ -183,6 +188,13 @@ async def _fleet_quotas(app: web.Application) -> AsyncIterator[None]:
     app[ADMISSION].share(shared, settings, lambda mode: metrics.quota_fallbacks.labels(mode).inc())
     yield
     await shared.close()
+
+
+async def _response_store(app: web.Application) -> AsyncIterator[None]:
+    """With ``[redis] url``, a response is continued on any replica (kept in Redis)."""
+    app[RESPONSE_STORE].start()
+    yield
+    await app[RESPONSE_STORE].close()
 
 
 async def _resumable_streams(app: web.Application) -> AsyncIterator[None]:

@@ -11,8 +11,10 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from gateway.config import RedisSettings
 from loadtest.emulator import EmulatorSettings, compose_reply
 from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, emulator_text
+from tests.redis_server import RedisServer
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 
 
@@ -160,3 +162,47 @@ async def test_a_stream_that_fails_midway_ends_with_response_failed(
         with pytest.raises(RuntimeError, match=r"response\.completed"):
             async with client.responses.stream(model=bot, input="hi") as stream:
                 await stream.get_final_response()
+
+
+async def test_previous_response_id_works_on_another_replica_sharing_redis(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    """Two gateways sharing a real redis-server, a client alternating between
+    them (a load balancer without stickiness): every turn continues the last."""
+    shared = RedisSettings(url=redis_server.url)
+    a, b = await make_stack(redis=shared), await make_stack(redis=shared)
+    async with client_for(a) as on_a, client_for(b) as on_b:
+        first = await on_a.responses.create(model="demo", input="my name is Ada")
+        conversation = (first.model_extra or {})["chatiq"]["conversation_id"]
+        second = await on_b.responses.create(
+            model="demo", input="and mine?", previous_response_id=first.id,
+            extra_headers={"X-Request-Id": "rs-on-b"},
+        )  # fmt: skip
+        assert b.transcript("rs-on-b").body["conversation_id"] == conversation
+        async with on_a.responses.stream(
+            model="demo", input="again", previous_response_id=second.id
+        ) as stream:
+            third = await stream.get_final_response()
+        assert third.output_text
+        assert (await on_a.responses.retrieve(second.id)).output_text == second.output_text
+        await on_a.responses.delete(second.id)
+        with pytest.raises(openai.NotFoundError):
+            await on_b.responses.retrieve(second.id)
+    async with client_for(b, LIMITED_KEY) as other:  # another tenant, on either replica
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.create(model="demo", input="hi", previous_response_id=first.id)
+
+
+async def test_a_response_store_whose_redis_is_gone_answers_503(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    shared = RedisSettings(url=redis_server.url, timeout_s=0.2)
+    a, b = await make_stack(redis=shared), await make_stack(redis=shared)
+    async with client_for(a) as on_a, client_for(b) as on_b:
+        first = await on_a.responses.create(model="demo", input="hi")
+        redis_server.stop()
+        # Its own replica still has its copy; another cannot say, and says so.
+        assert (await on_a.responses.retrieve(first.id)).id == first.id
+        with pytest.raises(openai.InternalServerError) as caught:
+            await on_b.responses.create(model="demo", input="hi", previous_response_id=first.id)
+        assert caught.value.status_code == 503

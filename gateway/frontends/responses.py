@@ -11,7 +11,7 @@ OpenAI Agents SDK, the AI SDK's ``openai(model)`` and pydantic-ai's
   makes of it.
 - ``previous_response_id`` continues the ChatIQ conversation that response
   produced; each response's id is kept with its conversation for
-  ``responses.retain_s``.
+  ``responses.retain_s`` (in Redis with ``[redis]``, so any replica finds it).
   ``store: false`` keeps nothing: that response cannot be continued or read.
 - A stream is OpenAI's: ``event:``/``data:`` events with a ``sequence_number``,
   ``response.created`` to ``response.completed`` (or ``response.failed``,
