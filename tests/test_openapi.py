@@ -29,6 +29,7 @@ from loadtest.harness import free_port, start_emulator, start_gateway, stop, wai
 from tests.helpers import ACME_KEY, CHATIQ_KEY
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
+_FRAMING = frozenset({"transfer-encoding", "content-length"})
 schema = schemathesis.openapi.from_path(OPENAPI)
 
 
@@ -76,6 +77,12 @@ def test_every_answer_is_in_the_document(
     gateway_url: str,
 ) -> None:
     headers = {"Authorization": f"Bearer {ACME_KEY}"} if case.operation.security else {}
+    # The message's framing is the HTTP client's: a generated Transfer-Encoding
+    # (or Content-Length) made requests send a body the request line did not
+    # announce, whose bytes aiohttp's parser then refused as the next request
+    # (a plain-text 400). Hostile framing has tests of its own (test_hostile_clients).
+    for name in [n for n in case.headers or {} if n.lower() in _FRAMING]:
+        del case.headers[name]
     response = case.call(base_url=gateway_url, headers=headers, timeout=30)
     # Every check but one: the gateway refuses a few schema-valid bodies on
     # purpose (a message of Unicode whitespace only, NUL characters), which
