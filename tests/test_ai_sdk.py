@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ResumeSettings
-from loadtest.emulator import EmulatorSettings
+from loadtest.emulator import EmulatorSettings, compose_reply
 from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, emulator_text
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 
@@ -147,3 +147,26 @@ async def test_use_chat_s_resume_hook_replays_the_chat_s_active_stream(
     assert await ui_resume(stack, "chat-r1") == {"none": True}
     assert await ui_resume(stack, "chat-unknown") == {"none": True}
     assert await stack.metric("chatiq_gateway_streams_resumed_total", tenant="acme") == 1
+
+
+async def test_the_ai_sdk_s_default_openai_provider_streams_and_generates_through_responses(
+    stack: Stack,
+) -> None:
+    """``createOpenAI({baseURL})(model)`` calls the Responses API (only
+    ``openai.chat(model)`` calls chat completions): streamText and generateText
+    each get exactly the bot's text."""
+    base = str(stack.gateway.make_url("/v1"))
+    result = await run_node("openai_provider.mjs", base, ACME_KEY, "demo", "hello")
+    assert "thrown" not in result, result
+    expected = "".join(compose_reply("hello", [], 40))
+    assert result["streamed"] == expected and result["generated"] == expected
+    assert result["finishReason"] == "stop" and result["responseId"].startswith("resp_")
+    assert "error" not in " ".join(result["parts"])
+    routes = {line["route"] for line in stack.log_lines() if line["event"] == "request"}
+    assert routes == {"/v1/responses"}
+
+
+async def test_the_ai_sdk_s_openai_provider_reports_a_failed_stream(stack: Stack) -> None:
+    base = str(stack.gateway.make_url("/v1"))
+    result = await run_node("openai_provider.mjs", base, ACME_KEY, "fault-drop-mid", "hello")
+    assert "thrown" in result or any(p.startswith("error") for p in result["parts"]), result

@@ -206,3 +206,24 @@ async def test_a_response_store_whose_redis_is_gone_answers_503(
         with pytest.raises(openai.InternalServerError) as caught:
             await on_b.responses.create(model="demo", input="hi", previous_response_id=first.id)
         assert caught.value.status_code == 503
+
+
+async def test_the_openai_agents_sdk_s_default_model_runs_through_the_gateway(
+    stack: Stack, client: AsyncOpenAI
+) -> None:
+    """``Agent(model=...)`` with the gateway as the default client: the Agents
+    SDK's default model calls the Responses API, streaming and not."""
+    import agents
+
+    agents.set_default_openai_client(client, use_for_tracing=False)
+    agents.set_tracing_disabled(True)
+    agent = agents.Agent(name="docs", instructions="Answer from the documents.", model="demo")
+    result = await agents.Runner.run(agent, "hello")
+    assert result.final_output == "".join(compose_reply("hello", [], 40))
+    streamed = agents.Runner.run_streamed(agent, "and again")
+    deltas = [
+        event.data.delta
+        async for event in streamed.stream_events()
+        if event.type == "raw_response_event" and event.data.type == "response.output_text.delta"
+    ]
+    assert "".join(deltas) == streamed.final_output and streamed.final_output
