@@ -11,6 +11,9 @@ In one run, against one emulator per concurrency level, the load generator
   of its own, the client served from the journal);
 - ``openai``: the same gateway process, through its OpenAI-compatible
   frontend (every event re-encoded as a ``chat.completion.chunk``);
+- ``responses``: the same gateway process, through OpenAI's Responses API
+  (every content event a ``response.output_text.delta``, with the response's
+  eight opening and closing events around them);
 - ``nginx``: one nginx worker configured as an SSE proxy (``loadtest/nginx.py``);
 - ``naive``: the Flask proxy people write from ChatIQ's example
   (``loadtest/naive_proxy.py``).
@@ -58,7 +61,7 @@ from loadtest.loadgen import Target, hold_streams, run_streams
 from loadtest.nginx import UPSTREAM_IDLE_S, start_nginx
 
 KEY = "bench-key"
-PATHS = ("direct", "gateway", "resumable", "openai", "nginx", "naive")
+PATHS = ("direct", "gateway", "resumable", "openai", "responses", "nginx", "naive")
 TOKENS = 20  # content events per reply, by default
 TTFT_MS = 100  # the emulator's own time to first token
 EVENTS_PER_S = 6_000  # across all streams: keeps the emulator and the load generator light
@@ -232,6 +235,12 @@ class Stack:
             body = {**chat, "stream": True}
             port = self.ports["gateway"]
             return Target("127.0.0.1", port, "/v1/chat/completions", body, key=KEY)
+        if path == "responses":  # the same frontend's Responses API
+            body = {"model": "demo", "input": message, "stream": True}
+            return Target(
+                "127.0.0.1", self.ports["gateway"], "/v1/responses", body, key=KEY,
+                end_marker=b"event: response.completed\n",
+            )  # fmt: skip
         body = {"message": message, "bot": "demo", "stream": True}  # the gateway's API
         if path == "resumable":
             port, resumable = self.ports["gateway"], (("X-Resumable", "1"),)
@@ -240,7 +249,10 @@ class Stack:
 
     def proxy_pid(self, path: str) -> int | None:
         gateway = self.gateway
-        proxies = {"gateway": gateway, "resumable": gateway, "openai": gateway, "nginx": self.nginx}
+        proxies = {
+            "gateway": gateway, "resumable": gateway, "openai": gateway, "responses": gateway,
+            "nginx": self.nginx,
+        }  # fmt: skip
         proxy = {**proxies, "naive": self.naive}.get(path)
         return proxy.pid if proxy is not None else None
 

@@ -29,6 +29,9 @@ class Target:
     body: dict[str, object]
     key: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    # What says the stream ended whole: [DONE], or (OpenAI's Responses API,
+    # which sends none) its last event's name.
+    end_marker: bytes = _DONE_TAIL
 
     def request(self) -> bytes:
         body = json.dumps(self.body).encode()
@@ -62,9 +65,13 @@ class StreamResult:
 class _StreamProtocol(asyncio.Protocol):
     """Reads one HTTP/1.1 response and times its SSE events."""
 
-    def __init__(self, result: StreamResult, finished: asyncio.Future[None]) -> None:
+    def __init__(
+        self, result: StreamResult, finished: asyncio.Future[None], end_marker: bytes = _DONE_TAIL
+    ) -> None:
         self.r = result
         self.finished = finished
+        self.end_marker = end_marker
+        self.saw_end = False
         self.head = b""
         self.chunked = False
         self.in_body = False
@@ -130,8 +137,9 @@ class _StreamProtocol(asyncio.Protocol):
             n += 1
             start = i + 2
         self.r.event_times.extend([now] * n)
-        self.tail = seen[-len(_DONE_TAIL) :]
-        if n and self.tail.endswith(_DONE_TAIL):
+        self.saw_end = self.saw_end or self.end_marker in seen
+        self.tail = seen[-len(self.end_marker) :]
+        if n and self.saw_end and seen.endswith(b"\n\n"):  # the end marker's event is whole
             self.r.done = True
             self._finish(None)
 
@@ -154,7 +162,9 @@ async def stream_once(target: Target, request: bytes, timeout_s: float) -> Strea
     try:
         async with asyncio.timeout(timeout_s):
             transport, _ = await loop.create_connection(
-                lambda: _StreamProtocol(result, finished), target.host, target.port
+                lambda: _StreamProtocol(result, finished, target.end_marker),
+                target.host,
+                target.port,
             )
             transport.write(request)
             await finished
@@ -211,7 +221,9 @@ async def hold_streams(
         try:
             async with asyncio.timeout(timeout_s):
                 transport, _ = await loop.create_connection(
-                    lambda: _StreamProtocol(r, finished), target.host, target.port
+                    lambda: _StreamProtocol(r, finished, target.end_marker),
+                    target.host,
+                    target.port,
                 )
         except (OSError, TimeoutError) as e:
             r.error = f"connect: {e}"

@@ -150,11 +150,12 @@ async def test_use_chat_s_resume_hook_replays_the_chat_s_active_stream(
 
 
 async def test_the_ai_sdk_s_default_openai_provider_streams_and_generates_through_responses(
-    stack: Stack,
+    make_stack: StackFactory,
 ) -> None:
     """``createOpenAI({baseURL})(model)`` calls the Responses API (only
     ``openai.chat(model)`` calls chat completions): streamText and generateText
-    each get exactly the bot's text."""
+    each get exactly the bot's text (the emulator's writes cut at random bytes)."""
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, split_writes=True))
     base = str(stack.gateway.make_url("/v1"))
     result = await run_node("openai_provider.mjs", base, ACME_KEY, "demo", "hello")
     assert "thrown" not in result, result

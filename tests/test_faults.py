@@ -155,6 +155,10 @@ ERROR_MID_REQUESTS = {
         {"model": "fault-error-mid", "stream": True,
          "messages": [{"role": "user", "content": "hi"}]},
     ),
+    "responses": (
+        "/v1/responses",
+        {"model": "fault-error-mid", "stream": True, "input": "hi"},
+    ),
     "ai-sdk": (
         "/api/ui/chat",
         {"id": "c1", "bot": "fault-error-mid",
@@ -179,6 +183,7 @@ async def test_a_stream_chatiq_ends_with_its_error_event_is_logged_and_counted_a
     assert [(line["outcome"], line.get("error_code")) for line in lines] == [
         ("upstream_error", "RATE_LIMIT")
     ]
-    labels = {"route": path, "frontend": frontend, "tenant": "acme", "status": "200"}
+    label = "openai" if path.startswith("/v1/") else frontend  # both OpenAI APIs: one frontend
+    labels = {"route": path, "frontend": label, "tenant": "acme", "status": "200"}
     assert await stack.metric("chatiq_gateway_requests_total", **labels, outcome="failed") == 1
     assert await stack.metric("chatiq_gateway_requests_total", **labels, outcome="ok") == 0

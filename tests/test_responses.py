@@ -6,6 +6,7 @@ error class, failures mid-stream."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -13,7 +14,16 @@ from openai import AsyncOpenAI
 
 from gateway.config import RedisSettings
 from loadtest.emulator import EmulatorSettings, compose_reply
-from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, emulator_text
+from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from tests.helpers import (
+    ACME_KEY,
+    CHATIQ_KEY,
+    LIMITED_KEY,
+    GatewayProcess,
+    Stack,
+    StackFactory,
+    emulator_text,
+)
 from tests.redis_server import RedisServer
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 
@@ -164,33 +174,56 @@ async def test_a_stream_that_fails_midway_ends_with_response_failed(
                 await stream.get_final_response()
 
 
+@pytest.mark.process
 async def test_previous_response_id_works_on_another_replica_sharing_redis(
-    make_stack: StackFactory, redis_server: RedisServer
+    make_stack: StackFactory, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    """Two gateways sharing a real redis-server, a client alternating between
-    them (a load balancer without stickiness): every turn continues the last."""
-    shared = RedisSettings(url=redis_server.url)
-    a, b = await make_stack(redis=shared), await make_stack(redis=shared)
-    async with client_for(a) as on_a, client_for(b) as on_b:
-        first = await on_a.responses.create(model="demo", input="my name is Ada")
+    """Two gateway processes sharing a real redis-server, a client alternating
+    between them (a load balancer without stickiness): every turn continues
+    the last."""
+    stack = await make_stack()
+    assert stack.emulator.port is not None
+    processes = []
+    for _ in range(2):
+        port = free_port()
+        process, log = start_gateway(
+            tmp_path, port, stack.emulator.port, ACME_KEY, CHATIQ_KEY,
+            more_tenants=[{"name": "limited", "key": LIMITED_KEY}], redis={"url": redis_server.url},
+        )  # fmt: skip
+        processes.append(GatewayProcess(process, port, log))
+    try:
+        for gw in processes:
+            await wait_ready(f"http://127.0.0.1:{gw.port}/healthz")
+        a, b = (
+            AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key=ACME_KEY, max_retries=0)
+            for gw in processes
+        )
+        first = await a.responses.create(model="demo", input="my name is Ada")
         conversation = (first.model_extra or {})["chatiq"]["conversation_id"]
-        second = await on_b.responses.create(
+        second = await b.responses.create(
             model="demo", input="and mine?", previous_response_id=first.id,
             extra_headers={"X-Request-Id": "rs-on-b"},
         )  # fmt: skip
-        assert b.transcript("rs-on-b").body["conversation_id"] == conversation
-        async with on_a.responses.stream(
+        assert stack.transcript("rs-on-b").body["conversation_id"] == conversation
+        async with a.responses.stream(
             model="demo", input="again", previous_response_id=second.id
         ) as stream:
             third = await stream.get_final_response()
-        assert third.output_text
-        assert (await on_a.responses.retrieve(second.id)).output_text == second.output_text
-        await on_a.responses.delete(second.id)
+        assert third.output_text and third.previous_response_id == second.id
+        assert (await a.responses.retrieve(second.id)).output_text == second.output_text
+        await a.responses.delete(second.id)
         with pytest.raises(openai.NotFoundError):
-            await on_b.responses.retrieve(second.id)
-    async with client_for(b, LIMITED_KEY) as other:  # another tenant, on either replica
-        with pytest.raises(openai.NotFoundError):
+            await b.responses.retrieve(second.id)
+        other = AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{processes[1].port}/v1", api_key=LIMITED_KEY,
+            max_retries=0,
+        )  # fmt: skip
+        with pytest.raises(openai.NotFoundError):  # another tenant's id, on either replica
             await other.responses.create(model="demo", input="hi", previous_response_id=first.id)
+        for client in (a, b, other):
+            await client.close()
+    finally:
+        stop(*(gw.process for gw in processes))
 
 
 async def test_a_response_store_whose_redis_is_gone_answers_503(
@@ -209,12 +242,15 @@ async def test_a_response_store_whose_redis_is_gone_answers_503(
 
 
 async def test_the_openai_agents_sdk_s_default_model_runs_through_the_gateway(
-    stack: Stack, client: AsyncOpenAI
+    make_stack: StackFactory,
 ) -> None:
     """``Agent(model=...)`` with the gateway as the default client: the Agents
-    SDK's default model calls the Responses API, streaming and not."""
+    SDK's default model calls the Responses API, streaming and not (the
+    emulator's writes cut at random bytes, inside multi-byte characters)."""
     import agents
 
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, split_writes=True))
+    client = client_for(stack)
     agents.set_default_openai_client(client, use_for_tracing=False)
     agents.set_tracing_disabled(True)
     agent = agents.Agent(name="docs", instructions="Answer from the documents.", model="demo")
@@ -227,3 +263,14 @@ async def test_the_openai_agents_sdk_s_default_model_runs_through_the_gateway(
         if event.type == "raw_response_event" and event.data.type == "response.output_text.delta"
     ]
     assert "".join(deltas) == streamed.final_output and streamed.final_output
+    await client.close()
+
+
+async def test_chatiq_s_other_events_reach_a_responses_client(client: AsyncOpenAI) -> None:
+    async with client.responses.stream(model="rich", input="hi") as stream:
+        final = await stream.get_final_response()
+    assert "\n\nHere is a second message.\n\nAnd a third." in final.output_text
+    assert "\n\n![image](https://www.chatiq.io/logo.png)" in final.output_text
+    chatiq = (final.model_extra or {})["chatiq"]
+    assert chatiq["suggestions"] == [{"label": "Tell me more"}, {"label": "Thanks!"}]
+    assert chatiq["conversation_id"]
