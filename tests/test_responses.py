@@ -7,18 +7,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 from openai import AsyncOpenAI
 
-from gateway.config import RedisSettings
+from gateway.auth.tenants import hash_key
+from gateway.config import RedisSettings, Tenant
 from loadtest.emulator import EmulatorSettings, compose_reply
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
 from tests.helpers import (
     ACME_KEY,
     CHATIQ_KEY,
     LIMITED_KEY,
+    TENANTS,
+    TINY_KEY,
     GatewayProcess,
     Stack,
     StackFactory,
@@ -135,25 +139,64 @@ async def test_a_stored_response_is_read_back_and_forgotten(client: AsyncOpenAI)
         await client.responses.create(model="demo", input="hi", previous_response_id=unstored.id)
 
 
-async def test_errors_before_the_stream_are_the_sdk_s_own_classes(stack: Stack) -> None:
-    async with client_for(stack, "wrong-key") as client:
-        with pytest.raises(openai.AuthenticationError):
-            await client.responses.create(model="demo", input="hi")
-    async with client_for(stack, LIMITED_KEY) as client:  # a key with named bots
-        with pytest.raises(openai.NotFoundError) as caught:
-            await client.responses.create(model="unheard-of", input="hi")
-        assert isinstance(caught.value.body, dict)
-        assert caught.value.body["code"] == "model_not_found"
-    async with client_for(stack) as client:
-        with pytest.raises(openai.BadRequestError):
-            await client.responses.create(model="demo", input=[])
-        with pytest.raises(openai.BadRequestError) as bad:
-            await client.responses.create(
-                model="demo", input="hi", text={"format": {"type": "json_object"}}
+@pytest.mark.parametrize(
+    ("key", "fields", "error", "status", "code"),
+    [
+        ("wrong-key", {}, openai.AuthenticationError, 401, "invalid_api_key"),
+        (LIMITED_KEY, {"model": "rich"}, openai.PermissionDeniedError, 403, "permission_denied"),
+        (LIMITED_KEY, {"model": "unheard-of"}, openai.NotFoundError, 404, "model_not_found"),
+        (ACME_KEY, {"input": []}, openai.BadRequestError, 400, "invalid_request"),
+        (ACME_KEY, {"input": [{"role": "assistant", "content": "x"}]}, openai.BadRequestError,
+         400, "invalid_request"),
+        (ACME_KEY, {"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+         openai.BadRequestError, 400, "invalid_request"),
+        (ACME_KEY, {"text": {"format": {"type": "json_object"}}}, openai.BadRequestError, 400,
+         "unsupported_parameter"),
+        (ACME_KEY, {"tool_choice": "required"}, openai.BadRequestError, 400,
+         "unsupported_parameter"),
+        (ACME_KEY, {"model": "fault-500"}, openai.InternalServerError, 502, "upstream_error"),
+        (ACME_KEY, {"model": "fault-stall-first"}, openai.InternalServerError, 504,
+         "upstream_timeout"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("stream", [True, False])
+async def test_every_status_raises_the_sdk_s_own_error_class(
+    make_stack: StackFactory,
+    key: str,
+    fields: dict[str, Any],
+    error: type[openai.APIStatusError],
+    status: int,
+    code: str,
+    stream: bool,
+) -> None:
+    other = Tenant("other", hash_key("other-key-1"), ("rich",))  # names the bot "rich"
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=0, stall_s=3),
+        max_retries=0,
+        tenants=(*TENANTS, other),
+    )
+    async with client_for(stack, key) as client:
+        with pytest.raises(error) as caught:
+            result = await client.responses.create(
+                **{"model": "demo", "input": "hi", "stream": stream, **fields}
             )
-        assert isinstance(bad.value.body, dict) and bad.value.body["param"] == "text.format"
-        with pytest.raises(openai.BadRequestError):
-            await client.responses.create(model="demo", input="hi", tool_choice="required")
+            if stream:
+                async for _ in result:
+                    pass
+    assert caught.value.status_code == status
+    assert isinstance(caught.value.body, dict) and caught.value.body["code"] == code
+
+
+async def test_a_tenant_over_its_rate_gets_a_rate_limit_error_with_retry_after(
+    stack: Stack,
+) -> None:
+    async with client_for(stack, TINY_KEY) as client:
+        for _ in range(3):
+            await client.responses.create(model="demo", input="hi")
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.responses.create(model="demo", input="hi")
+    assert int(caught.value.response.headers["Retry-After"]) >= 1
+    assert caught.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
 
 
 @pytest.mark.parametrize("bot", ["fault-drop-mid", "fault-error-mid", "fault-stall-mid"])
