@@ -51,6 +51,7 @@ from gateway.errors import GatewayError, InvalidRequest, UnknownBot
 from gateway.exchange import Exchange
 from gateway.frontends.base import Frontend
 from gateway.frontends.openai_common import (
+    ROLES,
     delta_content,
     error_body,
     openai_error_response,
@@ -60,7 +61,6 @@ from gateway.frontends.openai_common import (
 from gateway.frontends.responses import ResponsesFormat, delete_response, get_response
 from gateway.sse import DONE_EVENT
 
-_ROLES = frozenset({"system", "developer", "user", "assistant"})
 _USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
@@ -151,8 +151,8 @@ def _turn(index: int, message: object) -> tuple[str, str]:
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{where}' must be an object")
     role = message.get("role")
-    if not isinstance(role, str) or role not in _ROLES:
-        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}")
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}")
     content = message.get("content")
     if isinstance(content, str):
         return role, content

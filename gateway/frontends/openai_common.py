@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError, InvalidRequest, UnknownBot, UnsupportedParameter
 
+ROLES = frozenset({"system", "developer", "user", "assistant"})  # a message's, in both APIs
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

@@ -40,6 +40,7 @@ from gateway.conversations.store import RESPONSE_STORE, new_response_id
 from gateway.errors import GatewayError, InvalidRequest, PreviousResponseNotFound
 from gateway.exchange import Exchange
 from gateway.frontends.openai_common import (
+    ROLES,
     delta_content,
     error_body,
     openai_error_response,
@@ -47,7 +48,6 @@ from gateway.frontends.openai_common import (
     refuse_what_chatiq_cannot_do,
 )
 
-_ROLES = frozenset({"system", "developer", "user", "assistant"})
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 _RESPONSE_ID = re.compile(r"^resp_[0-9a-zA-Z_-]{1,120}$")
 _USAGE = {
@@ -123,8 +123,8 @@ def _turn(index: int, item: object) -> tuple[str, str]:
             "and calls no tools)"
         )
     role = item.get("role")
-    if not isinstance(role, str) or role not in _ROLES:
-        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}")
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}")
     content = item.get("content")
     if isinstance(content, str):
         return role, content
