@@ -202,20 +202,22 @@ def split_messages(
     turn: Callable[[int, object], tuple[str, str]],
     limits: ServerSettings,
     content: str,
+    name: str = "messages",
 ) -> tuple[str, list[dict[str, str]]]:
     """A chat-style ``messages`` list as ChatIQ takes it: the last one (a user's)
     is the message, the ones before it the history. ``turn`` reads one message's
-    role and text; ``content`` names the field the text came from, for errors."""
+    role and text; ``content`` names the field the text came from, and ``name``
+    the list, for errors."""
     if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty list")
+        raise InvalidRequest(f"'{name}' must be a non-empty list")
     turns = [turn(i, m) for i, m in enumerate(messages)]
     role, text = turns[-1]
     if role != "user":
-        raise InvalidRequest("the last of 'messages' must be the user's")
+        raise InvalidRequest(f"the last of '{name}' must be the user's")
     no_text = "has no text to send (ChatIQ takes text, not images or files)"
-    message = check_message(text, limits, name=f"messages[-1].{content}", empty=no_text)
+    message = check_message(text, limits, name=f"{name}[-1].{content}", empty=no_text)
     history = [{"role": r, "content": t} for r, t in turns[:-1]]
-    check_history(history, limits, name="messages")
+    check_history(history, limits, name=name)
     return message, history
 
 

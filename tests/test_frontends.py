@@ -36,12 +36,28 @@ from tests.helpers import (
 class Route:
     path: str
     body: Callable[[str, str], dict[str, Any]]  # bot, message -> the frontend's request body
+    # How its streams end: [DONE] after everything (an error event just before
+    # it), or (OpenAI's Responses API) response.completed, or response.failed.
+    done_event: bool = True
+
+    def ended_whole(self, events: list[str]) -> bool:
+        if self.done_event:
+            return events[-1] == "[DONE]"
+        return bool(json.loads(events[-1])["type"] == "response.completed")
+
+    def ending_error(self, events: list[str]) -> str | None:
+        """The error code a failed stream ended with (its error event's)."""
+        if self.done_event:
+            return self.error_code(events[-2]) if events[-1] == "[DONE]" else None
+        return self.error_code(events[-1])
 
     def error_code(self, data: str) -> str | None:
         """The gateway's error code in one event's data, in any frontend's shape."""
         payload = json.loads(data)
         if payload.get("type") == "error":  # ai-sdk: the ChatIQ error as errorText
             payload = json.loads(payload["errorText"])
+        if payload.get("type") == "response.failed":  # OpenAI's Responses API
+            payload = payload["response"]
         error = payload.get("error")
         return str(error["code"]).upper() if isinstance(error, dict) else None
 
@@ -51,6 +67,9 @@ ROUTES = {
     "openai": Route(
         "/v1/chat/completions",
         lambda bot, m: {"model": bot, "messages": [{"role": "user", "content": m}], "stream": True},
+    ),
+    "responses": Route(
+        "/v1/responses", lambda bot, m: {"model": bot, "input": m, "stream": True}, done_event=False
     ),
     "ai-sdk": Route(
         "/api/ui/chat",
@@ -142,6 +161,9 @@ def with_earlier(frontend: str, text: str) -> tuple[dict[str, Any], str]:
     if frontend == "openai":
         messages = [{"role": "user", "content": c} for c in (text, "hi")]
         return {"model": "demo", "messages": messages}, "messages[0]"
+    if frontend == "responses":
+        items = [{"role": "user", "content": c} for c in (text, "hi")]
+        return {"model": "demo", "input": items}, "input[0]"
     ui = [{"id": str(i), "role": "user", "parts": [{"type": "text", "text": t}]}
           for i, t in enumerate((text, "hi"))]  # fmt: skip
     return {"messages": ui}, "messages[0]"
@@ -184,7 +206,7 @@ async def test_a_tenant_over_its_rate_gets_429_with_retry_after(
     for _ in range(3):
         async with await post(stack, frontend, key=TINY_KEY) as r:
             assert r.status == 200
-            assert events_of(await r.read())[-1] == "[DONE]"
+            assert ROUTES[frontend].ended_whole(events_of(await r.read()))
     async with await post(stack, frontend, key=TINY_KEY) as r:
         assert r.status == 429
         assert int(r.headers["Retry-After"]) >= 1
@@ -237,7 +259,7 @@ async def test_a_slow_reader_pauses_the_upstream_and_the_stream_still_ends_whole
     head, _, framed = received.partition(b"\r\n\r\n")
     events = events_of(dechunk(framed))
     assert head.startswith(b"HTTP/1.1 200") and len(events) > 20_000
-    assert events[-1] == "[DONE]" and all(route.error_code(e) is None for e in events[:-1])
+    assert route.ended_whole(events) and all(route.error_code(e) is None for e in events[:-1])
 
 
 @pytest.mark.process
@@ -259,6 +281,5 @@ async def test_drain_ends_live_streams_in_the_frontend_s_own_error_shape(
         await r.content.readline()
         gw.process.send_signal(signal.SIGTERM)
         events = events_of(await r.read())
-    assert route.error_code(events[-2]) == "DRAINING"
-    assert events[-1] == "[DONE]"
+    assert route.ending_error(events) == "DRAINING"
     assert await asyncio.to_thread(gw.process.wait, 30) == 0

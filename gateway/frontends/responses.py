@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.chat import ChatRequest, check_bot, json_object, split_messages
+from gateway.chat import ChatRequest, check_bot, check_history, json_object, split_messages
 from gateway.config import Settings, Tenant
 from gateway.conversations.store import RESPONSE_STORE, new_response_id
 from gateway.errors import GatewayError, InvalidRequest, PreviousResponseNotFound
@@ -76,9 +76,10 @@ def parse_responses_request(raw: bytes, settings: Settings) -> ChatRequest:
         items = [{"role": "user", "content": items}]
     elif not isinstance(items, list):
         raise InvalidRequest("'input' must be a string or a list of message items")
-    if instructions:
-        items = [{"role": "system", "content": instructions}, *items]
-    message, history = split_messages(items, _turn, settings.server, "content")
+    message, history = split_messages(items, _turn, settings.server, "content", name="input")
+    if instructions:  # first, as a system turn (ChatIQ has no system prompt)
+        history = [{"role": "system", "content": instructions}, *history]
+        check_history(history, settings.server, name="instructions and input")
     previous = body.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not _RESPONSE_ID.match(previous)):
         raise InvalidRequest("'previous_response_id' must be the id of a response (resp_...)")
