@@ -51,12 +51,12 @@ from gateway.errors import GatewayError, InvalidRequest, UnknownBot
 from gateway.exchange import Exchange
 from gateway.frontends.base import Frontend
 from gateway.frontends.openai_common import (
-    ROLES,
     delta_content,
     error_body,
     openai_error_response,
     readable,
     refuse_what_chatiq_cannot_do,
+    role_of,
 )
 from gateway.frontends.responses import ResponsesFormat, delete_response, get_response
 from gateway.sse import DONE_EVENT
@@ -150,9 +150,7 @@ def _turn(index: int, message: object) -> tuple[str, str]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{where}' must be an object")
-    role = message.get("role")
-    if not isinstance(role, str) or role not in ROLES:
-        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}")
+    role = role_of(where, message)
     content = message.get("content")
     if isinstance(content, str):
         return role, content

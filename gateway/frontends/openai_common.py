@@ -22,6 +22,14 @@ _TYPES = {
 }
 
 
+def role_of(where: str, message: dict[str, Any]) -> str:
+    """A message's role, one of ``ROLES``; ``InvalidRequest`` naming ``where`` if not."""
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}")
+    return role
+
+
 def error_body(err: GatewayError) -> tuple[int, dict[str, Any]]:
     """OpenAI's status and error object for a gateway error."""
     if isinstance(err, UnknownBot):

@@ -40,12 +40,12 @@ from gateway.conversations.store import RESPONSE_STORE, new_response_id
 from gateway.errors import GatewayError, InvalidRequest, PreviousResponseNotFound
 from gateway.exchange import Exchange
 from gateway.frontends.openai_common import (
-    ROLES,
     delta_content,
     error_body,
     openai_error_response,
     readable,
     refuse_what_chatiq_cannot_do,
+    role_of,
 )
 
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
@@ -123,9 +123,7 @@ def _turn(index: int, item: object) -> tuple[str, str]:
             f"'{where}.type' {kind!r}: only message items (ChatIQ answers in text, "
             "and calls no tools)"
         )
-    role = item.get("role")
-    if not isinstance(role, str) or role not in ROLES:
-        raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}")
+    role = role_of(where, item)
     content = item.get("content")
     if isinstance(content, str):
         return role, content
