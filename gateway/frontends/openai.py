@@ -51,6 +51,7 @@ from gateway.errors import GatewayError, InvalidRequest, UnknownBot
 from gateway.exchange import Exchange
 from gateway.frontends.base import Frontend
 from gateway.frontends.openai_common import (
+    chatiq_error,
     delta_content,
     error_body,
     openai_error_response,
@@ -191,13 +192,9 @@ class ChunkEncoder:
             self._conversation_id = payload["conversationId"]
             return b""
         if "error" in payload:  # ChatIQ's own mid-stream error
-            error = payload["error"] if isinstance(payload["error"], dict) else {}
+            code, message = chatiq_error(payload)
             self._failed = True
-            return _error_event(
-                str(error.get("message") or "the chat service failed"),
-                "server_error",
-                str(error.get("code") or "upstream_error").lower(),
-            )
+            return _error_event(message, "server_error", code)
         return self._content(readable(payload), payload)
 
     def done(self) -> bytes:

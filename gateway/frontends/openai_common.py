@@ -30,6 +30,13 @@ def role_of(where: str, message: dict[str, Any]) -> str:
     return role
 
 
+def chatiq_error(payload: dict[str, Any]) -> tuple[str, str]:
+    """ChatIQ's own mid-stream error event as OpenAI's (code, message)."""
+    error = payload["error"] if isinstance(payload["error"], dict) else {}
+    code = str(error.get("code") or "upstream_error").lower()
+    return code, str(error.get("message") or "the chat service failed")
+
+
 def error_body(err: GatewayError) -> tuple[int, dict[str, Any]]:
     """OpenAI's status and error object for a gateway error."""
     if isinstance(err, UnknownBot):

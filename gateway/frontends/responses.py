@@ -40,6 +40,7 @@ from gateway.conversations.store import RESPONSE_STORE, new_response_id
 from gateway.errors import GatewayError, InvalidRequest, PreviousResponseNotFound
 from gateway.exchange import Exchange
 from gateway.frontends.openai_common import (
+    chatiq_error,
     delta_content,
     error_body,
     openai_error_response,
@@ -281,11 +282,7 @@ class ResponseEvents:
             self._shape.conversation_id = payload["conversationId"]
             return b""
         if "error" in payload:  # ChatIQ's own mid-stream error
-            error = payload["error"] if isinstance(payload["error"], dict) else {}
-            return self._fail(
-                str(error.get("code") or "upstream_error").lower(),
-                str(error.get("message") or "the chat service failed"),
-            )
+            return self._fail(*chatiq_error(payload))
         if "suggestions" in payload:
             self._shape.chatiq["suggestions"] = payload["suggestions"]
         return self._delta(readable(payload), payload)

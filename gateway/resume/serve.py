@@ -202,7 +202,7 @@ async def follow(
                     replayed.inc(len(events))
                 heard = wrote = now
             elif not ended:
-                if now - heard > settings.idle_timeout_s + _SILENCE_SLACK_S:
+                if now > silent_by:  # (heard is as it was when silent_by was set)
                     if streams.remote is not None and streams.remote.stalled_by_redis(journal):
                         raise StreamInterrupted(
                             "the stream stopped: the resumable streams' store is not answering"
