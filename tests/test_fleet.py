@@ -14,7 +14,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio.connection import AbstractConnection
 
+from gateway.config import LoggingSettings, RedisSettings
+from gateway.logs import make_logger
+from gateway.metrics import Metrics
+from gateway.quotas.shared import SharedQuotas
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port, start_gateway, stop, wait_ready
 from tests.helpers import (
@@ -298,3 +303,30 @@ async def test_checks_queued_when_redis_stalls_fail_at_once(
         timeouts = await a.metric(session, "chatiq_gateway_redis_errors_total")
     assert statuses == [200] * 400  # the local fallback's share: all of them
     assert 1 <= timeouts <= 64 + 2  # the 64 in flight (and a probe), not one per request
+
+
+async def test_an_answer_that_came_while_the_gateway_s_loop_was_busy_is_not_a_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """The loop blocked past the check's timeout while Redis answered in time:
+    the answer and the timer were both due on waking, and the timer won (the
+    task's wake-up comes one turn after the read), so a busy gateway took a
+    healthy Redis for down: under a burst on a loaded machine one replica fell
+    back to its local share and 150 requests got through a limit of 100."""
+    settings = RedisSettings(url=redis_server.url, timeout_s=0.1)
+    quotas = SharedQuotas(settings, Metrics([]), make_logger(LoggingSettings(level="error")))
+    await quotas.acquire("warm", 0, 5)  # a connection open
+    loop = asyncio.get_running_loop()
+    send = AbstractConnection.send_packed_command
+
+    async def send_then_block(self: Any, *args: Any, **kwargs: Any) -> None:
+        await send(self, *args, **kwargs)
+        loop.call_soon(time.sleep, 0.3)  # the check is out: the loop blocks past its timeout
+
+    AbstractConnection.send_packed_command = send_then_block  # type: ignore[method-assign]
+    try:
+        lease, _ = await quotas.acquire("busy", 0, 5)
+    finally:
+        AbstractConnection.send_packed_command = send  # type: ignore[method-assign]
+    assert lease is not None and quotas.up
+    await quotas.close()

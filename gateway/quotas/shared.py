@@ -126,6 +126,32 @@ return #ARGV - 2
 _CONNECTIONS = 64  # to Redis, per process: quota checks, renewals, releases
 
 
+class _Deadline:
+    """``asyncio.timeout``, but one turn of the loop later: when the loop was busy
+    past the deadline, an answer that came meanwhile is read in the same turn as
+    the timer fires, and the task it wakes runs only in the next; the plain
+    timeout cancelled it first, and a busy gateway took a healthy Redis for
+    down (under a burst on a loaded machine, a replica fell back to its local
+    share and let 150 requests through a limit of 100)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = asyncio.timeout(None)
+        await self._timer.__aenter__()
+        self._handle: asyncio.Handle = loop.call_at(loop.time() + self._timeout_s, self._due)
+
+    def _due(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_soon(self._timer.reschedule, loop.time())
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._handle.cancel()
+        await self._timer.__aexit__(*exc_info)
+
+
 class RedisDown(Exception):
     """Redis did not answer in time (or at all): follow ``on_error``."""
 
@@ -141,7 +167,10 @@ class SharedQuotas:
         # default) made a healthy Redis look down.
         pool = aioredis.BlockingConnectionPool.from_url(
             settings.url, max_connections=_CONNECTIONS, timeout=None,
-            socket_timeout=settings.timeout_s, socket_connect_timeout=settings.timeout_s,
+            # The call's own deadline is _call's (one a busy loop does not fool);
+            # these only catch a socket that hangs for good.
+            socket_timeout=max(1.0, settings.timeout_s * 4),
+            socket_connect_timeout=max(1.0, settings.timeout_s * 4),
             retry_on_timeout=False,
         )  # fmt: skip
         self._client = aioredis.Redis(connection_pool=pool)
@@ -313,7 +342,7 @@ class SharedQuotas:
                 raise RedisDown
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(self._s.timeout_s):
+                async with _Deadline(self._s.timeout_s):
                     result = op()
                     if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                         result = await result
