@@ -295,6 +295,39 @@ class ServedByThePipeline:
 TenantHandler = Callable[[web.Request, Tenant, Settings], Awaitable[web.StreamResponse]]
 
 
+class Pipeline(Protocol):
+    """What the shared pipeline does for a route that reads its own requests
+    (``Dispatching``: MCP's JSON-RPC, where one route carries many methods and
+    only some of them are chats)."""
+
+    def authenticate(self, request: web.Request) -> Tenant:
+        """The caller's tenant (``Unauthorized`` if none), as every chat route's."""
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The JSON body, within the server's size and time limits."""
+
+    async def serve(
+        self, request: web.Request, tenant: Tenant, chat: ChatRequest, wire: WireFormat
+    ) -> web.StreamResponse:
+        """A parsed chat, from the bot check on, as every chat route's: its
+        stream or answer in ``wire``'s format; a ``GatewayError`` before the
+        stream starts."""
+
+
+DispatchHandler = Callable[[web.Request, Pipeline, Settings], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatching:
+    """A route that reads its own requests (``Frontend.dispatch_route``): the app
+    binds it to the pipeline, which calls ``handler(request, pipeline, settings)``."""
+
+    handler: DispatchHandler
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        raise RuntimeError("a dispatching route is served once the app binds it")
+
+
 @dataclass(frozen=True, slots=True)
 class ForTenant:
     """A route's handler that needs the caller's tenant (``Frontend.tenant_route``):

@@ -56,8 +56,23 @@ class UnsupportedParameter(InvalidRequest):
 
 
 class Unauthorized(GatewayError):
+    """``error``: RFC 6750's code for the challenge (None: no credential was sent,
+    and the challenge names none)."""
+
     status = 401
     code = "UNAUTHORIZED"
+
+    def __init__(self, message: str, *, error: str | None = "invalid_token") -> None:
+        super().__init__(message)
+        self.error = error
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.error is None:
+            return {"WWW-Authenticate": "Bearer"}
+        description = self.message.replace("\\", "\\\\").replace('"', '\\"')
+        challenge = f'Bearer error="{self.error}", error_description="{description}"'
+        return {"WWW-Authenticate": challenge}
 
 
 class Forbidden(GatewayError):

@@ -94,6 +94,9 @@ class Exchange:
     error: GatewayError | None = field(default=None, repr=False)
     # The code of ChatIQ's own error event, when its stream ended with one.
     upstream_error: str | None = None
+    # A JSON-RPC request's method (MCP), for the log line; a tool call is also
+    # counted as one (``tool_calls_total``).
+    rpc_method: str | None = None
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -250,9 +253,11 @@ def _outcome_label(ex: Exchange) -> str:
         return "handed_over"
     if ex.upstream_error is not None or (ex.error is not None and ex.streamed):
         return "failed"
-    if ex.status >= 500:
+    # A failure answered with a 200 (an MCP tool's error result) counts as what it was.
+    status = ex.error.status if ex.error is not None else ex.status
+    if status >= 500:
         return "failed"
-    return "rejected" if ex.status >= 400 else "ok"
+    return "rejected" if status >= 400 else "ok"
 
 
 def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bool) -> None:
@@ -269,6 +274,9 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
     if ex.outcome == "client_disconnect":
         metrics.client_disconnects.labels(ex.tenant).inc()
     duration = now - ex.started
+    if ex.rpc_method == "tools/call":
+        metrics.tool_calls.labels(ex.tenant, ex.bot_label, outcome).inc()
+        metrics.tool_call_duration.labels(ex.tenant, ex.bot_label).observe(duration)
     if ex.streamed:
         series = metrics.stream_series(ex.tenant, ex.bot_label)
         series.duration.observe(duration)
@@ -286,6 +294,7 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
         status=ex.status,
         outcome=ex.outcome,
         **({} if ex.upstream_error is None else {"error_code": ex.upstream_error}),
+        **({} if ex.rpc_method is None else {"rpc_method": ex.rpc_method}),
         ttft_ms=None if ex.ttft is None else round(ex.ttft * 1000, 1),
         events=ex.events,
         bytes=ex.bytes_out,

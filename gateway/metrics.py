@@ -253,6 +253,16 @@ class Metrics:
         self.stream_events = make(
             Counter, "stream_events", "SSE events relayed.", ["tenant", "bot"]
         )
+        self.tool_calls = make(
+            Counter, "tool_calls",
+            "MCP tool calls (one per tools/call), by outcome (as requests_total's: a "
+            "call answered with an error result is rejected or failed).",
+            ["tenant", "bot", "outcome"],
+        )  # fmt: skip
+        self.tool_call_duration = make(
+            Histogram, "tool_call_duration_seconds", "MCP tool calls, request to result.",
+            ["tenant", "bot"], buckets=DURATION_BUCKETS,
+        )  # fmt: skip
         self.upstream_errors = make(
             Counter, "upstream_errors", "Upstream failures, by kind.", ["kind"]
         )
@@ -388,6 +398,10 @@ class Metrics:
                 self.stream_duration.labels(tenant, bot)
                 if not self.multiprocess:  # a livesum gauge would pin a dead worker's file
                     self.active_streams.labels(tenant, bot).set(0)
+                if any(frontend == "mcp" for _, frontend in routes):
+                    self.tool_call_duration.labels(tenant, bot)
+                    for outcome in ("ok", "rejected", "failed", "client_left"):
+                        self.tool_calls.labels(tenant, bot, outcome)
             for route, frontend in routes:
                 for status in DOCUMENTED_STATUSES:
                     outcome = "ok" if status < 400 else "rejected" if status < 500 else "failed"

@@ -18,13 +18,16 @@ from aiohttp import web
 
 from gateway.auth.tenants import tenant_of
 from gateway.chat import (
+    ChatRequest,
+    DispatchHandler,
+    Dispatching,
     ForTenant,
     ServedByThePipeline,
     TenantHandler,
     WireFormat,
     served_by_the_pipeline,
 )
-from gateway.config import ANY_BOT, named_bots
+from gateway.config import ANY_BOT, Tenant, named_bots
 from gateway.errors import (
     Draining,
     Forbidden,
@@ -63,13 +66,19 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def serve_chat(request: web.Request, frontend: WireFormat) -> web.StreamResponse:
+    tenant = tenant_of(request)
+    chat = frontend.parse(await read_body(request), request.app[SETTINGS].current)
+    return await serve_parsed(request, tenant, chat, frontend)
+
+
+async def serve_parsed(
+    request: web.Request, tenant: Tenant, chat: ChatRequest, frontend: WireFormat
+) -> web.StreamResponse:
+    """A chat from the bot check on: admission, the upstream, the relay."""
     app = request.app
     settings = app[SETTINGS].current
     lifecycle = app[LIFECYCLE]
     ex = exchange_of(request)
-
-    tenant = tenant_of(request)
-    chat = frontend.parse(await read_body(request), settings)
     metrics = app[METRICS]
     ex.bot, ex.bot_label = chat.bot, metrics.bot_label(chat.bot)
     if not tenant.may_use(chat.bot):
@@ -114,12 +123,41 @@ def bind(route: web.RouteDef, frontend: WireFormat) -> web.RouteDef:
     if isinstance(route.handler, ServedByThePipeline):
         wire = route.handler.wire
         return web.post(route.path, partial(serve_chat, frontend=wire), **route.kwargs)
+    if isinstance(route.handler, Dispatching):
+        return web.route(
+            route.method, route.path, partial(serve_dispatching, handler=route.handler.handler),
+            **route.kwargs,
+        )  # fmt: skip
     if isinstance(route.handler, ForTenant):
         return web.route(
             route.method, route.path, partial(serve_for_tenant, handler=route.handler.handler),
             **route.kwargs,
         )  # fmt: skip
     return route
+
+
+class SharedPipeline:
+    """The pipeline as a ``Dispatching`` route's handler uses it (``gateway.chat.Pipeline``)."""
+
+    __slots__ = ()
+
+    def authenticate(self, request: web.Request) -> Tenant:
+        return tenant_of(request)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        return await read_body(request)
+
+    async def serve(
+        self, request: web.Request, tenant: Tenant, chat: ChatRequest, wire: WireFormat
+    ) -> web.StreamResponse:
+        return await serve_parsed(request, tenant, chat, wire)
+
+
+PIPELINE = SharedPipeline()
+
+
+async def serve_dispatching(request: web.Request, handler: DispatchHandler) -> web.StreamResponse:
+    return await handler(request, PIPELINE, request.app[SETTINGS].current)
 
 
 async def serve_for_tenant(request: web.Request, handler: TenantHandler) -> web.StreamResponse:

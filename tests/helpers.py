@@ -280,6 +280,7 @@ async def read_slowly(stack: Stack, path: str, body: bytes, request_id: str = "s
     await loop.sock_sendall(
         sock,
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Accept: application/json, text/event-stream\r\n"
         f"X-Request-Id: {request_id}\r\nConnection: close\r\n"
         f"Authorization: Bearer {ACME_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,17 +37,22 @@ class Route:
     path: str
     body: Callable[[str, str], dict[str, Any]]  # bot, message -> the frontend's request body
     # How its streams end: [DONE] after everything (an error event just before
-    # it), or (OpenAI's Responses API) response.completed, or response.failed.
-    done_event: bool = True
+    # it), or (OpenAI's Responses API) response.completed, or response.failed,
+    # or (MCP) the call's result, an error result when it failed.
+    ending: str = "done"
+    headers: dict[str, str] | None = None  # what its clients send besides the key
 
     def ended_whole(self, events: list[str]) -> bool:
-        if self.done_event:
+        if self.ending == "done":
             return events[-1] == "[DONE]"
-        return bool(json.loads(events[-1])["type"] == "response.completed")
+        last = json.loads(events[-1])
+        if self.ending == "result":
+            return last["result"]["isError"] is False
+        return bool(last["type"] == "response.completed")
 
     def ending_error(self, events: list[str]) -> str | None:
         """The error code a failed stream ended with (its error event's)."""
-        if self.done_event:
+        if self.ending == "done":
             return self.error_code(events[-2]) if events[-1] == "[DONE]" else None
         return self.error_code(events[-1])
 
@@ -58,10 +63,25 @@ class Route:
             payload = json.loads(payload["errorText"])
         if payload.get("type") == "response.failed":  # OpenAI's Responses API
             payload = payload["response"]
+        if "result" in payload:  # MCP: an error result says why in its _meta
+            code = (payload["result"].get("_meta") or {}).get(MCP_ERROR, {}).get("code")
+            return None if code is None else str(code)
         error = payload.get("error")
         return str(error["code"]).upper() if isinstance(error, dict) else None
 
+    def refusal(
+        self, status: int, headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, str | None]:
+        """A request turned away: its status and Retry-After (MCP: a call's error
+        result, HTTP 200, that says both, for the model to read)."""
+        if self.ending != "result":
+            return status, headers.get("Retry-After")
+        assert status == 200, body
+        detail = json.loads(body)["result"]["_meta"][MCP_ERROR]
+        return detail["status"], str(detail["retryAfter"])
 
+
+MCP_ERROR = "io.chatiq/error"
 ROUTES = {
     "chatiq": Route("/api/chatbot", lambda bot, m: {"message": m, "bot": bot}),
     "openai": Route(
@@ -69,7 +89,7 @@ ROUTES = {
         lambda bot, m: {"model": bot, "messages": [{"role": "user", "content": m}], "stream": True},
     ),
     "responses": Route(
-        "/v1/responses", lambda bot, m: {"model": bot, "input": m, "stream": True}, done_event=False
+        "/v1/responses", lambda bot, m: {"model": bot, "input": m, "stream": True}, "response"
     ),
     "ai-sdk": Route(
         "/api/ui/chat",
@@ -78,8 +98,24 @@ ROUTES = {
             "messages": [{"id": "u", "role": "user", "parts": [{"type": "text", "text": m}]}],
         },
     ),
+    "mcp": Route(
+        "/mcp",
+        lambda bot, m: {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {
+                "name": f"ask_{bot}",
+                "arguments": {"question": m},
+                "_meta": {"progressToken": 1},
+            },
+        },
+        "result",
+        {"Accept": "application/json, text/event-stream"},
+    ),
 }
 FRONTENDS = pytest.mark.parametrize("frontend", list(ROUTES))
+WITH_HISTORY = pytest.mark.parametrize("frontend", [f for f in ROUTES if f != "mcp"])
 SLOW = EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=200)
 
 
@@ -88,7 +124,7 @@ async def post(stack: Stack, frontend: str, bot: str = "demo", key: str = ACME_K
     return await stack.session.post(
         stack.gateway.make_url(route.path),
         json=route.body(bot, "hi"),
-        headers={"Authorization": f"Bearer {key}"},
+        headers={"Authorization": f"Bearer {key}", **(route.headers or {})},
     )
 
 
@@ -169,7 +205,7 @@ def with_earlier(frontend: str, text: str) -> tuple[dict[str, Any], str]:
     return {"messages": ui}, "messages[0]"
 
 
-@FRONTENDS
+@WITH_HISTORY
 @pytest.mark.parametrize(
     ("text", "why"),
     [("a\u0000b", "must not contain NUL characters"), ("a\ud800b", "a lone surrogate")],
@@ -208,8 +244,8 @@ async def test_a_tenant_over_its_rate_gets_429_with_retry_after(
             assert r.status == 200
             assert ROUTES[frontend].ended_whole(events_of(await r.read()))
     async with await post(stack, frontend, key=TINY_KEY) as r:
-        assert r.status == 429
-        assert int(r.headers["Retry-After"]) >= 1
+        status, retry_after = ROUTES[frontend].refusal(r.status, r.headers, await r.read())
+    assert status == 429 and retry_after is not None and int(retry_after) >= 1
     assert await stack.metric("chatiq_gateway_rejected_total", reason="rate_limit") == 1
 
 
@@ -223,8 +259,8 @@ async def test_past_capacity_a_request_gets_503_with_retry_after(
     first = await post(stack, frontend)
     await first.content.readline()  # streaming: it holds the one slot
     async with await post(stack, frontend) as r:
-        assert r.status == 503
-        assert r.headers["Retry-After"] == "1"
+        status, retry_after = ROUTES[frontend].refusal(r.status, r.headers, await r.read())
+    assert (status, retry_after) == (503, "1")
     first.close()
 
 
@@ -275,7 +311,7 @@ async def test_drain_ends_live_streams_in_the_frontend_s_own_error_shape(
     async with stack.session.post(
         f"http://127.0.0.1:{gw.port}{route.path}",
         json=route.body("demo", "hi"),
-        headers={"Authorization": f"Bearer {ACME_KEY}"},
+        headers={"Authorization": f"Bearer {ACME_KEY}", **(route.headers or {})},
     ) as r:
         assert r.status == 200
         await r.content.readline()

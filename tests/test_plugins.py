@@ -103,7 +103,7 @@ def test_a_frontend_can_be_moved_or_turned_off() -> None:
         {},
     )
     mounted = {f.name: f.prefix for f in load_frontends(settings)}
-    assert mounted == {"chatiq": "/api", "openai": "/openai/v1"}
+    assert mounted == {"chatiq": "/api", "openai": "/openai/v1", "mcp": "/mcp"}
     with pytest.raises(ConfigError, match=r"frontends\.openai\.prefix"):
         settings_from_mapping(
             {"upstream": {"url": "http://h/a"}, "frontends": {"openai": {"prefix": "v1/"}}}, {}

@@ -24,11 +24,13 @@ def hash_key(key: str) -> str:
 def _bearer_digest(authorization: str | None) -> bytes:
     """The SHA-256 of the key in an ``Authorization: Bearer <key>`` header."""
     if not authorization:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", error=None)
     scheme, _, key = authorization.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
-        raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+        raise Unauthorized(
+            "malformed Authorization header: expected 'Bearer <key>'", error="invalid_request"
+        )
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 

@@ -13,6 +13,7 @@ from gateway.config.settings import (
     AUTO_WORKERS,
     BUILT_IN_FRONTENDS,
     AdmissionSettings,
+    BotSettings,
     CircuitSettings,
     ConfigError,
     FrontendSettings,
@@ -25,6 +26,7 @@ from gateway.config.settings import (
     Settings,
     Tenant,
     UpstreamSettings,
+    bots_for,
     named_bots,
 )
 
@@ -33,6 +35,7 @@ __all__ = [
     "AUTO_WORKERS",
     "BUILT_IN_FRONTENDS",
     "AdmissionSettings",
+    "BotSettings",
     "CircuitSettings",
     "ConfigError",
     "FrontendSettings",
@@ -45,6 +48,7 @@ __all__ = [
     "Settings",
     "Tenant",
     "UpstreamSettings",
+    "bots_for",
     "load_settings",
     "named_bots",
     "read_file",

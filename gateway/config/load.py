@@ -25,6 +25,7 @@ from gateway.config.settings import (
     AUTO_WORKERS,
     BUILT_IN_FRONTENDS,
     AdmissionSettings,
+    BotSettings,
     CircuitSettings,
     ConfigError,
     FrontendSettings,
@@ -95,7 +96,7 @@ def read_file(path: str | Path, text: bytes | None = None) -> dict[str, Any]:
 
 
 def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
-    unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - {"tenants", "frontends"})
+    unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - {"tenants", "frontends", "bots"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key")
     server = raw.get("server", {})
@@ -109,7 +110,8 @@ def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) ->
     tables = {name: _build(cls, raw.get(name, {}), name) for name, cls in _FILE_ONLY_TABLES.items()}
     tenants = _tenants(raw.get("tenants", []))
     frontends = _frontends(raw.get("frontends", {}))
-    settings = Settings(tenants=tenants, frontends=frontends, **tables)
+    bots = _bots(raw.get("bots", {}))
+    settings = Settings(tenants=tenants, bots=bots, frontends=frontends, **tables)
     settings = _apply_environment(settings, environ)
     _validate(settings)
     return settings
@@ -240,6 +242,25 @@ def _frontends(raw: object) -> tuple[FrontendSettings, ...]:
             raise ConfigError(f"{where}.enabled: must be true or false")
         frontends.append(FrontendSettings(name, prefix, enabled, tuple(sorted(table.items()))))
     return tuple(frontends)
+
+
+def _bots(raw: object) -> tuple[BotSettings, ...]:
+    """Each ``[bots.<slug>]`` table: what the gateway says of that bot."""
+    if not isinstance(raw, dict):
+        raise ConfigError("bots: must be a table of [bots.<slug>] tables")
+    bots = []
+    for slug, table in raw.items():
+        where = f"bots.{slug}"
+        if not _BOT_SLUG.match(slug):
+            raise ConfigError(f"{where}: not a valid bot slug")
+        if isinstance(table, dict) and "slug" in table:
+            raise ConfigError(f"{where}.slug: unknown key (the table's name is the slug)")
+        bots.append(
+            _build(
+                BotSettings, {**table, "slug": slug} if isinstance(table, dict) else table, where
+            )
+        )
+    return tuple(bots)
 
 
 def _tenants(raw: object) -> tuple[Tenant, ...]:

@@ -164,6 +164,14 @@ class ResponsesSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BotSettings:
+    """One ``[bots.<slug>]`` table: what the gateway says of a bot (its MCP tool's description)."""
+
+    slug: str
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class FrontendSettings:
     """One ``[frontends.<name>]`` table: a wire format, mounted under ``prefix``."""
 
@@ -175,7 +183,7 @@ class FrontendSettings:
 
 
 # The built-in frontends and where they mount by default (the contract's routes).
-BUILT_IN_FRONTENDS = {"chatiq": "/api", "openai": "/v1", "ai-sdk": "/api/ui"}
+BUILT_IN_FRONTENDS = {"chatiq": "/api", "openai": "/v1", "ai-sdk": "/api/ui", "mcp": "/mcp"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +218,7 @@ class Settings:
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     tenants: tuple[Tenant, ...] = ()
+    bots: tuple[BotSettings, ...] = ()
     frontends: tuple[FrontendSettings, ...] = tuple(
         FrontendSettings(name, prefix) for name, prefix in BUILT_IN_FRONTENDS.items()
     )
@@ -221,3 +230,14 @@ def named_bots(settings: Settings) -> frozenset[str]:
     for tenant in settings.tenants:
         named.update(b for b in tenant.bots if b != ANY_BOT)
     return frozenset(named)
+
+
+def bots_for(tenant: Tenant, settings: Settings) -> list[str]:
+    """The bots a tenant's key may use, as clients list them: the ones it names,
+    or for ``"*"`` the default first and then every bot the configuration names."""
+    default = settings.upstream.bot_slug
+    named = [b for b in tenant.bots if b != ANY_BOT]
+    if ANY_BOT not in tenant.bots:
+        return named
+    offered = {*settings.upstream.bots, *(b for t in settings.tenants for b in t.bots)}
+    return [default, *sorted(offered - {ANY_BOT, default})]

@@ -16,11 +16,12 @@ from gateway.config import ConfigError, Settings
 from gateway.frontends.ai_sdk import AISDKFrontend
 from gateway.frontends.base import Frontend
 from gateway.frontends.chatiq import ChatIQFrontend
+from gateway.frontends.mcp import MCPFrontend
 from gateway.frontends.openai import OpenAIFrontend
 
 ENTRY_POINT_GROUP = "chatiq_gateway.frontends"
 BUILT_IN: dict[str, type[Frontend]] = {
-    cls.name: cls for cls in (ChatIQFrontend, OpenAIFrontend, AISDKFrontend)
+    cls.name: cls for cls in (ChatIQFrontend, OpenAIFrontend, AISDKFrontend, MCPFrontend)
 }
 
 __all__ = ["ENTRY_POINT_GROUP", "Frontend", "StreamEncoder", "frontend_class", "load_frontends"]

@@ -21,6 +21,8 @@ from aiohttp import web
 
 from gateway.chat import (
     ChatRequest,
+    DispatchHandler,
+    Dispatching,
     ForTenant,
     Prepare,
     ServedByThePipeline,
@@ -71,6 +73,12 @@ class Frontend:
         """``{method} {prefix}{path}`` for callers with a tenant key: the app
         authenticates the request and calls ``handler(request, tenant, settings)``."""
         return web.route(method, f"{self.prefix}{path}", ForTenant(handler))
+
+    def dispatch_route(self, method: str, path: str, handler: DispatchHandler) -> web.RouteDef:
+        """``{method} {prefix}{path}`` for a protocol that reads its own requests
+        (one route, many methods): the app calls ``handler(request, pipeline,
+        settings)``, and ``pipeline`` authenticates and serves the chats among them."""
+        return web.route(method, f"{self.prefix}{path}", Dispatching(handler))
 
     def parse(self, raw: bytes, settings: Settings) -> ChatRequest:
         """The request body, as the neutral chat request; ``InvalidRequest`` if bad."""

@@ -46,7 +46,7 @@ from gateway.chat import (
     json_object,
     split_messages,
 )
-from gateway.config import ANY_BOT, Settings, Tenant
+from gateway.config import Settings, Tenant, bots_for
 from gateway.errors import GatewayError, InvalidRequest, UnknownBot
 from gateway.exchange import Exchange
 from gateway.frontends.base import Frontend
@@ -237,27 +237,17 @@ def _error_event(message: str, kind: str, code: str) -> bytes:
     return _data({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
-def _models(tenant: Tenant, settings: Settings) -> list[str]:
-    """The bots the caller's key may use (``"*"``: the ones the configuration names)."""
-    default = settings.upstream.bot_slug
-    named = [b for b in tenant.bots if b != ANY_BOT]
-    if ANY_BOT not in tenant.bots:
-        return named
-    offered = {*settings.upstream.bots, *(b for t in settings.tenants for b in t.bots)}
-    return [default, *sorted(offered - {ANY_BOT, default})]
-
-
 def _model(bot: str) -> dict[str, Any]:
     return {"id": bot, "object": "model", "created": 0, "owned_by": "chatiq"}
 
 
 async def list_models(request: web.Request, tenant: Tenant, settings: Settings) -> web.Response:
-    models = [_model(b) for b in _models(tenant, settings)]
+    models = [_model(b) for b in bots_for(tenant, settings)]
     return web.json_response({"object": "list", "data": models})
 
 
 async def get_model(request: web.Request, tenant: Tenant, settings: Settings) -> web.Response:
     bot = request.match_info["model"]
-    if bot not in _models(tenant, settings):
+    if bot not in bots_for(tenant, settings):
         raise UnknownBot(f"no model {bot!r} for this key")
     return web.json_response(_model(bot))
