@@ -15,7 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.config import ResumeSettings, Settings, Tenant
+from gateway.config import BotSettings, ResumeSettings, Settings, Tenant
 from gateway.metrics import Metrics
 from gateway.routes.ops import OPENAPI
 from tests.helpers import gateway_settings
@@ -50,6 +50,8 @@ def test_every_mounted_route_is_in_the_api_section() -> None:
 def test_every_configuration_key_is_in_the_configuration_page() -> None:
     config = CONFIGURATION
     for table in dataclasses.fields(Settings):
+        if table.name == "bots":
+            continue  # [bots.<slug>], below
         if table.name in ("tenants", "frontends"):
             assert f"[{'[tenants]' if table.name == 'tenants' else 'frontends.'}" in config
             continue
@@ -59,6 +61,10 @@ def test_every_configuration_key_is_in_the_configuration_page() -> None:
             assert f"`{key.name}`" in config, f"[{table.name}] {key.name}"
     for key in dataclasses.fields(Tenant):
         assert f"`{key.name}`" in config, f"[[tenants]] {key.name}"
+    assert "[bots.<slug>]" in config
+    for key in dataclasses.fields(BotSettings):
+        if key.name != "slug":  # the table's name
+            assert f"`{key.name}`" in config, f"[bots.<slug>] {key.name}"
 
 
 def test_every_metric_is_in_the_metrics_table_and_every_one_there_exists() -> None:
