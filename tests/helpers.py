@@ -383,3 +383,28 @@ async def open_streams(
     tasks = [asyncio.ensure_future(one()) for _ in range(n)]
     await asyncio.wait_for(started.wait(), 60)
     return tasks
+
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+def node() -> str:
+    """Node, with tests/node's packages installed (the AI SDK's, the MCP SDK's)."""
+    found = shutil.which("node")
+    if found is None or not (NODE_DIR / "node_modules" / "ai").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("Node or tests/node's packages are missing: .ci/run installs them")
+        pytest.skip("needs Node and `npm ci` in tests/node (CI installs both)")
+    return found
+
+
+async def run_node(script: str, *args: str) -> dict[str, Any]:
+    """One of tests/node's scripts; the JSON it prints."""
+    process = await asyncio.create_subprocess_exec(
+        node(), str(NODE_DIR / script), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    result: dict[str, Any] = json.loads(out)
+    return result

@@ -4,32 +4,17 @@ the assistant's message it rebuilds holds exactly the text the emulator sent."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.config import ResumeSettings
 from loadtest.emulator import EmulatorSettings, compose_reply
-from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, emulator_text
+from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, emulator_text, run_node
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 
 pytestmark = [pytest.mark.external, pytest.mark.process]
-
-NODE_DIR = Path(__file__).resolve().parent / "node"
-
-
-def node() -> str:
-    found = shutil.which("node")
-    if found is None or not (NODE_DIR / "node_modules" / "ai").is_dir():
-        if os.environ.get("CI"):
-            pytest.fail("Node or the ai package is missing: .ci/run installs them (tests/node)")
-        pytest.skip("needs Node and `npm ci` in tests/node (CI installs both)")
-    return found
 
 
 async def ui_chat(
@@ -38,18 +23,6 @@ async def ui_chat(
     """One turn through DefaultChatTransport; the message readUIMessageStream rebuilt."""
     api = str(stack.gateway.make_url("/api/ui/chat"))
     return await run_node("ui_chat.mjs", api, key, bot, text, conversation_id)
-
-
-async def run_node(script: str, *args: str) -> dict[str, Any]:
-    """One of tests/node's scripts; the JSON it prints."""
-    process = await asyncio.create_subprocess_exec(
-        node(), str(NODE_DIR / script), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    result: dict[str, Any] = json.loads(out)
-    return result
 
 
 def texts(message: dict[str, Any]) -> list[str]:
