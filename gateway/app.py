@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.auth.tenants import FAILED_KEYS, TENANTS, FailedKeyThrottle, TenantDirectory
 from gateway.config import Settings, named_bots
 from gateway.conversations.store import RESPONSE_STORE, RedisResponseStore, ResponseStore
+from gateway.conversations.tool_calls import TOOL_CALLS, RedisToolCalls, ToolCalls
 from gateway.exchange import add_request_id, make_middleware
 from gateway.frontends import Frontend, load_frontends
 from gateway.frontends.chatiq import ChatIQFrontend
@@ -60,11 +61,13 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
         if settings.redis.url
         else ResponseStore(settings.responses)
     )
+    app[TOOL_CALLS] = RedisToolCalls(settings.redis, log) if settings.redis.url else ToolCalls()
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_loop_errors)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_fleet_quotas)
     app.cleanup_ctx.append(_response_store)
+    app.cleanup_ctx.append(_tool_calls)
     if metrics.multiprocess:
         app.cleanup_ctx.append(_publish_queue_depth)
 
@@ -195,6 +198,13 @@ async def _response_store(app: web.Application) -> AsyncIterator[None]:
     app[RESPONSE_STORE].start()
     yield
     await app[RESPONSE_STORE].close()
+
+
+async def _tool_calls(app: web.Application) -> AsyncIterator[None]:
+    """With ``[redis] url``, an MCP client's cancel or session end reaches every replica."""
+    app[TOOL_CALLS].start()
+    yield
+    await app[TOOL_CALLS].close()
 
 
 async def _resumable_streams(app: web.Application) -> AsyncIterator[None]:

@@ -5,11 +5,14 @@ replicas behind HAProxy (round robin, no stickiness) sharing a redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import mcp_types
 import pytest
 from agents.mcp import MCPServerStreamableHttp
@@ -17,9 +20,20 @@ from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from loadtest.emulator import TRANSCRIPTS, EmulatorSettings, compose_reply
+from gateway.config import RedisSettings
+from loadtest.emulator import LIVE, TRANSCRIPTS, EmulatorSettings, compose_reply
 from loadtest.fleet import Fleet
-from tests.helpers import ACME_KEY, LIMITED_KEY, Stack, StackFactory, run_node, start_test_fleet
+from loadtest.harness import metric_total
+from tests.helpers import (
+    ACME_KEY,
+    LIMITED_KEY,
+    Stack,
+    StackFactory,
+    eventually,
+    run_node,
+    start_test_fleet,
+)
+from tests.redis_server import RedisServer
 from tests.scripted import MULTIBYTE_TEXT, ScriptedFactory, multibyte_pieces
 
 
@@ -125,7 +139,118 @@ async def test_one_session_is_served_by_both_replicas_behind_a_load_balancer(
             text = result.content[0]
             assert isinstance(text, mcp_types.TextContent)
             assert text.text == "".join(compose_reply(question, [], 40))
-    calls = [log.read_text().count('"rpc_method": "tools/call"') for _, _, log in fleet.replicas]
-    assert sum(calls) == 10 and all(calls), calls  # both replicas served the one session
-    sessions = [log.read_text().count('"rpc_method": "initialize"') for _, _, log in fleet.replicas]
-    assert sum(sessions) == 1
+        # A call that never ends (three chunks, then silence), cancelled by the
+        # SDK: its notifications/cancelled lands on whichever replica is next.
+        async with aiohttp.ClientSession() as scraper:
+            for _ in range(4):
+                await cancel_a_call_that_never_ends(client, scraper, fleet)
+    logs = [log.read_text() for _, _, log in fleet.replicas]
+    calls = [log.count('"rpc_method": "tools/call"') for log in logs]
+    assert sum(calls) == 14 and all(calls), calls  # both replicas served the one session
+    assert sum(log.count('"rpc_method": "initialize"') for log in logs) == 1
+    cancels = [log.count('"rpc_method": "notifications/cancelled"') for log in logs]
+    assert sum(cancels) == 4 and all(cancels), cancels  # some cancelled a call elsewhere
+
+
+async def cancel_a_call_that_never_ends(
+    client: Client, scraper: aiohttp.ClientSession, fleet: Fleet
+) -> None:
+    """Three chunks, then silence: the SDK cancels the call, and its
+    notifications/cancelled lands on whichever replica HAProxy picks next."""
+    pieces: list[str | None] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        pieces.append(message)
+
+    call = asyncio.create_task(
+        client.call_tool("ask_fault-stall-mid", {"question": "hi"}, progress_callback=on_progress)
+    )
+    await eventually(lambda: len(pieces) == 3)
+    assert await live_streams(scraper, fleet) == 1
+    call.cancel()
+    started = time.monotonic()
+    while await live_streams(scraper, fleet):
+        assert time.monotonic() - started < 0.1, "the call outlived its cancel"
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+
+async def live_streams(session: aiohttp.ClientSession, fleet: Fleet) -> float:
+    return sum(
+        [await metric_total(session, port, "chatiq_gateway_active_streams")
+         for _, port, _ in fleet.replicas]
+    )  # fmt: skip
+
+
+async def two_replicas(make_stack: StackFactory, redis: RedisServer) -> tuple[Stack, Stack]:
+    """Two gateways in this process sharing redis-server; the first in front of
+    a slow emulator (a call lives for seconds)."""
+    shared = RedisSettings(url=redis.url)
+    slow = EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=200)
+    return await make_stack(slow, redis=shared), await make_stack(redis=shared)
+
+
+async def initialize(stack: Stack) -> str:
+    """A handshake-era session opened by hand on ``stack``: its id."""
+    init = {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "t", "version": "1"}},
+    }  # fmt: skip
+    async with stack.session.post(mcp_url(stack), json=init, headers=ACCEPT) as r:
+        assert r.status == 200
+        return r.headers["Mcp-Session-Id"]
+
+
+ACCEPT = {"Authorization": f"Bearer {ACME_KEY}", "Accept": "application/json, text/event-stream"}
+
+
+async def test_a_cancel_that_lands_on_another_replica_cancels_the_call_within_100_ms(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    a, b = await two_replicas(make_stack, redis_server)
+    session = await initialize(a)
+    headers = {**ACCEPT, "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"}
+    call = {
+        "jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "ask_demo", "arguments": {"question": "hi"},
+                   "_meta": {"progressToken": "p5"}},
+    }  # fmt: skip
+    live = a.emulator.app[LIVE]
+    async with a.session.post(mcp_url(a), json=call, headers=headers) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        await r.content.readline()  # streaming: the call runs on a
+        assert live.handlers == 1
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                  "params": {"requestId": 5, "reason": "the user moved on"}}  # fmt: skip
+        async with b.session.post(mcp_url(b), json=cancel, headers=headers) as told:
+            assert told.status == 202
+        took = await eventually(lambda: live.handlers == 0)
+    assert took < 0.1, f"the upstream call lived {took * 1000:.0f} ms after the cancel"
+    outcomes = [line.get("outcome") for line in a.log_lines() if line.get("rpc_method")]
+    assert "client_disconnect" in outcomes
+
+
+async def test_a_session_ended_on_one_replica_is_ended_on_the_other(
+    make_stack: StackFactory, redis_server: RedisServer
+) -> None:
+    a, b = await two_replicas(make_stack, redis_server)
+    session = await initialize(a)
+    headers = {**ACCEPT, "Mcp-Session-Id": session}
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+
+    async def ping_status(stack: Stack) -> int:
+        async with stack.session.post(mcp_url(stack), json=ping, headers=headers) as r:
+            return r.status
+
+    assert await ping_status(b) == 200  # any replica serves the session
+    async with b.session.delete(mcp_url(b), headers=headers) as r:
+        assert r.status == 204
+    assert await ping_status(b) == 404
+    statuses: list[int] = []
+    for _ in range(100):
+        statuses.append(await ping_status(a))
+        if statuses[-1] == 404:
+            break
+        await asyncio.sleep(0.01)
+    assert statuses[-1] == 404, statuses

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from gateway.chat import Pipeline
 from gateway.config import ConfigError, Settings, Tenant
+from gateway.conversations.tool_calls import TOOL_CALLS
 from gateway.errors import Forbidden, GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.exchange import exchange_of
 from gateway.frontends.base import Frontend
@@ -96,9 +97,6 @@ class MCPFrontend(Frontend):
             raise ConfigError(f"frontends.mcp.{sorted(options)[0]}: unknown key")
         self.sessions = Sessions(float(max_age))
         self.tool_calls = ToolCallFormat(self.name, self.prefix)
-        # The calls running in this process, by session and request id: what
-        # notifications/cancelled names.
-        self._running: dict[tuple[str, int | str], asyncio.Task[Any]] = {}
         self._secret: tuple[str | None, bytes] | None = None
 
     def routes(self) -> Iterable[web.RouteDef]:
@@ -129,8 +127,14 @@ class MCPFrontend(Frontend):
             return _json(error(message.id, e), e.status(is_per_request(message, request.headers)))
         exchange_of(request).rpc_method = None if message.method is None else message.method[:64]
         if not message.is_request:
-            if message.method == "notifications/cancelled" and session is not None:
-                self._cancel(session, message.params.get("requestId"))
+            cancelled = message.params.get("requestId")
+            if (
+                message.method == "notifications/cancelled"
+                and session is not None
+                and isinstance(cancelled, int | str)
+                and not isinstance(cancelled, bool)
+            ):
+                request.app[TOOL_CALLS].cancel(session.id, cancelled)
             return web.Response(status=202)
         assert message.id is not None and message.method is not None
         try:
@@ -163,7 +167,7 @@ class MCPFrontend(Frontend):
         if session_id is None or message.method == "initialize":
             return None
         session = self.sessions.check(self._key(settings), session_id, tenant.name)
-        if session is None:
+        if session is None or request.app[TOOL_CALLS].has_ended(session_id):
             raise NotFound(
                 "no such session (ended, expired, or another key's): initialize a new one"
             )
@@ -226,24 +230,14 @@ class MCPFrontend(Frontend):
         except InvalidRequest as e:  # the model may correct its arguments
             ex.error = e
             return _json(ToolResult(extras).failed(e), 200)
-        key = None if session is None else (session.id, message.id)
         task = asyncio.current_task()
-        if key is not None and task is not None:
-            self._running[key] = task
-            task.add_done_callback(
-                lambda t: self._running.pop(key, None) if self._running.get(key) is t else None
-            )
+        if session is not None and task is not None:  # what notifications/cancelled names
+            request.app[TOOL_CALLS].running(session.id, message.id, task)
         try:
             return await pipeline.serve(request, tenant, chat, self.tool_calls)
         except GatewayError as e:  # before the stream: a result the model reads
             ex.error = e
             return _json(ToolResult(extras).failed(e), 200)
-
-    def _cancel(self, session: Session, request_id: object) -> None:
-        if isinstance(request_id, int | str) and not isinstance(request_id, bool):
-            task = self._running.get((session.id, request_id))
-            if task is not None:
-                task.cancel()
 
     # DELETE
 
@@ -256,9 +250,10 @@ class MCPFrontend(Frontend):
         if session_id is None:
             raise InvalidRequest(f"name the session to end in {SESSION_HEADER}")
         session = self.sessions.check(self._key(settings), session_id, tenant.name)
-        if session is None:
+        calls = request.app[TOOL_CALLS]
+        if session is None or calls.has_ended(session_id):
             raise NotFound("no such session (ended, expired, or another key's)")
-        self.sessions.end(session)
+        calls.end(session.id, session.expires_at)
         return web.Response(status=204)
 
     def _key(self, settings: Settings) -> bytes:

@@ -15,33 +15,30 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-
-_MAX_ENDED = 100_000  # ended ids remembered at most (the oldest forgotten first)
 
 
 @dataclass(frozen=True, slots=True)
 class Session:
     id: str
     version: str  # the protocol version its initialize agreed to
+    expires_at: float  # time.time()
 
 
 class Sessions:
-    """Issues and checks session ids, and remembers the ones that ended."""
+    """Issues and checks session ids."""
 
     def __init__(self, max_age_s: float, clock: Callable[[], float] = time.time) -> None:
         self.max_age_s = max_age_s
         self._clock = clock
-        self._ended: OrderedDict[str, float] = OrderedDict()  # id -> when it would have expired
 
     def issue(self, secret: bytes, tenant: str, version: str) -> str:
         body = f"{int(self._clock() * 1000):x}.{secrets.token_hex(8)}.{version}"
         return f"{body}.{_sign(secret, body, tenant)}"
 
     def check(self, secret: bytes, session_id: str, tenant: str) -> Session | None:
-        """The session, if ``session_id`` is one this tenant opened and it has not ended."""
+        """The session, if ``session_id`` is one this tenant opened, not expired."""
         parts = session_id.split(".")
         if len(parts) != 4:
             return None
@@ -54,18 +51,10 @@ class Sessions:
             issued = int(issued_hex, 16) / 1000
         except ValueError:
             return None
-        if self._clock() - issued > self.max_age_s or session_id in self._ended:
+        expires_at = issued + self.max_age_s
+        if self._clock() > expires_at:
             return None
-        return Session(session_id, version)
-
-    def end(self, session: Session) -> None:
-        issued = int(session.id.partition(".")[0], 16) / 1000
-        self._ended[session.id] = issued + self.max_age_s
-        now = self._clock()
-        while self._ended and (
-            len(self._ended) > _MAX_ENDED or next(iter(self._ended.values())) < now
-        ):
-            self._ended.popitem(last=False)
+        return Session(session_id, version, expires_at)
 
 
 def _sign(secret: bytes, body: str, tenant: str) -> str:
