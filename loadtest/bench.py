@@ -14,6 +14,9 @@ In one run, against one emulator per concurrency level, the load generator
 - ``responses``: the same gateway process, through OpenAI's Responses API
   (every content event a ``response.output_text.delta``, with the response's
   eight opening and closing events around them);
+- ``mcp``: the same gateway process, as an MCP server: one ``tools/call`` a
+  stream, every content event a ``notifications/progress``, then the result
+  (the whole reply again);
 - ``nginx``: one nginx worker configured as an SSE proxy (``loadtest/nginx.py``);
 - ``naive``: the Flask proxy people write from ChatIQ's example
   (``loadtest/naive_proxy.py``).
@@ -61,7 +64,7 @@ from loadtest.loadgen import Target, hold_streams, run_streams
 from loadtest.nginx import UPSTREAM_IDLE_S, start_nginx
 
 KEY = "bench-key"
-PATHS = ("direct", "gateway", "resumable", "openai", "responses", "nginx", "naive")
+PATHS = ("direct", "gateway", "resumable", "openai", "responses", "mcp", "nginx", "naive")
 TOKENS = 20  # content events per reply, by default
 TTFT_MS = 100  # the emulator's own time to first token
 EVENTS_PER_S = 6_000  # across all streams: keeps the emulator and the load generator light
@@ -241,6 +244,16 @@ class Stack:
                 "127.0.0.1", self.ports["gateway"], "/v1/responses", body, key=KEY,
                 end_marker=b"event: response.completed\n",
             )  # fmt: skip
+        if path == "mcp":  # the gateway as an MCP server: one tool call a stream
+            call = {
+                "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "ask_demo", "arguments": {"question": message},
+                           "_meta": {"progressToken": 1}},
+            }  # fmt: skip
+            return Target(
+                "127.0.0.1", self.ports["gateway"], "/mcp", call, key=KEY,
+                end_marker=b'"isError":false}}\n\n',
+            )  # fmt: skip
         body = {"message": message, "bot": "demo", "stream": True}  # the gateway's API
         if path == "resumable":
             port, resumable = self.ports["gateway"], (("X-Resumable", "1"),)
@@ -251,7 +264,7 @@ class Stack:
         gateway = self.gateway
         proxies = {
             "gateway": gateway, "resumable": gateway, "openai": gateway, "responses": gateway,
-            "nginx": self.nginx,
+            "mcp": gateway, "nginx": self.nginx,
         }  # fmt: skip
         proxy = {**proxies, "naive": self.naive}.get(path)
         return proxy.pid if proxy is not None else None

@@ -14,6 +14,7 @@ from typing import Any
 
 import mcp_types
 import pytest
+from mcp import ClientSession
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -71,6 +72,24 @@ async def test_the_tools_are_exactly_the_bots_the_key_may_use(
         assert set(demo.output_schema["properties"]) == {"text", "conversation_id"}
     async with connect(stack, key=LIMITED_KEY, mode=mode) as client:
         assert [t.name for t in (await client.list_tools()).tools] == ["ask_demo"]
+
+
+async def test_the_classic_client_session_initializes_lists_and_calls(stack: Stack) -> None:
+    """``ClientSession`` on the transport's two streams, as the SDK's examples
+    (and the agent frameworks) use it."""
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {ACME_KEY}"})
+    async with (
+        http,
+        streamable_http_client(mcp_url(stack), http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        init = await session.initialize()
+        assert init.protocol_version == "2025-11-25"
+        assert [t.name for t in (await session.list_tools()).tools] == ["ask_demo"]
+        result = await session.call_tool("ask_demo", {"question": "hi"})
+    _, sent = reply_of(stack)
+    text = result.content[0]
+    assert isinstance(text, mcp_types.TextContent) and text.text == sent
 
 
 async def test_initialize_agrees_on_the_client_s_version_and_names_the_server(
@@ -261,6 +280,23 @@ async def test_a_page_elsewhere_cannot_drive_the_server_through_a_browser(
     assert status == 403 and answer["error"]["data"]["code"] == "FORBIDDEN"
     async with connect(stack, Origin="https://app.example.com") as client:
         assert (await client.list_tools()).tools
+    # A browser's MCP client on an allowed page: its preflight, and the session
+    # id it may read.
+    asked = "mcp-session-id, mcp-protocol-version, mcp-method, mcp-name, authorization"
+    preflight = {
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": asked,
+    }  # fmt: skip
+    async with stack.session.options(mcp_url(stack), headers=preflight) as r:
+        assert r.status == 204
+        allowed = r.headers["Access-Control-Allow-Headers"].lower()
+        assert all(h.strip() in allowed for h in asked.split(","))
+        assert "DELETE" in r.headers["Access-Control-Allow-Methods"]
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+    headers = {"Origin": "https://app.example.com", "Authorization": f"Bearer {ACME_KEY}"}
+    async with stack.session.post(mcp_url(stack), json=init, headers=headers) as r:
+        assert r.status == 200 and "Mcp-Session-Id" in r.headers
+        assert "Mcp-Session-Id" in r.headers["Access-Control-Expose-Headers"]
 
 
 def mcp_errors(raised: BaseException) -> list[MCPError]:

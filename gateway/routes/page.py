@@ -13,7 +13,10 @@ from gateway.exchange import SAFETY_HEADERS
 from gateway.state import SETTINGS
 
 BUNDLED_PAGE = Path(__file__).resolve().parents[2] / "clients" / "web"
-CORS_HEADERS = "Authorization, Content-Type, X-Request-Id, X-Resumable, Last-Event-ID"
+CORS_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, X-Resumable, Last-Event-ID, "
+    "Mcp-Session-Id, MCP-Protocol-Version, Mcp-Method, Mcp-Name"  # a browser's MCP client
+)
 
 
 def static_dir(settings: Settings) -> Path:
@@ -61,7 +64,7 @@ async def preflight(request: web.Request) -> web.Response:
     return web.Response(
         status=204,
         headers={
-            "Access-Control-Allow-Methods": "GET, POST",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE",
             "Access-Control-Allow-Headers": CORS_HEADERS,
             "Access-Control-Max-Age": "600",
         },
@@ -80,5 +83,7 @@ async def add_browser_headers(request: web.Request, response: web.StreamResponse
     if origin is not None and origin in server.cors_origins:
         headers = response.headers
         headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
-        headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "Retry-After, X-Request-Id, X-Stream-Id"
+        headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = (
+            "Retry-After, X-Request-Id, X-Stream-Id, Mcp-Session-Id, WWW-Authenticate"
+        )
         headers[hdrs.VARY] = "Origin"

@@ -209,10 +209,6 @@ def error(rpc_id: int | str | None, err: RpcError) -> bytes:
     return orjson.dumps({"jsonrpc": "2.0", "id": rpc_id, "error": body})
 
 
-def notification(method: str, params: dict[str, Any]) -> bytes:
-    return orjson.dumps({"jsonrpc": "2.0", "method": method, "params": params})
-
-
 def sse_message(message: bytes) -> bytes:
     """One JSON-RPC message as an event of a ``text/event-stream`` answer."""
     return b"event: message\ndata: " + message + b"\n\n"

@@ -41,7 +41,6 @@ from gateway.exchange import exchange_of
 from gateway.frontends.base import Frontend
 from gateway.frontends.mcp.protocol import (
     ALL_VERSIONS,
-    HANDSHAKE_VERSIONS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PROTOCOL_VERSION_HEADER,
@@ -284,6 +283,3 @@ def _accepts_events(request: web.Request) -> bool:
 
 def _json(body: bytes, status: int, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
-
-
-__all__ = ["HANDSHAKE_VERSIONS", "MCPFrontend"]

@@ -29,7 +29,6 @@ from gateway.frontends.mcp.protocol import (
     SERVER_INFO_KEY,
     RpcError,
     http_error_response,
-    notification,
     result,
     sse_message,
 )
@@ -226,7 +225,17 @@ class ToolCallEvents:
     def __init__(self, chat: ChatRequest) -> None:
         self.headers: Mapping[str, str] = {}
         self._result = ToolResult(chat.extras or {})
-        self._token = (chat.extras or {}).get("progress_token")
+        token = (chat.extras or {}).get("progress_token")
+        # Each notification is this, the characters so far, and the new piece:
+        # one encode of the piece an event.
+        self._progress_head = (
+            None
+            if token is None
+            else (
+                b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress",'
+                b'"params":{"progressToken":' + orjson.dumps(token) + b',"progress":'
+            )
+        )
         self._chars = 0
         self._ended = False
 
@@ -236,11 +245,14 @@ class ToolCallEvents:
             if not piece:
                 return b""
             self._result.text.append(piece)
-            if self._token is None:
+            if self._progress_head is None:
                 return b""
             self._chars += len(piece)
-            params = {"progressToken": self._token, "progress": self._chars, "message": piece}
-            return sse_message(notification("notifications/progress", params))
+            return b'%b%d,"message":%b}}\n\n' % (
+                self._progress_head,
+                self._chars,
+                orjson.dumps(piece),
+            )
         if "error" in payload:  # ChatIQ's own, mid-stream
             code, message = chatiq_error(payload)
             text = f"The bot failed while answering: {message} ({code.upper()})."
