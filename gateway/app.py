@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from gateway.exchange import add_request_id, make_middleware
 from gateway.frontends import Frontend, load_frontends
 from gateway.frontends.chatiq import ChatIQFrontend
 from gateway.logs import Logger, loop_error_reporter, make_logger
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, version
 from gateway.pipeline import bind
 from gateway.quotas.admission import ADMISSION, Admission
 from gateway.quotas.shared import SharedQuotas
@@ -25,6 +26,7 @@ from gateway.resume.streams import RESUMABLE, ResumableStreams
 from gateway.routes import ops, page
 from gateway.state import LIFECYCLE, LOG, METRICS, SETTINGS, TIMERS, Lifecycle, LiveSettings
 from gateway.timers import TimerHeap
+from gateway.tracing import TRACING, Tracing
 from gateway.upstream.breaker import BREAKERS, Breakers, OnTransition, State
 from gateway.upstream.client import UPSTREAM, Upstream
 from gateway.upstream.pool import Pool
@@ -43,10 +45,12 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
         metrics.config_reloads.labels(result)
 
     frontend_of_route: dict[str, Frontend] = {}  # filled as the frontends mount, below
+    tracing = Tracing()  # started with the app (in each worker), if tracing is on
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[make_middleware(metrics, log, frontend_of_route)],
+        middlewares=[make_middleware(metrics, log, frontend_of_route, tracing)],
     )
+    app[TRACING] = tracing
     app[SETTINGS] = LiveSettings(settings)
     app[METRICS] = metrics
     app[ADMISSION] = admission
@@ -64,6 +68,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[TOOL_CALLS] = RedisToolCalls(settings.redis, log) if settings.redis.url else ToolCalls()
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_loop_errors)
+    app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_fleet_quotas)
     app.cleanup_ctx.append(_response_store)
@@ -165,6 +170,15 @@ async def drain(app: web.Application, grace_s: float, hurry: asyncio.Event | Non
     if cut:
         await asyncio.wait(cut, timeout=5)
     log.info("drained", streams_ended_early=len(cut))
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    """With tracing on, the SDK's exporter for the app's life; what is batched
+    goes out at the end (for two seconds at most, in a thread: the loop runs on)."""
+    tracing = app[TRACING]
+    tracing.start(app[SETTINGS].current.tracing, version(), app[LOG], os.environ)
+    yield
+    await asyncio.to_thread(tracing.shutdown)
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:

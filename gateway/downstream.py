@@ -56,8 +56,9 @@ class SlowClient(Exception):
 # - whether ``[DONE]`` is among them (and nothing after it);
 # - whether a content chunk is among them (the first token, if none came before);
 # - how many data events are among them;
-# - the code of ChatIQ's own error event among them (it ends the stream), or None.
-Translated = tuple[list[bytes], UpstreamError | None, bool, bool, int, str | None]
+# - the code of ChatIQ's own error event among them (it ends the stream), or None;
+# - the conversation id ChatIQ named among them (for the trace), or None.
+Translated = tuple[list[bytes], UpstreamError | None, bool, bool, int, str | None, object]
 
 
 def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
@@ -69,6 +70,7 @@ def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
     done = content = False
     count = 0
     error_code: str | None = None
+    conversation: object = None
     for event in events:
         data = event.data
         if data is None:
@@ -95,8 +97,10 @@ def translate(events: list[Event], encoder: StreamEncoder | None) -> Translated:
         content = content or "choices" in payload
         if "error" in payload:
             error_code = _error_code(payload["error"])
+        if "conversationId" in payload:
+            conversation = payload["conversationId"]
         pieces.append(event.raw if encoder is None else encoder.event(payload))
-    return pieces, failure, done, content, count, error_code
+    return pieces, failure, done, content, count, error_code, conversation
 
 
 def _error_code(error: object) -> str:

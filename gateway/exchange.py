@@ -17,7 +17,8 @@ from multidict import istr
 
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.logs import Logger
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, observe
+from gateway.tracing import Trace, Tracing
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 NO_TENANT = "-"
@@ -97,6 +98,10 @@ class Exchange:
     # A JSON-RPC request's method (MCP), for the log line; a tool call is also
     # counted as one (``tool_calls_total``).
     rpc_method: str | None = None
+    # Traced: its spans (``gateway.tracing``); what only the trace records.
+    trace: Trace | None = field(default=None, repr=False)
+    conversation_id: str | None = None
+    queue_wait: float | None = None
 
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
@@ -146,10 +151,14 @@ def _from_http_exception(e: web.HTTPException, method: str) -> GatewayError:
 
 
 def make_middleware(
-    metrics: Metrics, log: Logger, frontends: Mapping[str, ErrorRenderer] | None = None
+    metrics: Metrics,
+    log: Logger,
+    frontends: Mapping[str, ErrorRenderer] | None = None,
+    tracing: Tracing | None = None,
 ) -> Middleware:
     """``frontends``: each frontend route's frontend (filled as they are mounted),
-    which renders that route's errors in its own shape."""
+    which renders that route's errors in its own shape. ``tracing``: a SERVER
+    span for each frontend request, once it is started."""
     routes = {} if frontends is None else frontends
     by_prefix: list[ErrorRenderer] = []  # the longest prefix first, once routes are in
 
@@ -186,6 +195,8 @@ def make_middleware(
         frontend = routes.get(ex.route)
         if frontend is not None:
             ex.frontend = frontend.name
+            if tracing is not None and tracing.tracer is not None:
+                ex.trace = tracing.begin(request, ex.route, ex.request_id)
         render = error_response if frontend is None else frontend.error_response
         try:
             response = await handler(request)
@@ -279,8 +290,16 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
         metrics.tool_call_duration.labels(ex.tenant, ex.bot_label).observe(duration)
     if ex.streamed:
         series = metrics.stream_series(ex.tenant, ex.bot_label)
-        series.duration.observe(duration)
+        if ex.trace is None:
+            series.duration.observe(duration)
+        else:
+            observe(series.duration, duration, ex.trace.exemplar())
         series.events.inc(ex.events)
+    trace = ex.trace
+    ids = None
+    if trace is not None:
+        ids = trace.ids()
+        trace.end(ex.status, _span_attributes(ex), _error_type(ex), outcome == "failed")
     if not chat:
         log.debug("request", request_id=ex.request_id, route=ex.route, status=ex.status)
         return
@@ -299,4 +318,39 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
         events=ex.events,
         bytes=ex.bytes_out,
         duration_ms=round(duration * 1000, 1),
+        **({} if ids is None else {"trace_id": ids[0], "span_id": ids[1]}),
     )
+
+
+def _error_type(ex: Exchange) -> str | None:
+    """The span's ``error.type``: the gateway's error code, or ChatIQ's."""
+    if ex.error is not None:
+        return ex.error.code
+    if ex.upstream_error is not None:
+        return f"upstream:{ex.upstream_error}"
+    return None
+
+
+def _span_attributes(ex: Exchange) -> dict[str, object]:
+    """What the SERVER span says of the exchange (the GenAI conventions, and ours):
+    names, ids, counts and times, never a message or a reply."""
+    attributes: dict[str, object] = {
+        "chatiq.tenant": ex.tenant,
+        "chatiq.frontend": ex.frontend,
+        "chatiq.outcome": ex.outcome,
+    }
+    if ex.bot is not None:
+        attributes["gen_ai.operation.name"] = "chat"
+        attributes["gen_ai.provider.name"] = "chatiq"
+        attributes["gen_ai.request.model"] = ex.bot
+    if ex.conversation_id is not None:
+        attributes["gen_ai.conversation.id"] = ex.conversation_id
+    if ex.queue_wait is not None:
+        attributes["chatiq.queue.wait_s"] = ex.queue_wait
+    if ex.streamed:
+        attributes["chatiq.stream.events"] = ex.events
+    if ex.ttft is not None:
+        attributes["chatiq.ttft_s"] = ex.ttft
+    if ex.rpc_method is not None:
+        attributes["mcp.method.name"] = ex.rpc_method
+    return attributes

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,10 +33,11 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
     multiprocess,
     values,
 )
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.samples import Exemplar
 
 NAMESPACE = "chatiq_gateway"
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by the supervisor of several workers
@@ -146,6 +148,13 @@ class HotHistogram:
         # The first bucket whose bound is >= amount, as the library's ``amount <= bound``.
         self._buckets[bisect_left(self._bounds, amount)].inc(1)
 
+    def observe_exemplar(self, amount: float, exemplar: dict[str, str]) -> None:
+        """Observe, and keep ``exemplar`` on the amount's bucket (multiprocess
+        values keep none: the library does not store them across workers)."""
+        self.observe(amount)
+        bucket = self._buckets[bisect_left(self._bounds, amount)]
+        bucket.set_exemplar(Exemplar(exemplar, amount, time.time()))
+
 
 class LoopHistogram(HotHistogram):
     """A ``HotHistogram`` over one process's values, added to in place (as
@@ -156,6 +165,16 @@ class LoopHistogram(HotHistogram):
     def observe(self, amount: float) -> None:
         self._sum._value += amount
         self._buckets[bisect_left(self._bounds, amount)]._value += 1
+
+
+def observe(histogram: Any, amount: float, exemplar: dict[str, str] | None) -> None:
+    """An observation with its exemplar (a traced request's ids), if it has one."""
+    if exemplar is None:
+        histogram.observe(amount)
+    elif isinstance(histogram, HotHistogram):
+        histogram.observe_exemplar(amount, exemplar)
+    else:  # the library's own child, or metrics off
+        histogram.observe(amount, exemplar)
 
 
 def _in_process(value: Any) -> bool:
@@ -440,9 +459,12 @@ class Metrics:
             return "-"
         return bot if bot in self._bots else OTHER_BOT
 
-    def exposition(self) -> bytes:
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The metrics and their content type: OpenMetrics (with exemplars) when
+        ``accept`` (the scraper's Accept header) asks for it, else Prometheus' text."""
+        encode, content_type = choose_encoder(accept)
         if self.multiprocess:
             everyone = CollectorRegistry()
             multiprocess.MultiProcessCollector(everyone)  # type: ignore[no-untyped-call]
-            return generate_latest(everyone)
-        return generate_latest(self.registry)
+            return encode(everyone), content_type
+        return encode(self.registry), content_type

@@ -81,6 +81,7 @@ async def serve_parsed(
     ex = exchange_of(request)
     metrics = app[METRICS]
     ex.bot, ex.bot_label = chat.bot, metrics.bot_label(chat.bot)
+    ex.conversation_id = chat.conversation_id
     if not tenant.may_use(chat.bot):
         if ANY_BOT not in tenant.bots and chat.bot not in named_bots(settings):
             raise UnknownBot(f"no bot {chat.bot!r} for this key")
@@ -97,13 +98,19 @@ async def serve_parsed(
     if wants_resumable(request, tenant, frontend, settings) and chat.stream:
         return await serve_resumable(request, frontend, chat, ex, deadline)
     slot = app[ADMISSION].slot(tenant.name)
-    await slot.take()
+    trace = ex.trace
+    if trace is None:
+        await slot.take()
+    else:
+        queued = upstream.loop.time()
+        await slot.take()
+        ex.queue_wait = upstream.loop.time() - queued
     relay: Relay | None = None
     try:
         if not chat.stream:
-            body = await upstream.complete(chat, ex.request_id, deadline)
+            body = await upstream.complete(chat, ex.request_id, deadline, trace)
             return frontend.completion(body, chat, ex)
-        source, first = await upstream.open_stream(chat, ex.request_id, deadline)
+        source, first = await upstream.open_stream(chat, ex.request_id, deadline, trace)
         encoder = frontend.encoder(chat, ex)
         relay = Relay(request, source, first, ex, deadline, encoder, slot)
         # The stream runs once this handler returned (see Relay.run).

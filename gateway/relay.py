@@ -37,7 +37,7 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.exchange import Exchange, LateResponse, end_exchange
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, observe
 from gateway.quotas.admission import Slot
 from gateway.sse import DONE_EVENT, Event, format_event
 from gateway.state import LIFECYCLE, LOG, METRICS, SETTINGS, TIMERS, Lifecycle
@@ -263,11 +263,15 @@ class Relay:
             transport = self._transport
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client went away")
-            pieces, failure, done, content, count, error_code = translate(events, self._encoder)
+            pieces, failure, done, content, count, error_code, conversation = translate(
+                events, self._encoder
+            )
             ex = self._ex
             ex.events += count
             if error_code is not None:
                 ex.upstream_error = error_code
+            if conversation is not None:
+                ex.conversation_id = str(conversation)
             if content and ex.ttft is None:
                 self._first_token()
             payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -305,10 +309,14 @@ class Relay:
     def _batch(self, events: list[Event]) -> tuple[bytes, UpstreamError | None]:
         """The bytes of the whole events to send, up to ``[DONE]`` or a bad event
         (``on_events`` has its own copy, inline)."""
-        pieces, failure, done, content, count, error_code = translate(events, self._encoder)
+        pieces, failure, done, content, count, error_code, conversation = translate(
+            events, self._encoder
+        )
         self._ex.events += count
         if error_code is not None:
             self._ex.upstream_error = error_code
+        if conversation is not None:
+            self._ex.conversation_id = str(conversation)
         if done:
             self._done = True
         if content and self._ex.ttft is None:
@@ -318,7 +326,12 @@ class Relay:
     def _first_token(self) -> None:
         ex = self._ex
         ex.ttft = self._loop.time() - ex.started
-        self._metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token.observe(ex.ttft)
+        histogram = self._metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token
+        if ex.trace is None:
+            histogram.observe(ex.ttft)
+        else:
+            observe(histogram, ex.ttft, ex.trace.exemplar())
+            ex.trace.first_token(ex.ttft)
 
     def _finish(self, outcome: BaseException | None) -> None:
         """The stream ends: stop pushing, and wake the handler's task to end it."""

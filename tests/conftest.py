@@ -41,7 +41,8 @@ from tests.helpers import (
     gateway_settings,
 )
 
-pytest_plugins = ["tests.scripted", "tests.redis_server"]  # the scripted upstream, redis-server
+# The scripted upstream, redis-server, the OTLP receiver.
+pytest_plugins = ["tests.scripted", "tests.redis_server", "tests.otlp"]
 
 
 # Every secret the tests use, and a message text: none may appear in any log line.

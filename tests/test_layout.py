@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.sse",
             "gateway.state",
             "gateway.timers",
+            "gateway.tracing",
             "gateway",
         ],
     ),

@@ -193,7 +193,7 @@ def test_metrics_switched_off_record_nothing() -> None:
     series.duration.observe(1.0)
     series.active.inc()
     metrics.request_counter("/api/chatbot", "chatiq", "acme", 200, "ok").inc()
-    assert b"chatiq_gateway" not in metrics.exposition()
+    assert b"chatiq_gateway" not in metrics.exposition()[0]
 
 
 # Below the first bound, on bounds, just past them, past the last, a negative
@@ -228,7 +228,7 @@ def test_the_per_stream_children_record_what_the_library_would() -> None:
     library.requests.labels("/api/chatbot", "chatiq", "acme", "200", "ok").inc()
 
     def samples(metrics: Metrics) -> list[str]:
-        lines = metrics.exposition().decode().splitlines()
+        lines = metrics.exposition()[0].decode().splitlines()
         return [line for line in lines if "_created" not in line and "process_" not in line]
 
     assert samples(hot) == samples(library)

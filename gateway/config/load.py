@@ -37,6 +37,7 @@ from gateway.config.settings import (
     ServerSettings,
     Settings,
     Tenant,
+    TracingSettings,
     UpstreamSettings,
 )
 
@@ -59,6 +60,7 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "responses": ResponsesSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
+    "tracing": TracingSettings,
 }
 
 

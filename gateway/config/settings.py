@@ -149,6 +149,13 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """``[tracing]``: OpenTelemetry traces (the ``OTEL_*`` variables say the rest)."""
+
+    enabled: bool = False  # also on when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str = "info"
     format: str = "auto"  # "json", "console", or "auto" (console on a terminal)
@@ -217,6 +224,7 @@ class Settings:
     responses: ResponsesSettings = ResponsesSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
+    tracing: TracingSettings = TracingSettings()
     tenants: tuple[Tenant, ...] = ()
     bots: tuple[BotSettings, ...] = ()
     frontends: tuple[FrontendSettings, ...] = tuple(

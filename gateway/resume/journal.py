@@ -46,6 +46,8 @@ class Journal:
         self.finished = False
         self.headers: dict[str, str] = {}  # its response head (the frontend's)
         self.chat_key: tuple[str, str, str] | None = None  # see ResumableStreams.name_chat
+        # The W3C traceparent of the request that started it: a resume's span links to it.
+        self.traceparent: str | None = None
         # Told of every change (the Redis writer, which copies it for other replicas).
         self.listener: Callable[[Journal], None] | None = None
         self.readers = 0  # clients reading it now (the Redis writer is not one)

@@ -53,6 +53,7 @@ class Recorder:
         on_failure: Callable[[UpstreamError], None],
         timers: TimerHeap,
         on_error_event: Callable[[str], None] = lambda code: None,  # ChatIQ's own error event
+        on_conversation: Callable[[str], None] | None = None,  # the conversation id it names
     ) -> None:
         self._source = source
         self._journal = journal
@@ -62,6 +63,7 @@ class Recorder:
         self._on_content: Callable[[], None] | None = on_content  # once, at the first token
         self._on_failure = on_failure
         self._on_error_event = on_error_event
+        self._on_conversation = on_conversation
         self._loop = asyncio.get_running_loop()
         self._ended: asyncio.Future[None] = self._loop.create_future()
         self._done = False
@@ -101,9 +103,13 @@ class Recorder:
         if not with_data:  # comments and blank events are no sign of life
             return
         self._last_event = self._loop.time()
-        pieces, failure, done, content, _, error_code = translate(with_data, self._encoder)
+        pieces, failure, done, content, _, error_code, conversation = translate(
+            with_data, self._encoder
+        )
         if error_code is not None:
             self._on_error_event(error_code)
+        if conversation is not None and self._on_conversation is not None:
+            self._on_conversation(str(conversation))
         if self._encoder is None:
             entries = pieces
         else:

@@ -174,8 +174,14 @@ class RedisStreams:
         # The head's names are multidict's istr (a str subclass, which orjson
         # takes as a key only with OPT_NON_STR_KEYS); they come back as str.
         head = orjson.dumps(journal.headers, option=orjson.OPT_NON_STR_KEYS)
-        pipe.hset(meta, mapping={"tenant": journal.tenant, "frontend": journal.frontend,
-                                 "headers": head})  # fmt: skip
+        fields: dict[str, str | bytes] = {
+            "tenant": journal.tenant,
+            "frontend": journal.frontend,
+            "headers": head,
+        }
+        if journal.traceparent is not None:
+            fields["traceparent"] = journal.traceparent
+        pipe.hset(meta, mapping=fields)
         pipe.pexpire(meta, ttl)
         if journal.chat_key is not None:
             pipe.set(self._chat_key(*journal.chat_key), journal.id, px=ttl)
@@ -305,6 +311,8 @@ class RedisStreams:
         frontend = meta.get(b"frontend", b"chatiq").decode()
         journal = Journal(stream_id, tenant, frontend, self._resume.max_stream_bytes)
         journal.headers = orjson.loads(meta.get(b"headers", b"{}"))
+        traceparent = meta.get(b"traceparent")
+        journal.traceparent = None if traceparent is None else traceparent.decode("latin-1")
         if rows:
             journal.start_at(_seq(rows[0][0]))
             _append(journal, rows)

@@ -31,6 +31,7 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.exchange import Exchange, exchange_of
+from gateway.metrics import observe
 from gateway.quotas.admission import ADMISSION
 from gateway.resume.journal import Gone, Journal, frame
 from gateway.resume.recorder import Recorder, ending
@@ -71,6 +72,8 @@ async def serve_resumable(
     journal = streams.open(ex.tenant, frontend.name)
     if chat.chat_id is not None:
         streams.name_chat(journal, chat.chat_id)
+    if ex.trace is not None:
+        journal.traceparent = ex.trace.traceparent()
     encoder = frontend.encoder(chat, ex)
     journal.headers = {**SSE_HEADERS, **(encoder.headers if encoder is not None else {})}
     opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -109,7 +112,10 @@ async def _produce(
     def first_token() -> None:
         if ex.ttft is None:
             ex.ttft = loop.time() - ex.started
-            metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token.observe(ex.ttft)
+            histogram = metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token
+            observe(histogram, ex.ttft, None if ex.trace is None else ex.trace.exemplar())
+            if ex.trace is not None:
+                ex.trace.first_token(ex.ttft)
 
     def failed(e: UpstreamError) -> None:
         if e.kind is not None:
@@ -118,8 +124,11 @@ async def _produce(
                          kind=e.kind, resumable=True)  # fmt: skip
 
     try:
+        queued = loop.time()
         async with app[ADMISSION].slot(ex.tenant):
-            source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline)
+            if ex.trace is not None:
+                ex.queue_wait = loop.time() - queued
+            source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline, ex.trace)
             if streams.remote is not None:
                 try:
                     await streams.remote.announce(journal)  # else: resumable here only
@@ -132,6 +141,7 @@ async def _produce(
             recorder = Recorder(
                 source, journal, encoder, settings, deadline, first_token, failed, app[TIMERS],
                 on_error_event=lambda code: setattr(ex, "upstream_error", code),
+                on_conversation=lambda conversation: setattr(ex, "conversation_id", conversation),
             )  # fmt: skip
             try:
                 await recorder.run(first)
@@ -252,6 +262,14 @@ async def _hand_over(
 # the resume route
 
 
+def _link(ex: Exchange, journal: Journal) -> None:
+    """A resume's span links to the span of the request that started the stream."""
+    if ex.trace is not None:
+        ex.trace.describe({"chatiq.stream.resumed": True})
+        if journal.traceparent is not None:
+            ex.trace.link(journal.traceparent)
+
+
 def last_event_id(request: web.Request) -> int:
     """``Last-Event-ID`` (the header, else ``?last_event_id=``); none: from the start."""
     raw = request.headers.get("Last-Event-ID", request.query.get("last_event_id", "")).strip()
@@ -346,6 +364,7 @@ async def _resume_here(request: web.Request, journal: Journal, after: int) -> we
     app, ex = request.app, exchange_of(request)
     streams = app[RESUMABLE]
     app[METRICS].streams_resumed.labels(journal.tenant).inc()
+    _link(ex, journal)
     streams.reader_joined(journal)
     try:
         return await follow(request, journal, after, ex, resumed=True)
@@ -361,6 +380,7 @@ async def _resume_from_redis(
     remote = request.app[RESUMABLE].remote
     assert remote is not None
     request.app[METRICS].streams_resumed.labels(ex.tenant).inc()
+    _link(ex, replica)
     replica.readers += 1
     try:
         return await follow(request, replica, after, ex, resumed=True)

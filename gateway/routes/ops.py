@@ -37,7 +37,5 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     token_sha256 = request.app[SETTINGS].current.metrics.token_sha256
     if token_sha256:
         require_bearer(token_sha256, request.headers.get("Authorization"))
-    body = request.app[METRICS].exposition()
-    return web.Response(
-        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-    )
+    body, content_type = request.app[METRICS].exposition(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
+from functools import partial
 from typing import TypeVar
 
 from aiohttp import web
@@ -37,6 +38,7 @@ from gateway.errors import (
 from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.sse import Event
+from gateway.tracing import Trace
 from gateway.upstream.breaker import Breakers
 from gateway.upstream.connection import Connection, Head, WireError, WireProtocolError, read_body
 from gateway.upstream.deadline import Deadline
@@ -103,37 +105,55 @@ class Upstream:
         self._fixed_head = "\r\n".join(fixed)
 
     async def open_stream(
-        self, chat: ChatRequest, request_id: str, deadline: float
+        self, chat: ChatRequest, request_id: str, deadline: float, trace: Trace | None = None
     ) -> tuple[EventSource, list[Event]]:
-        """The stream and its first events, retried while nothing reached the client."""
+        """The stream and its first events, retried while nothing reached the client.
+        ``trace``: each attempt gets a CLIENT span (the stream's ends as its source closes)."""
 
-        async def attempt(first_byte_by: float) -> tuple[EventSource, list[Event]]:
-            conn = await self._send(chat, request_id, first_byte_by, deadline)
-            source = EventSource(conn, self._settings.max_event_bytes)
+        async def attempt(
+            first_byte_by: float, retried_for: str | None
+        ) -> tuple[EventSource, list[Event]]:
+            conn = await self._send(chat, request_id, first_byte_by, deadline, trace, retried_for)
+            source = EventSource(conn, self._settings.max_event_bytes, trace)
             try:
                 return source, await source.read(min(first_byte_by, deadline))
             except TimeoutError:
+                failure = _timeout_error(first_byte_by, deadline)
+                if trace is not None:
+                    trace.end_attempt(failure)
                 source.close()
-                raise _timeout_error(first_byte_by, deadline) from None
-            except BaseException:
+                raise failure from None
+            except BaseException as e:
+                if trace is not None:
+                    trace.end_attempt(e)
                 source.close()
                 raise
 
         return await self._with_breaker(chat, attempt, request_id, deadline)
 
-    async def complete(self, chat: ChatRequest, request_id: str, deadline: float) -> bytes:
+    async def complete(
+        self, chat: ChatRequest, request_id: str, deadline: float, trace: Trace | None = None
+    ) -> bytes:
         """A non-streaming answer's body, checked to be a JSON object."""
 
-        async def attempt(first_byte_by: float) -> bytes:
-            conn = await self._send(chat, request_id, first_byte_by, deadline)
-            return await self._read_json(conn, deadline)
+        async def attempt(first_byte_by: float, retried_for: str | None) -> bytes:
+            conn = await self._send(chat, request_id, first_byte_by, deadline, trace, retried_for)
+            try:
+                body = await self._read_json(conn, deadline)
+            except BaseException as e:
+                if trace is not None:
+                    trace.end_attempt(e)
+                raise
+            if trace is not None:
+                trace.end_attempt(None)
+            return body
 
         return await self._with_breaker(chat, attempt, request_id, deadline)
 
     async def _with_breaker(
         self,
         chat: ChatRequest,
-        attempt: Callable[[float], Awaitable[T]],
+        attempt: Callable[[float, str | None], Awaitable[T]],
         request_id: str,
         deadline: float,
     ) -> T:
@@ -154,16 +174,20 @@ class Upstream:
         return result
 
     async def _with_retries(
-        self, attempt: Callable[[float], Awaitable[T]], request_id: str, deadline: float
+        self,
+        attempt: Callable[[float, str | None], Awaitable[T]],
+        request_id: str,
+        deadline: float,
     ) -> T:
         loop = self._pool.loop
         s = self._settings
         retry_by = min(deadline, loop.time() + s.retry_budget_s)
         tries = 0
+        reason: str | None = None  # why this attempt is a retry
         while True:
             tries += 1
             try:
-                result = await attempt(loop.time() + s.first_byte_timeout_s)
+                result = await attempt(loop.time() + s.first_byte_timeout_s, reason)
             except UpstreamError as e:
                 self._count_failure(e, request_id, tries)
                 reason = retry_reason(e)
@@ -198,16 +222,45 @@ class Upstream:
         ).encode("latin-1")
 
     async def _send(
-        self, chat: ChatRequest, request_id: str, first_byte_by: float, deadline: float
+        self,
+        chat: ChatRequest,
+        request_id: str,
+        first_byte_by: float,
+        deadline: float,
+        trace: Trace | None = None,
+        retried_for: str | None = None,
     ) -> Connection:
         """POST the chat; return the connection of a 200 response of the expected type."""
+        try:
+            return await self._send_traced(
+                chat, request_id, first_byte_by, deadline, trace, retried_for
+            )
+        except BaseException as e:
+            if trace is not None:
+                trace.end_attempt(e)
+            raise
+
+    async def _send_traced(
+        self,
+        chat: ChatRequest,
+        request_id: str,
+        first_byte_by: float,
+        deadline: float,
+        trace: Trace | None,
+        retried_for: str | None,
+    ) -> Connection:
         loop = self._pool.loop
         body = chat.upstream_json()
         request_head = self._request_head(request_id, chat.stream, len(body))
         sent = loop.time()
         try:
             async with Deadline(loop, min(first_byte_by, deadline)):
-                conn, head = await self._request(request_head, body)
+                if trace is None:
+                    conn, head = await self._request(request_head, body)
+                else:
+                    conn, head = await self._request(
+                        request_head, body, partial(self._traced_head, trace, chat, retried_for)
+                    )
         except BaseException as e:
             if isinstance(e, TimeoutError):
                 raise _timeout_error(first_byte_by, deadline) from None
@@ -221,6 +274,8 @@ class Upstream:
                 raise failure from None
             raise
         self._metrics.upstream_first_byte.observe(loop.time() - sent)
+        if trace is not None:
+            trace.attempt_answered(head.status)
         if head.status != 200:
             try:
                 raise await _error_for(conn, head)
@@ -234,20 +289,47 @@ class Upstream:
             raise UpstreamProtocolError(f"the chat service answered {got!r}, not {expected!r}")
         return conn
 
-    async def _request(self, head: bytes, body: bytes) -> tuple[Connection, Head]:
+    def _traced_head(
+        self, trace: Trace, chat: ChatRequest, retried_for: str | None, head: bytes, resend: bool
+    ) -> bytes:
+        """``head`` with the ``traceparent`` of a new CLIENT span for this send."""
+        pool = self._pool
+        line = trace.begin_attempt(
+            {
+                "http.request.method": "POST",
+                "server.address": pool.host,
+                "server.port": pool.port,
+                "url.scheme": "https" if pool.https else "http",
+                "url.path": pool.path,
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "chatiq",
+                "gen_ai.request.model": chat.bot,
+            },
+            retried_for,
+            resend,
+        )
+        return head[:-2] + line + b"\r\n"  # before the blank line that ends the head
+
+    async def _request(
+        self, head: bytes, body: bytes, traced: Callable[[bytes, bool], bytes] | None = None
+    ) -> tuple[Connection, Head]:
         """Send on a pooled connection; its response head. A reused connection
         that fails before any answer is re-sent once on a new one: the server
         closed it while idle, so it never acted on the request (Go's
-        ``shouldRetryRequest``, urllib3). Not a retry: no backoff, no breaker."""
+        ``shouldRetryRequest``, urllib3). Not a retry: no backoff, no breaker.
+        ``traced``: each send's head, with the ``traceparent`` of its own span."""
         conn = await self._connection(fresh=False)
+        resend = False
         while True:
             try:
-                return conn, await conn.request(head, body)
+                sent = head if traced is None else traced(head, resend)
+                return conn, await conn.request(sent, body)
             except BaseException as e:
                 conn.release()  # a failed connection is closed, not pooled
                 if not (isinstance(e, WireError) and not e.answered and conn.reused):
                     raise
             self._metrics.upstream_resends.inc()
+            resend = True
             conn = await self._connection(fresh=True)
 
     async def _connection(self, *, fresh: bool) -> Connection:

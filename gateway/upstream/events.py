@@ -14,6 +14,7 @@ from gateway.errors import (
     UpstreamProtocolError,
 )
 from gateway.sse import Event, SSEParser, SSEProtocolError
+from gateway.tracing import Trace
 from gateway.upstream.connection import Connection, WireError, WireProtocolError
 
 # Events read before a relay takes them (while the client's response starts):
@@ -47,11 +48,13 @@ class EventSource:
         "_kept_bytes",
         "_parser",
         "_paused",
+        "_trace",
         "_waiter",
     )
 
-    def __init__(self, conn: Connection, max_event_bytes: int) -> None:
+    def __init__(self, conn: Connection, max_event_bytes: int, trace: Trace | None = None) -> None:
         self._conn = conn
+        self._trace = trace  # its attempt's span ends as the source closes
         self._parser = SSEParser(max_event_bytes)
         self._kept: list[Event] = []  # read, not yet taken
         self._kept_bytes = 0
@@ -167,6 +170,8 @@ class EventSource:
         self._consumer = None
         self.resume()
         self._conn.release(body_done=done)
+        if self._trace is not None:
+            self._trace.end_attempt(None if done else self._failure)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

@@ -34,7 +34,8 @@ class Pool:
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.path = parts.path or "/"  # (for a trace: the query is left out)
+        path = self.path + (f"?{parts.query}" if parts.query else "")
         default_port = parts.port is None or parts.port == (443 if self.https else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.authority = host if default_port else f"{host}:{self.port}"

@@ -1,0 +1,199 @@
+"""Traces: the caller's trace continued through the gateway to ChatIQ, exported
+over OTLP/HTTP to a real receiver (tests/otlp.py), with the GenAI conventions'
+attributes, and no message, reply or key anywhere in what is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.tracing import TRACING
+from loadtest.emulator import EmulatorSettings
+from tests.helpers import ACME_KEY, AUTH, CHATIQ_KEY, StackFactory, data_events
+from tests.otlp import CLIENT, SERVER, Receiver
+from tests.scripted import SSE_ANSWER, ScriptedFactory, ScriptedRequest
+
+MESSAGE = "What is the refund policy for order 58213?"
+
+
+def caller_headers() -> tuple[dict[str, str], str, str]:
+    """An app's own span, as its OpenTelemetry SDK sends it on: the headers, its
+    trace id and span id."""
+    span = TracerProvider().get_tracer("the-app").start_span("checkout")
+    headers: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(headers, context=set_span_in_context(span))
+    context = span.get_span_context()
+    return headers, f"{context.trace_id:032x}", f"{context.span_id:016x}"
+
+
+def traceparent_of(raw_request: bytes) -> str:
+    found = re.search(rb"(?i)\r\ntraceparent: *([^\r]+)", raw_request)
+    assert found is not None, raw_request[:300]
+    return found.group(1).decode()
+
+
+async def test_a_retried_chat_is_one_trace_from_the_caller_to_each_upstream_attempt(
+    scripted: ScriptedFactory, otlp: Receiver
+) -> None:
+    def answer(request: ScriptedRequest) -> bytes:
+        if request.number == 1:
+            return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+        return SSE_ANSWER
+
+    stack, upstream = await scripted(answer, max_retries=1)
+    headers, trace_id, caller_span = caller_headers()
+    r = await stack.chat({"message": MESSAGE}, headers=headers)
+    assert r.status == 200
+    assert data_events(await r.read())[-1] == "[DONE]"
+
+    [server] = await otlp.wait_for(SERVER)
+    assert server.trace_id == trace_id and server.parent_id == caller_span
+    assert server.span.name == "POST /api/chatbot"
+    attrs = server.attributes
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.provider.name"] == "chatiq"
+    assert attrs["gen_ai.request.model"] == "demo"
+    assert attrs["gen_ai.conversation.id"] == "c-1"  # named by the stream
+    assert attrs["chatiq.tenant"] == "acme" and attrs["chatiq.frontend"] == "chatiq"
+    assert attrs["http.request.method"] == "POST" and attrs["http.route"] == "/api/chatbot"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["chatiq.queue.wait_s"] >= 0
+    assert "error.type" not in attrs
+    assert [e.name for e in server.span.events] == ["gen_ai.first_token"]
+    assert server.resource["service.name"] == "gateway-under-test"
+
+    first, second = sorted(
+        await otlp.wait_for(CLIENT, 2), key=lambda s: s.span.start_time_unix_nano
+    )
+    for attempt in (first, second):
+        assert attempt.trace_id == trace_id and attempt.parent_id == server.span_id
+        assert attempt.attributes["server.address"] == "127.0.0.1"
+        assert attempt.attributes["server.port"] == upstream.port
+        assert attempt.attributes["gen_ai.request.model"] == "demo"
+    assert first.attributes["http.response.status_code"] == 503
+    assert first.attributes["error.type"] == "http_5xx"
+    assert second.attributes["http.response.status_code"] == 200
+    assert second.attributes["http.request.resend_count"] == 1
+    assert second.attributes["chatiq.retry.reason"] == "http_503"
+    assert "error.type" not in second.attributes
+    # Each attempt's request named its own span.
+    sent = [traceparent_of(raw).rpartition("-") for raw in upstream.requests]
+    assert [named for named, _, _ in sent] == [
+        f"00-{trace_id}-{first.span_id}",
+        f"00-{trace_id}-{second.span_id}",
+    ]
+    assert all(int(flags, 16) & 1 for _, _, flags in sent)  # sampled
+    [line] = [e for e in stack.log_lines() if e.get("event") == "request"]
+    assert line["trace_id"] == trace_id and line["span_id"] == server.span_id
+
+
+async def test_nothing_said_or_answered_and_no_key_is_in_any_exported_byte(
+    make_stack: StackFactory, otlp: Receiver
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=30))
+    r = await stack.chat({"message": MESSAGE, "conversation_id": "conv-77"})
+    reply = "".join(
+        chunk["choices"][0]["delta"].get("content", "")
+        for chunk in map(_json, data_events(await r.read())[:-1])
+        if "choices" in chunk
+    )
+    assert len(reply) > 40
+    [server] = await otlp.wait_for(SERVER)
+    await otlp.wait_for(CLIENT)
+    assert server.attributes["gen_ai.conversation.id"] == "conv-77"
+    exported = b"".join(otlp.bodies)
+    for secret in (MESSAGE, reply, reply[:20], ACME_KEY, CHATIQ_KEY, "refund policy"):
+        assert secret.encode() not in exported
+
+
+def _json(data: str) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(data)
+    return parsed
+
+
+async def test_a_stream_that_breaks_mid_way_ends_its_span_in_error(
+    make_stack: StackFactory, otlp: Receiver
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0))
+    r = await stack.chat({"message": "hi", "bot": "fault-drop-mid"})
+    assert r.status == 200
+    events = data_events(await r.read())
+    assert events[-1] == "[DONE]" and "error" in events[-2]
+    [server] = await otlp.wait_for(SERVER)
+    assert server.span.status.code == server.span.status.STATUS_CODE_ERROR
+    assert server.attributes["error.type"] == "UPSTREAM_ERROR"
+    assert server.attributes["http.response.status_code"] == 200
+    [attempt] = await otlp.wait_for(CLIENT)
+    assert attempt.span.status.code == attempt.span.status.STATUS_CODE_ERROR
+
+
+async def test_a_refused_request_names_its_error_without_failing_the_span(
+    make_stack: StackFactory, otlp: Receiver
+) -> None:
+    stack = await make_stack()
+    r = await stack.chat({"message": "hi", "bot": "no-such-bot"}, key="limited-key-09ab")
+    assert r.status in (403, 404)
+    [server] = await otlp.wait_for(SERVER)
+    assert server.attributes["http.response.status_code"] == r.status
+    assert server.attributes["error.type"] in ("UNKNOWN_BOT", "FORBIDDEN")
+    assert server.span.status.code == server.span.status.STATUS_CODE_UNSET
+    assert not otlp.of_kind(CLIENT)
+
+
+async def test_untraced_no_span_is_made_and_no_traceparent_goes_upstream(
+    scripted: ScriptedFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    stack, upstream = await scripted(SSE_ANSWER)
+    headers, _, _ = caller_headers()
+    r = await stack.chat(headers=headers)
+    assert r.status == 200
+    await r.read()
+    assert b"traceparent" not in upstream.requests[0].lower()
+    [line] = [e for e in stack.log_lines() if e.get("event") == "request"]
+    assert "trace_id" not in line
+    assert stack.gateway.app[TRACING].tracer is None
+
+
+async def test_otel_sdk_disabled_wins_over_an_endpoint(
+    scripted: ScriptedFactory, otlp: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    stack, upstream = await scripted(SSE_ANSWER)
+    r = await stack.chat(headers=caller_headers()[0])
+    await r.read()
+    assert b"traceparent" not in upstream.requests[0].lower()
+    assert stack.gateway.app[TRACING].tracer is None
+    await asyncio.sleep(0.3)  # a batch would have gone within 50 ms
+    assert otlp.bodies == []
+
+
+async def test_exemplars_on_the_latency_histograms_name_the_traced_request(
+    make_stack: StackFactory, otlp: Receiver
+) -> None:
+    stack = await make_stack()
+    headers, trace_id, _ = caller_headers()
+    r = await stack.chat(headers=headers)
+    await r.read()
+    [server] = await otlp.wait_for(SERVER)
+    openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+    async with stack.session.get(stack.gateway.make_url("/metrics"), headers=openmetrics) as m:
+        assert m.content_type == "application/openmetrics-text"
+        text = await m.text()
+    for histogram in ("time_to_first_token_seconds", "stream_duration_seconds"):
+        [line] = [
+            ln for ln in text.splitlines()
+            if ln.startswith(f"chatiq_gateway_{histogram}_bucket") and " # {" in ln
+        ]  # fmt: skip
+        assert f'trace_id="{trace_id}"' in line and f'span_id="{server.span_id}"' in line
+    async with stack.session.get(stack.gateway.make_url("/metrics"), headers=AUTH) as m:
+        assert m.content_type == "text/plain"  # Prometheus' text: no exemplars
+        assert "trace_id" not in await m.text()
