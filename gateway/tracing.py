@@ -216,7 +216,8 @@ class Trace:
         line (with ``tracestate``, if any) that names it, for its request head."""
         tracing = self._tracing
         assert tracing.tracer is not None
-        self.end_attempt(None)
+        # A send still open here met a connection the server had closed while idle.
+        self.end_attempt(None, error_type="stale_connection" if resend else None)
         from opentelemetry.trace import set_span_in_context
 
         number = self._attempts

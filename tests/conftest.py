@@ -24,6 +24,7 @@ from gateway.config import (
     ServerSettings,
     Settings,
     Tenant,
+    TracingSettings,
 )
 from gateway.logs import make_logger
 from gateway.quotas.admission import ADMISSION
@@ -117,6 +118,7 @@ async def make_stack(
         tenants: tuple[Tenant, ...] | None = None,
         resume: ResumeSettings | None = None,
         redis: RedisSettings | None = None,
+        tracing: TracingSettings | None = None,
         **upstream: Any,
     ) -> Stack:
         emulator_settings = emulator or EmulatorSettings(ttft_s=0, tokens_per_s=0)
@@ -131,6 +133,8 @@ async def make_stack(
             gw_settings = replace(gw_settings, resume=resume)
         if redis is not None:
             gw_settings = replace(gw_settings, redis=redis)
+        if tracing is not None:
+            gw_settings = replace(gw_settings, tracing=tracing)
         logs = io.StringIO()
         log_audit.in_memory.append(logs)
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))

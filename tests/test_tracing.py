@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from openai import AsyncOpenAI
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from gateway.config import ResumeSettings, TracingSettings
 from gateway.tracing import TRACING
-from loadtest.emulator import EmulatorSettings
-from tests.helpers import ACME_KEY, AUTH, CHATIQ_KEY, StackFactory, data_events
+from loadtest.emulator import TRANSCRIPTS, EmulatorSettings
+from tests.helpers import ACME_KEY, AUTH, CHATIQ_KEY, StackFactory, data_events, read_events
 from tests.otlp import CLIENT, SERVER, Receiver
 from tests.scripted import SSE_ANSWER, ScriptedFactory, ScriptedRequest
 
@@ -197,3 +205,137 @@ async def test_exemplars_on_the_latency_histograms_name_the_traced_request(
     async with stack.session.get(stack.gateway.make_url("/metrics"), headers=AUTH) as m:
         assert m.content_type == "text/plain"  # Prometheus' text: no exemplars
         assert "trace_id" not in await m.text()
+
+
+async def test_a_caller_that_sampled_its_trace_out_is_followed_but_not_exported(
+    scripted: ScriptedFactory, otlp: Receiver
+) -> None:
+    """parentbased_always_on (the default): the caller's decision holds, and
+    ChatIQ still hears of the trace (its flags say: not sampled)."""
+    stack, upstream = await scripted(SSE_ANSWER)
+    trace_id, caller = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    r = await stack.chat(headers={"traceparent": f"00-{trace_id}-{caller}-00"})
+    assert r.status == 200
+    await r.read()
+    sent = traceparent_of(upstream.requests[0])
+    assert sent.startswith(f"00-{trace_id}-") and sent.endswith("-00")
+    [line] = [e for e in stack.log_lines() if e.get("event") == "request"]
+    assert "trace_id" not in line  # nothing to find it by
+    await asyncio.sleep(0.3)  # a batch would have gone within 50 ms
+    assert otlp.spans == []
+
+
+async def test_a_stale_connection_s_re_send_is_a_span_of_its_own(
+    scripted: ScriptedFactory, otlp: Receiver
+) -> None:
+    def close_on_reuse(request: ScriptedRequest) -> bytes | None:
+        return SSE_ANSWER if request.on_connection == 1 else None
+
+    stack, upstream = await scripted(close_on_reuse)
+    for _ in range(2):
+        r = await stack.chat()
+        assert r.status == 200
+        await r.read()
+    assert await stack.metric("chatiq_gateway_upstream_resends_total") == 1
+    servers = await otlp.wait_for(SERVER, 2)
+    second = max(servers, key=lambda s: s.span.start_time_unix_nano)
+    attempts = [a for a in await otlp.wait_for(CLIENT, 3) if a.parent_id == second.span_id]
+    stale, fresh = sorted(attempts, key=lambda s: s.span.start_time_unix_nano)
+    assert stale.attributes["error.type"] == "stale_connection"
+    assert fresh.attributes["chatiq.resend"] == "stale_connection"
+    assert fresh.attributes["http.response.status_code"] == 200
+    assert [traceparent_of(raw).split("-")[2] for raw in upstream.requests[1:]] == [
+        stale.span_id,
+        fresh.span_id,
+    ]
+
+
+async def test_a_resumed_stream_s_span_links_to_the_stream_s_first_request(
+    make_stack: StackFactory, otlp: Receiver
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=400, reply_tokens=33),
+        resume=ResumeSettings(enabled=True, detach_grace_s=5.0, retain_s=30.0),
+    )
+    first = await stack.chat({"message": "tell me"}, headers={"X-Resumable": "1"})
+    stream_id = first.headers["X-Stream-Id"]
+    await read_events(first, limit=5)
+    url = stack.gateway.make_url(f"/api/chatbot/streams/{stream_id}")
+    async with stack.session.get(url, headers={**AUTH, "Last-Event-ID": "5"}) as rest:
+        assert rest.status == 200
+        await rest.read()
+    servers = await otlp.wait_for(SERVER, 2)
+    original = next(s for s in servers if s.attributes["http.route"] == "/api/chatbot")
+    resumed = next(s for s in servers if s is not original)
+    assert resumed.attributes["chatiq.stream.resumed"] is True
+    [link] = resumed.span.links
+    assert (link.trace_id.hex(), link.span_id.hex()) == (original.trace_id, original.span_id)
+
+
+async def test_the_responses_api_and_mcp_tool_calls_carry_the_same_attributes(
+    otlp: Receiver, make_stack: StackFactory
+) -> None:
+    stack = await make_stack()
+    headers, trace_id, _ = caller_headers()
+    async with AsyncOpenAI(
+        base_url=str(stack.gateway.make_url("/v1")), api_key=ACME_KEY, max_retries=0
+    ) as client:
+        answer = await client.responses.create(model="demo", input="hi", extra_headers=headers)
+    assert answer.output_text
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {ACME_KEY}", **headers})
+    transport = streamable_http_client(str(stack.gateway.make_url("/mcp")), http_client=http)
+    async with http, Client(transport, mode="legacy") as mcp:
+        result = await mcp.call_tool("ask_demo", {"question": "hi"})
+    assert not result.is_error
+    servers = [s for s in await otlp.wait_for(SERVER, 2) if "gen_ai.request.model" in s.attributes]
+    by_frontend = {s.attributes["chatiq.frontend"]: s for s in servers}
+    assert set(by_frontend) == {"openai", "mcp"}
+    for span in by_frontend.values():
+        assert span.trace_id == trace_id
+        assert span.attributes["gen_ai.operation.name"] == "chat"
+        assert span.attributes["gen_ai.provider.name"] == "chatiq"
+        assert span.attributes["gen_ai.request.model"] == "demo"
+        assert span.attributes["chatiq.tenant"] == "acme"
+    assert by_frontend["openai"].attributes["http.route"] == "/v1/responses"
+    assert by_frontend["mcp"].attributes["mcp.method.name"] == "tools/call"
+
+
+async def test_the_tracing_key_turns_it_on_without_the_variables(
+    make_stack: StackFactory, otlp: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")  # the exporter's default endpoint
+    untraced = await make_stack()
+    assert untraced.gateway.app[TRACING].tracer is None
+    stack = await make_stack(tracing=TracingSettings(enabled=True))
+    assert stack.gateway.app[TRACING].tracer is not None
+    r = await stack.chat()
+    await r.read()
+    [line] = [e for e in stack.log_lines() if e.get("event") == "request"]
+    assert len(line["trace_id"]) == 32
+    [transcript] = stack.emulator.app[TRANSCRIPTS].values()
+    assert transcript.headers["traceparent"].split("-")[1] == line["trace_id"]
+
+
+async def test_off_the_sdk_is_not_even_imported() -> None:
+    """No SDK on the hot path: a gateway built and serving without the
+    variables has imported neither the trace SDK nor an exporter (redis-py
+    imports the API for its own instrumentation, where it is installed)."""
+    script = (
+        "import asyncio, sys\n"
+        "from aiohttp.test_utils import TestClient, TestServer\n"
+        "from gateway.app import create_app\n"
+        "from gateway.config import Settings\n"
+        "async def main():\n"
+        "    async with TestClient(TestServer(create_app(Settings()))) as c:\n"
+        "        r = await c.post('/api/chatbot', json={'message': 'hi'})\n"
+        "        assert r.status == 401, r.status\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules\n"
+        "             if m.startswith(('opentelemetry.sdk.trace', 'opentelemetry.exporter'))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
