@@ -13,6 +13,8 @@ a reply, a key or a token.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -58,14 +60,27 @@ def _exporter(protocol: str) -> Any:
     raise ValueError(f"the OTLP protocol {protocol!r} is not supported (http/protobuf or grpc)")
 
 
+class SdkReports(logging.Handler):
+    """The SDK's own warnings (an export that failed, a collector that is down)
+    as the gateway's log lines, not plain text on stderr."""
+
+    def __init__(self, log: Logger) -> None:
+        super().__init__(logging.WARNING)
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._log.warning("tracing_problem", message=record.getMessage()[:300])
+
+
 class Tracing:
     """The app's tracer (``TRACING``): none until ``start``, nor while tracing is off."""
 
-    __slots__ = ("_error", "_kinds", "_propagator", "_provider", "tracer")
+    __slots__ = ("_error", "_kinds", "_propagator", "_provider", "_reports", "tracer")
 
     def __init__(self) -> None:
         self.tracer: Tracer | None = None
         self._provider: Any = None
+        self._reports: SdkReports | None = None
 
     def start(
         self, settings: TracingSettings, version: str, log: Logger, environ: Mapping[str, str]
@@ -93,6 +108,11 @@ class Tracing:
         resource = Resource.create({"service.version": version})
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+        # The SDK reports through the logging module's "opentelemetry" logger.
+        self._reports = SdkReports(log)
+        sdk_logger = logging.getLogger("opentelemetry")
+        sdk_logger.addHandler(self._reports)
+        sdk_logger.propagate = False
         provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
         provider.add_span_processor(BatchSpanProcessor(exporter))  # OTEL_BSP_*
         self._provider = provider
@@ -105,12 +125,26 @@ class Tracing:
         log.info("tracing_on", protocol=protocol, sampler=sampler, service=service)
 
     def shutdown(self, timeout_s: float = 2.0) -> None:
-        """Send what is batched, waiting at most ``timeout_s`` (a collector that
-        is down does not hold up a drain), then stop."""
+        """Send what is batched and stop, waiting ``timeout_s`` at most: the
+        exporter retries a collector that is down for seconds, and a drain
+        does not wait for it (its thread is a daemon, gone with the process)."""
         provider, self._provider, self.tracer = self._provider, None, None
-        if provider is not None:
+        if provider is None:
+            return
+
+        def stop() -> None:
             provider.force_flush(timeout_millis=round(timeout_s * 1000))
             provider.shutdown()
+
+        stopping = threading.Thread(target=stop, name="tracing-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(timeout_s)
+        if self._reports is not None and not stopping.is_alive():  # else it may report yet
+            sdk_logger = logging.getLogger("opentelemetry")
+            sdk_logger.removeHandler(self._reports)
+            if not sdk_logger.handlers:
+                sdk_logger.propagate = True
+            self._reports = None
 
     def begin(self, request: web.Request, route: str, request_id: str) -> Trace | None:
         """A request's SERVER span, a child of the caller's ``traceparent`` if any."""

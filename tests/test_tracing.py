@@ -8,10 +8,14 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -24,6 +28,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from gateway.config import ResumeSettings, TracingSettings
 from gateway.tracing import TRACING
 from loadtest.emulator import TRANSCRIPTS, EmulatorSettings
+from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from tests.conftest import is_json_line
 from tests.helpers import ACME_KEY, AUTH, CHATIQ_KEY, StackFactory, data_events, read_events
 from tests.otlp import CLIENT, SERVER, Receiver
 from tests.scripted import SSE_ANSWER, ScriptedFactory, ScriptedRequest
@@ -339,3 +345,46 @@ async def test_off_the_sdk_is_not_even_imported() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.process
+async def test_each_worker_of_a_gateway_process_exports_and_a_dead_collector_holds_up_no_stop(
+    tmp_path: Path, make_stack: StackFactory, otlp: Receiver
+) -> None:
+    stack = await make_stack()
+    port = free_port()
+    assert stack.emulator.port is not None
+    process, log = start_gateway(
+        tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
+        extra_args=["--workers", "2"],
+    )  # fmt: skip
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}/healthz")
+        connector = aiohttp.TCPConnector(force_close=True)  # the kernel spreads them
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(20):
+                headers, _, _ = caller_headers()
+                async with session.post(
+                    f"http://127.0.0.1:{port}/api/chatbot", json={"message": MESSAGE},
+                    headers={"Authorization": f"Bearer {ACME_KEY}", **headers},
+                ) as r:  # fmt: skip
+                    assert data_events(await r.read())[-1] == "[DONE]"
+        servers = await otlp.wait_for(SERVER, 20)
+        assert {s.resource["service.name"] for s in servers} == {"gateway-under-test"}
+        assert otlp.server is not None
+        await otlp.server.close()  # the collector goes away, with spans still to send
+        async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{port}/api/chatbot", json={"message": "hi"},
+            headers={"Authorization": f"Bearer {ACME_KEY}"},
+        ) as r:  # fmt: skip
+            await r.read()
+        stopping = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+        # The exporter would retry for its 10 s timeout; the stop waits 2 s for it.
+        assert time.monotonic() - stopping < 8
+        lines = log.read_text().splitlines()
+        assert all(is_json_line(line) for line in lines)  # the SDK's reports too
+        assert sum('"tracing_on"' in line for line in lines) == 2  # one a worker
+    finally:
+        stop(process)
