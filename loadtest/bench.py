@@ -65,6 +65,9 @@ from loadtest.nginx import UPSTREAM_IDLE_S, start_nginx
 
 KEY = "bench-key"
 PATHS = ("direct", "gateway", "resumable", "openai", "responses", "mcp", "nginx", "naive")
+# On request only (--paths): the gateway's path through a gateway of its own
+# that traces (OpenTelemetry, to an OTLP sink), sampling this share of requests.
+TRACED_PATHS = {"traced": 1.0, "sampled": 0.01}
 TOKENS = 20  # content events per reply, by default
 TTFT_MS = 100  # the emulator's own time to first token
 EVENTS_PER_S = 6_000  # across all streams: keeps the emulator and the load generator light
@@ -192,10 +195,29 @@ class Stack:
         emulator_args: list[str],
         gateway_tables: dict[str, Any],
         redis: bool = False,
+        traced: tuple[str, ...] = (),  # of TRACED_PATHS
     ) -> None:
         self.workdir = workdir
-        self.ports = {name: free_port() for name in ("emulator", "gateway", "nginx", "naive")}
+        names = ("emulator", "gateway", "nginx", "naive", "sink", *traced)
+        self.ports = {name: free_port() for name in names}
         self.emulator = start_emulator(self.ports["emulator"], *emulator_args)
+        self.sink: subprocess.Popen[bytes] | None = None
+        self.traced: dict[str, subprocess.Popen[bytes]] = {}
+        if traced:
+            self.sink = subprocess.Popen(
+                [sys.executable, "-m", "loadtest.otlp_sink", "--port", str(self.ports["sink"])],
+                stdout=subprocess.DEVNULL,
+            )
+        for path in traced:
+            tracing = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.ports['sink']}",
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": str(TRACED_PATHS[path]),
+            }
+            self.traced[path], _ = start_gateway(
+                workdir, self.ports[path], self.ports["emulator"], KEY, None, (),
+                env=tracing, **gateway_tables,
+            )  # fmt: skip
         self.redis: subprocess.Popen[bytes] | None = None
         limits = (0, 0)
         if redis:  # quotas in Redis, with limits so high they never bite but are checked
@@ -217,7 +239,10 @@ class Stack:
         )  # fmt: skip
 
     async def ready(self) -> None:
-        await wait_http_ready(f"http://127.0.0.1:{self.ports['gateway']}/healthz")
+        for name in ("gateway", *self.traced):
+            await wait_http_ready(f"http://127.0.0.1:{self.ports[name]}/healthz")
+        if self.sink is not None:
+            await wait_http_ready(f"http://127.0.0.1:{self.ports['sink']}/stats")
         # nginx with as many workers as the gateway has (its supervisor's children)
         workers = max(1, len(process_tree(self.gateway.pid)) - 1)
         self.nginx = start_nginx(
@@ -258,7 +283,7 @@ class Stack:
         if path == "resumable":
             port, resumable = self.ports["gateway"], (("X-Resumable", "1"),)
             return Target("127.0.0.1", port, "/api/chatbot", body, key=KEY, headers=resumable)
-        return Target("127.0.0.1", self.ports[path], "/api/chatbot", body, key=KEY)
+        return Target("127.0.0.1", self.ports[path], "/api/chatbot", body, key=KEY)  # + traced
 
     def proxy_pid(self, path: str) -> int | None:
         gateway = self.gateway
@@ -266,11 +291,12 @@ class Stack:
             "gateway": gateway, "resumable": gateway, "openai": gateway, "responses": gateway,
             "mcp": gateway, "nginx": self.nginx,
         }  # fmt: skip
-        proxy = {**proxies, "naive": self.naive}.get(path)
+        proxy = {**proxies, "naive": self.naive, **self.traced}.get(path)
         return proxy.pid if proxy is not None else None
 
     def stop(self) -> None:
         stop(self.gateway, self.naive, *([self.nginx] if self.nginx else []), self.emulator)
+        stop(*self.traced.values(), *([self.sink] if self.sink else []))
         if self.redis is not None:
             stop(self.redis)
 
@@ -294,9 +320,14 @@ GATEWAY_TABLES: dict[str, dict[str, Any]] = {
 
 @contextmanager
 def stack(
-    workdir: Path, emulator_args: list[str], workers: int | str = 1, redis: bool = False
+    workdir: Path,
+    emulator_args: list[str],
+    workers: int | str = 1,
+    redis: bool = False,
+    traced: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
-    s = Stack(workdir, emulator_args, {**GATEWAY_TABLES, "server": {"workers": workers}}, redis)
+    tables = {**GATEWAY_TABLES, "server": {"workers": workers}}
+    s = Stack(workdir, emulator_args, tables, redis, traced)
     try:
         yield s
     finally:
@@ -370,7 +401,8 @@ async def run_level(
         "--ttft-ms", str(TTFT_MS), "--tokens-per-s", str(plan.tokens_per_s),
         "--reply-tokens", str(plan.tokens),
     ]  # fmt: skip
-    with stack(workdir, emulator_args, workers, redis) as s:
+    traced = tuple(p for p in paths if p in TRACED_PATHS)
+    with stack(workdir, emulator_args, workers, redis, traced) as s:
         await s.ready()
         measured: dict[str, list[PathResult]] = {path: [] for path in paths}
         for _ in range(rounds):
@@ -564,6 +596,9 @@ async def main_async(args: argparse.Namespace) -> int:
     open_files_limit()
     levels = [int(x) for x in args.levels.split(",") if x]
     paths = tuple(p for p in args.paths.split(",") if p)
+    unknown = [p for p in paths if p not in PATHS and p not in TRACED_PATHS]
+    if unknown:
+        raise SystemExit(f"bench: no path {', '.join(unknown)}")
     workdir = Path(tempfile.mkdtemp(prefix="chatiq-bench-"))
     plans = [Plan.for_level(c, args.tokens, args.min_duration) for c in levels]
     hold_s = args.hold_seconds + 20 if args.hold else 0
@@ -615,7 +650,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,100,1000,5000", help="concurrent streams")
     parser.add_argument(
-        "--paths", default=",".join(PATHS), help="comma-separated, of: " + ", ".join(PATHS)
+        "--paths",
+        default=",".join(PATHS),
+        help="comma-separated, of: " + ", ".join(PATHS) + " (and, when asked: traced, the "
+        "gateway tracing every request; sampled, 1%% of them)",
     )
     parser.add_argument("--tokens", type=int, default=TOKENS, help="content events a reply")
     parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")

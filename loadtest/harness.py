@@ -98,6 +98,7 @@ def start_gateway(
     cwd: Path | None = None,  # the tree it runs from (default: this one)
     tenant_limits: tuple[int, int] = (0, 0),  # the tenant's max_streams, requests_per_minute
     more_tenants: Sequence[Mapping[str, Any]] = (),  # each: name, key, then any tenant field
+    env: Mapping[str, str] | None = None,  # variables beside this process's own
     **tables: Any,  # TOML tables: server={...}, upstream={...}
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """A gateway with one unlimited tenant (and ``more_tenants``); ``tables`` add
@@ -125,14 +126,15 @@ def start_gateway(
         + "".join(_tenant_toml(tenant) for tenant in more_tenants)
     )
     log = config_dir / f"gateway-{port}.log"
-    env = {k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"}
+    variables = {k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"}
+    variables.update(env or {})
     if api_key:
-        env["CHATIQ_API_KEY"] = api_key
+        variables["CHATIQ_API_KEY"] = api_key
     process = subprocess.Popen(
         [*prefix, sys.executable, "-m", "gateway", "--config", str(config), *extra_args],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-        env=env,
+        env=variables,
         cwd=cwd,
     )
     return process, log
