@@ -9,6 +9,7 @@ import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from aiohttp import hdrs, web
@@ -299,7 +300,7 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
     ids = None
     if trace is not None:
         ids = trace.ids()
-        trace.end(ex.status, _span_attributes(ex), _error_type(ex), outcome == "failed")
+        trace.end(ex.status, partial(_span_attributes, ex), _error_type(ex), outcome == "failed")
     if not chat:
         log.debug("request", request_id=ex.request_id, route=ex.route, status=ex.status)
         return
@@ -349,8 +350,6 @@ def _span_attributes(ex: Exchange) -> dict[str, object]:
         attributes["chatiq.queue.wait_s"] = ex.queue_wait
     if ex.streamed:
         attributes["chatiq.stream.events"] = ex.events
-    if ex.ttft is not None:
-        attributes["chatiq.ttft_s"] = ex.ttft
     if ex.rpc_method is not None:
         attributes["mcp.method.name"] = ex.rpc_method
     return attributes

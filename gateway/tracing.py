@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -158,7 +158,6 @@ class Tracing:
             "http.route": route,
             "url.path": request.path,
             "url.scheme": request.scheme,
-            "network.protocol.version": f"{request.version.major}.{request.version.minor}",
             "chatiq.request_id": request_id,
         }
         host = request.host.rpartition(":")
@@ -226,13 +225,18 @@ class Trace:
             self.span.add_event("gen_ai.first_token", {"chatiq.ttft_s": ttft_s})
 
     def end(
-        self, status: int, attributes: Mapping[str, Any], error_type: str | None, failed: bool
+        self,
+        status: int,
+        attributes: Callable[[], Mapping[str, Any]],
+        error_type: str | None,
+        failed: bool,
     ) -> None:
-        """End the SERVER span. ``failed``: a server-side failure (ERROR status),
-        before or during the stream; a refused request only names its ``error.type``."""
+        """End the SERVER span, with ``attributes()`` (made only for a sampled
+        span). ``failed``: a server-side failure (ERROR status), before or
+        during the stream; a refused request only names its ``error.type``."""
         span = self.span
         if span.is_recording():
-            span.set_attributes(attributes)
+            span.set_attributes(attributes())
             if status:
                 span.set_attribute("http.response.status_code", status)
             if error_type is not None:
@@ -247,11 +251,15 @@ class Trace:
         self, attributes: Mapping[str, Any], retried_for: str | None, resend: bool
     ) -> bytes:
         """A CLIENT span for one upstream attempt; the ``traceparent`` header
-        line (with ``tracestate``, if any) that names it, for its request head."""
+        line (with ``tracestate``, if any) that names it, for its request head.
+        Under a request that is not sampled, no span: the line names the
+        request's own (unrecorded) span, and the trace goes on unsampled."""
         tracing = self._tracing
         assert tracing.tracer is not None
         # A send still open here met a connection the server had closed while idle.
         self.end_attempt(None, error_type="stale_connection" if resend else None)
+        if not self.span.is_recording():
+            return _traceparent_lines(self.span)
         from opentelemetry.trace import set_span_in_context
 
         number = self._attempts
@@ -270,11 +278,7 @@ class Trace:
             if resend:
                 span.set_attribute("chatiq.resend", "stale_connection")
         self.attempt = span
-        line = f"traceparent: {_traceparent(span)}\r\n"
-        state = span.get_span_context().trace_state
-        if state:
-            line += f"tracestate: {state.to_header()}\r\n"
-        return line.encode("latin-1")
+        return _traceparent_lines(span)
 
     def attempt_answered(self, status: int) -> None:
         if self.attempt is not None and self.attempt.is_recording():
@@ -289,6 +293,15 @@ class Trace:
             span.set_attribute("error.type", error_type or _error_type(error))
             span.set_status(self._tracing._error)
         span.end()
+
+
+def _traceparent_lines(span: Span) -> bytes:
+    """The request head's lines that carry ``span``'s context on."""
+    line = f"traceparent: {_traceparent(span)}\r\n"
+    state = span.get_span_context().trace_state
+    if state:
+        line += f"tracestate: {state.to_header()}\r\n"
+    return line.encode("latin-1")
 
 
 def _traceparent(span: Span) -> str:

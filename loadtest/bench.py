@@ -491,30 +491,32 @@ def added(values: list[float], direct: list[float]) -> str:
 
 
 def round_ratios(levels: list[tuple[Plan, list[PathResult]]]) -> list[str]:
-    """With --rounds: each proxy's CPU per event over nginx's, round by round."""
+    """With --rounds: each proxy's CPU per event over nginx's, round by round
+    (a traced path's over the untraced gateway's)."""
     out: list[str] = []
     for plan, results in levels:
-        nginx = next((r for r in results if r.path == "nginx"), None)
-        if nginx is None or not nginx.round_cpu:
-            continue
+        by_path = {r.path: r for r in results}
         for r in results:
-            if r is nginx or len(r.round_cpu) != len(nginx.round_cpu):
+            base = by_path.get("gateway" if r.path in TRACED_PATHS else "nginx")
+            if base is None or r is base or not base.round_cpu:
                 continue
-            if not all(nginx.round_cpu):  # CPU is counted in clock ticks: a round too short
+            if len(r.round_cpu) != len(base.round_cpu):
+                continue
+            if not all(base.round_cpu):  # CPU is counted in clock ticks: a round too short
                 out.append(
-                    f"Rounds: {plan.concurrency:,} streams: nginx used no measurable CPU in "
-                    "a round; lengthen them (--min-duration) to compare round by round."
+                    f"Rounds: {plan.concurrency:,} streams: {base.path} used no measurable CPU "
+                    "in a round; lengthen them (--min-duration) to compare round by round."
                 )
                 break
-            each = [a / b for a, b in zip(r.round_cpu, nginx.round_cpu, strict=True)]
+            each = [a / b for a, b in zip(r.round_cpu, base.round_cpu, strict=True)]
             ratios = sorted(each)
             rounds = ", ".join(f"{x:.2f}x" for x in each)
-            pooled_cpu, nginx_cpu = r.cpu_per_100k(), nginx.cpu_per_100k()
-            assert pooled_cpu is not None and nginx_cpu is not None
+            pooled_cpu, base_cpu = r.cpu_per_100k(), base.cpu_per_100k()
+            assert pooled_cpu is not None and base_cpu is not None
             out.append(
-                f"Rounds: {plan.concurrency:,} streams, {r.path} CPU per event / nginx's: "
+                f"Rounds: {plan.concurrency:,} streams, {r.path} CPU per event / {base.path}'s: "
                 f"{rounds} (median {ratios[len(ratios) // 2]:.2f}x, "
-                f"pooled {pooled_cpu / nginx_cpu:.2f}x)."
+                f"pooled {pooled_cpu / base_cpu:.2f}x)."
             )
     return ["", *out] if out else []
 

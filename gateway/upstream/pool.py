@@ -34,11 +34,12 @@ class Pool:
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.https else 80)
-        self.path = parts.path or "/"  # (for a trace: the query is left out)
-        path = self.path + (f"?{parts.query}" if parts.query else "")
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         default_port = parts.port is None or parts.port == (443 if self.https else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.authority = host if default_port else f"{host}:{self.port}"
+        # For a trace: no query (it might hold a token), no user or password.
+        self.url = f"{parts.scheme}://{self.authority}{parts.path or '/'}"
         proxy_url = "" if settings.proxy_url == DIRECT else settings.proxy_url
         self.proxy: Proxy | None = parse_proxy(proxy_url) if proxy_url else None
         # A plain-http request through a proxy names the whole URL (RFC 9112 3.2.2).
