@@ -19,7 +19,7 @@ from multidict import istr
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.logs import Logger
 from gateway.metrics import Metrics, observe
-from gateway.tracing import Trace, Tracing
+from gateway.tracing import PROVIDER, Trace, Tracing
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 NO_TENANT = "-"
@@ -342,7 +342,7 @@ def _span_attributes(ex: Exchange) -> dict[str, object]:
     }
     if ex.bot is not None:
         attributes["gen_ai.operation.name"] = "chat"
-        attributes["gen_ai.provider.name"] = "chatiq"
+        attributes["gen_ai.provider.name"] = PROVIDER
         attributes["gen_ai.request.model"] = ex.bot
     if ex.conversation_id is not None:
         attributes["gen_ai.conversation.id"] = ex.conversation_id

@@ -60,6 +60,7 @@ class Receiver:
 
     server: TestServer | None = None
     bodies: list[bytes] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # each request's
     spans: list[ReceivedSpan] = field(default_factory=list)
 
     @property
@@ -71,6 +72,7 @@ class Receiver:
         assert request.content_type == "application/x-protobuf"
         body = await request.read()
         self.bodies.append(body)
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
         message = ExportTraceServiceRequest()
         message.ParseFromString(body)
         for resource_spans in message.resource_spans:

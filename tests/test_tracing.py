@@ -388,3 +388,30 @@ async def test_each_worker_of_a_gateway_process_exports_and_a_dead_collector_hol
         assert sum('"tracing_on"' in line for line in lines) == 2  # one a worker
     finally:
         stop(process)
+
+
+async def test_the_standard_variables_set_the_export_headers_and_the_resource(
+    make_stack: StackFactory, otlp: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-collector-token=c0ll3ct")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging")
+    stack = await make_stack()
+    r = await stack.chat()
+    await r.read()
+    [server] = await otlp.wait_for(SERVER)
+    assert server.resource["deployment.environment"] == "staging"
+    assert server.resource["service.name"] == "gateway-under-test"
+    assert all(h["x-collector-token"] == "c0ll3ct" for h in otlp.headers)
+
+
+async def test_a_protocol_it_cannot_speak_is_a_warning_and_the_gateway_runs_untraced(
+    make_stack: StackFactory, otlp: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    stack = await make_stack()
+    assert stack.gateway.app[TRACING].tracer is None
+    [warning] = [e for e in stack.log_lines() if e.get("event") == "tracing_unavailable"]
+    assert warning["protocol"] == "http/json" and "not supported" in warning["problem"]
+    r = await stack.chat()
+    assert r.status == 200
+    await r.read()
