@@ -39,7 +39,7 @@ from gateway.sse import Event, SSEParser
 from gateway.upstream.events import EventSource
 from loadtest.emulator import TRANSCRIPTS, Transcript
 from loadtest.fleet import Fleet, haproxy_binary, start_fleet
-from loadtest.harness import free_port, metric_total
+from loadtest.harness import free_port, metric_total, start_gateway, wait_ready
 
 CHATIQ_KEY = "sk-chatiq-test-3f9c2e7a5b1d"
 
@@ -408,3 +408,18 @@ async def run_node(script: str, *args: str) -> dict[str, Any]:
     assert process.returncode == 0, err.decode()
     result: dict[str, Any] = json.loads(out)
     return result
+
+
+async def start_workers(
+    tmp_path: Path, stack: Stack, workers: str = "2", prefix: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """A gateway process of ``workers`` workers in front of ``stack``'s emulator,
+    answering: the process, its log and its port."""
+    port = free_port()
+    assert stack.emulator.port is not None
+    process, log = start_gateway(
+        tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
+        extra_args=["--workers", workers], prefix=prefix,
+    )  # fmt: skip
+    await wait_ready(f"http://127.0.0.1:{port}/healthz")
+    return process, log, port

@@ -28,9 +28,17 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from gateway.config import ResumeSettings, TracingSettings
 from gateway.tracing import TRACING
 from loadtest.emulator import TRANSCRIPTS, EmulatorSettings
-from loadtest.harness import free_port, start_gateway, stop, wait_ready
+from loadtest.harness import stop
 from tests.conftest import is_json_line
-from tests.helpers import ACME_KEY, AUTH, CHATIQ_KEY, StackFactory, data_events, read_events
+from tests.helpers import (
+    ACME_KEY,
+    AUTH,
+    CHATIQ_KEY,
+    StackFactory,
+    data_events,
+    read_events,
+    start_workers,
+)
 from tests.otlp import CLIENT, SERVER, Receiver
 from tests.scripted import SSE_ANSWER, ScriptedFactory, ScriptedRequest
 
@@ -351,15 +359,8 @@ async def test_off_the_sdk_is_not_even_imported() -> None:
 async def test_each_worker_of_a_gateway_process_exports_and_a_dead_collector_holds_up_no_stop(
     tmp_path: Path, make_stack: StackFactory, otlp: Receiver
 ) -> None:
-    stack = await make_stack()
-    port = free_port()
-    assert stack.emulator.port is not None
-    process, log = start_gateway(
-        tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
-        extra_args=["--workers", "2"],
-    )  # fmt: skip
+    process, log, port = await start_workers(tmp_path, await make_stack())
     try:
-        await wait_ready(f"http://127.0.0.1:{port}/healthz")
         connector = aiohttp.TCPConnector(force_close=True)  # the kernel spreads them
         async with aiohttp.ClientSession(connector=connector) as session:
             for _ in range(20):

@@ -21,8 +21,8 @@ from gateway.config import ConfigError, settings_from_mapping
 from gateway.server.cpus import cgroup_cpu_quota, resolve_workers, usable_cpus
 from gateway.server.workers import MAX_DEATHS
 from loadtest.emulator import EmulatorSettings, compose_reply
-from loadtest.harness import free_port, metric_total, start_gateway, stop, wait_ready
-from tests.helpers import ACME_KEY, CHATIQ_KEY, StackFactory, read_stream
+from loadtest.harness import metric_total, start_gateway, stop
+from tests.helpers import ACME_KEY, StackFactory, read_stream, start_workers
 
 
 @pytest.mark.process
@@ -33,14 +33,8 @@ async def test_two_workers_share_the_port_and_their_metrics(
     folder = tmp_path / "metrics"
     folder.mkdir()
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
-    port = free_port()
-    assert stack.emulator.port is not None
-    process, log = start_gateway(
-        tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
-        extra_args=["--workers", "2"],
-    )  # fmt: skip
+    process, log, port = await start_workers(tmp_path, stack)
     try:
-        await wait_ready(f"http://127.0.0.1:{port}/healthz")
 
         def worker_pids() -> set[str]:  # each worker keeps its counters in its own file
             return {m[1] for f in folder.iterdir() if (m := re.match(r"counter_(\d+)\.db", f.name))}
@@ -142,13 +136,7 @@ async def start_supervised(
     """A gateway of two workers (``--workers``: 2, or auto on two cores)."""
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=5))
-    port = free_port()
-    assert stack.emulator.port is not None
-    process, log = start_gateway(
-        tmp_path, port, stack.emulator.port, ACME_KEY, api_key=CHATIQ_KEY,
-        extra_args=["--workers", workers], prefix=prefix,
-    )  # fmt: skip
-    await wait_ready(f"http://127.0.0.1:{port}/healthz")
+    process, log, port = await start_workers(tmp_path, stack, workers, prefix)
     await eventually_true(lambda: len(children_of(process.pid)) == 2, 10, "two workers")
     # Both listening: with one still starting, killing the other would leave
     # nobody on the port for a moment (connections refused).
