@@ -66,8 +66,9 @@ from loadtest.nginx import UPSTREAM_IDLE_S, start_nginx
 KEY = "bench-key"
 PATHS = ("direct", "gateway", "resumable", "openai", "responses", "mcp", "nginx", "naive")
 # On request only (--paths): the gateway's path through a gateway of its own
-# that traces (OpenTelemetry, to an OTLP sink), sampling this share of requests.
-TRACED_PATHS = {"traced": 1.0, "sampled": 0.01}
+# that traces (OpenTelemetry, to an OTLP sink), sampling this share of requests;
+# "twin" is a second untraced one, to see what two processes differ by alone.
+TRACED_PATHS: dict[str, float | None] = {"traced": 1.0, "sampled": 0.01, "twin": None}
 TOKENS = 20  # content events per reply, by default
 TTFT_MS = 100  # the emulator's own time to first token
 EVENTS_PER_S = 6_000  # across all streams: keeps the emulator and the load generator light
@@ -209,11 +210,12 @@ class Stack:
                 stdout=subprocess.DEVNULL,
             )
         for path in traced:
-            tracing = {
+            ratio = TRACED_PATHS[path]
+            tracing = {} if ratio is None else {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.ports['sink']}",
                 "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                "OTEL_TRACES_SAMPLER_ARG": str(TRACED_PATHS[path]),
-            }
+                "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+            }  # fmt: skip
             self.traced[path], _ = start_gateway(
                 workdir, self.ports[path], self.ports["emulator"], KEY, None, (),
                 env=tracing, **gateway_tables,
@@ -655,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         "--paths",
         default=",".join(PATHS),
         help="comma-separated, of: " + ", ".join(PATHS) + " (and, when asked: traced, the "
-        "gateway tracing every request; sampled, 1%% of them)",
+        "gateway tracing every request; sampled, 1%% of them; twin, a second untraced one)",
     )
     parser.add_argument("--tokens", type=int, default=TOKENS, help="content events a reply")
     parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")

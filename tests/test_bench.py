@@ -144,6 +144,20 @@ def test_rounds_too_short_for_nginx_to_register_are_said_so_not_divided_by() -> 
     )
 
 
+def test_a_traced_path_is_compared_with_the_untraced_gateway() -> None:
+    def result(path: str, cpu: list[float]) -> PathResult:
+        return PathResult(path, 10, 0, {}, [1.0], [1.0], 100, sum(cpu), 20.0, 0.1, 0.1, cpu)
+
+    plan = Plan.for_level(10, 20, 1.0)
+    ratios = round_ratios(
+        [(plan, [result("gateway", [0.02, 0.02]), result("traced", [0.03, 0.025])])]
+    )
+    assert ratios[-1] == (
+        "Rounds: 10 streams, traced CPU per event / gateway's: 1.50x, 1.25x "
+        "(median 1.50x, pooled 1.38x)."
+    )
+
+
 @pytest.mark.process
 async def test_the_gateway_runs_on_uvloop_unless_told_otherwise(
     make_stack: StackFactory,
