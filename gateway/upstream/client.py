@@ -230,17 +230,16 @@ class Upstream:
         trace: Trace | None = None,
         retried_for: str | None = None,
     ) -> Connection:
-        """POST the chat; return the connection of a 200 response of the expected type."""
+        """POST the chat; return the connection of a 200 response of the expected
+        type. A failure ends the attempt's span (if traced) with its error."""
         try:
-            return await self._send_traced(
-                chat, request_id, first_byte_by, deadline, trace, retried_for
-            )
+            return await self._post(chat, request_id, first_byte_by, deadline, trace, retried_for)
         except BaseException as e:
             if trace is not None:
                 trace.end_attempt(e)
             raise
 
-    async def _send_traced(
+    async def _post(
         self,
         chat: ChatRequest,
         request_id: str,
