@@ -19,7 +19,7 @@ from multidict import istr
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.logs import Logger
 from gateway.metrics import Metrics, observe
-from gateway.tracing import PROVIDER, Trace, Tracing
+from gateway.tracing import Trace, Tracing, gen_ai
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 NO_TENANT = "-"
@@ -323,6 +323,18 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
     )
 
 
+def first_token(ex: Exchange, now: float, metrics: Metrics) -> None:
+    """The stream's first token: its time to it, observed (with the trace's
+    exemplar) and marked on its span."""
+    ex.ttft = now - ex.started
+    histogram = metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token
+    if ex.trace is None:
+        histogram.observe(ex.ttft)
+    else:
+        observe(histogram, ex.ttft, ex.trace.exemplar())
+        ex.trace.first_token(ex.ttft)
+
+
 def _error_type(ex: Exchange) -> str | None:
     """The span's ``error.type``: the gateway's error code, or ChatIQ's."""
     if ex.error is not None:
@@ -341,9 +353,7 @@ def _span_attributes(ex: Exchange) -> dict[str, object]:
         "chatiq.outcome": ex.outcome,
     }
     if ex.bot is not None:
-        attributes["gen_ai.operation.name"] = "chat"
-        attributes["gen_ai.provider.name"] = PROVIDER
-        attributes["gen_ai.request.model"] = ex.bot
+        attributes.update(gen_ai(ex.bot))
     if ex.conversation_id is not None:
         attributes["gen_ai.conversation.id"] = ex.conversation_id
     if ex.queue_wait is not None:

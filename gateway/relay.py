@@ -36,8 +36,8 @@ from gateway.errors import (
     TotalTimeout,
     UpstreamError,
 )
-from gateway.exchange import Exchange, LateResponse, end_exchange
-from gateway.metrics import Metrics, observe
+from gateway.exchange import Exchange, LateResponse, end_exchange, first_token
+from gateway.metrics import Metrics
 from gateway.quotas.admission import Slot
 from gateway.sse import DONE_EVENT, Event, format_event
 from gateway.state import LIFECYCLE, LOG, METRICS, SETTINGS, TIMERS, Lifecycle
@@ -324,14 +324,7 @@ class Relay:
         return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), failure
 
     def _first_token(self) -> None:
-        ex = self._ex
-        ex.ttft = self._loop.time() - ex.started
-        histogram = self._metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token
-        if ex.trace is None:
-            histogram.observe(ex.ttft)
-        else:
-            observe(histogram, ex.ttft, ex.trace.exemplar())
-            ex.trace.first_token(ex.ttft)
+        first_token(self._ex, self._loop.time(), self._metrics)
 
     def _finish(self, outcome: BaseException | None) -> None:
         """The stream ends: stop pushing, and wake the handler's task to end it."""

@@ -32,6 +32,13 @@ PROVIDER = "chatiq"  # gen_ai.provider.name
 BATCH_SIZE = 64  # spans an export request, unless OTEL_BSP_MAX_EXPORT_BATCH_SIZE says
 
 
+def gen_ai(bot: str) -> dict[str, str]:
+    """The GenAI conventions' attributes of a chat with ``bot``: the SERVER
+    span's and each upstream attempt's."""
+    return {"gen_ai.operation.name": "chat", "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": bot}  # fmt: skip
+
+
 def wanted(settings: TracingSettings, environ: Mapping[str, str]) -> bool:
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
@@ -124,7 +131,7 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         self._kinds = (SpanKind.SERVER, SpanKind.CLIENT)
         self._error = Status(StatusCode.ERROR)
-        self.tracer = provider.get_tracer("chatiq-gateway", version)
+        self.tracer = provider.get_tracer(SERVICE_NAME, version)
         sampler = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on")
         service = resource.attributes.get("service.name")
         log.info("tracing_on", protocol=protocol, sampler=sampler, service=service)
@@ -191,10 +198,6 @@ class Trace:
         self.span = span
         self.attempt: Span | None = None
         self._attempts = 0
-
-    @property
-    def recording(self) -> bool:
-        return self.span.is_recording()
 
     def ids(self) -> tuple[str, str] | None:
         """The SERVER span's trace and span ids in hex, when it is sampled."""

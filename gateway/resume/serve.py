@@ -30,8 +30,7 @@ from gateway.errors import (
     StreamNotFound,
     UpstreamError,
 )
-from gateway.exchange import Exchange, exchange_of
-from gateway.metrics import observe
+from gateway.exchange import Exchange, exchange_of, first_token
 from gateway.quotas.admission import ADMISSION
 from gateway.resume.journal import Gone, Journal, frame
 from gateway.resume.recorder import Recorder, ending
@@ -109,13 +108,9 @@ async def _produce(
     lifecycle.streams.add(task)
     recorder: Recorder | None = None
 
-    def first_token() -> None:
+    def on_first_token() -> None:
         if ex.ttft is None:
-            ex.ttft = loop.time() - ex.started
-            histogram = metrics.stream_series(ex.tenant, ex.bot_label).time_to_first_token
-            observe(histogram, ex.ttft, None if ex.trace is None else ex.trace.exemplar())
-            if ex.trace is not None:
-                ex.trace.first_token(ex.ttft)
+            first_token(ex, loop.time(), metrics)
 
     def failed(e: UpstreamError) -> None:
         if e.kind is not None:
@@ -139,7 +134,7 @@ async def _produce(
             live = metrics.stream_series(ex.tenant, ex.bot_label).active
             live.inc()
             recorder = Recorder(
-                source, journal, encoder, settings, deadline, first_token, failed, app[TIMERS],
+                source, journal, encoder, settings, deadline, on_first_token, failed, app[TIMERS],
                 on_error_event=lambda code: setattr(ex, "upstream_error", code),
                 on_conversation=lambda conversation: setattr(ex, "conversation_id", conversation),
             )  # fmt: skip

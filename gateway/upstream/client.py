@@ -38,7 +38,7 @@ from gateway.errors import (
 from gateway.logs import Logger
 from gateway.metrics import Metrics
 from gateway.sse import Event
-from gateway.tracing import PROVIDER, Trace
+from gateway.tracing import Trace, gen_ai
 from gateway.upstream.breaker import Breakers
 from gateway.upstream.connection import Connection, Head, WireError, WireProtocolError, read_body
 from gateway.upstream.deadline import Deadline
@@ -299,9 +299,7 @@ class Upstream:
                 "server.address": pool.host,
                 "server.port": pool.port,
                 "url.full": pool.url,
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": PROVIDER,
-                "gen_ai.request.model": chat.bot,
+                **gen_ai(chat.bot),
             },
             retried_for,
             resend,
