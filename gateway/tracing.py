@@ -121,7 +121,10 @@ class Tracing:
         sdk_logger = logging.getLogger("opentelemetry")
         sdk_logger.addHandler(self._reports)
         sdk_logger.propagate = False
-        provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
+        # The sampler from OTEL_TRACES_SAMPLER. No shutdown at exit: ``shutdown``
+        # bounds its wait, where the SDK's own atexit one would wait out the
+        # exporter's retries of a collector that is down (10 s).
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         # OTEL_BSP_* as set; a batch of 64 by default (the SDK's is 512): its
         # encoding holds the GIL, and the event loop waits for it after each
         # system call, so shorter batches keep a stream's latency steady.
