@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.auth.tenants import FAILED_KEYS, TENANTS, FailedKeyThrottle, TenantDirectory
+from gateway.auth.tokens import TOKENS, TokenVerifier, user_secret
 from gateway.config import Settings, named_bots
 from gateway.conversations.store import RESPONSE_STORE, RedisResponseStore, ResponseStore
 from gateway.conversations.tool_calls import TOOL_CALLS, RedisToolCalls, ToolCalls
@@ -56,6 +57,9 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app[ADMISSION] = admission
     app[TENANTS] = TenantDirectory(settings.tenants)
     app[FAILED_KEYS] = FailedKeyThrottle(settings.server.max_auth_failures_per_minute)
+    app[TOKENS] = TokenVerifier(
+        settings.issuers, log, settings.logging.user, user_secret(settings.upstream.api_key)
+    )
     app[BREAKERS] = breakers
     app[LIFECYCLE] = Lifecycle()
     app[TIMERS] = TimerHeap()
@@ -69,6 +73,7 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_loop_errors)
     app.cleanup_ctx.append(_tracing)
+    app.cleanup_ctx.append(_issuer_keys)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_fleet_quotas)
     app.cleanup_ctx.append(_response_store)
@@ -120,6 +125,15 @@ async def _loop_errors(app: web.Application) -> AsyncIterator[None]:
     loop.set_exception_handler(loop_error_reporter(app[LOG]))
     yield
     loop.set_exception_handler(before)
+
+
+async def _issuer_keys(app: web.Application) -> AsyncIterator[None]:
+    """The issuers' keys, fetched before the first request is taken."""
+    tokens = app[TOKENS]
+    if tokens.active:
+        await tokens.start()
+    yield
+    await tokens.close()
 
 
 def create_metrics_app(app: web.Application) -> web.Application:

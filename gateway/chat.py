@@ -300,7 +300,7 @@ class Pipeline(Protocol):
     (``Dispatching``: MCP's JSON-RPC, where one route carries many methods and
     only some of them are chats)."""
 
-    def authenticate(self, request: web.Request) -> Tenant:
+    async def authenticate(self, request: web.Request) -> Tenant:
         """The caller's tenant (``Unauthorized`` if none), as every chat route's."""
 
     async def read_body(self, request: web.Request) -> bytes:

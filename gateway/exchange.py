@@ -84,6 +84,7 @@ class Exchange:
     route: str
     started: float
     tenant: str = NO_TENANT
+    user: str | None = None  # signed in by a token: the user, as [logging] user shows it
     frontend: str = "-"  # the route's frontend, for the log line
     bot: str | None = None
     bot_label: str = "-"  # bounded: see Metrics.bot_label
@@ -310,6 +311,7 @@ def _finish(ex: Exchange, now: float, metrics: Metrics, log: Logger, *, chat: bo
         route=ex.route,
         frontend=ex.frontend,
         tenant=ex.tenant,
+        **({} if ex.user is None else {"user": ex.user}),
         bot=ex.bot,
         status=ex.status,
         outcome=ex.outcome,

@@ -66,7 +66,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def serve_chat(request: web.Request, frontend: WireFormat) -> web.StreamResponse:
-    tenant = tenant_of(request)
+    tenant = await tenant_of(request)
     chat = frontend.parse(await read_body(request), request.app[SETTINGS].current)
     return await serve_parsed(request, tenant, chat, frontend)
 
@@ -148,8 +148,8 @@ class SharedPipeline:
 
     __slots__ = ()
 
-    def authenticate(self, request: web.Request) -> Tenant:
-        return tenant_of(request)
+    async def authenticate(self, request: web.Request) -> Tenant:
+        return await tenant_of(request)
 
     async def read_body(self, request: web.Request) -> bytes:
         return await read_body(request)
@@ -168,5 +168,5 @@ async def serve_dispatching(request: web.Request, handler: DispatchHandler) -> w
 
 
 async def serve_for_tenant(request: web.Request, handler: TenantHandler) -> web.StreamResponse:
-    tenant = tenant_of(request)
+    tenant = await tenant_of(request)
     return await handler(request, tenant, request.app[SETTINGS].current)

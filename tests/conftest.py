@@ -19,6 +19,7 @@ from gateway.app import create_app
 from gateway.config import (
     AdmissionSettings,
     CircuitSettings,
+    Issuer,
     RedisSettings,
     ResumeSettings,
     ServerSettings,
@@ -43,7 +44,7 @@ from tests.helpers import (
 )
 
 # The scripted upstream, redis-server, the OTLP receiver.
-pytest_plugins = ["tests.scripted", "tests.redis_server", "tests.otlp"]
+pytest_plugins = ["tests.scripted", "tests.redis_server", "tests.otlp", "tests.oidc"]
 
 
 # Every secret the tests use, and a message text: none may appear in any log line.
@@ -76,7 +77,7 @@ def is_json_line(line: str) -> bool:
 
 # Fixtures that start a program besides Python: their tests are marked
 # "external" (the modules that need one throughout say so themselves).
-EXTERNAL_FIXTURES = frozenset({"redis_server", "tinyproxy"})
+EXTERNAL_FIXTURES = frozenset({"redis_server", "tinyproxy", "oidc"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -119,6 +120,7 @@ async def make_stack(
         resume: ResumeSettings | None = None,
         redis: RedisSettings | None = None,
         tracing: TracingSettings | None = None,
+        issuers: tuple[Issuer, ...] | None = None,
         **upstream: Any,
     ) -> Stack:
         emulator_settings = emulator or EmulatorSettings(ttft_s=0, tokens_per_s=0)
@@ -135,6 +137,8 @@ async def make_stack(
             gw_settings = replace(gw_settings, redis=redis)
         if tracing is not None:
             gw_settings = replace(gw_settings, tracing=tracing)
+        if issuers is not None:
+            gw_settings = replace(gw_settings, issuers=issuers)
         logs = io.StringIO()
         log_audit.in_memory.append(logs)
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))

@@ -15,7 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.config import BotSettings, ResumeSettings, Settings, Tenant
+from gateway.config import BotSettings, Issuer, ResumeSettings, Settings, Tenant
 from gateway.metrics import Metrics
 from gateway.routes.ops import OPENAPI
 from tests.helpers import gateway_settings
@@ -52,8 +52,9 @@ def test_every_configuration_key_is_in_the_configuration_page() -> None:
     for table in dataclasses.fields(Settings):
         if table.name == "bots":
             continue  # [bots.<slug>], below
-        if table.name in ("tenants", "frontends"):
-            assert f"[{'[tenants]' if table.name == 'tenants' else 'frontends.'}" in config
+        if table.name in ("tenants", "issuers", "frontends"):
+            heading = {"tenants": "[[tenants]]", "issuers": "[[issuers]]"}
+            assert heading.get(table.name, "[frontends.") in config
             continue
         for key in dataclasses.fields(getattr(Settings(), table.name)):
             if key.name == "api_key":  # from the environment only, as CHATIQ_API_KEY
@@ -61,6 +62,8 @@ def test_every_configuration_key_is_in_the_configuration_page() -> None:
             assert f"`{key.name}`" in config, f"[{table.name}] {key.name}"
     for key in dataclasses.fields(Tenant):
         assert f"`{key.name}`" in config, f"[[tenants]] {key.name}"
+    for key in dataclasses.fields(Issuer):
+        assert f"`{key.name}`" in config, f"[[issuers]] {key.name}"
     assert "[bots.<slug>]" in config
     for key in dataclasses.fields(BotSettings):
         if key.name != "slug":  # the table's name

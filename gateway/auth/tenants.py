@@ -8,11 +8,13 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.auth.tokens import TOKENS, TokenVerifier, looks_like_jwt
 from gateway.config import Tenant
-from gateway.errors import RateLimited, Unauthorized
+from gateway.errors import Forbidden, RateLimited, Unauthorized
 from gateway.exchange import exchange_of
 
 
@@ -21,23 +23,36 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _bearer_digest(authorization: str | None) -> bytes:
-    """The SHA-256 of the key in an ``Authorization: Bearer <key>`` header."""
+def bearer(authorization: str | None) -> str:
+    """The credential in an ``Authorization: Bearer <credential>`` header."""
     if not authorization:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", error=None)
-    scheme, _, key = authorization.partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
         raise Unauthorized(
             "malformed Authorization header: expected 'Bearer <key>'", error="invalid_request"
         )
+    return credential
+
+
+def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 def require_bearer(expected_sha256: str, authorization: str | None) -> None:
     """Accept only the one token whose SHA-256 is ``expected_sha256``."""
-    if not hmac.compare_digest(_bearer_digest(authorization), bytes.fromhex(expected_sha256)):
+    digest = _digest(bearer(authorization))
+    if not hmac.compare_digest(digest, bytes.fromhex(expected_sha256)):
         raise Unauthorized("unknown token")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request: a tenant, and (signed in by a token) a user."""
+
+    tenant: Tenant
+    user: str | None = None  # as the exchange's log line shows it
 
 
 class TenantDirectory:
@@ -46,11 +61,16 @@ class TenantDirectory:
 
     def replace(self, tenants: Iterable[Tenant]) -> None:
         """A reload: these keys from now on (a request already in keeps its tenant)."""
+        tenants = tuple(tenants)
         self._tenants = tuple((bytes.fromhex(key), t) for t in tenants for key in t.keys_sha256)
+        self._named = {t.name: t for t in tenants}
 
-    def authenticate(self, authorization: str | None) -> Tenant:
-        """The tenant whose key is in an ``Authorization: Bearer`` header."""
-        digest = _bearer_digest(authorization)
+    def named(self, name: str) -> Tenant | None:
+        return self._named.get(name)
+
+    def authenticate(self, key: str) -> Tenant:
+        """The tenant whose key this is."""
+        digest = _digest(key)
         found: Tenant | None = None
         # Compare against every tenant, without stopping early, so the time
         # taken says nothing about which (if any) hash matched.
@@ -114,26 +134,40 @@ class FailedKeyThrottle:
             self._seen.popitem(last=False)
 
 
-def authenticate(
-    directory: TenantDirectory, throttle: FailedKeyThrottle, request: web.Request
-) -> Tenant:
-    """The request's tenant, counting and throttling failed keys by address."""
+async def authenticate(
+    directory: TenantDirectory,
+    throttle: FailedKeyThrottle,
+    tokens: TokenVerifier,
+    request: web.Request,
+) -> Caller:
+    """The request's caller, by a tenant key or (with issuers) a JWT, counting
+    and throttling failed credentials by address."""
     if throttle.watching:  # the peer's address is looked up only when it may matter
         throttle.check(request.remote)
     try:
-        return directory.authenticate(request.headers.get("Authorization"))
+        credential = bearer(request.headers.get("Authorization"))
+        if not (tokens.active and looks_like_jwt(credential)):
+            return Caller(directory.authenticate(credential))
+        verified = await tokens.verify(credential)
     except Unauthorized:
         throttle.failed(request.remote)
         raise
+    tenant = directory.named(verified.tenant)
+    if tenant is None:  # a tenant_claim naming none
+        raise Forbidden("the token's tenant is not one of this gateway's")
+    return Caller(tenant, tokens.user_label(verified))
 
 
-def tenant_of(request: web.Request) -> Tenant:
-    """The caller's tenant, by its ``Authorization`` (401 if none), recorded on
-    the request's exchange: how every route that needs a tenant authenticates."""
+async def tenant_of(request: web.Request) -> Tenant:
+    """The caller's tenant, by its ``Authorization`` (401 if none), recorded
+    (with its user) on the request's exchange: how every route that needs a
+    tenant authenticates."""
     app = request.app
-    tenant = authenticate(app[TENANTS], app[FAILED_KEYS], request)
-    exchange_of(request).tenant = tenant.name
-    return tenant
+    caller = await authenticate(app[TENANTS], app[FAILED_KEYS], app[TOKENS], request)
+    exchange = exchange_of(request)
+    exchange.tenant = caller.tenant.name
+    exchange.user = caller.user
+    return caller.tenant
 
 
 TENANTS = web.AppKey("tenants", TenantDirectory)

@@ -24,11 +24,13 @@ from gateway.config.settings import (
     ANY_BOT,
     AUTO_WORKERS,
     BUILT_IN_FRONTENDS,
+    TOKEN_ALGORITHMS,
     AdmissionSettings,
     BotSettings,
     CircuitSettings,
     ConfigError,
     FrontendSettings,
+    Issuer,
     LoggingSettings,
     MetricsSettings,
     RedisSettings,
@@ -98,7 +100,8 @@ def read_file(path: str | Path, text: bytes | None = None) -> dict[str, Any]:
 
 
 def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
-    unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - {"tenants", "frontends", "bots"})
+    arrays = {"tenants", "issuers", "frontends", "bots"}
+    unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - arrays)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key")
     server = raw.get("server", {})
@@ -111,9 +114,10 @@ def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) ->
         raise ConfigError('server.workers: at least 1, or "auto"')
     tables = {name: _build(cls, raw.get(name, {}), name) for name, cls in _FILE_ONLY_TABLES.items()}
     tenants = _tenants(raw.get("tenants", []))
+    issuers = _issuers(raw.get("issuers", []), tenants)
     frontends = _frontends(raw.get("frontends", {}))
     bots = _bots(raw.get("bots", {}))
-    settings = Settings(tenants=tenants, bots=bots, frontends=frontends, **tables)
+    settings = Settings(tenants=tenants, issuers=issuers, bots=bots, frontends=frontends, **tables)
     settings = _apply_environment(settings, environ)
     _validate(settings)
     return settings
@@ -268,7 +272,11 @@ def _bots(raw: object) -> tuple[BotSettings, ...]:
 def _tenants(raw: object) -> tuple[Tenant, ...]:
     if not isinstance(raw, list):
         raise ConfigError("tenants: must be an array of tables ([[tenants]])")
-    tenants = tuple(_build(Tenant, t, f"tenants[{i}]") for i, t in enumerate(raw))
+    # A tenant without a key is signed in to by an issuer's tokens only.
+    tenants = tuple(
+        _build(Tenant, {"key_sha256": "", **t} if isinstance(t, dict) else t, f"tenants[{i}]")
+        for i, t in enumerate(raw)
+    )
     seen_names: set[str] = set()
     seen_hashes: set[str] = set()
     for i, t in enumerate(tenants):
@@ -276,7 +284,8 @@ def _tenants(raw: object) -> tuple[Tenant, ...]:
         if not t.name or t.name in seen_names:
             raise ConfigError(f"{where}.name: empty or used twice")
         more = [("more_keys_sha256", key) for key in t.more_keys_sha256]
-        for option, key in [("key_sha256", t.key_sha256), *more]:
+        first = [("key_sha256", t.key_sha256)] if t.key_sha256 or more else []
+        for option, key in [*first, *more]:
             if not _SHA256_HEX.match(key):
                 raise ConfigError(
                     f"{where}.{option}: must be 64 lowercase hex digits "
@@ -294,6 +303,60 @@ def _tenants(raw: object) -> tuple[Tenant, ...]:
                 raise ConfigError(f"{where}.bots: {bot!r} is not a valid bot slug")
         seen_names.add(t.name)
     return tenants
+
+
+def _issuers(raw: object, tenants: tuple[Tenant, ...]) -> tuple[Issuer, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("issuers: must be an array of tables ([[issuers]])")
+    issuers = tuple(_build(Issuer, t, f"issuers[{i}]") for i, t in enumerate(raw))
+    names = {t.name for t in tenants}
+    seen: set[str] = set()
+    for i, issuer in enumerate(issuers):
+        where = f"issuers[{i}]"
+        _check_idp_url(issuer.issuer, f"{where}.issuer")
+        if issuer.issuer in seen:
+            raise ConfigError(f"{where}.issuer: given twice (an issuer has one table)")
+        seen.add(issuer.issuer)
+        if issuer.jwks_url:
+            _check_idp_url(issuer.jwks_url, f"{where}.jwks_url")
+        if not issuer.audience:
+            raise ConfigError(f'{where}.audience: must name the gateway\'s audience ("aud")')
+        if bool(issuer.tenant) == bool(issuer.tenant_claim):
+            raise ConfigError(f"{where}: give one of tenant or tenant_claim")
+        if issuer.tenant and issuer.tenant not in names:
+            raise ConfigError(f"{where}.tenant: no [[tenants]] is named {issuer.tenant!r}")
+        if not issuer.user_claim:
+            raise ConfigError(f'{where}.user_claim: must name a claim ("sub" by default)')
+        if not issuer.algorithms:
+            raise ConfigError(f"{where}.algorithms: must list at least one")
+        for algorithm in issuer.algorithms:
+            if algorithm not in TOKEN_ALGORITHMS:
+                raise ConfigError(
+                    f"{where}.algorithms: {algorithm!r} is not allowed (asymmetric ones only, "
+                    f"never none or an HMAC: {', '.join(TOKEN_ALGORITHMS)})"
+                )
+        if not 0 <= issuer.leeway_s <= 300:
+            raise ConfigError(f"{where}.leeway_s: between 0 and 300 seconds")
+    claimed = any(issuer.tenant_claim for issuer in issuers)
+    for i, tenant in enumerate(tenants):
+        named = claimed or any(issuer.tenant == tenant.name for issuer in issuers)
+        if not tenant.keys_sha256 and not named:
+            raise ConfigError(
+                f"tenants[{i}].key_sha256: missing (a tenant without a key must be "
+                "an [[issuers]] table's tenant)"
+            )
+    return issuers
+
+
+def _check_idp_url(url: str, where: str) -> None:
+    """An identity provider's URL: https, or http to this machine only (its
+    keys decide who may call, so they never come over a network in clear)."""
+    parts = urlsplit(url)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if not (parts.scheme == "https" or (parts.scheme == "http" and loopback)) or not parts.hostname:
+        raise ConfigError(f"{where}: must be an https URL (http only to this machine), not {url!r}")
+    if not _VISIBLE_ASCII.fullmatch(url):
+        raise ConfigError(f"{where}: spaces and control characters are not allowed")
 
 
 def _validate(s: Settings) -> None:
@@ -419,5 +482,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError("logging.level: must be debug, info, warning or error")
     if s.logging.format not in ("json", "console", "auto"):
         raise ConfigError("logging.format: must be json, console or auto")
+    if s.logging.user not in ("claim", "hash", "none"):
+        raise ConfigError("logging.user: must be claim, hash or none")
     if s.server.event_loop not in ("auto", "uvloop", "asyncio"):
         raise ConfigError("server.event_loop: must be auto, uvloop or asyncio")

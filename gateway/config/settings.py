@@ -159,6 +159,9 @@ class TracingSettings:
 class LoggingSettings:
     level: str = "info"
     format: str = "auto"  # "json", "console", or "auto" (console on a terminal)
+    # A signed-in user on each request's line: "claim" (as the token says),
+    # "hash" (a digest that tells users apart), "none".
+    user: str = "claim"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +196,30 @@ class FrontendSettings:
 BUILT_IN_FRONTENDS = {"chatiq": "/api", "openai": "/v1", "ai-sdk": "/api/ui", "mcp": "/mcp"}
 
 
+# The signature algorithms a token may use: asymmetric only (never "none",
+# never an HMAC, whose secret a published key set would be).
+TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                    "ES256", "ES384", "ES512", "EdDSA")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """One ``[[issuers]]`` table: an identity provider whose JWTs sign callers in."""
+
+    issuer: str  # its "iss"; discovery at {issuer}/.well-known/openid-configuration
+    audience: str  # the "aud" its tokens for the gateway carry
+    tenant: str = ""  # the tenant whose bots and quotas its tokens get
+    tenant_claim: str = ""  # or: the claim whose value names the tenant
+    user_claim: str = "sub"  # who the caller is
+    jwks_url: str = ""  # its keys, instead of discovery
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    leeway_s: float = 30.0  # clock skew allowed on exp, nbf and iat
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
-    key_sha256: str
+    key_sha256: str  # "" (none in the file): only an issuer's tokens sign its callers in
     bots: tuple[str, ...]
     max_streams: int | None = None  # None: admission.tenant_max_streams
     requests_per_minute: int | None = None  # None: admission.tenant_requests_per_minute
@@ -207,7 +230,7 @@ class Tenant:
 
     @property
     def keys_sha256(self) -> tuple[str, ...]:
-        return (self.key_sha256, *self.more_keys_sha256)
+        return tuple(k for k in (self.key_sha256, *self.more_keys_sha256) if k)
 
     def may_use(self, bot: str) -> bool:
         return ANY_BOT in self.bots or bot in self.bots
@@ -226,6 +249,7 @@ class Settings:
     logging: LoggingSettings = LoggingSettings()
     tracing: TracingSettings = TracingSettings()
     tenants: tuple[Tenant, ...] = ()
+    issuers: tuple[Issuer, ...] = ()
     bots: tuple[BotSettings, ...] = ()
     frontends: tuple[FrontendSettings, ...] = tuple(
         FrontendSettings(name, prefix) for name, prefix in BUILT_IN_FRONTENDS.items()

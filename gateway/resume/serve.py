@@ -297,7 +297,7 @@ async def _reaches(journal: Journal, event_id: int, within_s: float) -> bool:
 async def resume_stream(request: web.Request) -> web.StreamResponse:
     """``GET {prefix}/chatbot/streams/{stream_id}``: the events after ``Last-Event-ID``."""
     app = request.app
-    tenant = tenant_of(request)
+    tenant = await tenant_of(request)
     stream_id = request.match_info["stream_id"]
     after = last_event_id(request)
     streams = app[RESUMABLE]
@@ -335,7 +335,7 @@ def resume_chat_route(frontend: WireFormat) -> web.RouteDef:
 
     async def resume_chat(request: web.Request) -> web.StreamResponse:
         app = request.app
-        tenant = tenant_of(request)
+        tenant = await tenant_of(request)
         chat_id = request.match_info["chat_id"]
         streams = app[RESUMABLE]
         if app[LIFECYCLE].draining and streams.remote is not None:

@@ -43,7 +43,7 @@ def add_routes(app: web.Application, settings: Settings, chat_routes: list[str])
 async def bots(request: web.Request) -> web.Response:
     """The bots this key may pick from (``"*"`` tenants: those the config names)."""
     app = request.app
-    tenant = tenant_of(request)
+    tenant = await tenant_of(request)
     upstream = app[SETTINGS].current.upstream
     default = upstream.bot_slug
     named = [b for b in tenant.bots if b != ANY_BOT]

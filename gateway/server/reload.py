@@ -27,6 +27,7 @@ from aiohttp import web
 
 from gateway.app import export_breaker_series
 from gateway.auth.tenants import FAILED_KEYS, TENANTS
+from gateway.auth.tokens import TOKENS
 from gateway.config import ConfigError, Settings, named_bots, read_file, settings_from_mapping
 from gateway.logs import set_level
 from gateway.quotas.admission import ADMISSION
@@ -166,6 +167,8 @@ async def reload_settings(app: web.Application, path: str | Path) -> bool:
     apply_settings(app, new)
     app[RUNNING_FILE] = LoadedFile(text, frozenset(raw))
     metrics.config_reloads.labels("ok").inc()
+    if app[TOKENS].active:
+        await app[TOKENS].start()  # a new issuer's keys (and the others' again)
     return True
 
 
@@ -173,6 +176,8 @@ def apply_settings(app: web.Application, new: Settings) -> None:
     app[SETTINGS].current = new
     app[TENANTS].replace(new.tenants)
     app[FAILED_KEYS].limit = new.server.max_auth_failures_per_minute
+    app[TOKENS].replace(new.issuers)
+    app[TOKENS].user_logged = new.logging.user
     app[ADMISSION].reconfigure(new.admission, new.tenants)
     bots = named_bots(new)
     app[METRICS].name_bots(bots)
@@ -201,7 +206,7 @@ def _changed_keys(old: Settings, new: Settings) -> list[str]:
     changed = []
     for table in dataclasses.fields(Settings):
         before, after = getattr(old, table.name), getattr(new, table.name)
-        if table.name in ("tenants", "frontends") or before == after:
+        if isinstance(before, tuple) or before == after:  # [[tenants]], [[issuers]], ...
             if before != after:
                 changed.append(table.name)
             continue

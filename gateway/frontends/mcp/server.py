@@ -114,7 +114,7 @@ class MCPFrontend(Frontend):
         self, request: web.Request, pipeline: Pipeline, settings: Settings
     ) -> web.StreamResponse:
         check_origin(request, settings)
-        tenant = pipeline.authenticate(request)
+        tenant = await pipeline.authenticate(request)
         try:
             message = read_message(await pipeline.read_body(request))
         except RpcError as e:
@@ -244,7 +244,7 @@ class MCPFrontend(Frontend):
         self, request: web.Request, pipeline: Pipeline, settings: Settings
     ) -> web.StreamResponse:
         check_origin(request, settings)
-        tenant = pipeline.authenticate(request)
+        tenant = await pipeline.authenticate(request)
         session_id = request.headers.get(SESSION_HEADER)
         if session_id is None:
             raise InvalidRequest(f"name the session to end in {SESSION_HEADER}")

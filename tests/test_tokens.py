@@ -1,0 +1,289 @@
+"""Signing in with the company's identity provider: JWTs from a real OpenID
+provider (npm's oidc-provider, tests/oidc.py) checked against ``[[issuers]]``,
+beside tenant keys, on every frontend."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.auth import tokens
+from gateway.config import ConfigError, LoggingSettings, ServerSettings, settings_from_mapping
+from loadtest.harness import free_port
+from tests.helpers import ACME_KEY, Stack, StackFactory, eventually
+from tests.oidc import OpenIdProvider, SigningKey
+from tests.routes import ROUTES, events_of
+
+
+async def call(stack: Stack, frontend: str, token: str) -> tuple[int, dict[str, str], bytes]:
+    route = ROUTES[frontend]
+    async with stack.session.post(
+        stack.gateway.make_url(route.path),
+        json=route.body("demo", "hi"),
+        headers={"Authorization": f"Bearer {token}", **(route.headers or {})},
+    ) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+def request_lines(stack: Stack) -> list[dict[str, Any]]:
+    return [line for line in stack.log_lines() if line.get("event") == "request"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def hs256_with_public_key(oidc: OpenIdProvider) -> str:
+    """The old confusion attack: HS256, "signed" with the issuer's public key as the secret."""
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": oidc.key.kid}).encode())
+    now = int(time.time())
+    claims = {"iss": oidc.issuer, "aud": "chatiq-gateway", "sub": "mallory", "exp": now + 300}
+    payload = _b64(json.dumps(claims).encode())
+    signature = hmac.new(oidc.key.public_pem(), f"{header}.{payload}".encode(), hashlib.sha256)
+    return f"{header}.{payload}.{_b64(signature.digest())}"
+
+
+def tampered(token: str) -> str:
+    """A real token whose claims were changed after it was signed."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return f"{header}.{_b64(json.dumps({**claims, 'sub': 'admin'}).encode())}.{signature}"
+
+
+def bad_tokens(oidc: OpenIdProvider, real: str) -> dict[str, tuple[str, str]]:
+    """What each bad token is, and what its 401 must say."""
+    now = int(time.time())
+    return {
+        "expired": (oidc.mint(iat=now - 900, exp=now - 120), "the token has expired"),
+        "not yet valid": (oidc.mint(nbf=now + 600), "the token is not valid yet"),
+        "wrong audience": (oidc.mint(aud="another-api"), "another audience"),
+        "wrong issuer": (oidc.mint(iss="https://login.example.com"), "is not one this gateway"),
+        "no exp": (oidc.mint(exp=None), "no 'exp' claim"),
+        "alg none": (
+            jwt.encode(
+                {"iss": oidc.issuer, "aud": "chatiq-gateway", "sub": "x", "exp": now + 300},
+                "",
+                "none",
+                headers={"kid": oidc.key.kid},
+            ),
+            "algorithm (alg) is not allowed",
+        ),
+        "HS256 with the public key": (
+            hs256_with_public_key(oidc),
+            "algorithm (alg) is not allowed",
+        ),
+        "tampered payload": (tampered(real), "signature does not verify"),
+        "a key never published": (oidc.mint(SigningKey("rogue")), "does not publish"),
+        "garbage that looks like a JWT": ("eyJhbGciOi.bm9wZQ.c2ln", "malformed"),
+        "garbage": ("not-a-token-at-all", "unknown API key"),
+    }
+
+
+BAD_TOKEN_ROUTES = pytest.mark.parametrize("frontend", ["chatiq", "openai", "ai-sdk"])
+
+
+@pytest.mark.parametrize("frontend", list(ROUTES))
+async def test_a_service_s_token_from_the_provider_streams_a_reply_beside_tenant_keys(
+    make_stack: StackFactory, oidc: OpenIdProvider, frontend: str
+) -> None:
+    stack = await make_stack(issuers=(oidc.settings(),))
+    token = await oidc.client_token("svc")
+    for credential in (token, token, ACME_KEY):  # the second time, remembered
+        status, _, body = await call(stack, frontend, credential)
+        assert status == 200, body
+        assert ROUTES[frontend].ended_whole(events_of(body)), body
+    lines = request_lines(stack)
+    assert [(line["tenant"], line.get("user")) for line in lines] == [
+        ("acme", "svc"), ("acme", "svc"), ("acme", None)
+    ]  # fmt: skip
+
+
+@BAD_TOKEN_ROUTES
+async def test_every_bad_token_is_a_401_that_says_why_in_the_route_s_shape(
+    make_stack: StackFactory, oidc: OpenIdProvider, frontend: str
+) -> None:
+    stack = await make_stack(issuers=(oidc.settings(),), server=ServerSettings(
+        max_auth_failures_per_minute=0))  # fmt: skip
+    for case, (token, reason) in bad_tokens(oidc, await oidc.client_token()).items():
+        status, headers, body = await call(stack, frontend, token)
+        assert status == 401, (case, body)
+        challenge = headers["WWW-Authenticate"]
+        assert challenge.startswith('Bearer error="invalid_token", error_description="'), case
+        assert reason in challenge, (case, challenge)
+        error = json.loads(body)["error"]
+        assert reason in error["message"], (case, error)
+        if frontend == "openai":
+            assert error["code"] == "invalid_api_key", (case, error)
+    assert not [line for line in request_lines(stack) if line.get("user")]
+
+
+async def test_bad_tokens_count_towards_an_address_s_failed_credentials(
+    make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    stack = await make_stack(issuers=(oidc.settings(),), server=ServerSettings(
+        max_auth_failures_per_minute=3))  # fmt: skip
+    now = int(time.time())
+    for _ in range(3):
+        assert (await call(stack, "chatiq", oidc.mint(exp=now - 120)))[0] == 401
+    status, headers, _ = await call(stack, "chatiq", await oidc.client_token())
+    assert status == 429 and int(headers["Retry-After"]) > 0
+
+
+async def test_a_rotated_key_is_fetched_when_a_token_names_it_without_a_failed_request(
+    make_stack: StackFactory, oidc: OpenIdProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokens, "REFETCH_S", 1.0)  # 30 s in production
+    stack = await make_stack(issuers=(oidc.settings(),))
+    assert (await call(stack, "chatiq", await oidc.client_token()))[0] == 200
+    old_key = oidc.key
+    started = time.monotonic()
+    await oidc.restart(SigningKey("key-2"))
+    await eventually(lambda: time.monotonic() - started > 1.0)
+    rotated = await oidc.client_token()
+    assert jwt.get_unverified_header(rotated)["kid"] == "key-2"
+    status, _, body = await call(stack, "chatiq", rotated)
+    assert status == 200, body
+    # The withdrawn key signs nothing any more.
+    status, headers, _ = await call(stack, "chatiq", oidc.mint(old_key))
+    assert status == 401 and "does not publish" in headers["WWW-Authenticate"]
+
+
+async def test_an_unknown_key_fetches_the_issuer_s_keys_at_most_once_in_30_s(
+    make_stack: StackFactory, aiohttp_server: Any, oidc: OpenIdProvider
+) -> None:
+    fetches: list[float] = []
+    private = ("d", "p", "q", "dp", "dq", "qi")
+    published = {"keys": [{k: v for k, v in oidc.key.jwk().items() if k not in private}]}
+
+    async def jwks(request: web.Request) -> web.Response:
+        fetches.append(time.monotonic())
+        return web.json_response(published)
+
+    app = web.Application()
+    app.router.add_get("/keys", jwks)
+    keys: TestServer = await aiohttp_server(app)
+    stack = await make_stack(issuers=(oidc.settings(jwks_url=str(keys.make_url("/keys"))),))
+    assert len(fetches) == 1  # at start
+    assert (await call(stack, "chatiq", oidc.mint()))[0] == 200
+    for n in range(5):
+        status, _, _ = await call(stack, "chatiq", oidc.mint(SigningKey(f"rogue-{n}")))
+        assert status == 401
+    assert len(fetches) == 1, "fetched again within 30 s of the last fetch"
+
+
+async def test_known_keys_keep_working_while_the_issuer_is_down(
+    make_stack: StackFactory, oidc: OpenIdProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokens, "REFETCH_S", 0.0)
+    stack = await make_stack(issuers=(oidc.settings(),))
+    await oidc.stop()
+    status, _, body = await call(stack, "chatiq", oidc.mint(sub="still-here"))  # never seen
+    assert status == 200, body
+    status, headers, _ = await call(stack, "chatiq", oidc.mint(SigningKey("new")))
+    assert status == 401 and "does not publish" in headers["WWW-Authenticate"]
+    warnings = [line for line in stack.log_lines() if line["event"] == "issuer_keys_unavailable"]
+    assert warnings and warnings[-1]["keys_kept"] == 1
+    assert request_lines(stack)[0]["user"] == "still-here"
+
+
+async def test_an_issuer_that_does_not_answer_at_start_is_a_warning_and_keys_still_work(
+    make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    down = replace(oidc.settings(), issuer=f"http://127.0.0.1:{free_port()}")
+    stack = await make_stack(issuers=(down,))
+    (warning,) = [line for line in stack.log_lines() if line["event"] == "issuer_keys_unavailable"]
+    assert warning["issuer"] == down.issuer and warning["keys_kept"] == 0
+    status, _, body = await call(stack, "chatiq", ACME_KEY)
+    assert status == 200, body
+    status, headers, _ = await call(stack, "chatiq", oidc.mint(iss=down.issuer))
+    assert status == 401 and "does not publish" in headers["WWW-Authenticate"]
+
+
+async def test_a_tenant_claim_names_the_tenant(
+    make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    stack = await make_stack(issuers=(oidc.settings(tenant="", tenant_claim="team"),))
+    status, _, body = await call(stack, "chatiq", await oidc.client_token("svc-acme"))
+    assert status == 200, body
+    assert request_lines(stack)[-1]["tenant"] == "acme"
+    status, headers, _ = await call(stack, "chatiq", await oidc.client_token("svc"))  # no team
+    assert status == 401 and "no 'team' claim" in headers["WWW-Authenticate"]
+    status, _, body = await call(stack, "chatiq", oidc.mint(team="nobody"))
+    assert status == 403, body
+    assert json.loads(body)["error"]["code"] == "FORBIDDEN"
+
+
+@pytest.mark.parametrize("mode", ["claim", "hash", "none"])
+async def test_the_user_on_the_log_line_as_logging_user_says(
+    make_stack: StackFactory, oidc: OpenIdProvider, mode: str
+) -> None:
+    stack = await make_stack(issuers=(oidc.settings(),))
+    stack.gateway.app[tokens.TOKENS].user_logged = mode  # as [logging] user = mode
+    for sub in ("ada@example.com", "ada@example.com", "grace@example.com"):
+        assert (await call(stack, "chatiq", oidc.mint(sub=sub)))[0] == 200
+    users = [line.get("user") for line in request_lines(stack)]
+    if mode == "claim":
+        assert users == ["ada@example.com", "ada@example.com", "grace@example.com"]
+    elif mode == "hash":
+        assert users[0] == users[1] != users[2]
+        assert all(isinstance(u, str) and len(u) == 16 and "@" not in u for u in users)
+    else:
+        assert users == [None, None, None]
+
+
+def config(issuer: dict[str, Any], tenant: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "upstream": {"url": "http://127.0.0.1:8181/api/chat"},
+        "tenants": [tenant or {"name": "people", "bots": ["*"]}],
+        "issuers": [{"issuer": "https://login.example.com", "audience": "gw",
+                     "tenant": "people", **issuer}],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("issuer", "says"),
+    [
+        ({"algorithms": ["HS256"]}, "'HS256' is not allowed"),
+        ({"algorithms": ["none"]}, "'none' is not allowed"),
+        ({"algorithms": []}, "at least one"),
+        ({"issuer": "http://login.example.com"}, "must be an https URL"),
+        ({"jwks_url": "http://keys.example.com/jwks"}, "must be an https URL"),
+        ({"tenant": "nobody"}, "no [[tenants]] is named 'nobody'"),
+        ({"tenant_claim": "team"}, "one of tenant or tenant_claim"),
+        ({"tenant": ""}, "one of tenant or tenant_claim"),
+        ({"audience": ""}, "audience"),
+        ({"leeway_s": 3600}, "leeway_s"),
+        ({"kid": "x"}, "issuers[0].kid: unknown key"),
+    ],
+)
+def test_an_issuer_the_gateway_cannot_trust_safely_is_a_config_error(
+    issuer: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=None) as raised:
+        settings_from_mapping(config(issuer), {})
+    assert says in str(raised.value)
+
+
+def test_a_tenant_without_a_key_must_be_an_issuer_s() -> None:
+    raw = config({}, {"name": "people", "bots": ["*"]})
+    assert settings_from_mapping(raw, {}).tenants[0].keys_sha256 == ()
+    raw["issuers"] = []
+    with pytest.raises(ConfigError, match="key_sha256: missing"):
+        settings_from_mapping(raw, {})
+
+
+def test_logging_user_is_claim_hash_or_none() -> None:
+    raw = config({})
+    assert settings_from_mapping(raw, {}).logging == LoggingSettings()
+    with pytest.raises(ConfigError, match=r"logging\.user"):
+        settings_from_mapping({**raw, "logging": {"user": "email"}}, {})
