@@ -36,6 +36,7 @@ from tests.helpers import (
     CHATIQ_KEY,
     StackFactory,
     data_events,
+    eventually,
     read_events,
     start_workers,
 )
@@ -361,6 +362,9 @@ async def test_each_worker_of_a_gateway_process_exports_and_a_dead_collector_hol
 ) -> None:
     process, log, port = await start_workers(tmp_path, await make_stack())
     try:
+        # The port answers once one worker is up; the second may start late
+        # on a busy machine (and a SIGTERM before its start would skip it).
+        await eventually(lambda: log.read_text().count('"tracing_on"') == 2, timeout_s=20)
         connector = aiohttp.TCPConnector(force_close=True)  # the kernel spreads them
         async with aiohttp.ClientSession(connector=connector) as session:
             for _ in range(20):
