@@ -341,6 +341,7 @@ def modern_list(version: str = "2026-07-28") -> dict[str, Any]:
         (b'[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]', {}, 400, -32600),  # a batch
         (b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}', {}, 400, -32600),
         (b'{"jsonrpc": "2.0", "id": [1], "method": "ping"}', {}, 400, -32600),
+        (b'{"jsonrpc": "2.0", "id": 18446744073709551616, "method": "x"}', {}, 400, -32600),
         (b'{"jsonrpc": "2.0", "id": 1, "method": "resources/list"}', {}, 200, -32601),
         (json.dumps(modern_list()).encode(), {**MODERN, "Mcp-Method": "ping"}, 400, -32020),
         (json.dumps(modern_list()).encode(), {**MODERN, "MCP-Protocol-Version": "x"}, 400, -32020),

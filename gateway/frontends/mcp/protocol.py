@@ -119,6 +119,8 @@ def read_message(raw: bytes) -> Message:
     rpc_id = body.get("id")
     if rpc_id is not None and (isinstance(rpc_id, bool) or not isinstance(rpc_id, int | str)):
         raise RpcError(INVALID_REQUEST, "'id' must be a string or an integer")
+    if isinstance(rpc_id, int) and not -(2**63) <= rpc_id < 2**63:  # it is sent back as it came
+        raise RpcError(INVALID_REQUEST, "'id' must be an integer of 64 bits at most")
     method = body.get("method")
     if method is None:
         if "result" in body or "error" in body:  # a client's answer: nothing was asked
