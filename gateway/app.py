@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.auth import discovery
 from gateway.auth.tenants import FAILED_KEYS, TENANTS, FailedKeyThrottle, TenantDirectory
 from gateway.auth.tokens import TOKENS, TokenVerifier, user_secret
 from gateway.config import Settings, named_bots
@@ -97,6 +98,8 @@ def create_app(settings: Settings, *, log: Logger | None = None) -> web.Applicat
     if settings.metrics.port == 0:
         app.router.add_get("/metrics", ops.prometheus_metrics)
     page.add_routes(app, settings, chat_routes=list(frontend_of_route))
+    signs_in = {fe.prefix for fe in frontend_of_route.values() if fe.protected_resource}
+    discovery.add_routes(app, settings, sorted(signs_in))
     return app
 
 

@@ -65,14 +65,18 @@ class Unauthorized(GatewayError):
     def __init__(self, message: str, *, error: str | None = "invalid_token") -> None:
         super().__init__(message)
         self.error = error
+        # Where a client finds how to sign in (RFC 9728), on the routes that say so.
+        self.resource_metadata: str | None = None
 
     @property
     def headers(self) -> dict[str, str]:
-        if self.error is None:
-            return {"WWW-Authenticate": "Bearer"}
-        description = self.message.replace("\\", "\\\\").replace('"', '\\"')
-        challenge = f'Bearer error="{self.error}", error_description="{description}"'
-        return {"WWW-Authenticate": challenge}
+        params = []
+        if self.error is not None:
+            description = self.message.replace("\\", "\\\\").replace('"', '\\"')
+            params += [f'error="{self.error}"', f'error_description="{description}"']
+        if self.resource_metadata is not None:
+            params.append(f'resource_metadata="{self.resource_metadata}"')
+        return {"WWW-Authenticate": f"Bearer {', '.join(params)}".rstrip()}
 
 
 class Forbidden(GatewayError):

@@ -16,6 +16,7 @@ from functools import partial
 
 from aiohttp import web
 
+from gateway.auth.discovery import metadata_url
 from gateway.auth.tenants import tenant_of
 from gateway.chat import (
     ChatRequest,
@@ -33,6 +34,7 @@ from gateway.errors import (
     Forbidden,
     PayloadTooLarge,
     RequestTimeout,
+    Unauthorized,
     UnknownBot,
     UnsupportedMediaType,
 )
@@ -131,8 +133,11 @@ def bind(route: web.RouteDef, frontend: WireFormat) -> web.RouteDef:
         wire = route.handler.wire
         return web.post(route.path, partial(serve_chat, frontend=wire), **route.kwargs)
     if isinstance(route.handler, Dispatching):
+        signs_in = getattr(frontend, "protected_resource", False)
+        pipeline = SharedPipeline(frontend.prefix if signs_in else None)
         return web.route(
-            route.method, route.path, partial(serve_dispatching, handler=route.handler.handler),
+            route.method, route.path,
+            partial(serve_dispatching, handler=route.handler.handler, pipeline=pipeline),
             **route.kwargs,
         )  # fmt: skip
     if isinstance(route.handler, ForTenant):
@@ -144,12 +149,23 @@ def bind(route: web.RouteDef, frontend: WireFormat) -> web.RouteDef:
 
 
 class SharedPipeline:
-    """The pipeline as a ``Dispatching`` route's handler uses it (``gateway.chat.Pipeline``)."""
+    """The pipeline as a ``Dispatching`` route's handler uses it (``gateway.chat.Pipeline``).
+    ``protected``: the prefix of a frontend whose clients discover how to sign
+    in (RFC 9728); a 401 there names its metadata, when there are issuers."""
 
-    __slots__ = ()
+    __slots__ = ("protected",)
+
+    def __init__(self, protected: str | None = None) -> None:
+        self.protected = protected
 
     async def authenticate(self, request: web.Request) -> Tenant:
-        return await tenant_of(request)
+        try:
+            return await tenant_of(request)
+        except Unauthorized as e:
+            settings = request.app[SETTINGS].current
+            if self.protected is not None and settings.issuers:
+                e.resource_metadata = metadata_url(request, settings, self.protected)
+            raise
 
     async def read_body(self, request: web.Request) -> bytes:
         return await read_body(request)
@@ -160,11 +176,10 @@ class SharedPipeline:
         return await serve_parsed(request, tenant, chat, wire)
 
 
-PIPELINE = SharedPipeline()
-
-
-async def serve_dispatching(request: web.Request, handler: DispatchHandler) -> web.StreamResponse:
-    return await handler(request, PIPELINE, request.app[SETTINGS].current)
+async def serve_dispatching(
+    request: web.Request, handler: DispatchHandler, pipeline: SharedPipeline
+) -> web.StreamResponse:
+    return await handler(request, pipeline, request.app[SETTINGS].current)
 
 
 async def serve_for_tenant(request: web.Request, handler: TenantHandler) -> web.StreamResponse:

@@ -16,6 +16,11 @@ import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from mcp.client import Client
+from mcp.client.auth.extensions.client_credentials import ClientCredentialsOAuthProvider
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from gateway.auth import tokens
 from gateway.config import ConfigError, LoggingSettings, ServerSettings, settings_from_mapping
@@ -36,7 +41,10 @@ async def call(stack: Stack, frontend: str, token: str) -> tuple[int, dict[str, 
 
 
 def request_lines(stack: Stack) -> list[dict[str, Any]]:
-    return [line for line in stack.log_lines() if line.get("event") == "request"]
+    """The chat routes' request lines (the others' are debug lines without a tenant)."""
+    return [
+        line for line in stack.log_lines() if line.get("event") == "request" and "tenant" in line
+    ]
 
 
 def _b64(data: bytes) -> str:
@@ -287,3 +295,87 @@ def test_logging_user_is_claim_hash_or_none() -> None:
     assert settings_from_mapping(raw, {}).logging == LoggingSettings()
     with pytest.raises(ConfigError, match=r"logging\.user"):
         settings_from_mapping({**raw, "logging": {"user": "email"}}, {})
+
+
+class MemoryTokens:
+    """The MCP SDK's token storage, kept in memory (as a short-lived agent would)."""
+
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client: OAuthClientInformationFull | None = None
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client = client_info
+
+
+async def test_an_mcp_client_discovers_the_issuer_from_the_401_and_signs_in_itself(
+    make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    stack = await make_stack(issuers=(oidc.settings(),))
+    url = str(stack.gateway.make_url("/mcp"))
+    document = str(stack.gateway.make_url("/.well-known/oauth-protected-resource/mcp"))
+    async with stack.session.post(url, json=ROUTES["mcp"].body("demo", "hi"),
+                                  headers=ROUTES["mcp"].headers) as r:  # fmt: skip
+        assert r.status == 401
+        assert r.headers["WWW-Authenticate"] == f'Bearer resource_metadata="{document}"'
+    async with stack.session.get(document) as r:
+        assert r.status == 200
+        assert await r.json() == {
+            "resource": url,
+            "authorization_servers": [oidc.issuer],
+            "bearer_methods_supported": ["header"],
+            "resource_name": "ChatIQ Gateway",
+        }
+    # The SDK's own OAuth client: the 401, the metadata, the issuer's, a token.
+    signs_in = ClientCredentialsOAuthProvider(
+        url, MemoryTokens(), "svc", "svc-secret", scope="chat", issuer=oidc.issuer
+    )
+    http = create_mcp_http_client(auth=signs_in)
+    async with http, Client(streamable_http_client(url, http_client=http)) as client:
+        assert "ask_demo" in [t.name for t in (await client.list_tools()).tools]
+        result = await client.call_tool("ask_demo", {"question": "hi"})
+    assert not result.is_error
+    answered = {(line["status"], line.get("user")) for line in request_lines(stack)}
+    assert answered == {(401, None), (200, "svc")}
+
+
+async def test_without_issuers_there_is_no_sign_in_to_discover(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    async with stack.session.post(stack.gateway.make_url("/mcp"), json={}) as r:
+        assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+    async with stack.session.get(
+        stack.gateway.make_url("/.well-known/oauth-protected-resource")
+    ) as r:
+        assert r.status == 404
+
+
+async def test_behind_a_proxy_discovery_names_the_public_url(
+    make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    public = "https://chat-gateway.example.com"
+    server = ServerSettings(public_url=f"{public}/")
+    stack = await make_stack(issuers=(oidc.settings(),), server=server)
+    async with stack.session.post(stack.gateway.make_url("/mcp"), json={}) as r:
+        assert r.headers["WWW-Authenticate"] == (
+            f'Bearer resource_metadata="{public}/.well-known/oauth-protected-resource/mcp"'
+        )
+    for path, resource in (("/mcp", f"{public}/mcp"), ("", public)):
+        url = stack.gateway.make_url(f"/.well-known/oauth-protected-resource{path}")
+        async with stack.session.get(url) as r:
+            assert (await r.json())["resource"] == resource
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.parametrize("url", ["https://gw.example.com/chat", "gw.example.com", "ftp://gw"])
+def test_a_public_url_is_an_origin(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"server\.public_url"):
+        settings_from_mapping({**config({}), "server": {"public_url": url}}, {})

@@ -399,6 +399,13 @@ def _validate(s: Settings) -> None:
             raise ConfigError(
                 f"server.cors_origins: {origin!r} is not an origin like https://app.example.com"
             )
+    if s.server.public_url:
+        parts = urlsplit(s.server.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+            raise ConfigError(
+                f"server.public_url: {s.server.public_url!r} is not an origin like "
+                "https://gateway.example.com"
+            )
     if not 0 <= s.metrics.port <= 65535:
         raise ConfigError("metrics.port: must be between 0 (the main port) and 65535")
     if s.metrics.token_sha256 and not _SHA256_HEX.match(s.metrics.token_sha256):

@@ -41,6 +41,9 @@ class ServerSettings:
     max_auth_failures_per_minute: int = 30
     static_dir: str = ""  # the page served at "/" ("": the bundled clients/web)
     cors_origins: tuple[str, ...] = ()  # pages elsewhere allowed to call the API
+    # The gateway's origin as its clients reach it (behind a TLS proxy, say):
+    # sign-in discovery names it. "": each request's own scheme and host.
+    public_url: str = ""
     # Sent with the page and its files: scripts and styles only from the
     # gateway itself (the page has no inline script), images from https (a
     # reply's attachments), requests only to the gateway, no framing.

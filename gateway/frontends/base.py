@@ -49,6 +49,9 @@ class Frontend:
     # Where its clients resume a chat's latest stream by the chat's own id
     # (under its prefix, with a {chat_id}); None: only by stream id.
     resume_path: ClassVar[str | None] = None
+    # Its clients discover how to sign in (RFC 9728, as MCP clients do): with
+    # [[issuers]], its prefix has protected-resource metadata of its own.
+    protected_resource: ClassVar[bool] = False
 
     def __init__(self, prefix: str | None = None, options: Mapping[str, Any] | None = None) -> None:
         self.prefix = self.default_prefix if prefix is None else prefix

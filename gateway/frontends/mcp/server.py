@@ -5,8 +5,9 @@ over Streamable HTTP, whose tools are the bots the caller's key may use.
   ``application/json``, or a ``tools/call`` with a ``text/event-stream`` of
   its progress notifications and its result (when the client accepts one);
   a notification with ``202``. Every request needs the tenant key
-  (``Authorization: Bearer``); without one, or with a wrong one, ``401`` with
-  ``WWW-Authenticate: Bearer``.
+  or a token (``Authorization: Bearer``); without one, or with a wrong one,
+  ``401`` with ``WWW-Authenticate: Bearer``, which with ``[[issuers]]`` names
+  the protected-resource metadata where an MCP client finds how to sign in.
 - Sessions: ``initialize`` (the handshake era) answers with a signed
   ``Mcp-Session-Id`` that any replica checks on its own
   (``gateway.frontends.mcp.sessions``); a request with an id that is not this
@@ -79,6 +80,7 @@ DEFAULT_SESSION_MAX_AGE_S = 7 * 86400.0
 class MCPFrontend(Frontend):
     name = "mcp"
     default_prefix = "/mcp"
+    protected_resource = True  # MCP clients discover how to sign in (RFC 9728)
 
     def __init__(self, prefix: str | None = None, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(prefix, options)
