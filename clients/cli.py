@@ -346,6 +346,17 @@ def interactive(session: Session) -> int:
             print(f"error: {e}", file=session.err)
 
 
+def _credential(parser: argparse.ArgumentParser, key: str | None, token: str | None) -> str:
+    """The key or the token: the command line's, else the environment's; one of them."""
+    if not (key or token):
+        key, token = os.environ.get("CHATIQ_GATEWAY_KEY"), os.environ.get("CHATIQ_GATEWAY_TOKEN")
+    if key and token:
+        parser.error("a key or a token, not both (CHATIQ_GATEWAY_KEY, CHATIQ_GATEWAY_TOKEN)")
+    if not (key or token):
+        parser.error("no key: pass --key or set CHATIQ_GATEWAY_KEY (or a --token)")
+    return str(key or token)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatiq-chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("question", nargs="?", help="ask this and exit (else stdin, or a prompt)")
@@ -356,8 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--key",
-        default=os.environ.get("CHATIQ_GATEWAY_KEY"),
         help="your gateway key (env CHATIQ_GATEWAY_KEY)",
+    )
+    parser.add_argument(
+        "--token",
+        help="instead of a key, a token from your identity provider (env CHATIQ_GATEWAY_TOKEN)",
     )
     parser.add_argument("--bot", help="the bot to ask (default: the gateway's)")
     parser.add_argument(
@@ -370,11 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats", action="store_true", help="TTFT, tokens/s and time, on stderr")
     parser.add_argument("-i", "--interactive", action="store_true", help="a prompt, even on a pipe")
     args = parser.parse_args(argv)
-    if not args.key:
-        parser.error("no key: pass --key or set CHATIQ_GATEWAY_KEY")
+    credential = _credential(parser, args.key, args.token)
     session = Session(
         url=args.url.rstrip("/"),
-        key=args.key,
+        key=credential,
         bot=args.bot,
         conversation_id=args.conversation,
         stream=not args.no_stream,

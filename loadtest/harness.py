@@ -98,6 +98,7 @@ def start_gateway(
     cwd: Path | None = None,  # the tree it runs from (default: this one)
     tenant_limits: tuple[int, int] = (0, 0),  # the tenant's max_streams, requests_per_minute
     more_tenants: Sequence[Mapping[str, Any]] = (),  # each: name, key, then any tenant field
+    issuers: Sequence[Mapping[str, Any]] = (),  # [[issuers]] tables
     env: Mapping[str, str] | None = None,  # variables beside this process's own
     **tables: Any,  # TOML tables: server={...}, upstream={...}
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -124,6 +125,10 @@ def start_gateway(
         f'bots = ["*"]\nmax_streams = {tenant_limits[0]}\n'
         f"requests_per_minute = {tenant_limits[1]}\n"
         + "".join(_tenant_toml(tenant) for tenant in more_tenants)
+        + "".join(
+            "[[issuers]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in issuer.items())
+            for issuer in issuers
+        )
     )
     log = config_dir / f"gateway-{port}.log"
     variables = {k: v for k, v in os.environ.items() if k != "CHATIQ_API_KEY"}

@@ -9,6 +9,7 @@ import os
 import pty
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from loadtest.emulator import EmulatorSettings, compose_reply
 from tests.cutting_proxy import CuttingProxy
 from tests.helpers import ACME_KEY, GatewayProcess, StackFactory
+from tests.oidc import AUDIENCE, OpenIdProvider
 
 pytestmark = pytest.mark.process
 
@@ -257,3 +259,38 @@ async def test_a_reply_cut_off_mid_stream_is_resumed_without_a_gap_or_a_repeat(
     assert "(reconnecting...)" in err.decode()
     words = "".join(compose_reply("tell me a long story", [], 30))
     assert out.decode() == words + "\n"
+
+
+async def test_a_token_from_the_identity_provider_signs_in_instead_of_a_key(
+    make_stack: StackFactory,
+    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    oidc: OpenIdProvider,
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=8))
+    issuer = {"issuer": oidc.issuer, "audience": AUDIENCE, "tenant": "load"}
+    gw = await gateway_process(stack.emulator, issuers=[issuer])
+    token = await oidc.client_token()
+
+    async def run(*args: str, **variables: str) -> Run:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATIQ_GATEWAY")}
+        env.update(CHATIQ_GATEWAY_URL=f"http://127.0.0.1:{gw.port}", **variables)
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients.cli", *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(done.communicate(), 60)
+        assert done.returncode is not None
+        return Run(done.returncode, out.decode(), err.decode())
+
+    for signed_in in (
+        await run("hi", CHATIQ_GATEWAY_TOKEN=token),
+        await run("hi", "--token", token),
+    ):
+        assert (signed_in.code, signed_in.out.strip()) == (0, reply("hi")), signed_in.err
+    expired = await run("hi", "--token", oidc.mint(exp=int(time.time()) - 600))
+    assert expired.code == 1 and "the token has expired" in expired.err
+    both = await run("hi", CHATIQ_GATEWAY_TOKEN=token, CHATIQ_GATEWAY_KEY=ACME_KEY)
+    assert both.code == 2 and "not both" in both.err
+    # A key on the command line wins over a token in the environment.
+    keyed = await run("hi", "--key", ACME_KEY, CHATIQ_GATEWAY_TOKEN="stale")
+    assert keyed.code == 0, keyed.err
