@@ -160,6 +160,18 @@ class TenantBusy(RateLimited):
     reject_reason = "tenant_concurrency"
 
 
+class UserRateLimited(RateLimited):
+    """A signed-in user's own requests-per-minute quota (``user_requests_per_minute``)."""
+
+    reject_reason = "user_rate_limit"
+
+
+class UserBusy(RateLimited):
+    """A signed-in user's own concurrent streams quota (``user_max_streams``)."""
+
+    reject_reason = "user_concurrency"
+
+
 class Overloaded(GatewayError):
     status = 503
     code = "OVERLOADED"

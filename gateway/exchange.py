@@ -85,6 +85,7 @@ class Exchange:
     started: float
     tenant: str = NO_TENANT
     user: str | None = None  # signed in by a token: the user, as [logging] user shows it
+    user_id: str | None = field(default=None, repr=False)  # their stable id (never logged)
     frontend: str = "-"  # the route's frontend, for the log line
     bot: str | None = None
     bot_label: str = "-"  # bounded: see Metrics.bot_label

@@ -72,6 +72,7 @@ def pin_worker_pid() -> None:
 REJECT_REASONS = (
     "overload", "queue_timeout", "rate_limit", "tenant_concurrency", "draining",
     "header_timeout", "body_timeout", "connections", "quota_unavailable",
+    "user_rate_limit", "user_concurrency",
 )  # fmt: skip
 ERROR_KINDS = ("connect", "first_byte_timeout", "idle_timeout", "http_5xx", "http_429", "protocol")
 RETRY_REASONS = ("connect", "first_byte_timeout", "http_429", "http_502", "http_503", "http_504")

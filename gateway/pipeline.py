@@ -99,7 +99,7 @@ async def serve_parsed(
     metrics.pre_upstream.observe(upstream.loop.time() - ex.started)
     if wants_resumable(request, tenant, frontend, settings) and chat.stream:
         return await serve_resumable(request, frontend, chat, ex, deadline)
-    slot = app[ADMISSION].slot(tenant.name)
+    slot = app[ADMISSION].slot(tenant.name, ex.user_id)
     trace = ex.trace
     if trace is None:
         await slot.take()

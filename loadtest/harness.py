@@ -99,6 +99,7 @@ def start_gateway(
     tenant_limits: tuple[int, int] = (0, 0),  # the tenant's max_streams, requests_per_minute
     more_tenants: Sequence[Mapping[str, Any]] = (),  # each: name, key, then any tenant field
     issuers: Sequence[Mapping[str, Any]] = (),  # [[issuers]] tables
+    tenant_fields: Mapping[str, Any] | None = None,  # more of the tenant's fields
     env: Mapping[str, str] | None = None,  # variables beside this process's own
     **tables: Any,  # TOML tables: server={...}, upstream={...}
 ) -> tuple[subprocess.Popen[bytes], Path]:
@@ -124,6 +125,7 @@ def start_gateway(
         f'key_sha256 = "{hashlib.sha256(tenant_key.encode()).hexdigest()}"\n'
         f'bots = ["*"]\nmax_streams = {tenant_limits[0]}\n'
         f"requests_per_minute = {tenant_limits[1]}\n"
+        + "".join(f"{k} = {_toml(v)}\n" for k, v in (tenant_fields or {}).items())
         + "".join(_tenant_toml(tenant) for tenant in more_tenants)
         + "".join(
             "[[issuers]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in issuer.items())

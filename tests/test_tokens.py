@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -23,10 +24,22 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from gateway.auth import tokens
-from gateway.config import ConfigError, LoggingSettings, ServerSettings, settings_from_mapping
+from gateway.config import (
+    AdmissionSettings,
+    ConfigError,
+    LoggingSettings,
+    ServerSettings,
+    Tenant,
+    settings_from_mapping,
+)
+from gateway.errors import UserBusy
+from gateway.quotas import admission as admission_module
+from gateway.quotas.admission import ADMISSION, Admission
+from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port
-from tests.helpers import ACME_KEY, Stack, StackFactory, eventually
-from tests.oidc import OpenIdProvider, SigningKey
+from tests.helpers import ACME_KEY, TENANTS, GatewayProcess, Stack, StackFactory, eventually
+from tests.oidc import AUDIENCE, OpenIdProvider, SigningKey
+from tests.redis_server import RedisServer
 from tests.routes import ROUTES, events_of
 
 
@@ -379,3 +392,106 @@ async def test_behind_a_proxy_discovery_names_the_public_url(
 def test_a_public_url_is_an_origin(url: str) -> None:
     with pytest.raises(ConfigError, match=r"server\.public_url"):
         settings_from_mapping({**config({}), "server": {"public_url": url}}, {})
+
+
+def with_user_limits(
+    tenants: tuple[Tenant, ...], rate: int = 0, streams: int = 0
+) -> tuple[Tenant, ...]:
+    """The tenants, acme's users each with a quota of their own."""
+    return tuple(
+        replace(t, user_requests_per_minute=rate, user_max_streams=streams)
+        if t.name == "acme"
+        else t
+        for t in tenants
+    )
+
+
+async def test_each_user_has_a_rate_of_their_own_within_the_tenant_s(
+    make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    stack = await make_stack(issuers=(oidc.settings(),), tenants=with_user_limits(TENANTS, rate=2))
+    ada, grace = oidc.mint(sub="ada"), oidc.mint(sub="grace")
+    assert [(await call(stack, "chatiq", ada))[0] for _ in range(2)] == [200, 200]
+    status, headers, body = await call(stack, "chatiq", ada)
+    assert status == 429 and float(headers["Retry-After"]) >= 1
+    error = json.loads(body)["error"]
+    assert error["code"] == "RATE_LIMIT"
+    assert error["message"] == "you may make 2 requests a minute (each user's own limit)"
+    # Other users, and the tenant's own key, are not held to ada's.
+    assert (await call(stack, "chatiq", grace))[0] == 200
+    assert (await call(stack, "openai", ACME_KEY))[0] == 200
+    assert (await call(stack, "openai", ada))[0] == 429  # on every frontend
+    assert await stack.metric("chatiq_gateway_rejected_total", reason="user_rate_limit") == 2
+    assert await stack.metric("chatiq_gateway_rejected_total", reason="rate_limit") == 0
+
+
+async def test_each_user_has_streams_of_their_own_within_the_tenant_s(
+    make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    stack = await make_stack(
+        EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=100),
+        issuers=(oidc.settings(),),
+        tenants=with_user_limits(TENANTS, streams=1),
+    )
+    ada, grace = oidc.mint(sub="ada"), oidc.mint(sub="grace")
+    async with await stack.chat(key=ada) as live:
+        assert live.status == 200
+        await live.content.readline()
+        status, headers, body = await call(stack, "chatiq", ada)
+        assert status == 429 and headers["Retry-After"] == "1"
+        assert "you already have 1 streams open" in json.loads(body)["error"]["message"]
+        assert (await call(stack, "chatiq", grace))[0] == 200
+    await eventually(lambda: stack.gateway.app[ADMISSION].active == 0)
+    assert (await call(stack, "chatiq", ada))[0] == 200  # ada's stream ended: ada's slot is free
+    assert await stack.metric("chatiq_gateway_rejected_total", reason="user_concurrency") == 1
+
+
+async def test_a_user_s_quota_holds_across_replicas_sharing_redis(
+    make_stack: StackFactory,
+    gateway_process: Callable[..., Awaitable[GatewayProcess]],
+    oidc: OpenIdProvider,
+    redis_server: RedisServer,
+) -> None:
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=0, reply_tokens=4))
+    issuer = {"issuer": oidc.issuer, "audience": AUDIENCE, "tenant": "load"}
+    replicas = [
+        await gateway_process(
+            stack.emulator, issuers=[issuer], redis={"url": redis_server.url},
+            tenant_fields={"user_requests_per_minute": 4},
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    ada, grace = oidc.mint(sub="ada"), oidc.mint(sub="grace")
+    statuses = []
+    for i in range(8):
+        async with stack.session.post(
+            f"http://127.0.0.1:{replicas[i % 2].port}/api/chatbot",
+            json={"message": "hi", "stream": False},
+            headers={"Authorization": f"Bearer {ada}"},
+        ) as r:
+            statuses.append(r.status)
+    assert statuses.count(200) == 4, statuses  # four in all, not four a replica
+    async with stack.session.post(
+        f"http://127.0.0.1:{replicas[1].port}/api/chatbot",
+        json={"message": "hi", "stream": False},
+        headers={"Authorization": f"Bearer {grace}"},
+    ) as r:
+        assert r.status == 200
+
+
+async def test_idle_users_quotas_are_forgotten_past_a_bound_and_live_ones_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(admission_module, "USERS_KEPT", 2)
+    admission = Admission(AdmissionSettings(), with_user_limits(TENANTS, streams=1))
+    live = admission.slot("acme", "ada")
+    await live.take()
+    for user in ("grace", "alan", "edsger"):
+        async with admission.slot("acme", user):
+            pass
+    # Past the bound, the oldest idle go (grace); ada's stream keeps hers.
+    kept = [name.rpartition("\x1f")[2] for name in admission._users]
+    assert kept == ["ada", "alan", "edsger"]
+    with pytest.raises(UserBusy):  # ada's state, kept: still one stream open
+        await admission.slot("acme", "ada").take()
+    live.give_back()

@@ -53,6 +53,7 @@ class Caller:
 
     tenant: Tenant
     user: str | None = None  # as the exchange's log line shows it
+    user_id: str | None = None  # a signed-in user's stable id (quotas, ownership)
 
 
 class TenantDirectory:
@@ -155,7 +156,7 @@ async def authenticate(
     tenant = directory.named(verified.tenant)
     if tenant is None:  # a tenant_claim naming none
         raise Forbidden("the token's tenant is not one of this gateway's")
-    return Caller(tenant, tokens.user_label(verified))
+    return Caller(tenant, tokens.user_label(verified), tokens.user_id(verified))
 
 
 async def tenant_of(request: web.Request) -> Tenant:
@@ -166,7 +167,7 @@ async def tenant_of(request: web.Request) -> Tenant:
     caller = await authenticate(app[TENANTS], app[FAILED_KEYS], app[TOKENS], request)
     exchange = exchange_of(request)
     exchange.tenant = caller.tenant.name
-    exchange.user = caller.user
+    exchange.user, exchange.user_id = caller.user, caller.user_id
     return caller.tenant
 
 

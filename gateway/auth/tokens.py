@@ -160,14 +160,19 @@ class TokenVerifier:
         }
         self._remembered.clear()
 
+    def user_id(self, verified: Verified) -> str:
+        """The user's stable id, whatever the log shows: what their quotas and
+        their streams are kept under. A keyed digest of issuer and user (so
+        that a list of likely names cannot be hashed to find one)."""
+        named = f"{verified.issuer}\x00{verified.user}".encode("utf-8", "surrogateescape")
+        return hmac.new(self._secret, named, hashlib.sha256).hexdigest()[:32]
+
     def user_label(self, verified: Verified) -> str | None:
-        """The user as the log line shows it: the claim, a digest of it (keyed,
-        so that a list of likely names cannot be hashed to find one), or none."""
+        """The user as the log line shows it: the claim, a digest, or none."""
         if self.user_logged == "none":
             return None
         if self.user_logged == "hash":
-            named = f"{verified.issuer}\x00{verified.user}".encode("utf-8", "surrogateescape")
-            return hmac.new(self._secret, named, hashlib.sha256).hexdigest()[:16]
+            return self.user_id(verified)[:16]
         return verified.user
 
     async def start(self) -> None:

@@ -456,6 +456,11 @@ def _validate(s: Settings) -> None:
         "circuit.cooldown_s": s.circuit.cooldown_s,
         **{f"tenants.{t.name}.max_streams": t.max_streams or 0 for t in s.tenants},
         **{f"tenants.{t.name}.requests_per_minute": t.requests_per_minute or 0 for t in s.tenants},
+        **{f"tenants.{t.name}.user_max_streams": t.user_max_streams for t in s.tenants},
+        **{
+            f"tenants.{t.name}.user_requests_per_minute": t.user_requests_per_minute
+            for t in s.tenants
+        },
     }
     for key, value in not_negative.items():
         if value < 0:

@@ -227,6 +227,9 @@ class Tenant:
     max_streams: int | None = None  # None: admission.tenant_max_streams
     requests_per_minute: int | None = None  # None: admission.tenant_requests_per_minute
     resumable: bool = False  # its streams are resumable (with [resume] enabled)
+    # Each signed-in user's own share (tokens of an issuer; 0: no limit of their own).
+    user_requests_per_minute: int = 0
+    user_max_streams: int = 0
     # Further keys of the same tenant (one quota, one name in metrics): a new
     # key beside the old one while its apps move over, or a key for each app.
     more_keys_sha256: tuple[str, ...] = ()

@@ -8,6 +8,11 @@ with ``take()`` and gives it back with ``give_back()`` when it ends. A freed
 slot is handed straight to the oldest waiter, so the queue is fair and never
 starves.
 
+A signed-in user (a token's) may also have a share of their own within their
+tenant's (``user_requests_per_minute``, ``user_max_streams``), checked
+first, so that one user's refused requests do not spend the tenant's. Like
+the tenant's, they are this process's own or the fleet's.
+
 Tenant quotas are this process's own, unless a fleet shares them through
 Redis (``share``, ``gateway.quotas.shared``): then Redis decides, and while it does
 not answer, ``redis.on_error`` does: ``local`` quotas (each limit divided by
@@ -18,24 +23,32 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway.config import AdmissionSettings, RedisSettings, Tenant
-from gateway.errors import QueueFull, QueueTimeout, QuotaUnavailable, RateLimited, TenantBusy
-from gateway.quotas.shared import RedisDown, SharedQuotas
+from gateway.errors import QueueFull, QueueTimeout, QuotaUnavailable
+from gateway.quotas.shared import TENANT_REFUSALS, USER_REFUSALS, RedisDown, Refusals, SharedQuotas
+
+USERS_KEPT = 100_000  # idle users' quota states kept (the oldest idle forgotten first)
 
 
 @dataclass(slots=True)
 class _TenantState:
+    """One quota's state: a tenant's, or one of its users'."""
+
     max_streams: int  # 0: no limit
     per_minute: int  # 0: no limit
     tokens: float
     updated: float
     active: int = 0
+    refusals: Refusals = TENANT_REFUSALS
+    # A tenant's limits for each of its signed-in users (0: none).
+    user_max_streams: int = 0
+    user_per_minute: int = 0
 
 
 class Admission:
@@ -49,6 +62,7 @@ class Admission:
         self._active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._tenants: dict[str, _TenantState] = {}
+        self._users: OrderedDict[str, _TenantState] = OrderedDict()  # by quota name
         self._shared: SharedQuotas | None = None
         self._redis = RedisSettings()
         self._on_fallback: Callable[[str], None] = lambda mode: None
@@ -82,6 +96,8 @@ class Admission:
                 state.tokens, state.updated = float(rpm), now
             state.max_streams, state.per_minute = streams, rpm
             state.tokens = min(state.tokens, float(rpm))
+            state.user_max_streams = t.user_max_streams
+            state.user_per_minute = t.user_requests_per_minute
             states[t.name] = state
         self._tenants = states  # a removed tenant's live streams keep their own state
         while self._waiters and self._active < self._max_active:  # room made by a raise
@@ -101,16 +117,46 @@ class Admission:
     def tenant_active(self, name: str) -> int:
         return self._tenants[name].active
 
-    def slot(self, tenant: str) -> Slot:
-        """``async with admission.slot(tenant):`` a stream's place, or an error."""
-        return Slot(self, tenant)
+    def slot(self, tenant: str, user: str | None = None) -> Slot:
+        """``async with admission.slot(tenant, user):`` a stream's place, or an
+        error. ``user``: a signed-in user's stable id (None: a tenant key)."""
+        return Slot(self, tenant, user)
+
+    def _user_quota(self, tenant: _TenantState, name: str) -> _TenantState | None:
+        """The quota state of the user named ``name``, with their tenant's user
+        limits as they are now; None when the tenant sets none."""
+        streams, rpm = tenant.user_max_streams, tenant.user_per_minute
+        if not (streams or rpm):
+            return None
+        users = self._users
+        state = users.get(name)
+        if state is None:
+            state = _TenantState(streams, rpm, float(rpm), self._clock(), refusals=USER_REFUSALS)
+            users[name] = state
+            if len(users) > USERS_KEPT:
+                self._forget_idle_users()
+        else:
+            users.move_to_end(name)
+            if not state.per_minute and rpm:  # a reload gave this user a rate
+                state.tokens, state.updated = float(rpm), self._clock()
+            state.max_streams, state.per_minute = streams, rpm
+            state.tokens = min(state.tokens, float(rpm))
+        return state
+
+    def _forget_idle_users(self) -> None:
+        """The oldest idle users' states (a live stream keeps its user's)."""
+        for name in list(self._users)[: len(self._users) - USERS_KEPT]:
+            if self._users[name].active == 0:
+                del self._users[name]
 
     async def _tenant_quota(self, quota: _TenantState, tenant: str) -> str | None:
-        """Let the tenant in (a fleet lease id, if any) or raise 429 (or 503)."""
+        """Let the tenant (or user) in: a fleet lease id, if any; or raise 429 (or 503)."""
         per_minute, max_streams = quota.per_minute, quota.max_streams
         if self._shared is not None:
             try:
-                lease, settling = await self._shared.acquire(tenant, per_minute, max_streams)
+                lease, settling = await self._shared.acquire(
+                    tenant, per_minute, max_streams, quota.refusals
+                )
                 if not settling:
                     return lease
                 # Redis lost the tenant's leases a moment ago, and the replicas
@@ -119,9 +165,7 @@ class Admission:
                 if quota.active >= share:
                     if lease is not None:
                         self._shared.release(lease)
-                    raise TenantBusy(
-                        f"this key already has {max_streams} streams open", retry_after=1
-                    )
+                    raise quota.refusals.busy(max_streams, 1.0)
                 return lease
             except RedisDown:
                 self._on_fallback(self._redis.on_error)
@@ -135,7 +179,7 @@ class Admission:
                 max_streams = -(-max_streams // replicas)
         self._take_token(quota, per_minute)
         if max_streams and quota.active >= max_streams:
-            raise TenantBusy(f"this key already has {max_streams} streams open", retry_after=1)
+            raise quota.refusals.busy(max_streams, 1.0)
         return None
 
     def _take_token(self, quota: _TenantState, per_minute: int) -> None:
@@ -147,10 +191,7 @@ class Admission:
         quota.tokens = min(float(per_minute), quota.tokens + (now - quota.updated) * rate)
         quota.updated = now
         if quota.tokens < 1.0:
-            raise RateLimited(
-                f"this key may make {per_minute} requests a minute",
-                retry_after=(1.0 - quota.tokens) / rate,
-            )
+            raise quota.refusals.rate(per_minute, (1.0 - quota.tokens) / rate)
         quota.tokens -= 1.0
 
     async def _acquire(self) -> None:
@@ -186,17 +227,24 @@ class Admission:
 
 
 class Slot:
-    """One request's place: the tenant's quota, then a place among the active
-    streams (queued for one if need be); both given back on the way out. A
-    class, not a generator: one per live stream, kept small."""
+    """One request's place: its user's quota (if any), its tenant's, then a
+    place among the active streams (queued for one if need be); all given back
+    on the way out. A class, not a generator: one per live stream, kept small."""
 
-    __slots__ = ("_admission", "_lease", "_quota", "_tenant")
+    __slots__ = ("_admission", "_lease", "_quota", "_tenant", "_user", "_user_lease", "_user_quota")
 
-    def __init__(self, admission: Admission, tenant: str) -> None:
+    def __init__(self, admission: Admission, tenant: str, user: str | None = None) -> None:
         self._admission = admission
         self._tenant = tenant
         self._quota = admission._tenants[tenant]
         self._lease: str | None = None
+        # A user's quota is named within its tenant's: "tenant" + US + "user" + US + id.
+        self._user: str | None = None
+        self._user_quota: _TenantState | None = None
+        self._user_lease: str | None = None
+        if user is not None:
+            self._user = name = f"{tenant}\x1fuser\x1f{user}"
+            self._user_quota = admission._user_quota(self._quota, name)
 
     async def __aenter__(self) -> None:
         await self.take()
@@ -205,9 +253,17 @@ class Slot:
         self.give_back()
 
     async def take(self) -> None:
-        """The tenant's quota, then a place (or an error, with nothing kept)."""
-        admission, quota = self._admission, self._quota
-        self._lease = await admission._tenant_quota(quota, self._tenant)
+        """The user's quota, the tenant's, then a place (or an error, with nothing kept)."""
+        admission, quota, user_quota = self._admission, self._quota, self._user_quota
+        if user_quota is not None:
+            assert self._user is not None
+            self._user_lease = await admission._tenant_quota(user_quota, self._user)
+            user_quota.active += 1
+        try:
+            self._lease = await admission._tenant_quota(quota, self._tenant)
+        except BaseException:
+            self._give_back_user_quota()
+            raise
         quota.active += 1
         try:
             await admission._acquire()
@@ -227,6 +283,15 @@ class Slot:
         shared = self._admission._shared
         if self._lease is not None and shared is not None:
             shared.release(self._lease)
+        self._give_back_user_quota()
+
+    def _give_back_user_quota(self) -> None:
+        if self._user_quota is None:
+            return
+        self._user_quota.active -= 1
+        shared = self._admission._shared
+        if self._user_lease is not None and shared is not None:
+            shared.release(self._user_lease)
 
 
 ADMISSION = web.AppKey("admission", Admission)  # on the app

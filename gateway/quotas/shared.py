@@ -40,6 +40,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from redis import asyncio as aioredis
@@ -48,7 +49,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.config import RedisSettings
-from gateway.errors import RateLimited, TenantBusy
+from gateway.errors import RateLimited, TenantBusy, UserBusy, UserRateLimited
 from gateway.logs import Logger
 from gateway.metrics import Metrics
 
@@ -124,6 +125,29 @@ return #ARGV - 2
 
 
 _CONNECTIONS = 64  # to Redis, per process: quota checks, renewals, releases
+
+
+@dataclass(frozen=True, slots=True)
+class Refusals:
+    """How a quota says no, in its own words: a rate spent (the limit, the
+    seconds to wait), or its streams all open."""
+
+    rate: Callable[[int, float], RateLimited]
+    busy: Callable[[int, float], RateLimited]
+
+
+TENANT_REFUSALS = Refusals(
+    lambda n, wait: RateLimited(f"this key may make {n} requests a minute", retry_after=wait),
+    lambda n, wait: TenantBusy(f"this key already has {n} streams open", retry_after=wait),
+)
+USER_REFUSALS = Refusals(
+    lambda n, wait: UserRateLimited(
+        f"you may make {n} requests a minute (each user's own limit)", retry_after=wait
+    ),
+    lambda n, wait: UserBusy(
+        f"you already have {n} streams open (each user's own limit)", retry_after=wait
+    ),
+)
 
 
 class _Deadline:
@@ -211,7 +235,7 @@ class SharedQuotas:
         return int((self._s.lease_ttl_s / 3 + 1.0) * 1000)
 
     async def acquire(
-        self, tenant: str, per_minute: int, max_streams: int
+        self, tenant: str, per_minute: int, max_streams: int, refusals: Refusals = TENANT_REFUSALS
     ) -> tuple[str | None, bool]:
         """Let a request in: (a lease id while it has a concurrency limit, whether
         the tenant's lease set is still settling after Redis lost it), or raise
@@ -233,13 +257,9 @@ class SharedQuotas:
             raise
         verdict, wait_ms = int(result[0]), int(result[1])
         if verdict == 1:
-            raise RateLimited(
-                f"this key may make {per_minute} requests a minute", retry_after=wait_ms / 1000
-            )
+            raise refusals.rate(per_minute, wait_ms / 1000)
         if verdict == 2:
-            raise TenantBusy(
-                f"this key already has {max_streams} streams open", retry_after=wait_ms / 1000
-            )
+            raise refusals.busy(max_streams, wait_ms / 1000)
         if not lease:
             return None, False
         self._leases[lease] = leases_key

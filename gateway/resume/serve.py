@@ -120,7 +120,7 @@ async def _produce(
 
     try:
         queued = loop.time()
-        async with app[ADMISSION].slot(ex.tenant):
+        async with app[ADMISSION].slot(ex.tenant, ex.user_id):
             if ex.trace is not None:
                 ex.queue_wait = loop.time() - queued
             source, first = await app[UPSTREAM].open_stream(chat, ex.request_id, deadline, ex.trace)
