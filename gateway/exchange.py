@@ -106,6 +106,17 @@ class Exchange:
     conversation_id: str | None = None
     queue_wait: float | None = None
 
+    @property
+    def owner(self) -> str:
+        """Whose what this request keeps is (``owner_of``)."""
+        return owner_of(self.tenant, self.user_id)
+
+
+def owner_of(tenant: str, user_id: str | None) -> str:
+    """Whose a kept stream or response is: the tenant's, or one of its
+    signed-in users' (another user of the tenant may not have it either)."""
+    return tenant if user_id is None else f"{tenant}\x1fuser\x1f{user_id}"
+
 
 EXCHANGE = web.RequestKey("exchange", Exchange)
 

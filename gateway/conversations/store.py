@@ -1,13 +1,13 @@
 """Stored responses: a response id -> the ChatIQ conversation it produced (and,
 unless the request said ``store: false``, the response object itself, for
-``GET /v1/responses/{id}``), per tenant.
+``GET /v1/responses/{id}``), per owner: a tenant, or one of its signed-in users.
 
 In this process: at most ``responses.max_stored``, the oldest first to go,
 each for ``responses.retain_s``. With ``[redis]`` (``RedisResponseStore``),
 also in Redis, so that any replica continues any response: written by one
 task, a pipeline a round, a moment after the response ended (a replica asked
 for a response younger than a second waits that long for it). A response id
-names its tenant's entry only: another tenant's id is unknown to it, alike.
+names its owner's entry only: another tenant's or user's id is unknown to it, alike.
 """
 
 from __future__ import annotations
@@ -66,13 +66,13 @@ class ResponseStore:
 
     def remember(
         self,
-        tenant: str,
+        owner: str,
         response_id: str,
         conversation_id: str | None,
         response: dict[str, Any] | None,
     ) -> None:
         """A finished response (from the stream's end: no waiting here)."""
-        key = (tenant, response_id)
+        key = (owner, response_id)
         self._entries[key] = Stored(
             conversation_id, response, time.monotonic() + self._settings.retain_s
         )
@@ -80,16 +80,16 @@ class ResponseStore:
         while len(self._entries) > self._settings.max_stored:
             self._entries.popitem(last=False)
 
-    async def find(self, tenant: str, response_id: str) -> Stored | None:
-        key = (tenant, response_id)
+    async def find(self, owner: str, response_id: str) -> Stored | None:
+        key = (owner, response_id)
         found = self._entries.get(key)
         if found is not None and found.expires_at < time.monotonic():
             del self._entries[key]
             return None
         return found
 
-    async def forget(self, tenant: str, response_id: str) -> bool:
-        return self._entries.pop((tenant, response_id), None) is not None
+    async def forget(self, owner: str, response_id: str) -> bool:
+        return self._entries.pop((owner, response_id), None) is not None
 
     def start(self) -> None:
         pass
@@ -118,27 +118,27 @@ class RedisResponseStore(ResponseStore):
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_rounds())
 
-    def _key(self, tenant: str, response_id: str) -> str:
-        return f"{{{self._prefix}:response:{tenant}:{response_id}}}"
+    def _key(self, owner: str, response_id: str) -> str:
+        return f"{{{self._prefix}:response:{owner}:{response_id}}}"
 
     def remember(
         self,
-        tenant: str,
+        owner: str,
         response_id: str,
         conversation_id: str | None,
         response: dict[str, Any] | None,
     ) -> None:
-        super().remember(tenant, response_id, conversation_id, response)
+        super().remember(owner, response_id, conversation_id, response)
         value = orjson.dumps({"c": conversation_id, "r": response})
-        self._pending[self._key(tenant, response_id)] = value
+        self._pending[self._key(owner, response_id)] = value
         self._wake.set()
 
-    async def find(self, tenant: str, response_id: str) -> Stored | None:
+    async def find(self, owner: str, response_id: str) -> Stored | None:
         """Redis says (a response forgotten on another replica is gone here too);
         this process's own copy only while Redis does not answer, or before its
         write went out."""
-        key = self._key(tenant, response_id)
-        here = await super().find(tenant, response_id)
+        key = self._key(owner, response_id)
+        here = await super().find(owner, response_id)
         if key in self._pending:
             return here
         age = _age_s(response_id)
@@ -158,9 +158,9 @@ class RedisResponseStore(ResponseStore):
         entry = orjson.loads(raw)
         return Stored(entry.get("c"), entry.get("r"), time.monotonic() + self._settings.retain_s)
 
-    async def forget(self, tenant: str, response_id: str) -> bool:
-        here = await super().forget(tenant, response_id)
-        key = self._key(tenant, response_id)
+    async def forget(self, owner: str, response_id: str) -> bool:
+        here = await super().forget(owner, response_id)
+        key = self._key(owner, response_id)
         self._pending.pop(key, None)
         removed = await self._ask(lambda: self._client.delete(key))
         return here or bool(removed)

@@ -38,7 +38,7 @@ from gateway.chat import ChatRequest, check_bot, check_history, json_object, spl
 from gateway.config import Settings, Tenant
 from gateway.conversations.store import RESPONSE_STORE, new_response_id
 from gateway.errors import GatewayError, InvalidRequest, PreviousResponseNotFound
-from gateway.exchange import Exchange
+from gateway.exchange import Exchange, exchange_of
 from gateway.frontends.openai_common import (
     chatiq_error,
     delta_content,
@@ -162,10 +162,11 @@ class ResponsesFormat:
         """The conversation ``previous_response_id`` continues, and this response's id."""
         extras = dict(chat.extras or {})
         store = request.app[RESPONSE_STORE]
+        owner = exchange_of(request).owner  # the tenant's, or its signed-in user's
         conversation_id = None
         previous = extras["previous_response_id"]
         if previous is not None:
-            found = await store.find(tenant.name, previous)
+            found = await store.find(owner, previous)
             if found is None or found.conversation_id is None:
                 raise PreviousResponseNotFound(
                     f"no response {previous!r} to continue: unknown, expired, not stored, "
@@ -176,7 +177,7 @@ class ResponsesFormat:
         extras["response_id"] = response_id
         if extras["store"]:
             extras["remember"] = lambda conversation, response: store.remember(
-                tenant.name, response_id, conversation, response
+                owner, response_id, conversation, response
             )
         return replace(chat, conversation_id=conversation_id, extras=extras)
 
@@ -356,7 +357,7 @@ class ResponseEvents:
 
 async def get_response(request: web.Request, tenant: Tenant, settings: Settings) -> web.Response:
     response_id = request.match_info["response_id"]
-    found = await request.app[RESPONSE_STORE].find(tenant.name, response_id)
+    found = await request.app[RESPONSE_STORE].find(exchange_of(request).owner, response_id)
     if found is None or found.response is None:
         raise PreviousResponseNotFound(f"no stored response {response_id!r} for this key")
     return web.json_response(found.response, dumps=lambda o: orjson.dumps(o).decode())
@@ -364,6 +365,6 @@ async def get_response(request: web.Request, tenant: Tenant, settings: Settings)
 
 async def delete_response(request: web.Request, tenant: Tenant, settings: Settings) -> web.Response:
     response_id = request.match_info["response_id"]
-    if not await request.app[RESPONSE_STORE].forget(tenant.name, response_id):
+    if not await request.app[RESPONSE_STORE].forget(exchange_of(request).owner, response_id):
         raise PreviousResponseNotFound(f"no stored response {response_id!r} for this key")
     return web.json_response({"id": response_id, "object": "response", "deleted": True})

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from gateway.config import AdmissionSettings, RedisSettings, Tenant
 from gateway.errors import QueueFull, QueueTimeout, QuotaUnavailable
+from gateway.exchange import owner_of
 from gateway.quotas.shared import TENANT_REFUSALS, USER_REFUSALS, RedisDown, Refusals, SharedQuotas
 
 USERS_KEPT = 100_000  # idle users' quota states kept (the oldest idle forgotten first)
@@ -238,12 +239,12 @@ class Slot:
         self._tenant = tenant
         self._quota = admission._tenants[tenant]
         self._lease: str | None = None
-        # A user's quota is named within its tenant's: "tenant" + US + "user" + US + id.
+        # A user's quota is named within its tenant's (as what the user owns is).
         self._user: str | None = None
         self._user_quota: _TenantState | None = None
         self._user_lease: str | None = None
         if user is not None:
-            self._user = name = f"{tenant}\x1fuser\x1f{user}"
+            self._user = name = owner_of(tenant, user)
             self._user_quota = admission._user_quota(self._quota, name)
 
     async def __aenter__(self) -> None:

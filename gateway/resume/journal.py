@@ -39,9 +39,13 @@ class Journal:
     writer read: appended from the upstream's ``buffer_updated`` on the
     replica that produces it, from Redis on a replica that follows it."""
 
-    def __init__(self, stream_id: str, tenant: str, frontend: str, max_bytes: int) -> None:
+    def __init__(
+        self, stream_id: str, tenant: str, frontend: str, max_bytes: int, owner: str | None = None
+    ) -> None:
         self.id = stream_id
         self.tenant = tenant
+        # Who may resume it: its tenant, or the tenant's signed-in user who started it.
+        self.owner = tenant if owner is None else owner
         self.frontend = frontend
         self.finished = False
         self.headers: dict[str, str] = {}  # its response head (the frontend's)

@@ -22,14 +22,15 @@ Keys (a hash tag per stream, so that a Cluster keeps them in one slot)
 expire ``retain_s`` after the end, or after the longest a stream may last if
 its replica dies:
 
-- ``{prefix:resume:<id>}:meta``: the tenant, the frontend, the response head;
+- ``{prefix:resume:<id>}:meta``: the tenant, its owner (the tenant, or the
+  signed-in user who started it), the frontend, the response head;
   its expiry pushed on with each copy and at least once a second, which also
   tells the producer when Redis lost it (a restart): then the stream is
   announced again and the events it keeps copied again;
 - ``{prefix:resume:<id>}:events``: the events, trimmed as the journal is;
 - ``{prefix:resume:<id>}:reader``: set while another replica serves the
   stream, so that the producing replica does not cancel it as detached;
-- ``{prefix:resume-chat}:<frontend>:<tenant>:<chat id>``: a chat's latest stream.
+- ``{prefix:resume-chat}:<frontend>:<owner>:<chat id>``: a chat's latest stream.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ class RedisStreams:
     def _key(self, stream_id: str, part: str) -> str:
         return f"{{{self._prefix}:resume:{stream_id}}}:{part}"
 
-    def _chat_key(self, frontend: str, tenant: str, chat_id: str) -> str:
-        return f"{{{self._prefix}:resume-chat}}:{frontend}:{tenant}:{chat_id}"
+    def _chat_key(self, frontend: str, owner: str, chat_id: str) -> str:
+        return f"{{{self._prefix}:resume-chat}}:{frontend}:{owner}:{chat_id}"
 
     async def close(self) -> None:
         """After the writer copied what it still had (a few seconds at most), or
@@ -176,6 +177,7 @@ class RedisStreams:
         head = orjson.dumps(journal.headers, option=orjson.OPT_NON_STR_KEYS)
         fields: dict[str, str | bytes] = {
             "tenant": journal.tenant,
+            "owner": journal.owner,
             "frontend": journal.frontend,
             "headers": head,
         }
@@ -295,21 +297,23 @@ class RedisStreams:
 
     # a replica serving a resume
 
-    async def replica(self, stream_id: str, tenant: str) -> Journal | None:
-        """The stream as this replica follows it, if it is this tenant's and kept."""
+    async def replica(self, stream_id: str, owner: str) -> Journal | None:
+        """The stream as this replica follows it, if it is this owner's and kept."""
         journal = self._replicas.get(stream_id)
         if journal is not None:
-            return journal if journal.tenant == tenant else None
+            return journal if journal.owner == owner else None
         pipe = self._client.pipeline(transaction=False)
         pipe.hgetall(self._key(stream_id, "meta"))
         pipe.xrange(self._key(stream_id, "events"))
         meta, rows = await self._ask("load", pipe.execute)
-        if meta.get(b"tenant") != tenant.encode():
-            return None  # and nothing written: another tenant's probe keeps nothing alive
+        if meta.get(b"owner", meta.get(b"tenant")) != owner.encode("utf-8", "surrogateescape"):
+            return None  # and nothing written: another owner's probe keeps nothing alive
         reader = self._key(stream_id, "reader")
         await self._ask("reader", lambda: self._client.set(reader, b"1", px=_READER_TTL_MS))
         frontend = meta.get(b"frontend", b"chatiq").decode()
-        journal = Journal(stream_id, tenant, frontend, self._resume.max_stream_bytes)
+        tenant = meta[b"tenant"].decode("utf-8", "surrogateescape")
+        size = self._resume.max_stream_bytes
+        journal = Journal(stream_id, tenant, frontend, size, owner)
         journal.headers = orjson.loads(meta.get(b"headers", b"{}"))
         traceparent = meta.get(b"traceparent")
         journal.traceparent = None if traceparent is None else traceparent.decode("latin-1")
@@ -322,14 +326,14 @@ class RedisStreams:
             self._replicas[stream_id] = journal
         return journal
 
-    async def chat_stream(self, frontend: str, tenant: str, chat_id: str) -> Journal | None:
+    async def chat_stream(self, frontend: str, owner: str, chat_id: str) -> Journal | None:
         """A chat's latest stream, if it is still streaming."""
-        key = self._chat_key(frontend, tenant, chat_id)
+        key = self._chat_key(frontend, owner, chat_id)
         stream_id = await self._ask("load", lambda: self._client.get(key))
         if stream_id is None:
             return None
         name = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-        journal = await self.replica(name, tenant)
+        journal = await self.replica(name, owner)
         return None if journal is None or journal.finished else journal
 
     def stalled_by_redis(self, journal: Journal) -> bool:

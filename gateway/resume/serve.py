@@ -68,7 +68,7 @@ async def serve_resumable(
     """Start the producer; once the upstream answered, read the stream from its start."""
     app = request.app
     streams = app[RESUMABLE]
-    journal = streams.open(ex.tenant, frontend.name)
+    journal = streams.open(ex.tenant, frontend.name, ex.owner)
     if chat.chat_id is not None:
         streams.name_chat(journal, chat.chat_id)
     if ex.trace is not None:
@@ -297,13 +297,14 @@ async def _reaches(journal: Journal, event_id: int, within_s: float) -> bool:
 async def resume_stream(request: web.Request) -> web.StreamResponse:
     """``GET {prefix}/chatbot/streams/{stream_id}``: the events after ``Last-Event-ID``."""
     app = request.app
-    tenant = await tenant_of(request)
+    await tenant_of(request)
+    owner = exchange_of(request).owner  # the tenant's, or its signed-in user's
     stream_id = request.match_info["stream_id"]
     after = last_event_id(request)
     streams = app[RESUMABLE]
     if app[LIFECYCLE].draining and streams.remote is not None:
         raise Draining("this replica is shutting down; resume on another", retry_after=0)
-    journal = streams.find(stream_id, tenant.name)
+    journal = streams.find(stream_id, owner)
     if journal is not None:
         if after > journal.last_id:
             raise InvalidRequest(f"this stream has no event {after} yet")
@@ -314,7 +315,7 @@ async def resume_stream(request: web.Request) -> web.StreamResponse:
         return await _resume_here(request, journal, after)
     if streams.remote is not None:
         try:
-            replica = await streams.remote.replica(stream_id, tenant.name)
+            replica = await streams.remote.replica(stream_id, owner)
         except (RedisError, OSError):
             raise StreamInterrupted("the resumable streams' store is not answering") from None
         if replica is not None:
@@ -335,17 +336,18 @@ def resume_chat_route(frontend: WireFormat) -> web.RouteDef:
 
     async def resume_chat(request: web.Request) -> web.StreamResponse:
         app = request.app
-        tenant = await tenant_of(request)
+        await tenant_of(request)
+        owner = exchange_of(request).owner
         chat_id = request.match_info["chat_id"]
         streams = app[RESUMABLE]
         if app[LIFECYCLE].draining and streams.remote is not None:
             raise Draining("this replica is shutting down; resume on another", retry_after=0)
-        journal = streams.chat_stream(frontend.name, tenant.name, chat_id)
+        journal = streams.chat_stream(frontend.name, owner, chat_id)
         if journal is not None and not journal.finished:
             return await _resume_here(request, journal, 0)
         if journal is None and streams.remote is not None:
             try:
-                replica = await streams.remote.chat_stream(frontend.name, tenant.name, chat_id)
+                replica = await streams.remote.chat_stream(frontend.name, owner, chat_id)
             except (RedisError, OSError):
                 raise StreamInterrupted("the resumable streams' store is not answering") from None
             if replica is not None:

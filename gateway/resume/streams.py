@@ -47,32 +47,33 @@ class ResumableStreams:
         self._retained: OrderedDict[str, asyncio.TimerHandle] = OrderedDict()
         self._graces: dict[str, asyncio.TimerHandle] = {}
         self._checks: set[asyncio.Task[None]] = set()
-        # (frontend, tenant, the client's chat id) -> that chat's latest stream
+        # (frontend, owner, the client's chat id) -> that chat's latest stream
         self._chats: dict[tuple[str, str, str], str] = {}
         self.handing_over = False  # draining with Redis: readers end, clients resume elsewhere
 
     def __len__(self) -> int:
         return len(self._journals)
 
-    def open(self, tenant: str, frontend: str) -> Journal:
-        journal = Journal(new_stream_id(), tenant, frontend, self.settings.max_stream_bytes)
+    def open(self, tenant: str, frontend: str, owner: str | None = None) -> Journal:
+        size = self.settings.max_stream_bytes
+        journal = Journal(new_stream_id(), tenant, frontend, size, owner)
         self._journals[journal.id] = journal
         return journal
 
-    def find(self, stream_id: str, tenant: str) -> Journal | None:
-        """Its journal in this process; another tenant's stream is nobody's."""
+    def find(self, stream_id: str, owner: str) -> Journal | None:
+        """Its journal in this process; another owner's stream is nobody's."""
         journal = self._journals.get(stream_id)
-        return journal if journal is not None and journal.tenant == tenant else None
+        return journal if journal is not None and journal.owner == owner else None
 
     def name_chat(self, journal: Journal, chat_id: str) -> None:
         """The stream is its chat's latest: resumable by the chat's id too."""
-        journal.chat_key = (journal.frontend, journal.tenant, chat_id)
+        journal.chat_key = (journal.frontend, journal.owner, chat_id)
         self._chats[journal.chat_key] = journal.id
 
-    def chat_stream(self, frontend: str, tenant: str, chat_id: str) -> Journal | None:
+    def chat_stream(self, frontend: str, owner: str, chat_id: str) -> Journal | None:
         """A chat's latest stream in this process."""
-        stream_id = self._chats.get((frontend, tenant, chat_id))
-        return None if stream_id is None else self.find(stream_id, tenant)
+        stream_id = self._chats.get((frontend, owner, chat_id))
+        return None if stream_id is None else self.find(stream_id, owner)
 
     def reader_joined(self, journal: Journal) -> None:
         journal.readers += 1
