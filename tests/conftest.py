@@ -20,6 +20,7 @@ from gateway.config import (
     AdmissionSettings,
     CircuitSettings,
     Issuer,
+    PageSettings,
     RedisSettings,
     ResumeSettings,
     ServerSettings,
@@ -121,6 +122,7 @@ async def make_stack(
         redis: RedisSettings | None = None,
         tracing: TracingSettings | None = None,
         issuers: tuple[Issuer, ...] | None = None,
+        page: PageSettings | None = None,
         **upstream: Any,
     ) -> Stack:
         emulator_settings = emulator or EmulatorSettings(ttft_s=0, tokens_per_s=0)
@@ -139,6 +141,8 @@ async def make_stack(
             gw_settings = replace(gw_settings, tracing=tracing)
         if issuers is not None:
             gw_settings = replace(gw_settings, issuers=issuers)
+        if page is not None:
+            gw_settings = replace(gw_settings, page=page)
         logs = io.StringIO()
         log_audit.in_memory.append(logs)
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))

@@ -54,6 +54,7 @@ class OpenIdProvider:
     port: int
     key: SigningKey
     process: asyncio.subprocess.Process | None = None
+    redirect_uri: str = ""  # where the page client "page" comes back to
 
     @property
     def issuer(self) -> str:
@@ -67,6 +68,7 @@ class OpenIdProvider:
         keys.write_text(json.dumps({"keys": [self.key.jwk()]}))
         self.process = await asyncio.create_subprocess_exec(
             node(), str(NODE_DIR / "oidc_provider.mjs"), str(self.port), str(keys),
+            *([self.redirect_uri] if self.redirect_uri else []),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.process.stdout is not None
@@ -79,9 +81,10 @@ class OpenIdProvider:
             await self.process.wait()
         self.process = None
 
-    async def restart(self, key: SigningKey) -> None:
+    async def restart(self, key: SigningKey | None = None, redirect_uri: str = "") -> None:
         await self.stop()
-        self.key = key
+        self.key = key or self.key
+        self.redirect_uri = redirect_uri or self.redirect_uri
         await self.start()
 
     async def client_token(self, client_id: str = "svc") -> str:

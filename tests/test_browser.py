@@ -7,14 +7,16 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from gateway.config import ResumeSettings
+from gateway.config import PageSettings, ResumeSettings
 from loadtest.emulator import EmulatorSettings, compose_reply
 from tests.cutting_proxy import CuttingProxy
 from tests.helpers import ACME_KEY, TINY_KEY, Stack, StackFactory, eventually
+from tests.oidc import OpenIdProvider
 
 pytestmark = pytest.mark.external
 
@@ -411,3 +413,77 @@ async def test_a_reload_mid_answer_goes_on_where_it_stopped(
     assert await stack.metric("chatiq_gateway_streams_resumed_total", tenant="acme") == 1
     stored = await page.evaluate("JSON.parse(localStorage.getItem('chatiq.conversation'))")
     assert all("stream" not in m for m in stored["messages"])  # finished: nothing to resume
+
+
+async def signed_in_page(browser: Browser, stack: Stack, oidc: OpenIdProvider, user: str) -> Page:
+    """The page, signed in through the identity provider's own forms."""
+    page = await browser.new_page()
+    page.on("pageerror", lambda error: pytest.fail(f"error in the page: {error}"))
+    await page.goto(str(stack.gateway.make_url("/")))
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_url(f"{oidc.issuer}/**")
+    await page.locator("input[name=login]").fill(user)
+    await page.locator("input[name=password]").fill("any password")
+    await page.get_by_role("button", name="Sign-in").click()
+    await page.get_by_role("button", name="Continue").click()  # the consent
+    await page.wait_for_selector("#bot:not([hidden])")  # back, signed in: its bots listed
+    return page
+
+
+async def sso_stack(make_stack: StackFactory, oidc: OpenIdProvider) -> Stack:
+    page = PageSettings(oidc_issuer=oidc.issuer, oidc_client_id="page", oidc_scope="openid chat")
+    stack = await make_stack(PACED, issuers=(oidc.settings(),), page=page)
+    await oidc.restart(redirect_uri=str(stack.gateway.make_url("/")))
+    return stack
+
+
+async def test_the_page_signs_in_with_the_identity_provider_and_streams_a_reply(
+    browser: Browser, make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    stack = await sso_stack(make_stack, oidc)
+    page = await signed_in_page(browser, stack, oidc, "ada")
+    assert page.url == str(stack.gateway.make_url("/"))  # the code is gone from the address
+    assert await page.get_by_label("Your gateway key").is_hidden()
+    await send(page, "What can you do?")
+    await wait_idle(page)
+    assert await replies(page) == [expected_reply("What can you do?")]
+    users = {line.get("user") for line in stack.log_lines() if line.get("event") == "request"}
+    assert "ada" in users
+    # The token lives in this tab only: sessionStorage, never localStorage.
+    assert "chatiq.token" in await page.evaluate("Object.keys(sessionStorage)")
+    assert not [k for k in await page.evaluate("Object.keys(localStorage)") if "token" in k]
+
+
+async def test_an_ended_sign_in_signs_in_again_and_keeps_what_was_typed(
+    browser: Browser, make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    stack = await sso_stack(make_stack, oidc)
+    page = await signed_in_page(browser, stack, oidc, "grace")
+    await page.evaluate(
+        "() => { const t = JSON.parse(sessionStorage.getItem('chatiq.token'));"
+        " t.expires_at = Date.now(); sessionStorage.setItem('chatiq.token', JSON.stringify(t)); }"
+    )
+    visited: list[str] = []
+    page.on("framenavigated", lambda frame: visited.append(frame.url))
+    await send(page, "Still there?")  # off to the provider, and back: its session holds
+    await page.wait_for_selector("#bot:not([hidden])")  # back, and signed in again
+    await eventually(lambda: "code=" in "".join(visited))
+    # Back from the provider (its redirect is not a page of its own): a new code, from it.
+    issued = f"iss={quote(oidc.issuer, safe='')}"
+    assert any("code=" in url and issued in url for url in visited), visited
+    await page.wait_for_selector("#bot:not([hidden])")
+    await page.get_by_label("Message").press("Enter")
+    await wait_idle(page)
+    assert await replies(page) == [expected_reply("Still there?")]
+
+
+async def test_a_sign_in_answer_for_another_request_is_refused(
+    browser: Browser, make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    stack = await sso_stack(make_stack, oidc)
+    page = await browser.new_page()
+    await page.goto(str(stack.gateway.make_url("/?code=stolen&state=forged")))
+    await page.wait_for_selector("#status:has-text('state')")
+    assert "Sign-in failed" in await page.locator("#status").inner_text()
+    assert await page.get_by_role("button", name="Sign in").is_visible()
+    assert page.url == str(stack.gateway.make_url("/"))

@@ -4,6 +4,7 @@ beside tenant keys, on every frontend."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -28,6 +29,9 @@ from gateway.config import (
     AdmissionSettings,
     ConfigError,
     LoggingSettings,
+    PageSettings,
+    RedisSettings,
+    ResumeSettings,
     ServerSettings,
     Tenant,
     settings_from_mapping,
@@ -37,7 +41,15 @@ from gateway.quotas import admission as admission_module
 from gateway.quotas.admission import ADMISSION, Admission
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port
-from tests.helpers import ACME_KEY, TENANTS, GatewayProcess, Stack, StackFactory, eventually
+from tests.helpers import (
+    ACME_KEY,
+    LIMITED_KEY,
+    TENANTS,
+    GatewayProcess,
+    Stack,
+    StackFactory,
+    eventually,
+)
 from tests.oidc import AUDIENCE, OpenIdProvider, SigningKey
 from tests.redis_server import RedisServer
 from tests.routes import ROUTES, events_of
@@ -495,3 +507,96 @@ async def test_idle_users_quotas_are_forgotten_past_a_bound_and_live_ones_kept(
     with pytest.raises(UserBusy):  # ada's state, kept: still one stream open
         await admission.slot("acme", "ada").take()
     live.give_back()
+
+
+NOT_FOUND = "no resumable stream with that id for this key (it may have expired)"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["one process", "through redis"])
+async def test_a_user_s_resumable_stream_and_stored_response_are_theirs_alone(
+    make_stack: StackFactory, oidc: OpenIdProvider, request: pytest.FixtureRequest, shared: bool
+) -> None:
+    """Another user of the same tenant gets what another tenant gets: a 404.
+    Through Redis, the second replica holds none of it and must ask."""
+    options: dict[str, Any] = {"resume": ResumeSettings(enabled=True)}
+    if shared:
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        options["redis"] = RedisSettings(url=redis.url)
+    first = await make_stack(issuers=(oidc.settings(),), **options)
+    other = await make_stack(issuers=(oidc.settings(),), **options) if shared else first
+    ada, grace = oidc.mint(sub="ada"), oidc.mint(sub="grace")
+    started = await first.chat(key=ada, headers={"X-Resumable": "1"})
+    stream_id = started.headers["X-Stream-Id"]
+    await started.read()
+    created = await first.session.post(
+        first.gateway.make_url("/v1/responses"), json={"model": "demo", "input": "hi"},
+        headers={"Authorization": f"Bearer {ada}"},
+    )  # fmt: skip
+    response_id = (await created.json())["id"]
+    stream_url = other.gateway.make_url(f"/api/chatbot/streams/{stream_id}")
+    response_url = other.gateway.make_url(f"/v1/responses/{response_id}")
+
+    async def as_(token: str) -> tuple[int, Any, int, Any]:
+        auth = {"Authorization": f"Bearer {token}", "Last-Event-ID": "1"}
+        async with other.session.get(stream_url, headers=auth) as s:
+            stream = (s.status, await s.read())
+        async with other.session.get(response_url, headers=auth) as r:
+            return stream[0], stream[1], r.status, await r.json()
+
+    async def eventually_stored() -> tuple[int, Any, int, Any]:
+        for _ in range(100):  # a replica's copy reaches Redis a moment after the end
+            answers = await as_(ada)
+            if answers[2] == 200:
+                return answers
+            await asyncio.sleep(0.05)
+        return answers
+
+    owned = await eventually_stored()
+    assert (owned[0], owned[2]) == (200, 200), owned
+    assert owned[3]["id"] == response_id
+    for stranger in (grace, LIMITED_KEY):  # another user, another tenant: alike
+        status, body, response_status, response = await as_(stranger)
+        assert (status, json.loads(body)["error"]["message"]) == (404, NOT_FOUND)
+        assert (response_status == 404 and response["error"]["code"] == "not_found") or (
+            response_status == 404
+        ), response
+    previous = await other.session.post(
+        other.gateway.make_url("/v1/responses"),
+        json={"model": "demo", "input": "more", "previous_response_id": response_id},
+        headers={"Authorization": f"Bearer {grace}"},
+    )
+    assert previous.status == 404
+
+
+@pytest.mark.parametrize(
+    ("page", "says"),
+    [
+        ({"oidc_issuer": "https://login.example.com"}, "both oidc_issuer and oidc_client_id"),
+        ({"oidc_client_id": "page"}, "both oidc_issuer and oidc_client_id"),
+        ({"oidc_issuer": "https://elsewhere.example.com", "oidc_client_id": "page"},
+         "must be one of the [[issuers]]"),
+    ],
+)  # fmt: skip
+def test_the_page_signs_in_only_with_an_issuer_the_gateway_trusts(
+    page: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping({**config({}), "page": page}, {})
+    assert says in str(raised.value)
+
+
+async def test_the_page_learns_how_to_sign_in_and_may_fetch_from_the_issuer(
+    make_stack: StackFactory, oidc: OpenIdProvider
+) -> None:
+    keys_only = await make_stack()
+    async with keys_only.session.get(keys_only.gateway.make_url("/api/sign-in")) as r:
+        assert r.status == 404
+    page = PageSettings(oidc_issuer=oidc.issuer, oidc_client_id="page")
+    stack = await make_stack(issuers=(oidc.settings(),), page=page)
+    async with stack.session.get(stack.gateway.make_url("/api/sign-in")) as r:
+        assert await r.json() == {"issuer": oidc.issuer, "client_id": "page", "scope": "openid"}
+    async with stack.session.get(stack.gateway.make_url("/")) as r:
+        policy = r.headers["Content-Security-Policy"]
+    assert f"connect-src 'self' {oidc.issuer};" in policy
+    async with keys_only.session.get(keys_only.gateway.make_url("/")) as r:
+        assert "connect-src 'self';" in r.headers["Content-Security-Policy"]

@@ -4,16 +4,20 @@
 "use strict";
 
 import { SSEParser } from "/static/sse.js";
+import { currentToken, finishSignIn, signIn, signInSettings, signOut } from "/static/signin.js";
 
 const KEY = "chatiq.key";
 const CONVERSATION = "chatiq.conversation";
+const DRAFT = "chatiq.draft";  // what was typed when a sign-in took the page away
 const $ = (id) => document.getElementById(id);
 const ui = {
   messages: $("messages"), status: $("status"), chat: $("chat-form"), input: $("message"),
   send: $("send"), stop: $("stop"), bot: $("bot"), botLabel: $("bot-label"),
   keyForm: $("key-form"), key: $("key"), forget: $("forget-key"), fresh: $("new-conversation"),
-  botOther: $("bot-other"),
+  botOther: $("bot-other"), signIn: $("sign-in"),
 };
+// The gateway's single sign-on ([page] oidc_*), or null: a key is asked for.
+let sso = null;
 const OTHER = "other…";  // the picker's last entry: type any bot's slug
 
 // The conversation survives reloads: its id and its finished messages.
@@ -98,8 +102,13 @@ function showError(text) {
 
 // --- talking to the gateway ------------------------------------------------
 
+// A token from the sign-in (with single sign-on), else the key typed in.
+function credential() {
+  return sso ? currentToken() : localStorage.getItem(KEY);
+}
+
 function headers() {
-  return { Authorization: `Bearer ${localStorage.getItem(KEY)}`, "Content-Type": "application/json" };
+  return { Authorization: `Bearer ${credential()}`, "Content-Type": "application/json" };
 }
 
 async function httpError(response) {
@@ -114,7 +123,9 @@ async function httpError(response) {
   switch (response.status) {
     case 401:
       forgetKey();
-      return "The gateway did not accept this key. Enter a valid key.";
+      return sso
+        ? `The gateway did not accept your sign-in (${detail}). Sign in again.`
+        : "The gateway did not accept this key. Enter a valid key.";
     case 403:
       return `This key may not use that bot. ${detail}`;
     case 429:
@@ -129,7 +140,13 @@ async function httpError(response) {
 async function ask(text) {
   text = text.trim();
   if (!text || streaming) return;
-  if (!localStorage.getItem(KEY)) {
+  if (!credential()) {
+    if (sso) {  // not signed in, or the sign-in ended: again, and back with what was typed
+      sessionStorage.setItem(DRAFT, text);
+      say("Signing in…");
+      signIn(sso).catch((error) => say(error.message));
+      return;
+    }
     say("Enter your gateway key first.");
     askForKey();
     return;
@@ -328,12 +345,18 @@ function setStreaming(controller) {
 // --- key and bots ------------------------------------------------------------
 
 function askForKey() {
+  if (sso) {  // single sign-on: a button, not a key
+    ui.signIn.hidden = false;
+    ui.forget.hidden = true;
+    return;
+  }
   ui.keyForm.hidden = false;
   ui.key.focus();
 }
 
 function forgetKey() {
   localStorage.removeItem(KEY);
+  signOut();
   ui.bot.hidden = ui.botLabel.hidden = true;
   askForKey();
 }
@@ -343,7 +366,8 @@ async function loadBots() {
   if (!response?.ok) {
     if (response?.status === 401) {
       forgetKey();
-      showError("The gateway did not accept this key. Enter a valid key.");
+      showError(sso ? "The gateway did not accept your sign-in. Sign in again."
+        : "The gateway did not accept this key. Enter a valid key.");
     }
     return;
   }
@@ -383,6 +407,10 @@ ui.keyForm.addEventListener("submit", (event) => {
   ui.input.focus();
 });
 ui.forget.addEventListener("click", forgetKey);
+ui.signIn.addEventListener("click", () => {
+  say("Signing in…");
+  signIn(sso).catch((error) => say(error.message));
+});
 ui.fresh.addEventListener("click", () => {
   streaming?.abort();
   conversation = { ...newConversation(), bot: conversation.bot };
@@ -430,21 +458,45 @@ ui.botOther.addEventListener("keydown", (event) => {
 });
 
 const nodes = conversation.messages.map(show);
-if (localStorage.getItem(KEY)) loadBots();
-else askForKey();
 // Not saved here: what was saved last holds a reply's text and the id of its
 // last event together, so a resume after the reload repeats nothing.
 window.addEventListener("pagehide", () => {
   leaving = true;
 });
-const unfinished = conversation.messages.findLastIndex((m) => m.stream);
-if (unfinished >= 0 && localStorage.getItem(KEY)) {
-  resumeAfterReload(conversation.messages[unfinished], nodes[unfinished]);
-} else if (unfinished >= 0) {  // no key to resume it with: it stays a part of a reply
-  const reply = conversation.messages[unfinished];
-  delete reply.stream;
-  markIncomplete(nodes[unfinished], reply, "interrupted");
-  save();
+
+async function start() {
+  sso = await signInSettings();
+  if (sso) {
+    ui.forget.textContent = "Sign out";
+    try {
+      if (await finishSignIn(sso)) say("");
+    } catch (error) {  // said on the status line: not a part of the conversation
+      say(error.message);
+    }
+    const draft = sessionStorage.getItem(DRAFT);
+    if (draft !== null) {
+      sessionStorage.removeItem(DRAFT);
+      ui.input.value = draft;
+    }
+  }
+  if (credential()) {
+    ui.signIn.hidden = true;
+    ui.forget.hidden = false;
+    loadBots();
+  } else {
+    askForKey();
+  }
+  const unfinished = conversation.messages.findLastIndex((m) => m.stream);
+  if (unfinished >= 0 && credential()) {
+    resumeAfterReload(conversation.messages[unfinished], nodes[unfinished]);
+  } else if (unfinished >= 0) {  // no key to resume it with: it stays a part of a reply
+    const reply = conversation.messages[unfinished];
+    delete reply.stream;
+    markIncomplete(nodes[unfinished], reply, "interrupted");
+    save();
+  }
 }
+
+start();
 
 window.chatiq = { SSEParser };  // for the browser tests of the parser

@@ -33,6 +33,7 @@ from gateway.config.settings import (
     Issuer,
     LoggingSettings,
     MetricsSettings,
+    PageSettings,
     RedisSettings,
     ResponsesSettings,
     ResumeSettings,
@@ -63,6 +64,7 @@ _FILE_ONLY_TABLES: dict[str, type] = {
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
     "tracing": TracingSettings,
+    "page": PageSettings,
 }
 
 
@@ -337,7 +339,7 @@ def _issuers(raw: object, tenants: tuple[Tenant, ...]) -> tuple[Issuer, ...]:
                 )
         if not 0 <= issuer.leeway_s <= 300:
             raise ConfigError(f"{where}.leeway_s: between 0 and 300 seconds")
-    claimed = any(issuer.tenant_claim for issuer in issuers)
+    claimed = any(issuer.tenant_claim for issuer in issuers)  # any tenant may be named
     for i, tenant in enumerate(tenants):
         named = claimed or any(issuer.tenant == tenant.name for issuer in issuers)
         if not tenant.keys_sha256 and not named:
@@ -494,6 +496,18 @@ def _validate(s: Settings) -> None:
         raise ConfigError("logging.level: must be debug, info, warning or error")
     if s.logging.format not in ("json", "console", "auto"):
         raise ConfigError("logging.format: must be json, console or auto")
+    page = s.page
+    if bool(page.oidc_issuer) != bool(page.oidc_client_id):
+        raise ConfigError("page: give both oidc_issuer and oidc_client_id, or neither")
+    if page.oidc_issuer and page.oidc_issuer not in {i.issuer for i in s.issuers}:
+        raise ConfigError(
+            "page.oidc_issuer: must be one of the [[issuers]] (the gateway checks the "
+            "tokens the page signs in with against it)"
+        )
+    if page.oidc_issuer and not _VISIBLE_ASCII.fullmatch(
+        page.oidc_client_id + page.oidc_scope.replace(" ", "")
+    ):
+        raise ConfigError("page: oidc_client_id and oidc_scope: visible ASCII only")
     if s.logging.user not in ("claim", "hash", "none"):
         raise ConfigError("logging.user: must be claim, hash or none")
     if s.server.event_loop not in ("auto", "uvloop", "asyncio"):

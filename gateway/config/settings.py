@@ -168,6 +168,16 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PageSettings:
+    """``[page]``: the chat page's single sign-on (OpenID Connect's authorization
+    code flow with PKCE, in the browser; a public client, no secret)."""
+
+    oidc_issuer: str = ""  # one of the [[issuers]]; "": the page asks for a key
+    oidc_client_id: str = ""  # the page's client at that issuer
+    oidc_scope: str = "openid"  # what the page asks for (and any scope the gateway's tokens need)
+
+
+@dataclass(frozen=True, slots=True)
 class ResponsesSettings:
     """``[responses]``: what the Responses API keeps of each response it gave out
     (``previous_response_id``, ``GET /v1/responses/{id}``)."""
@@ -254,6 +264,7 @@ class Settings:
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     tracing: TracingSettings = TracingSettings()
+    page: PageSettings = PageSettings()
     tenants: tuple[Tenant, ...] = ()
     issuers: tuple[Issuer, ...] = ()
     bots: tuple[BotSettings, ...] = ()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
 
 from gateway.auth.tenants import tenant_of
 from gateway.config import ANY_BOT, Settings
-from gateway.errors import Forbidden
+from gateway.errors import Forbidden, NotFound
 from gateway.exchange import SAFETY_HEADERS
 from gateway.state import SETTINGS
 
@@ -35,6 +36,7 @@ def add_routes(app: web.Application, settings: Settings, chat_routes: list[str])
     app.router.add_get("/", page)
     app.router.add_static("/static/", folder)
     app.router.add_get("/api/bots", bots)
+    app.router.add_get("/api/sign-in", sign_in, allow_head=False)
     for path in ("/api/bots", *chat_routes):
         app.router.add_route("OPTIONS", path, preflight)
     app.on_response_prepare.append(add_browser_headers)
@@ -56,6 +58,30 @@ async def bots(request: web.Request) -> web.Response:
     return web.json_response({"tenant": tenant.name, "bots": choices, "default": default})
 
 
+async def sign_in(request: web.Request) -> web.Response:
+    """How the page signs people in (``[page] oidc_*``); 404 when it asks for a key."""
+    page = request.app[SETTINGS].current.page
+    if not page.oidc_issuer:
+        raise NotFound("the page signs in with a key here: no [page] oidc_issuer")
+    body = {"issuer": page.oidc_issuer, "client_id": page.oidc_client_id,
+            "scope": page.oidc_scope}  # fmt: skip
+    return web.json_response(body, headers={"Cache-Control": "no-cache"})
+
+
+def page_policy(settings: Settings) -> str:
+    """The page's Content-Security-Policy: the configured one, and with single
+    sign-on, the issuer's origin among those it may fetch from (its discovery
+    document and its token endpoint)."""
+    policy = settings.server.content_security_policy
+    issuer = settings.page.oidc_issuer
+    if issuer and "connect-src 'self'" in policy:
+        parts = urlsplit(issuer)
+        policy = policy.replace(
+            "connect-src 'self'", f"connect-src 'self' {parts.scheme}://{parts.netloc}", 1
+        )
+    return policy
+
+
 async def preflight(request: web.Request) -> web.Response:
     """CORS preflight: only for the origins the configuration allows."""
     origin = request.headers.get("Origin", "")
@@ -75,9 +101,10 @@ async def add_browser_headers(request: web.Request, response: web.StreamResponse
     """``on_response_prepare``: safety headers on everything, the page's CSP, and CORS
     for allowed origins (none by default)."""
     response.headers.update(SAFETY_HEADERS)
-    server = request.app[SETTINGS].current.server
+    settings = request.app[SETTINGS].current
+    server = settings.server
     if request.path == "/" or request.path.startswith("/static/"):
-        response.headers[hdrs.CONTENT_SECURITY_POLICY] = server.content_security_policy
+        response.headers[hdrs.CONTENT_SECURITY_POLICY] = page_policy(settings)
         response.headers[hdrs.X_FRAME_OPTIONS] = "DENY"
     origin = request.headers.get("Origin")
     if origin is not None and origin in server.cors_origins:

@@ -28,6 +28,10 @@ const provider = new Provider(issuer, {
       redirect_uris: redirectUri ? [redirectUri] : ["http://127.0.0.1/"] },
   ],
   cookies: { keys: ["chatiq-gateway-tests"] },
+  // A browser client's token requests come from its pages' origin (Keycloak's
+  // "web origins", Okta's trusted origins): the origins of its redirect URIs.
+  clientBasedCORS: (ctx, origin, client) =>
+    (client.redirectUris ?? []).some((uri) => new URL(uri).origin === origin),
   pkce: { required: () => true },
   features: {
     devInteractions: { enabled: true },  // its own login form: any name signs in
