@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import resource
@@ -47,6 +48,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from loadtest.chart import terminal_table, write_chart
 from loadtest.fleet import start_redis
@@ -69,6 +73,10 @@ PATHS = ("direct", "gateway", "resumable", "openai", "responses", "mcp", "nginx"
 # that traces (OpenTelemetry, to an OTLP sink), sampling this share of requests;
 # "twin" is a second untraced one, to see what two processes differ by alone.
 TRACED_PATHS: dict[str, float | None] = {"traced": 1.0, "sampled": 0.01, "twin": None}
+# On request too: the gateway's path with a JWT from an identity provider
+# ([[issuers]], its keys served by loadtest.jwks_server) instead of a tenant key.
+TOKEN_PATH = "token"
+ON_REQUEST = (*TRACED_PATHS, TOKEN_PATH)  # each compared with the gateway's own path
 TOKENS = 20  # content events per reply, by default
 TTFT_MS = 100  # the emulator's own time to first token
 EVENTS_PER_S = 6_000  # across all streams: keeps the emulator and the load generator light
@@ -197,10 +205,16 @@ class Stack:
         gateway_tables: dict[str, Any],
         redis: bool = False,
         traced: tuple[str, ...] = (),  # of TRACED_PATHS
+        token: bool = False,  # the token path: the gateway takes an issuer's JWTs too
     ) -> None:
         self.workdir = workdir
-        names = ("emulator", "gateway", "nginx", "naive", "sink", *traced)
+        names = ("emulator", "gateway", "nginx", "naive", "sink", "jwks", *traced)
         self.ports = {name: free_port() for name in names}
+        self.jwks: subprocess.Popen[bytes] | None = None
+        self.token = ""
+        if token:
+            self.jwks, self.token, issuer = start_issuer(workdir, self.ports["jwks"])
+            gateway_tables = {**gateway_tables, "issuers": [issuer]}
         self.emulator = start_emulator(self.ports["emulator"], *emulator_args)
         self.sink: subprocess.Popen[bytes] | None = None
         self.traced: dict[str, subprocess.Popen[bytes]] = {}
@@ -241,6 +255,8 @@ class Stack:
         )  # fmt: skip
 
     async def ready(self) -> None:
+        if self.jwks is not None:  # before the gateway fetches its keys
+            await wait_tcp(self.ports["jwks"])
         for name in ("gateway", *self.traced):
             await wait_http_ready(f"http://127.0.0.1:{self.ports[name]}/healthz")
         if self.sink is not None:
@@ -285,19 +301,23 @@ class Stack:
         if path == "resumable":
             port, resumable = self.ports["gateway"], (("X-Resumable", "1"),)
             return Target("127.0.0.1", port, "/api/chatbot", body, key=KEY, headers=resumable)
+        if path == TOKEN_PATH:  # one service's token, as its every request sends it
+            return Target("127.0.0.1", self.ports["gateway"], "/api/chatbot", body, key=self.token)
         return Target("127.0.0.1", self.ports[path], "/api/chatbot", body, key=KEY)  # + traced
 
     def proxy_pid(self, path: str) -> int | None:
         gateway = self.gateway
         proxies = {
             "gateway": gateway, "resumable": gateway, "openai": gateway, "responses": gateway,
-            "mcp": gateway, "nginx": self.nginx,
+            "mcp": gateway, "nginx": self.nginx, TOKEN_PATH: gateway,
         }  # fmt: skip
         proxy = {**proxies, "naive": self.naive, **self.traced}.get(path)
         return proxy.pid if proxy is not None else None
 
     def stop(self) -> None:
         stop(self.gateway, self.naive, *([self.nginx] if self.nginx else []), self.emulator)
+        if self.jwks is not None:
+            stop(self.jwks)
         stop(*self.traced.values(), *([self.sink] if self.sink else []))
         if self.redis is not None:
             stop(self.redis)
@@ -320,6 +340,28 @@ GATEWAY_TABLES: dict[str, dict[str, Any]] = {
 }
 
 
+def start_issuer(workdir: Path, port: int) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
+    """A stand-in identity provider: an RSA key, its public JWKS served on
+    ``port``, a token for the gateway signed with it (valid for a day), and
+    the ``[[issuers]]`` table that trusts it."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    (workdir / "jwks.json").write_text(json.dumps({"keys": [{**public, "kid": "bench"}]}))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.jwks_server", "--port", str(port),
+         "--jwks", str(workdir / "jwks.json")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    issuer = f"http://127.0.0.1:{port}"
+    now = int(time.time())
+    claims = {"iss": issuer, "aud": "chatiq-gateway", "sub": "bench-service", "iat": now,
+              "exp": now + 86400}  # fmt: skip
+    token = jwt.encode(claims, key, "RS256", headers={"kid": "bench"})
+    table = {"issuer": issuer, "audience": "chatiq-gateway", "tenant": "load",
+             "jwks_url": f"{issuer}/jwks"}  # fmt: skip
+    return server, token, table
+
+
 @contextmanager
 def stack(
     workdir: Path,
@@ -327,9 +369,10 @@ def stack(
     workers: int | str = 1,
     redis: bool = False,
     traced: tuple[str, ...] = (),
+    token: bool = False,
 ) -> Iterator[Stack]:
     tables = {**GATEWAY_TABLES, "server": {"workers": workers}}
-    s = Stack(workdir, emulator_args, tables, redis, traced)
+    s = Stack(workdir, emulator_args, tables, redis, traced, token)
     try:
         yield s
     finally:
@@ -404,7 +447,7 @@ async def run_level(
         "--reply-tokens", str(plan.tokens),
     ]  # fmt: skip
     traced = tuple(p for p in paths if p in TRACED_PATHS)
-    with stack(workdir, emulator_args, workers, redis, traced) as s:
+    with stack(workdir, emulator_args, workers, redis, traced, TOKEN_PATH in paths) as s:
         await s.ready()
         measured: dict[str, list[PathResult]] = {path: [] for path in paths}
         for _ in range(rounds):
@@ -494,12 +537,12 @@ def added(values: list[float], direct: list[float]) -> str:
 
 def round_ratios(levels: list[tuple[Plan, list[PathResult]]]) -> list[str]:
     """With --rounds: each proxy's CPU per event over nginx's, round by round
-    (a traced path's over the untraced gateway's)."""
+    (a traced or token path's over the plain gateway's)."""
     out: list[str] = []
     for plan, results in levels:
         by_path = {r.path: r for r in results}
         for r in results:
-            base = by_path.get("gateway" if r.path in TRACED_PATHS else "nginx")
+            base = by_path.get("gateway" if r.path in ON_REQUEST else "nginx")
             if base is None or r is base or not base.round_cpu:
                 continue
             if len(r.round_cpu) != len(base.round_cpu):
@@ -600,7 +643,7 @@ async def main_async(args: argparse.Namespace) -> int:
     open_files_limit()
     levels = [int(x) for x in args.levels.split(",") if x]
     paths = tuple(p for p in args.paths.split(",") if p)
-    unknown = [p for p in paths if p not in PATHS and p not in TRACED_PATHS]
+    unknown = [p for p in paths if p not in PATHS and p not in ON_REQUEST]
     if unknown:
         raise SystemExit(f"bench: no path {', '.join(unknown)}")
     workdir = Path(tempfile.mkdtemp(prefix="chatiq-bench-"))
@@ -657,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         "--paths",
         default=",".join(PATHS),
         help="comma-separated, of: " + ", ".join(PATHS) + " (and, when asked: traced, the "
-        "gateway tracing every request; sampled, 1%% of them; twin, a second untraced one)",
+        "gateway tracing every request; sampled, 1%% of them; twin, a second untraced one; "
+        "token, the gateway's path with an identity provider's JWT for a key)",
     )
     parser.add_argument("--tokens", type=int, default=TOKENS, help="content events a reply")
     parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")

@@ -110,14 +110,15 @@ async def test_make_bench_rounds_interleave_the_paths_and_report_each_ratio(
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
     code, out = await run_tool(
         "loadtest.bench", tmp_path, "--levels", "20", "--tokens", "20", "--min-duration", "2",
-        "--hold", "0", "--paths", "direct,gateway,nginx", "--rounds", "2",
+        "--hold", "0", "--paths", "direct,gateway,token,nginx", "--rounds", "2",
     )  # fmt: skip
     assert code == 0, out
     steps = [line.split(" via ")[1].split()[0] for line in out.splitlines() if " via " in line]
-    assert steps == ["direct", "gateway", "nginx"] * 2, out  # interleaved, not path after path
+    paths = ["direct", "gateway", "token", "nginx"]
+    assert steps == paths * 2, out  # interleaved, not path after path
     table = (tmp_path / "latest.md").read_text()
     rows = [line.split("|") for line in table.splitlines() if line.startswith("| 20 ")]
-    assert [r[2].strip() for r in rows] == ["direct", "gateway", "nginx"], table
+    assert [r[2].strip() for r in rows] == paths, table  # the token path: no stream refused
     assert all(int(r[3].strip()) >= 40 and r[4].strip() == "0" for r in rows), table  # pooled
     ratio = re.search(
         r"Rounds: 20 streams, gateway CPU per event / nginx's: ([\d.]+)x, ([\d.]+)x "
@@ -128,6 +129,7 @@ async def test_make_bench_rounds_interleave_the_paths_and_report_each_ratio(
     first, second, median, _ = (float(x) for x in ratio.groups())
     assert median == max(first, second)  # of two, the upper one
     assert "Rounds: 20 streams, gateway" in out  # printed too
+    assert "Rounds: 20 streams, token CPU per event / gateway's: " in table
 
 
 def test_rounds_too_short_for_nginx_to_register_are_said_so_not_divided_by() -> None:

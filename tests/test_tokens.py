@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -39,10 +40,12 @@ from gateway.config import (
 from gateway.errors import UserBusy
 from gateway.quotas import admission as admission_module
 from gateway.quotas.admission import ADMISSION, Admission
+from gateway.server.reload import reload_settings
 from loadtest.emulator import EmulatorSettings
 from loadtest.harness import free_port
 from tests.helpers import (
     ACME_KEY,
+    CHATIQ_KEY,
     LIMITED_KEY,
     TENANTS,
     GatewayProcess,
@@ -600,3 +603,30 @@ async def test_the_page_learns_how_to_sign_in_and_may_fetch_from_the_issuer(
     assert f"connect-src 'self' {oidc.issuer};" in policy
     async with keys_only.session.get(keys_only.gateway.make_url("/")) as r:
         assert "connect-src 'self';" in r.headers["Content-Security-Policy"]
+
+
+async def test_a_reload_adds_an_issuer_and_fetches_its_keys(
+    make_stack: StackFactory,
+    oidc: OpenIdProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHATIQ_API_KEY", CHATIQ_KEY)  # as a gateway process has it
+    stack = await make_stack()
+    token = await oidc.client_token()
+    assert (await call(stack, "chatiq", token))[0] == 401  # no issuers: an unknown key
+    emulator = stack.emulator.make_url("/api/chat")
+    config = tmp_path / "gateway.toml"
+    tenants = "".join(
+        f'[[tenants]]\nname = "{t.name}"\nkey_sha256 = "{t.key_sha256}"\n'
+        f"bots = {json.dumps(t.bots)}\n"
+        for t in TENANTS
+    )
+    config.write_text(
+        f'[upstream]\nurl = "{emulator}"\nbot_slug = "demo"\n{tenants}'
+        f'[[issuers]]\nissuer = "{oidc.issuer}"\naudience = "{AUDIENCE}"\ntenant = "acme"\n'
+    )
+    assert await reload_settings(stack.gateway.app, config)
+    status, _, body = await call(stack, "chatiq", token)
+    assert status == 200, body
+    assert (await call(stack, "chatiq", ACME_KEY))[0] == 200

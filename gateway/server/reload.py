@@ -77,13 +77,21 @@ class LoadedFile:
     tables: frozenset[str]  # its top-level tables
 
 
-RUNNING_FILE = web.AppKey("running_file", LoadedFile)
+@dataclasses.dataclass
+class RunningFile:
+    """The app's own record of its file, changed by each reload (an app's keys
+    are set before it starts, never after)."""
+
+    loaded: LoadedFile = LoadedFile(b"", frozenset())
+
+
+RUNNING_FILE = web.AppKey("running_file", RunningFile)
 
 
 def remember_file(app: web.Application, path: str | Path) -> None:
-    """At start: the file the running configuration came from."""
+    """Before the app starts: the file the running configuration came from."""
     text = Path(path).read_bytes()
-    app[RUNNING_FILE] = LoadedFile(text, frozenset(read_file(path, text)))
+    app[RUNNING_FILE] = RunningFile(LoadedFile(text, frozenset(read_file(path, text))))
 
 
 async def read_settled(path: str | Path) -> tuple[bytes, dict[str, Any]]:
@@ -148,7 +156,7 @@ async def reload_settings(app: web.Application, path: str | Path) -> bool:
     try:
         text, raw = await read_settled(path)
         new = settings_from_mapping(raw, os.environ)
-        complete(raw, new, text, app.get(RUNNING_FILE, LoadedFile(b"", frozenset())))
+        complete(raw, new, text, app.get(RUNNING_FILE, RunningFile()).loaded)
     except ConfigError as e:
         metrics.config_reloads.labels("invalid").inc()
         log.error("config_reload_failed", error=str(e), kept="the running configuration")
@@ -165,7 +173,8 @@ async def reload_settings(app: web.Application, path: str | Path) -> bool:
     # Said before it applies: the new log level may be quieter than info.
     log.info("config_reloaded", changed=_changed_keys(old, new), tenants=len(new.tenants))
     apply_settings(app, new)
-    app[RUNNING_FILE] = LoadedFile(text, frozenset(raw))
+    if RUNNING_FILE in app:
+        app[RUNNING_FILE].loaded = LoadedFile(text, frozenset(raw))
     metrics.config_reloads.labels("ok").inc()
     if app[TOKENS].active:
         await app[TOKENS].start()  # a new issuer's keys (and the others' again)

@@ -73,6 +73,8 @@ class Server:
 
     async def start_up(self) -> None:
         server = self.settings.server
+        if self.config_path is not None:
+            remember_file(self.app, self.config_path)
         runner = web.AppRunner(
             self.app, access_log=None, logger=server_logger(self.log), handler_cancellation=True,
             shutdown_timeout=5,
@@ -120,7 +122,6 @@ class Server:
                 watch_parent(lambda: on_orphaned(self.log, self.stop))
             )
         if self.config_path is not None:
-            remember_file(self.app, self.config_path)
             loop.add_signal_handler(signal.SIGHUP, self._on_reload)
 
     def _on_reload(self) -> None:
