@@ -80,6 +80,8 @@ def test_settings_are_immutable(tmp_path: Path) -> None:
         (GOOD.replace('name = "t"\n', ""), {}, "tenants[0].name: missing"),
         (GOOD + "\n[upstream.extra]\n", {}, "upstream.extra: unknown key"),
         (GOOD + "\n[telemetry]\n", {}, "telemetry: unknown key"),
+        (GOOD + '\n[logs]\nuser = "hash"\n', {}, "logs: unknown key (did you mean [logging]?)"),
+        (GOOD + "\n[issuer]\n", {}, "issuer: unknown key (did you mean [[issuers]]?)"),
         (GOOD.replace("[upstream]", '[upstream]\napi_key = "sk"'), {}, "CHATIQ_API_KEY"),
         (GOOD, {"GATEWAY_PORT": "eighty"}, "GATEWAY_PORT: not a whole number"),
         # The key and URL go into a request head as they are: no line breaks, no spaces.

@@ -9,6 +9,7 @@ start-up with one line naming the key (``ConfigError``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -105,7 +106,11 @@ def settings_from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str]) ->
     arrays = {"tenants", "issuers", "frontends", "bots"}
     unknown = sorted(set(raw) - set(_FILE_ONLY_TABLES) - arrays)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key")
+        close = difflib.get_close_matches(unknown[0], [*_FILE_ONLY_TABLES, *arrays], 1, 0.5)
+        spelled = {"tenants": "[[tenants]]", "issuers": "[[issuers]]",
+                   "frontends": "[frontends.<name>]", "bots": "[bots.<slug>]"}  # fmt: skip
+        hint = f" (did you mean {spelled.get(close[0], f'[{close[0]}]')}?)" if close else ""
+        raise ConfigError(f"{unknown[0]}: unknown key{hint}")
     server = raw.get("server", {})
     workers = server.get("workers") if isinstance(server, dict) else None
     if isinstance(workers, str):
