@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean soak chaos stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
+.PHONY: run test lint install clean dist soak chaos stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -41,7 +41,12 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis tests/node/node_modules
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis tests/node/node_modules dist
+
+## make dist: the wheel and the sdist in dist/ (pip install dist/chatiq_gateway-*.whl).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 ## make soak: 10,000 streams with faults and hang-ups through a real gateway (a few minutes).
 soak: $(STAMP)

@@ -1,21 +1,27 @@
 """``chatiq-gateway`` / ``python -m gateway``: load the configuration, then serve
-in this process or supervise workers; ``chatiq-gateway hash-key`` for tenant keys."""
+in this process or supervise workers. Besides: ``hash-key`` (tenant keys),
+``check-config FILE`` (validate a file and print what it sets, no secrets),
+``default-config`` (print the packaged default configuration), ``--version``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import resource
 import secrets
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from gateway.auth.tenants import hash_key
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.config.proxies import proxy_display
 from gateway.frontends import load_frontends
 from gateway.logs import Logger, make_logger
-from gateway.metrics import pin_worker_pid
+from gateway.metrics import pin_worker_pid, version
 from gateway.server.cpus import parse_workers, resolve_workers
 from gateway.server.serve import Server
 from gateway.server.workers import supervise
@@ -89,6 +95,64 @@ def hash_key_command(argv: list[str]) -> int:
     return 0
 
 
+# The packaged default configuration (config/gateway.toml in a checkout links to it).
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.toml"
+LOCAL_CONFIG = "config/gateway.toml"
+
+
+def config_path(given: str | None) -> str:
+    """The file to read: the one given, else config/gateway.toml where it is
+    run from (a checkout), else the packaged default (an installed wheel)."""
+    if given is not None:
+        return given
+    return LOCAL_CONFIG if Path(LOCAL_CONFIG).is_file() else str(DEFAULT_CONFIG)
+
+
+def effective_settings(settings: Settings) -> dict[str, Any]:
+    """What a configuration sets, every key, with no secret: the ChatIQ key as
+    whether it is set, tenants by name and number of keys, never a hash."""
+    shown: dict[str, Any] = {}
+    for table in dataclasses.fields(Settings):
+        value = getattr(settings, table.name)
+        if table.name == "tenants":
+            shown["tenants"] = [
+                {**{k: v for k, v in dataclasses.asdict(t).items()
+                    if k not in ("key_sha256", "more_keys_sha256")}, "keys": len(t.keys_sha256)}
+                for t in value
+            ]  # fmt: skip
+        elif isinstance(value, tuple):
+            shown[table.name] = [dataclasses.asdict(v) for v in value]
+        else:
+            shown[table.name] = dataclasses.asdict(value)
+    upstream = shown["upstream"]
+    upstream["api_key"] = "(set)" if settings.upstream.api_key else "(not set: CHATIQ_API_KEY)"
+    upstream["proxy_url"] = proxy_display(settings.upstream.proxy_url)
+    if settings.metrics.token_sha256:
+        shown["metrics"]["token_sha256"] = "(set)"
+    return shown
+
+
+def check_config_command(argv: list[str]) -> int:
+    """``chatiq-gateway check-config [FILE]``: 0 and the effective settings, or 2 and why."""
+    parser = argparse.ArgumentParser(
+        prog="chatiq-gateway check-config",
+        description="Validate a configuration file as the gateway would (the environment "
+        "applied), and print the settings it makes, as JSON, without secrets.",
+    )
+    parser.add_argument("file", nargs="?", help="the TOML file (default: as the gateway picks)")
+    args = parser.parse_args(argv)
+    path = config_path(args.file)
+    try:
+        settings = load_settings(path)
+        load_frontends(settings)
+    except ConfigError as e:
+        print(f"chatiq-gateway: config error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(effective_settings(settings), indent=2, default=str))
+    print(f"chatiq-gateway: {path} is valid", file=sys.stderr)
+    return 0
+
+
 def _workers(value: str) -> int:
     try:
         return parse_workers(value)
@@ -100,13 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["hash-key"]:
         return hash_key_command(argv[1:])
+    if argv[:1] == ["check-config"]:
+        return check_config_command(argv[1:])
+    if argv[:1] == ["default-config"]:
+        sys.stdout.write(DEFAULT_CONFIG.read_text())
+        return 0
     parser = argparse.ArgumentParser(
         prog="chatiq-gateway",
         description=__doc__,
-        epilog="chatiq-gateway hash-key: a new tenant key and its hash for the config.",
+        epilog="chatiq-gateway hash-key: a new tenant key and its hash for the config; "
+        "check-config [FILE]: validate a file; default-config: print the packaged default.",
     )
+    parser.add_argument("--version", action="version", version=f"chatiq-gateway {version()}")
     parser.add_argument(
-        "--config", default="config/gateway.toml", help="TOML file (default: %(default)s)"
+        "--config",
+        help=f"TOML file (default: {LOCAL_CONFIG} if it is here, else the packaged default)",
     )
     parser.add_argument(
         "--workers", type=_workers, default=None,
@@ -116,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.config = config_path(args.config)
     try:
         settings = load_settings(args.config)
         load_frontends(settings)  # a plugin that is missing or broken: one line, now
