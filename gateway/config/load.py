@@ -406,6 +406,15 @@ def _validate(s: Settings) -> None:
             raise ConfigError(
                 f"server.cors_origins: {origin!r} is not an origin like https://app.example.com"
             )
+    tls = s.server
+    if bool(tls.tls_cert_file) != bool(tls.tls_key_file):
+        raise ConfigError("server.tls_cert_file and tls_key_file: give both, or neither")
+    if tls.tls_client_ca_file and not tls.tls_cert_file:
+        raise ConfigError("server.tls_client_ca_file: needs tls_cert_file and tls_key_file")
+    for key in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        value = getattr(tls, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"server.{key}: no such file {value!r}")
     if s.server.public_url:
         parts = urlsplit(s.server.public_url)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):

@@ -44,6 +44,10 @@ class ServerSettings:
     # The gateway's origin as its clients reach it (behind a TLS proxy, say):
     # sign-in discovery names it. "": each request's own scheme and host.
     public_url: str = ""
+    # TLS on the listening port (both files, PEM); with a client CA, mutual TLS.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # clients must present a certificate it signed
     # Sent with the page and its files: scripts and styles only from the
     # gateway itself (the page has no inline script), images from https (a
     # reply's attachments), requests only to the gateway, no framing.

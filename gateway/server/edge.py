@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -232,6 +233,7 @@ class GatewaySite(web.BaseSite):
         "_open",
         "_port",
         "_reuse_port",
+        "_ssl_context",
     )
 
     def __init__(
@@ -246,8 +248,10 @@ class GatewaySite(web.BaseSite):
         max_connections: int,
         on_refused: Callable[[], None],
         reuse_port: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(runner, backlog=backlog)
+        self._ssl_context = ssl_context
         self._max_connections = max_connections
         self._on_refused = on_refused
         self._open = 0
@@ -259,7 +263,8 @@ class GatewaySite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
 
     async def start(self) -> None:
         await super().start()
@@ -282,5 +287,5 @@ class GatewaySite(web.BaseSite):
 
         self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog,
-            reuse_address=True, reuse_port=self._reuse_port,
+            reuse_address=True, reuse_port=self._reuse_port, ssl=self._ssl_context,
         )  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from gateway.config import ConfigError, Settings, named_bots, read_file, setting
 from gateway.logs import set_level
 from gateway.quotas.admission import ADMISSION
 from gateway.resume.streams import RESUMABLE
+from gateway.server.tls import TLS, TLS_KEYS, make_context, tls_mode
 from gateway.state import LOG, METRICS, SETTINGS
 from gateway.upstream.breaker import BREAKERS
 from gateway.upstream.client import UPSTREAM
@@ -153,15 +155,20 @@ async def reload_settings(app: web.Application, path: str | Path) -> bool:
     """Reload ``path`` into the running app; False (and nothing changed) if invalid."""
     log, metrics = app[LOG], app[METRICS]
     old = app[SETTINGS].current
+    tls: ssl.SSLContext | None = None
     try:
         text, raw = await read_settled(path)
         new = settings_from_mapping(raw, os.environ)
         complete(raw, new, text, app.get(RUNNING_FILE, RunningFile()).loaded)
+        if TLS in app and tls_mode(new.server) == tls_mode(old.server):
+            tls = make_context(new.server)  # the files read again: new connections get them
     except ConfigError as e:
         metrics.config_reloads.labels("invalid").inc()
         log.error("config_reload_failed", error=str(e), kept="the running configuration")
         return False
     held = [key for key in RESTART_ONLY if _get(new, key) != _get(old, key)]
+    if tls_mode(new.server) != tls_mode(old.server):  # the listener's kind: TLS, mutual TLS
+        held += [f"server.{key}" for key in TLS_KEYS]
     if new.frontends != old.frontends:  # routes are mounted once
         held.append("frontends")
         new = dataclasses.replace(new, frontends=old.frontends)
@@ -173,6 +180,8 @@ async def reload_settings(app: web.Application, path: str | Path) -> bool:
     # Said before it applies: the new log level may be quieter than info.
     log.info("config_reloaded", changed=_changed_keys(old, new), tenants=len(new.tenants))
     apply_settings(app, new)
+    if tls is not None:
+        app[TLS].current = tls
     if RUNNING_FILE in app:
         app[RUNNING_FILE].loaded = LoadedFile(text, frozenset(raw))
     metrics.config_reloads.labels("ok").inc()

@@ -17,6 +17,7 @@ from gateway.logs import Logger, server_logger
 from gateway.metrics import Metrics
 from gateway.server.edge import GatewaySite
 from gateway.server.reload import reload_settings, remember_file
+from gateway.server.tls import TLS, Certificates, tls_mode
 from gateway.server.workers import watch_parent
 from gateway.state import LIFECYCLE, METRICS
 
@@ -75,6 +76,8 @@ class Server:
         server = self.settings.server
         if self.config_path is not None:
             remember_file(self.app, self.config_path)
+        if tls_mode(server) != "plain":
+            self.app[TLS] = Certificates(server)
         runner = web.AppRunner(
             self.app, access_log=None, logger=server_logger(self.log), handler_cancellation=True,
             shutdown_timeout=5,
@@ -100,13 +103,15 @@ class Server:
             on_timeout=metrics.rejected.labels("header_timeout").inc,
             max_connections=self.max_connections,
             on_refused=_refusal_reporter(metrics, self.log), reuse_port=self.shared_port,
+            ssl_context=self.app[TLS].listening if TLS in self.app else None,
         )  # fmt: skip
         await site.start()
         if self.settings.metrics.port:
             await self._start_metrics_port()
         self.log.info(
             "listening",
-            url=f"http://{server.host}:{server.port}",
+            url=f"{'https' if TLS in self.app else 'http'}://{server.host}:{server.port}",
+            tls=tls_mode(server),
             upstream=self.settings.upstream.url,
             proxy=proxy_display(self.settings.upstream.proxy_url),
             quotas="redis" if self.settings.redis.url else "local",
