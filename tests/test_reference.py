@@ -9,13 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.config import BotSettings, Issuer, ResumeSettings, Settings, Tenant
+from gateway.config import (
+    BotSettings,
+    Issuer,
+    ResumeSettings,
+    Settings,
+    Tenant,
+    settings_from_mapping,
+)
 from gateway.metrics import Metrics
 from gateway.routes.ops import OPENAPI
 from tests.helpers import gateway_settings
@@ -25,6 +33,7 @@ DOCS = ROOT / "docs"
 API = (DOCS / "api.md").read_text()
 CONFIGURATION = (DOCS / "configuration.md").read_text()
 OBSERVABILITY = (DOCS / "observability.md").read_text()
+OPERATIONS = (DOCS / "operations.md").read_text()
 
 
 def section(page: str, title: str) -> str:
@@ -116,3 +125,14 @@ def test_the_readme_and_docs_link_nowhere_outside_the_repository() -> None:
             assert resolved.is_relative_to(ROOT) and resolved.exists(), (page.name, target)
             if anchor:
                 assert anchor in anchors(resolved), (page.name, target)
+
+
+def test_the_multi_tenant_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    example = section(OPERATIONS, "A multi-tenant configuration")
+    (toml,) = re.findall(r"```toml\n(.*?)```", example, re.S)
+    for name in ("gateway.pem", "gateway.key"):  # the files it names, made up
+        (tmp_path / name).write_text("")
+    toml = toml.replace("/etc/chatiq-gateway/tls/", f"{tmp_path}/")
+    settings = settings_from_mapping(tomllib.loads(toml), {})
+    assert [t.name for t in settings.tenants] == ["people", "support-site", "it-portal"]
+    assert settings.issuers and settings.page.oidc_issuer == settings.issuers[0].issuer
