@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean dist soak chaos stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
+.PHONY: run test lint install clean dist image base-image soak chaos stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -47,6 +47,28 @@ clean:
 dist: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
+
+## make image: the container image chatiq-gateway:<version> from the Dockerfile
+## (buildah, or docker/podman; BASE=<image> for another Debian Python base).
+IMAGE_TOOL ?= $(shell command -v buildah || command -v podman || command -v docker)
+image: dist
+	rm -rf dist/wheels
+	# async-timeout too: redis-py wants it on a Python before 3.11.3 (Debian's is 3.11.2)
+	$(BIN)/python -m pip wheel --quiet --wheel-dir dist/wheels dist/chatiq_gateway-*.whl "async-timeout>=4.0.3"
+	$(IMAGE_TOOL) build $(if $(findstring buildah,$(IMAGE_TOOL)),--isolation chroot --format docker,) \
+		$(if $(BASE),--build-arg BASE=$(BASE),) \
+		-t chatiq-gateway:$$($(BIN)/python -c "from importlib.metadata import version; print(version('chatiq-gateway'))") .
+
+## make base-image: a Debian bookworm Python base for make image, from Debian's
+## own packages (debootstrap; as root), where no image registry is reachable.
+base-image:
+	root=$$(mktemp -d) && \
+	debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+		bookworm "$$root" http://deb.debian.org/debian >/dev/null && \
+	ctr=$$(buildah from scratch) && buildah copy --quiet $$ctr "$$root" / >/dev/null && \
+	buildah commit --quiet $$ctr localhost/debian-python:bookworm >/dev/null && \
+	buildah rm $$ctr >/dev/null && rm -rf "$$root" && \
+	echo "base-image: localhost/debian-python:bookworm (make image BASE=localhost/debian-python:bookworm)"
 
 ## make soak: 10,000 streams with faults and hang-ups through a real gateway (a few minutes).
 soak: $(STAMP)
