@@ -131,18 +131,9 @@ async def make_stack(
         gw_settings = settings or gateway_settings(
             str(emu.make_url("/api/chat")), admission, circuit, server, **upstream
         )
-        if tenants is not None:
-            gw_settings = replace(gw_settings, tenants=tenants)
-        if resume is not None:
-            gw_settings = replace(gw_settings, resume=resume)
-        if redis is not None:
-            gw_settings = replace(gw_settings, redis=redis)
-        if tracing is not None:
-            gw_settings = replace(gw_settings, tracing=tracing)
-        if issuers is not None:
-            gw_settings = replace(gw_settings, issuers=issuers)
-        if page is not None:
-            gw_settings = replace(gw_settings, page=page)
+        tables: dict[str, Any] = {"tenants": tenants, "resume": resume, "redis": redis,
+                                  "tracing": tracing, "issuers": issuers, "page": page}  # fmt: skip
+        gw_settings = replace(gw_settings, **{k: v for k, v in tables.items() if v is not None})
         logs = io.StringIO()
         log_audit.in_memory.append(logs)
         app: web.Application = create_app(gw_settings, log=make_logger(gw_settings.logging, logs))
