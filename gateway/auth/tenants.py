@@ -156,7 +156,7 @@ async def authenticate(
     tenant = directory.named(verified.tenant)
     if tenant is None:  # a tenant_claim naming none
         raise Forbidden("the token's tenant is not one of this gateway's")
-    return Caller(tenant, tokens.user_label(verified), tokens.user_id(verified))
+    return Caller(tenant, tokens.user_label(verified), verified.user_id)
 
 
 async def tenant_of(request: web.Request) -> Tenant:

@@ -13,6 +13,7 @@ dictionary lookup; every rejection says why, in the Bearer challenge.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import time
@@ -62,6 +63,7 @@ class Verified:
     tenant: str
     user: str
     expires: float  # wall-clock time, leeway included
+    user_id: str = ""  # the user's stable id (``TokenVerifier.user_id``)
 
 
 class IssuerKeys:
@@ -160,7 +162,7 @@ class TokenVerifier:
         }
         self._remembered.clear()
 
-    def user_id(self, verified: Verified) -> str:
+    def _user_id(self, verified: Verified) -> str:
         """The user's stable id, whatever the log shows: what their quotas and
         their streams are kept under. A keyed digest of issuer and user (so
         that a list of likely names cannot be hashed to find one)."""
@@ -172,7 +174,7 @@ class TokenVerifier:
         if self.user_logged == "none":
             return None
         if self.user_logged == "hash":
-            return self.user_id(verified)[:16]
+            return verified.user_id[:16]
         return verified.user
 
     async def start(self) -> None:
@@ -212,6 +214,7 @@ class TokenVerifier:
         if key is None:
             raise Unauthorized("the token is signed by a key its issuer does not publish (kid)")
         verified = _check(token, key, keys.settings)
+        verified = dataclasses.replace(verified, user_id=self._user_id(verified))  # once a token
         self._remember(token, verified)
         return verified
 
