@@ -150,12 +150,18 @@ def text(events: list[Event]) -> str:
     return "".join(e.data for e in events if e.data and '"choices"' in e.data)
 
 
-async def resumed_to_the_end(session: aiohttp.ClientSession, fleet: Fleet) -> list[Event]:
-    """A client that resumes, as the page does, whenever a stream ends before [DONE]."""
+async def resumed_to_the_end(
+    session: aiohttp.ClientSession, fleet: Fleet, started: list[str] | None = None
+) -> list[Event]:
+    """A client that resumes, as the page does, whenever a stream ends before
+    [DONE]; ``started`` gets its stream's id once its stream is live."""
     response = await session.post(
         f"{fleet.url}/api/chatbot", json={"message": "tell me everything"}, headers=RESUMABLE
     )
+    assert response.status == 200, await response.text()
     stream_id = response.headers["X-Stream-Id"]
+    if started is not None:
+        started.append(stream_id)
     _, events = await read_events(response)
     for _ in range(5):
         if events and events[-1].data == "[DONE]":
@@ -177,8 +183,14 @@ async def test_a_replica_shut_down_mid_stream_hands_its_clients_over(
     (leaving, _, log), (_, staying_port, _) = fleet.replicas
     connector = aiohttp.TCPConnector(force_close=True, limit=200)
     async with aiohttp.ClientSession(connector=connector) as session:
-        clients = [asyncio.ensure_future(resumed_to_the_end(session, fleet)) for _ in range(100)]
-        await asyncio.sleep(1.0)  # every stream live, each replica with about half
+        started: list[str] = []
+        clients = [
+            asyncio.ensure_future(resumed_to_the_end(session, fleet, started)) for _ in range(100)
+        ]
+        # Every stream live (each replica with about half) before the shutdown:
+        # a start it met would be refused with 503, as it should. A stream
+        # lasts 2.4 s; on a busy machine the 100 starts took longer than 1 s.
+        await eventually(lambda: len(started) == 100, timeout_s=20)
         leaving.send_signal(signal.SIGTERM)
         results = await asyncio.gather(*clients)
         reference = await session.post(
