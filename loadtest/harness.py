@@ -27,11 +27,21 @@ def report(text: str, out_dir: str | Path, name: str = "latest.md") -> None:
     (out / name).write_text(text)
 
 
+# Ports this process has handed out: the kernel may give a port just closed
+# again, and two asked for in a row (a gateway's and its metrics port) were
+# once the same one.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port free now, and not one this process handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def answers(url: str) -> bool:
