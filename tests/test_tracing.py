@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc  # type: ignore[import-untyped]
 import pytest
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from openai import AsyncOpenAI
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -40,7 +46,7 @@ from tests.helpers import (
     read_events,
     start_workers,
 )
-from tests.otlp import CLIENT, SERVER, Receiver
+from tests.otlp import CLIENT, SERVER, Receiver, attributes
 from tests.scripted import SSE_ANSWER, ScriptedFactory, ScriptedRequest
 
 MESSAGE = "What is the refund policy for order 58213?"
@@ -420,3 +426,44 @@ async def test_a_protocol_it_cannot_speak_is_a_warning_and_the_gateway_runs_untr
     r = await stack.chat()
     assert r.status == 200
     await r.read()
+
+
+async def test_over_grpc_the_same_spans_reach_a_grpc_collector(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc, with the SDK's gRPC exporter installed,
+    to a real gRPC server speaking the collector's own service."""
+    received: list[ExportTraceServiceRequest] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        async def Export(self, request: Any, context: Any) -> ExportTraceServiceResponse:
+            received.append(request)
+            return ExportTraceServiceResponse()
+
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        for name, value in {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_SERVICE_NAME": "gateway-over-grpc", "OTEL_BSP_SCHEDULE_DELAY": "50",
+        }.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        stack = await make_stack()
+        async with await stack.chat({"message": MESSAGE}) as r:
+            assert data_events(await r.read())[-1] == "[DONE]"
+
+        def spans() -> list[Any]:
+            return [s for m in received for rs in m.resource_spans for ss in rs.scope_spans
+                    for s in ss.spans]  # fmt: skip
+
+        await eventually(lambda: len(spans()) >= 2, what=lambda: received)
+        server_span = next(s for s in spans() if s.kind == SERVER)
+        assert attributes(server_span.attributes)["gen_ai.provider.name"] == "chatiq"
+        resource = attributes(received[0].resource_spans[0].resource.attributes)
+        assert resource["service.name"] == "gateway-over-grpc"
+        assert MESSAGE.encode() not in b"".join(m.SerializeToString() for m in received)
+    finally:
+        await server.stop(0)
