@@ -49,7 +49,9 @@ def test_the_image_runs_the_wheel_as_a_non_root_user_that_drains_on_sigterm() ->
 
 @pytest.mark.external
 @pytest.mark.process
-async def test_the_image_builds_and_streams_a_reply(tmp_path: Path) -> None:
+async def test_the_image_builds_and_streams_a_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     buildah = shutil.which("buildah")
     if buildah is None or subprocess.run([buildah, "inspect", BASE], capture_output=True,
                                          check=False).returncode != 0:  # fmt: skip
@@ -68,12 +70,12 @@ async def test_the_image_builds_and_streams_a_reply(tmp_path: Path) -> None:
     container = subprocess.run([buildah, "from", tag], capture_output=True, text=True,
                                check=True).stdout.strip()  # fmt: skip
     emulator_port, port = free_port(), free_port()
-    os.environ.setdefault("CHATIQ_API_KEY", CHATIQ_KEY)
+    monkeypatch.setenv("CHATIQ_API_KEY", CHATIQ_KEY)  # the emulator's (restored after)
     emulator = start_emulator(emulator_port, "--ttft-ms", "0", "--tokens-per-s", "0")
     gateway = subprocess.Popen(
         [buildah, "run", "--isolation", "chroot", "--network", "host",
          "-e", f"CHATIQ_API_URL=http://127.0.0.1:{emulator_port}/api/chat",
-         "-e", f"CHATIQ_API_KEY={os.environ['CHATIQ_API_KEY']}", "-e", f"GATEWAY_PORT={port}",
+         "-e", f"CHATIQ_API_KEY={CHATIQ_KEY}", "-e", f"GATEWAY_PORT={port}",
          container, "--", "chatiq-gateway"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
