@@ -63,7 +63,7 @@ class Verified:
     tenant: str
     user: str
     expires: float  # wall-clock time, leeway included
-    user_id: str = ""  # the user's stable id (``TokenVerifier.user_id``)
+    user_id: str = ""  # the user's stable id, made once the token is verified
 
 
 class IssuerKeys:
@@ -76,10 +76,6 @@ class IssuerKeys:
         self._keys: dict[tuple[str, str], jwt.PyJWK] = {}  # (kid, alg) -> key
         self._tried_at = -REFETCH_S
         self._lock = asyncio.Lock()
-
-    @property
-    def known(self) -> int:
-        return len(self._jwks)
 
     async def refresh(self, session: aiohttp.ClientSession) -> None:
         """Fetch the key set again, unless it was tried within ``REFETCH_S``;
@@ -195,12 +191,12 @@ class TokenVerifier:
         seen = self._remembered.get(token)
         if seen is not None and now < seen.expires:
             return seen
-        try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
+        try:  # one parse, to learn whose it is and which key signed it
+            unverified = jwt.decode_complete(token, options={"verify_signature": False})
         except jwt.PyJWTError:
             raise Unauthorized("the token is malformed") from None
-        issuer = unverified.get("iss")
+        header = unverified["header"]
+        issuer = unverified["payload"].get("iss")
         keys = self._issuers.get(issuer) if isinstance(issuer, str) else None
         if keys is None:
             raise Unauthorized("the token's issuer (iss) is not one this gateway trusts")

@@ -43,7 +43,7 @@ def make_context(server: ServerSettings) -> ssl.SSLContext:
 
 class Certificates:
     """The listener's TLS: ``listening`` is the context the socket was opened
-    with; each handshake switches to ``current``, which ``reload`` replaces."""
+    with; each handshake switches to ``current``, which a reload replaces."""
 
     def __init__(self, server: ServerSettings) -> None:
         self.current = make_context(server)
