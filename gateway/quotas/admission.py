@@ -51,6 +51,14 @@ class _TenantState:
     user_max_streams: int = 0
     user_per_minute: int = 0
 
+    def limit(self, max_streams: int, per_minute: int, now: float) -> None:
+        """New limits (a reload). A rate where there was none starts with a
+        full bucket, nothing having been spent; else what was spent stays so."""
+        if not self.per_minute:
+            self.tokens, self.updated = float(per_minute), now
+        self.max_streams, self.per_minute = max_streams, per_minute
+        self.tokens = min(self.tokens, float(per_minute))
+
 
 class Admission:
     def __init__(
@@ -93,10 +101,8 @@ class Admission:
             state = self._tenants.get(t.name)
             if state is None:
                 state = _TenantState(streams, rpm, float(rpm), now)
-            elif not state.per_minute:  # unlimited until now: nothing spent, a full bucket
-                state.tokens, state.updated = float(rpm), now
-            state.max_streams, state.per_minute = streams, rpm
-            state.tokens = min(state.tokens, float(rpm))
+            else:
+                state.limit(streams, rpm, now)
             state.user_max_streams = t.user_max_streams
             state.user_per_minute = t.user_requests_per_minute
             states[t.name] = state
@@ -138,10 +144,7 @@ class Admission:
                 self._forget_idle_users()
         else:
             users.move_to_end(name)
-            if not state.per_minute and rpm:  # a reload gave this user a rate
-                state.tokens, state.updated = float(rpm), self._clock()
-            state.max_streams, state.per_minute = streams, rpm
-            state.tokens = min(state.tokens, float(rpm))
+            state.limit(streams, rpm, self._clock())  # as a reload may have changed them
         return state
 
     def _forget_idle_users(self) -> None:
