@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -24,8 +23,11 @@ from tests.scripted import (
 )
 
 FAILED = json_answer(b'{"error": {"code": "INTERNAL", "message": "down"}}', "500 Internal")
+# The cool-down is long enough that what a test checks while the circuit is
+# open (a scrape or two, a chat) fits in it on a busy machine: with 0.3 s, CI
+# twice found the circuit half-open again and a probe sent (502 for 503).
 FAST = CircuitSettings(
-    failure_rate=0.5, window_s=30, min_requests=5, cooldown_s=0.3, half_open_requests=1
+    failure_rate=0.5, window_s=30, min_requests=5, cooldown_s=1.5, half_open_requests=1
 )
 
 
@@ -112,10 +114,7 @@ async def test_an_open_circuit_half_opens_without_traffic_and_a_probe_decides(
     scripted: ScriptedFactory,
 ) -> None:
     healthy = False
-    # Long enough a cool-down that a busy machine's scrape and chat fit in it
-    # (with 0.3 s, CI's once did not: the circuit was half-open again).
-    circuit = replace(FAST, cooldown_s=1.5)
-    stack, upstream = await scripted(lambda r: ok_answer(r) if healthy else FAILED, circuit=circuit)
+    stack, upstream = await scripted(lambda r: ok_answer(r) if healthy else FAILED, circuit=FAST)
     for _ in range(FAST.min_requests):
         assert (await chat(stack))[0] == 502
     assert await state(stack, "demo") == 1
