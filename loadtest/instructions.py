@@ -60,6 +60,35 @@ def instructions_in(dumps: Sequence[Path]) -> int:
     return found
 
 
+async def control(pid: int, request: str) -> None:
+    """Sends callgrind a request and waits for its answer. ``callgrind_control``
+    finds a run through vgdb's list, which a process slowed down 50x by
+    callgrind on a loaded machine may not be in yet: it then answers "No
+    active callgrind runs", exit 0, and nothing is done; so ask until it is."""
+    answer = ""
+    for _ in range(60):
+        done = await asyncio.to_thread(
+            subprocess.run, ["callgrind_control", request, str(pid)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        answer = done.stdout + done.stderr
+        if done.returncode == 0 and f"PID {pid}:" in answer and "OK" in answer:
+            return
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"instructions: callgrind_control {request} {pid} did not take: {answer}")
+
+
+async def dumped(out: Path) -> int:
+    """The instructions in the dump just requested, once callgrind has written
+    all of it (its totals line comes last)."""
+    for _ in range(600):
+        counted = instructions_in(sorted(out.parent.glob(out.name + ".*")))
+        if counted:
+            return counted
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"instructions: callgrind wrote no dump beside {out} in 60 s")
+
+
 async def measure(
     process: subprocess.Popen[bytes], port: int, out: Path, seconds: float
 ) -> tuple[int, int, int]:
@@ -69,17 +98,15 @@ async def measure(
         "127.0.0.1", port, "/api/chatbot", {"message": MESSAGE, "stream": True}, key=KEY
     )
     await run_streams(target, CONCURRENCY, min(seconds, 3.0), 0.5, timeout_s=120)  # warm up
-    pid = str(process.pid)
-    subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
+    await control(process.pid, "--zero")
     results = await run_streams(target, CONCURRENCY, seconds, 0.5, timeout_s=120)
-    subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
+    await control(process.pid, "--dump")
     streams = sum(1 for r in results if r.done)
     events = sum(len(r.event_times) for r in results)
-    for _ in range(50):  # the dump is written by the process, a moment later
-        if len(list(out.parent.glob(out.name + "*"))) > 1:
-            break
-        await asyncio.sleep(0.1)
-    return streams, events, instructions_in(sorted(out.parent.glob(out.name + "*")))
+    if not streams:
+        errors = sorted({f"{r.status} {r.error}" for r in results})
+        raise SystemExit(f"instructions: no stream finished in the window: {errors}")
+    return streams, events, await dumped(out)
 
 
 async def measure_gateway(
@@ -182,9 +209,6 @@ async def measure_all(args: argparse.Namespace, trees: list[tuple[str, Path]]) -
         if not args.no_floor:
             print(f"instructions: {FLOOR}, {tokens}-token replies", flush=True)
             rows.append((FLOOR, tokens, *await measure_floor(tokens, args.seconds)))
-    for name, tokens, streams, _, counted in rows:
-        if not streams or not counted:
-            raise SystemExit(f"instructions: nothing measured for {name} ({tokens} tokens)")
     return rows
 
 
