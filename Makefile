@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint install clean dist image base-image soak chaos stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
+.PHONY: run test lint install clean dist image base-image scan soak chaos stalled resumes profile instructions fleet screenshot bench-observability load bench node-deps
 
 # The virtualenv, rebuilt whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -41,7 +41,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis tests/node/node_modules dist
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis tests/node/node_modules dist
 
 ## make dist: the wheel and the sdist in dist/ (pip install dist/chatiq_gateway-*.whl).
 dist: $(STAMP)
@@ -69,6 +69,17 @@ base-image:
 	buildah commit --quiet $$ctr localhost/debian-python:bookworm >/dev/null && \
 	buildah rm $$ctr >/dev/null && rm -rf "$$root" && \
 	echo "base-image: localhost/debian-python:bookworm (make image BASE=localhost/debian-python:bookworm)"
+
+## make scan: checkov over the Kubernetes manifests (as kubectl renders them)
+## and the Dockerfile; deploy/checkov.yaml says why the checks it skips are.
+SCAN_VENV := .venv-scan
+CHECKOV   := checkov==3.3.30
+scan:
+	test -x $(SCAN_VENV)/bin/checkov || { $(PYTHON) -m venv $(SCAN_VENV) && \
+		$(SCAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(CHECKOV); }
+	kubectl kustomize deploy/kubernetes > $(SCAN_VENV)/kubernetes.yaml
+	$(SCAN_VENV)/bin/checkov --config-file deploy/checkov.yaml \
+		--file $(SCAN_VENV)/kubernetes.yaml --file Dockerfile
 
 ## make soak: 10,000 streams with faults and hang-ups through a real gateway (a few minutes).
 soak: $(STAMP)
