@@ -174,6 +174,45 @@ async def test_a_sighup_serves_new_certificates_to_new_connections_and_keeps_str
     assert not [line for line in lines if line.get("level") == "error"]
 
 
+async def test_a_reload_keeps_the_running_certificate_when_the_new_one_is_bad_or_the_mode_changes(
+    tmp_path: Path, tls_gateway: Callable[..., Any]
+) -> None:
+    """A renewal that went wrong (a key that is not the certificate's) is
+    refused whole, the old certificate still served; turning mutual TLS on
+    needs a restart, and until then the listener is as it was: the running
+    certificate, and clients without one of their own get in."""
+    ca = CertificateAuthority(tmp_path)
+    first = ca.issue("gateway")
+    process, port, log = await tls_gateway(ca, first)
+    config = tmp_path / f"gateway-{port}.toml"
+    running = config.read_text()
+    shutil.copy(ca.issue("stranger").key, first.key)  # the key of another certificate
+    process.send_signal(signal.SIGHUP)
+    await eventually(lambda: '"config_reload_failed"' in log.read_text(), 10)
+    assert "cannot load them" in log.read_text()
+    assert await asyncio.to_thread(served_serial, port, ca) == first.serial
+
+    renewed = ca.issue("gateway-renewed")
+    shutil.copy(renewed.key, first.key)
+    shutil.copy(renewed.cert, first.cert)
+    config.write_text(running.replace("[server]\n", f'[server]\ntls_client_ca_file = "{ca.pem}"\n'))
+    process.send_signal(signal.SIGHUP)
+    await eventually(lambda: '"config_reload_needs_restart"' in log.read_text(), 10)
+    (held,) = [
+        json.loads(line) for line in log.read_text().splitlines()
+        if '"config_reload_needs_restart"' in line
+    ]  # fmt: skip
+    assert "server.tls_client_ca_file" in held["keys"]
+    # Nothing of the listener's TLS changes until the restart, the files included.
+    assert await asyncio.to_thread(served_serial, port, ca) == first.serial
+    async with aiohttp.ClientSession() as session, session.post(
+        f"https://127.0.0.1:{port}/api/chatbot", json={"message": "hi"},
+        headers={"Authorization": f"Bearer {ACME_KEY}"}, ssl=trusting(ca),
+    ) as answer:  # fmt: skip
+        assert answer.status == 200  # no client certificate: mutual TLS is not on yet
+        assert data_events(await answer.read())[-1] == "[DONE]"
+
+
 def test_tls_settings_are_checked_at_start(tmp_path: Path) -> None:
     from gateway.config import ConfigError, settings_from_mapping
 
