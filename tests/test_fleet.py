@@ -214,9 +214,14 @@ async def test_a_burst_on_a_healthy_redis_gets_exactly_the_tenant_s_quota(
                 await r.read()
                 return r.status
 
+        started = time.monotonic()
         statuses = await asyncio.gather(*(one(r) for r in (a, b) * 400))
-    assert statuses.count(200) == 100, sorted(set(statuses))
-    assert statuses.count(429) == 700, sorted(set(statuses))
+        took = time.monotonic() - started
+    # The burst allowance, and one request more each 0.6 s the burst lasted (a
+    # loaded machine may take seconds over 800 requests): never twice the limit.
+    allowed = 100 + int(took / 0.6)
+    assert 100 <= statuses.count(200) <= allowed, (took, sorted(set(statuses)))
+    assert statuses.count(200) + statuses.count(429) == 800, sorted(set(statuses))
     for replica in (a, b):
         assert "quota_backend_down" not in replica.log()
 
