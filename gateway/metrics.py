@@ -39,6 +39,8 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.samples import Exemplar
 
+from gateway import build
+
 NAMESPACE = "chatiq_gateway"
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by the supervisor of several workers
 OTHER_BOT = "other"
@@ -292,6 +294,11 @@ class Metrics:
         self.client_disconnects = make(
             Counter, "client_disconnects", "Clients that left before the end.", ["tenant"]
         )
+        self.slow_client_pauses = make(
+            Counter, "slow_client_pauses",
+            "Times a stream's upstream was paused because its client read too slowly.",
+            ["tenant"],
+        )  # fmt: skip
         self.circuit_state = make(
             Gauge, "circuit_state", "Each bot's circuit: 0 closed, 1 open, 2 half-open.",
             ["bot"], multiprocess_mode="livemax",
@@ -364,19 +371,20 @@ class Metrics:
         )
         self.pre_upstream = hot(self.overhead.labels("pre_upstream"))
         self.relay_overhead = hot(self.overhead.labels("relay"))
-        build = {
+        runtime = {
             "version": version(),
             "python": platform.python_version(),
             "aiohttp": aiohttp.__version__,
+            "compiled": str(build() == "compiled").lower(),
         }
         if enabled and self.multiprocess:  # Info has no multiprocess mode: the same series
             make(
-                Gauge, "build_info", "The gateway's version and runtime.", list(build),
+                Gauge, "build_info", "The gateway's version and runtime.", list(runtime),
                 multiprocess_mode="livemax",
-            ).labels(**build).set(1)  # fmt: skip
+            ).labels(**runtime).set(1)  # fmt: skip
         elif enabled:
             Info("build", "The gateway's version and runtime.", namespace=ns, registry=r).info(
-                build
+                runtime
             )
             ProcessCollector(registry=r)  # process_resident_memory_bytes, _cpu_seconds, fds
             PlatformCollector(registry=r)
@@ -407,6 +415,7 @@ class Metrics:
         bots = sorted(self._bots | {OTHER_BOT})
         for tenant in tenants:
             self.client_disconnects.labels(tenant)
+            self.slow_client_pauses.labels(tenant)
             for resume_counter in (
                 self.streams_detached, self.streams_resumed, self.streams_expired,
                 self.events_replayed,

@@ -296,6 +296,7 @@ class Relay:
                 # Past the high-water mark, where aiohttp would wait: hold the upstream.
                 self._draining = True
                 self._source.pause()
+                self._metrics.slow_client_pauses.labels(ex.tenant).inc()
                 self._poke()
         except Exception as e:  # a bug, or the client left: the handler's task ends the stream
             self._finish(e)

@@ -69,10 +69,12 @@ from loadtest.nginx import UPSTREAM_IDLE_S, start_nginx
 
 KEY = "bench-key"
 PATHS = ("direct", "gateway", "resumable", "openai", "responses", "mcp", "nginx", "naive")
-# On request only (--paths): the gateway's path through a gateway of its own
-# that traces (OpenTelemetry, to an OTLP sink), sampling this share of requests;
-# "twin" is a second untraced one, to see what two processes differ by alone.
-TRACED_PATHS: dict[str, float | None] = {"traced": 1.0, "sampled": 0.01, "twin": None}
+# On request only (--paths): the gateway's path through a gateway process of
+# its own: one that traces (OpenTelemetry, to an OTLP sink), sampling this share
+# of requests; "twin", a second plain one, to see what two processes differ by
+# alone; "pure", one on the pure-Python path (CHATIQ_GATEWAY_NO_EXTENSIONS).
+TRACED_PATHS: dict[str, float | None] = {"traced": 1.0, "sampled": 0.01, "twin": None, "pure": None}
+PURE_PATH = "pure"
 # On request too: the gateway's path with a JWT from an identity provider
 # ([[issuers]], its keys served by loadtest.jwks_server) instead of a tenant key.
 TOKEN_PATH = "token"
@@ -218,7 +220,7 @@ class Stack:
         self.emulator = start_emulator(self.ports["emulator"], *emulator_args)
         self.sink: subprocess.Popen[bytes] | None = None
         self.traced: dict[str, subprocess.Popen[bytes]] = {}
-        if traced:
+        if any(TRACED_PATHS[path] is not None for path in traced):
             self.sink = subprocess.Popen(
                 [sys.executable, "-m", "loadtest.otlp_sink", "--port", str(self.ports["sink"])],
                 stdout=subprocess.DEVNULL,
@@ -230,6 +232,8 @@ class Stack:
                 "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                 "OTEL_TRACES_SAMPLER_ARG": str(ratio),
             }  # fmt: skip
+            if path == PURE_PATH:
+                tracing = {"CHATIQ_GATEWAY_NO_EXTENSIONS": "1"}
             self.traced[path], _ = start_gateway(
                 workdir, self.ports[path], self.ports["emulator"], KEY, None, (),
                 env=tracing, **gateway_tables,
@@ -701,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(PATHS),
         help="comma-separated, of: " + ", ".join(PATHS) + " (and, when asked: traced, the "
         "gateway tracing every request; sampled, 1%% of them; twin, a second untraced one; "
-        "token, the gateway's path with an identity provider's JWT for a key)",
+        "pure, one on the pure-Python path; token, the gateway's path with an identity "
+        "provider's JWT for a key)",
     )
     parser.add_argument("--tokens", type=int, default=TOKENS, help="content events a reply")
     parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")

@@ -36,7 +36,6 @@ from gateway.config import (
     UpstreamSettings,
 )
 from gateway.sse import Event, SSEParser
-from gateway.upstream.events import EventSource
 from loadtest.emulator import TRANSCRIPTS, Transcript
 from loadtest.fleet import Fleet, haproxy_binary, start_fleet
 from loadtest.harness import free_port, metric_total, start_gateway, wait_ready
@@ -253,20 +252,6 @@ def upstream_events(stack: Stack, request_id: str) -> bytes:
     """What the upstream sent, as whole data events (its pings left out)."""
     sent = bytes(stack.transcript(request_id).sent)
     return b"".join(e.raw for e in SSEParser().feed(sent) if e.data is not None)
-
-
-def count_pauses(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """How often, from now on, a relay pauses its upstream for a slow client."""
-    pauses = 0
-    real_pause = EventSource.pause
-
-    def counted_pause(self: EventSource) -> None:
-        nonlocal pauses
-        pauses += 1
-        real_pause(self)
-
-    monkeypatch.setattr(EventSource, "pause", counted_pause)
-    return lambda: pauses
 
 
 async def read_slowly(stack: Stack, path: str, body: bytes, request_id: str = "slow") -> bytes:

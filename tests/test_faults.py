@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
-from gateway import downstream
-from gateway import relay as relay_module
-from gateway.chat import StreamEncoder
 from gateway.config import ResumeSettings
-from gateway.sse import Event
+from gateway.frontends.openai import ChunkEncoder
 from loadtest.emulator import CHUNKS_BEFORE_FAULT, EmulatorSettings
 from tests.helpers import AUTH, Stack, StackFactory, post_chat
+from tests.routes import ROUTES, events_of
 
 
 def error_code(event: str) -> str:
@@ -127,24 +126,29 @@ async def test_a_client_that_leaves_mid_stream_closes_the_upstream(
 async def test_a_gateway_bug_mid_stream_still_ends_with_an_error_event(
     make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A bug on the stream's path (the OpenAI frontend's encoder raises at the
+    third event; the relay itself may be compiled, the encoder is not): the
+    stream still ends with an error in the frontend's shape, and [DONE]."""
     # Paced, so that the first two events went out in batches of their own.
     stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=50, reply_tokens=10))
     calls = 0
-    real = downstream.translate
+    real = ChunkEncoder.event
 
-    def breaks_on_the_third_batch(
-        events: list[Event], encoder: StreamEncoder | None
-    ) -> downstream.Translated:
+    def breaks_on_the_third_event(self: ChunkEncoder, payload: dict[str, Any]) -> bytes:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise RuntimeError("injected")
-        return real(events, encoder)
+        return real(self, payload)
 
-    monkeypatch.setattr(relay_module, "translate", breaks_on_the_third_batch)
-    _, events = await stream_of(stack, "demo")
-    assert len(events) == 4
-    assert error_code(events[-2]) == "INTERNAL_ERROR"
+    monkeypatch.setattr(ChunkEncoder, "event", breaks_on_the_third_event)
+    route = ROUTES["openai"]
+    async with stack.session.post(
+        stack.gateway.make_url(route.path), json=route.body("demo", "hi"), headers=AUTH
+    ) as answer:
+        events = events_of(await answer.read())
+    assert len(events) == 4, events  # two chunks, the error, [DONE]
+    assert route.ending_error(events) == "INTERNAL_ERROR"
     assert events[-1] == "[DONE]"
 
 

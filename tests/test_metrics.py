@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway import build as gateway_build
 from gateway.metrics import (
     DOCUMENTED_STATUSES,
     ERROR_KINDS,
@@ -133,6 +134,8 @@ async def test_build_and_process_metrics(stack: Stack) -> None:
     assert build is not None
     assert f'version="{version()}"' in build.group(1)
     assert 'python="3.' in build.group(1) and f'aiohttp="{aiohttp.__version__}"' in build.group(1)
+    compiled = "true" if gateway_build() == "compiled" else "false"
+    assert f'compiled="{compiled}"' in build.group(1)
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
         assert re.search(rf"^{name} [0-9.e+]+$", text, re.M), name
 

@@ -9,12 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from gateway import build, build_note
 from gateway.server.cli import DEFAULT_CONFIG, main
 from loadtest.harness import free_port, start_emulator, stop, wait_ready
 from tests.helpers import CHATIQ_KEY, data_events
@@ -26,7 +29,19 @@ def test_the_version_comes_from_one_place(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0
-    assert capsys.readouterr().out.strip() == f"chatiq-gateway {metadata.version('chatiq-gateway')}"
+    shown = capsys.readouterr().out.strip()
+    assert shown == f"chatiq-gateway {metadata.version('chatiq-gateway')} ({build_note()})"
+
+
+def test_the_build_needs_what_the_compiled_modules_are_type_checked_against() -> None:
+    """mypyc type-checks the hot path as it compiles it: against the runtime
+    dependencies, so the build's requirements hold them all, and the mypy
+    that compiles is the one that checks (the dev set's)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build = set(project["build-system"]["requires"])
+    assert set(project["project"]["dependencies"]) <= build
+    (pinned,) = [r for r in build if r.startswith("mypy")]
+    assert any(r.startswith(pinned) for r in project["project"]["optional-dependencies"]["dev"])
 
 
 def test_the_default_config_is_packaged_and_is_the_checkout_s(
@@ -79,10 +94,16 @@ async def test_the_wheel_installs_without_the_dev_extras_and_serves_a_stream(
     )  # fmt: skip
     await asyncio.to_thread(shutil.copytree, ROOT, source, symlinks=True, ignore=skip)
     built = await run(
-        [sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(source)]
-    )
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path),
+         str(source)]
+    )  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = tmp_path.glob("chatiq_gateway-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        compiled = {n for n in archive.namelist() if n.endswith(".so") or n.endswith(".json")}
+    if build() == "compiled":  # a compiler here: the wheel carries the hot path
+        assert "gateway/compiled.json" in compiled and "-cp311-" in wheel.name, compiled
+        assert {n.split(".")[0] for n in compiled} >= {"gateway/relay", "gateway/sse"}
     venv = tmp_path / "venv"
     assert (await run([sys.executable, "-m", "venv", str(venv)])).returncode == 0
     installed = await run([str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)])
@@ -121,7 +142,9 @@ async def test_the_wheel_installs_without_the_dev_extras_and_serves_a_stream(
     checked = await run([str(venv / "bin" / "chatiq-gateway"), "check-config", str(broken)])
     assert checked.returncode == 2 and "server.prot: unknown key" in checked.stderr
     shown = await run([str(venv / "bin" / "chatiq-gateway"), "--version"])
-    assert shown.stdout.strip() == f"chatiq-gateway {metadata.version('chatiq-gateway')}"
+    assert shown.stdout.strip() == (
+        f"chatiq-gateway {metadata.version('chatiq-gateway')} ({build_note()})"
+    )
 
 
 async def run(command: list[str]) -> subprocess.CompletedProcess[str]:

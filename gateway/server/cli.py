@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from gateway import build_note
 from gateway.auth.tenants import hash_key
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.config.proxies import proxy_display
@@ -175,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog="chatiq-gateway hash-key: a new tenant key and its hash for the config; "
         "check-config [FILE]: validate a file; default-config: print the packaged default.",
     )
-    parser.add_argument("--version", action="version", version=f"chatiq-gateway {version()}")
+    parser.add_argument(
+        "--version", action="version", version=f"chatiq-gateway {version()} ({build_note()})"
+    )
     parser.add_argument(
         "--config",
         help=f"TOML file (default: {LOCAL_CONFIG} if it is here, else the packaged default)",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from gateway import build_note
 from gateway.app import create_app, create_metrics_app, drain
 from gateway.config import Settings
 from gateway.config.proxies import proxy_display
@@ -116,6 +117,7 @@ class Server:
             proxy=proxy_display(self.settings.upstream.proxy_url),
             quotas="redis" if self.settings.redis.url else "local",
             tenants=len(self.settings.tenants),
+            build=build_note(),
         )
 
     def _handle_signals(self) -> None:
