@@ -76,5 +76,5 @@ def build_note() -> str:
     and the start-up line."""
     if build() == "compiled":
         return "compiled with mypyc"
-    why = WHY_PURE or "nothing was compiled at install (no C compiler, or the variable set)"
+    why = WHY_PURE or "no compiled modules are installed"
     return f"pure Python: {why}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway import build
 from loadtest.harness import free_port, start_emulator, stop, wait_ready
 from tests.helpers import CHATIQ_KEY, data_events
 
@@ -87,6 +88,12 @@ async def test_the_image_builds_and_streams_a_reply(
         ) as r:  # fmt: skip
             assert r.status == 200
             assert data_events(await r.read())[-1] == "[DONE]"
+        version = subprocess.run(
+            [buildah, "run", "--isolation", "chroot", container, "--", "chatiq-gateway",
+             "--version"], capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        if build() == "compiled":  # built here, so the image's wheel is compiled too
+            assert "(compiled with mypyc)" in version, version
     finally:
         stop(gateway, emulator)
         subprocess.run([buildah, "rm", container], capture_output=True, check=False)
