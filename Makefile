@@ -64,7 +64,8 @@ clean:
 ## make dist: the wheel and the sdist in dist/ (pip install dist/chatiq_gateway-*.whl).
 dist: $(STAMP)
 	rm -rf dist
-	$(BIN)/python -m build --no-isolation --outdir dist .
+	@# both from the tree (not the wheel from the sdist): the wheel reuses the objects make compiled
+	$(BIN)/python -m build --no-isolation --sdist --wheel --outdir dist .
 
 ## make image: the container image chatiq-gateway:<version> from the Dockerfile
 ## (buildah, or docker/podman; BASE=<image> for another Debian Python base).
