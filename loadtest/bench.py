@@ -91,11 +91,16 @@ class Plan:
     tokens_per_s: float
     duration_s: float
     ramp_s: float
+    burst: bool = False  # each user streams once: every stream starts within ramp_s
 
     @classmethod
-    def for_level(cls, concurrency: int, tokens: int, min_duration_s: float) -> Plan:
+    def for_level(
+        cls, concurrency: int, tokens: int, min_duration_s: float, ramp_s: float | None = None
+    ) -> Plan:
         rate = min(50.0, EVENTS_PER_S / concurrency)
         stream_s = TTFT_MS / 1000 + tokens / rate
+        if ramp_s is not None:  # a burst: as many new streams a second as it takes
+            return cls(concurrency, tokens, rate, ramp_s + stream_s, ramp_s, burst=True)
         return cls(concurrency, tokens, rate, max(min_duration_s, 1.5 * stream_s), stream_s)
 
 
@@ -390,8 +395,9 @@ async def measure_path(s: Stack, path: str, plan: Plan) -> PathResult:
     own_before = time.process_time()
     wall = time.perf_counter()
     results = await run_streams(
-        s.target(path), plan.concurrency, plan.duration_s, plan.ramp_s, timeout_s=120
-    )
+        s.target(path), plan.concurrency, plan.duration_s, plan.ramp_s, timeout_s=120,
+        once=plan.burst,
+    )  # fmt: skip
     wall = time.perf_counter() - wall
     errors: dict[str, int] = {}
     for r in results:
@@ -577,7 +583,13 @@ def report(
     lines = [
         f"Machine: {machine()}. Command: `{command}`. Emulator: {TTFT_MS} ms to the first "
         f"token, {tokens} tokens a reply, at a rate per level such that all streams together "
-        f"ask for about {EVENTS_PER_S:,} events/s. Added = the path's percentile minus direct's.",
+        f"ask for about {EVENTS_PER_S:,} events/s. Added = the path's percentile minus direct's."
+        + (
+            f" A burst: every stream of a level started within {levels[0][0].ramp_s:g} s, "
+            "one reply each."
+            if levels and levels[0][0].burst
+            else ""
+        ),
         "",
         "| streams | path | streams done | errors | TTFT p50 / p99 ms "
         "| added TTFT p50 / p99 ms | gap p50 / p99 ms | added gap p50 / p99 ms "
@@ -651,7 +663,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"bench: no path {', '.join(unknown)}")
     workdir = Path(tempfile.mkdtemp(prefix="chatiq-bench-"))
-    plans = [Plan.for_level(c, args.tokens, args.min_duration) for c in levels]
+    plans = [Plan.for_level(c, args.tokens, args.min_duration, args.ramp) for c in levels]
     hold_s = args.hold_seconds + 20 if args.hold else 0
     progress = Progress(plans, len(paths), hold_s, args.rounds)
     try:
@@ -710,6 +722,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokens", type=int, default=TOKENS, help="content events a reply")
     parser.add_argument("--min-duration", type=float, default=8.0, help="seconds per path")
+    parser.add_argument(
+        "--ramp", type=float, default=None, metavar="S",
+        help="a burst: every stream of a level started within S seconds, one reply each "
+        "(default: streams one after another, their starts spread over a stream's length)",
+    )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=1,
         help="measure every path this many times, interleaved, and pool them (spread reported)",

@@ -179,9 +179,16 @@ async def stream_once(target: Target, request: bytes, timeout_s: float) -> Strea
 
 
 async def run_streams(
-    target: Target, concurrency: int, duration_s: float, ramp_s: float, timeout_s: float
+    target: Target,
+    concurrency: int,
+    duration_s: float,
+    ramp_s: float,
+    timeout_s: float,
+    *,
+    once: bool = False,
 ) -> list[StreamResult]:
-    """``concurrency`` users, each streaming one reply after another for ``duration_s``.
+    """``concurrency`` users, each streaming one reply after another for ``duration_s``
+    (``once``: one reply each, whatever the duration: a burst).
 
     Users start spread over ``ramp_s``, so that the figures are about streams
     rather than about a thundering herd of connects.
@@ -193,7 +200,8 @@ async def run_streams(
 
     async def user(delay: float) -> None:
         await asyncio.sleep(delay)
-        while loop.time() < stop_at:
+        results.append(await stream_once(target, request, timeout_s))
+        while not once and loop.time() < stop_at:
             results.append(await stream_once(target, request, timeout_s))
 
     await asyncio.gather(*(user(ramp_s * i / concurrency) for i in range(concurrency)))

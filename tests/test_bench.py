@@ -15,7 +15,7 @@ import pytest
 from gateway import build
 from loadtest.bench import PATHS, PathResult, Plan, round_ratios
 from loadtest.emulator import EmulatorSettings, compose_reply
-from loadtest.loadgen import Target, hold_streams, stream_once
+from loadtest.loadgen import Target, hold_streams, run_streams, stream_once
 from tests.helpers import ACME_KEY, CHATIQ_KEY, GatewayProcess, StackFactory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +132,22 @@ async def test_make_bench_rounds_interleave_the_paths_and_report_each_ratio(
     assert "Rounds: 20 streams, gateway" in out  # printed too
     assert "Rounds: 20 streams, token CPU per event / gateway's: " in table
     assert "Rounds: 20 streams, pure CPU per event / gateway's: " in table  # the pure path
+
+
+async def test_a_burst_streams_once_per_user_all_started_within_the_ramp(
+    make_stack: StackFactory,
+) -> None:
+    """bench --ramp: every stream of a level starts within the ramp, one reply
+    each, however long the streams take (a level ends when they do)."""
+    stack = await make_stack(EmulatorSettings(ttft_s=0, tokens_per_s=20, reply_tokens=10))
+    assert stack.emulator.port is not None
+    target = emulator_target(stack.emulator.port, "demo")
+    results = await run_streams(target, 40, 3.0, 0.5, timeout_s=30, once=True)
+    assert len(results) == 40 and all(r.done for r in results)  # not one after another
+    plan = Plan.for_level(1000, 20, 8.0, ramp_s=2.0)
+    assert plan.burst and plan.ramp_s == 2.0
+    assert plan.duration_s == 2.0 + 0.1 + 20 / 6  # the ramp, then one stream at 6 tokens/s
+    assert not Plan.for_level(1000, 20, 8.0).burst
 
 
 def test_rounds_too_short_for_nginx_to_register_are_said_so_not_divided_by() -> None:
