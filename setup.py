@@ -41,6 +41,9 @@ def compiled() -> list[Extension]:
         return []
     from mypyc.build import mypycify
 
+    # A type-check cache of its own: make runs this beside lint's mypy, and two
+    # processes on one SQLite cache fail ("database is locked").
+    os.environ["MYPY_CACHE_DIR"] = str(Path("build") / "mypyc-cache")
     built = mypycify(HOT_PATH, opt_level="3", group_name="gateway.native")
     for extension in built:
         extension.optional = True  # no compiler: a warning, and the pure path
