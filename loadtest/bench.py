@@ -232,16 +232,16 @@ class Stack:
             )
         for path in traced:
             ratio = TRACED_PATHS[path]
-            tracing = {} if ratio is None else {
-                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.ports['sink']}",
-                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                "OTEL_TRACES_SAMPLER_ARG": str(ratio),
-            }  # fmt: skip
-            if path == PURE_PATH:
-                tracing = {"CHATIQ_GATEWAY_NO_EXTENSIONS": "1"}
+            env = {"CHATIQ_GATEWAY_NO_EXTENSIONS": "1"} if path == PURE_PATH else {}
+            if ratio is not None:
+                env = {
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.ports['sink']}",
+                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                    "OTEL_TRACES_SAMPLER_ARG": str(ratio),
+                }
             self.traced[path], _ = start_gateway(
                 workdir, self.ports[path], self.ports["emulator"], KEY, None, (),
-                env=tracing, **gateway_tables,
+                env=env, **gateway_tables,
             )  # fmt: skip
         self.redis: subprocess.Popen[bytes] | None = None
         limits = (0, 0)

@@ -100,13 +100,18 @@ def test_the_compiled_and_the_pure_parser_say_the_same_of_any_bytes_cut_anywhere
         assert kept + (tail[0] if isinstance(tail, tuple) else b"") == data
 
 
-def python(*code: str, cwd: Path = ROOT, **env: str) -> str:
+def run(*args: str, cwd: Path = ROOT, **env: str) -> str:
+    """What a Python process prints; on the pure path only if ``env`` asks for it."""
     done = subprocess.run(
-        [sys.executable, "-c", ";".join(code)], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True,
         env={k: v for k, v in os.environ.items() if k != "CHATIQ_GATEWAY_NO_EXTENSIONS"} | env,
         timeout=60, check=True,
     )  # fmt: skip
     return done.stdout.strip()
+
+
+def python(*code: str, cwd: Path = ROOT, **env: str) -> str:
+    return run("-c", ";".join(code), cwd=cwd, **env)
 
 
 LOADED = (
@@ -120,10 +125,7 @@ def test_no_extensions_imports_every_module_from_its_source() -> None:
     assert python(*LOADED, CHATIQ_GATEWAY_NO_EXTENSIONS="1") == "['py']"
     note = python("import gateway; print(gateway.build_note())", CHATIQ_GATEWAY_NO_EXTENSIONS="1")
     assert note == "pure Python: CHATIQ_GATEWAY_NO_EXTENSIONS is set"
-    version = subprocess.run(
-        [sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True,
-        env={**os.environ, "CHATIQ_GATEWAY_NO_EXTENSIONS": "1"}, check=True, cwd=ROOT,
-    ).stdout  # fmt: skip
+    version = run("-m", "gateway", "--version", CHATIQ_GATEWAY_NO_EXTENSIONS="1")
     assert "(pure Python: CHATIQ_GATEWAY_NO_EXTENSIONS is set)" in version
 
 
@@ -141,12 +143,7 @@ def test_the_compiled_path_is_used_whole_and_says_so() -> None:
         " gateway.upstream.connection, gateway.upstream.events, gateway.downstream)})",
     )
     assert hot == "{'so'}"
-    version = subprocess.run(
-        [sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True,
-        env={k: v for k, v in os.environ.items() if k != "CHATIQ_GATEWAY_NO_EXTENSIONS"},
-        check=True, cwd=ROOT,
-    ).stdout  # fmt: skip
-    assert "(compiled with mypyc)" in version
+    assert "(compiled with mypyc)" in run("-m", "gateway", "--version")
 
 
 def test_a_source_edited_since_it_was_compiled_turns_the_compiled_path_off(
